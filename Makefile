@@ -1,0 +1,43 @@
+# The two commands a newcomer needs: `make run` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test install check clean
+
+$(BIN)/python:
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required")'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+# The official socket.io-client for the interop test (tests/test_interop.py).
+NODE_DEPS := tests/node/node_modules/.package-lock.json
+$(NODE_DEPS): tests/node/package-lock.json
+	@command -v npm >/dev/null || { echo "Node.js and npm are required for the interop test"; exit 1; }
+	npm ci --prefix tests/node --no-audit --no-fund --loglevel=error
+
+# Debian's chromium for the browser tests (Playwright's own browser download does not work here).
+CHROMIUM := /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+$(CHROMIUM):
+	$(SUDO) apt-get install -y -q chromium || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium; }
+
+install: $(STAMP)
+
+# The demo seals a block every 5 s so the page is lively; a deployment sets its own BLOCK_INTERVAL.
+run: $(STAMP)
+	BLOCK_INTERVAL=$${BLOCK_INTERVAL:-5} $(BIN)/sourcenet-hub serve
+
+check: $(STAMP)
+	$(BIN)/sourcenet-hub check
+
+test: $(STAMP) $(NODE_DEPS) $(CHROMIUM)
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) .data tests/node/node_modules

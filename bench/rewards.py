@@ -1,0 +1,256 @@
+"""Reward ingest: sustained accepted rewards per second and ack latency with many live sessions.
+
+    DATABASE_URL=postgresql://postgres@127.0.0.1:5432/postgres .venv/bin/python bench/rewards.py
+    .venv/bin/python bench/rewards.py --sessions 500 --duration 20 --game-servers 10
+
+Workload: one real server process (`python -m server serve`, its own fresh database on the
+DATABASE_URL server, Redis when REDIS_URL is set) and one game with `--sessions` active sessions,
+one per player. `--game-servers` Socket.IO connections authenticated with the game's token share
+the sessions; every session reports `report_reward` in a closed loop (the next report as soon as
+the previous one is acked, like a game server that streams each session's rewards in order).
+After `--warmup` seconds, the run counts for `--duration` seconds:
+
+- accepted rewards/s: acks of new rewards in the window / its length;
+- p50/p99/max ack latency: from emit to ack, client side (includes the socket and the batch wait);
+- afterwards, the database is checked: rewards booked = acks, and the players' balances and the
+  ledger both sum to the rewards; the outbox backlog when the load stops shows whether event
+  publishing (two lossless `reward_earned` per reward, through the outbox relay) kept up, and
+  the relay's rate while it drains the backlog is printed (up to 30 s).
+
+The setup (players, game, sessions) is written straight into the database: the figure is the
+ingest path, not sign-up. The client runs in this process; on a small machine it competes with
+the server and PostgreSQL for the same cores, so read the figures as a floor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import os
+import secrets
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from decimal import Decimal
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import aiohttp  # noqa: E402
+import asyncpg  # noqa: E402
+import socketio  # noqa: E402
+
+from server.games import new_token  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def with_database(dsn: str, name: str) -> str:
+    return urlunsplit(urlsplit(dsn)._replace(path="/" + name))
+
+
+async def admin(dsn: str, statement: str) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
+async def setup(dsn: str, sessions: int) -> tuple[int, str, list[int]]:
+    """Players, one active game with a generous policy, and one active session per player."""
+    token, digest = new_token()
+    conn = await asyncpg.connect(dsn)
+    try:
+        async with conn.transaction():
+            ids = [uuid.uuid4() for _ in range(sessions)]
+            await conn.execute(
+                """INSERT INTO users (id, username, email, password_hash)
+                   SELECT id, 'bench_' || n, 'bench_' || n || '@example.org', 'not-a-login'
+                   FROM unnest($1::uuid[]) WITH ORDINALITY AS t(id, n)""", ids)
+            game_id = await conn.fetchval(
+                """INSERT INTO games (name, developer_wallet, revenue_share, status, token_hash, max_reward_per_event,
+                                      max_reward_per_minute, max_reward_per_session)
+                   VALUES ('Bench Runner', 'kvp1bench', 0.1, 'active', $1, 100, 999999999999, 999999999999)
+                   RETURNING game_id""", digest)
+            rows = await conn.fetch(
+                """INSERT INTO game_sessions (game_id, user_id, player_wallet, session_start, status)
+                   SELECT $1, id, 'user:' || id, now(), 'Active' FROM unnest($2::uuid[]) AS t(id)
+                   RETURNING session_id""", game_id, ids)
+    finally:
+        await conn.close()
+    return game_id, token, [row["session_id"] for row in rows]
+
+
+def start_server(dsn: str, port: int, data_dir: Path, log_path: Path, profile: str | None) -> subprocess.Popen:
+    secret = lambda: base64.urlsafe_b64encode(secrets.token_bytes(32)).decode()  # noqa: E731
+    env = {**os.environ, "DATABASE_URL": dsn, "PORT": str(port), "HOST": "127.0.0.1", "DATA_DIR": str(data_dir),
+           "JWT_SECRET": secret(), "MASTER_KEY": secret(), "BLOCK_PRODUCER": "false", "LOG_FORMAT": "json",
+           # Idle sessions must not time out while the driver is connecting.
+           "GAME_SESSION_IDLE_SECONDS": "3600"}
+    python = [sys.executable, "-m", "cProfile", "-o", profile] if profile else [sys.executable]
+    return subprocess.Popen([*python, "-m", "server", "serve", "--host", "127.0.0.1", "--port", str(port),
+                             "--no-demo-data"], cwd=ROOT, env=env, stdout=log_path.open("w"),
+                            stderr=subprocess.STDOUT)
+
+
+async def wait_ready(url: str, process: subprocess.Popen, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as http:
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise SystemExit(f"the server exited with {process.returncode}")
+            try:
+                async with http.get(url + "/readyz") as response:
+                    if response.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.2)
+    raise SystemExit("the server did not become ready")
+
+
+class Stats:
+    """What the session loops measure inside the window."""
+
+    def __init__(self) -> None:
+        self.window_start = float("inf")
+        self.window_end = float("inf")
+        self.latencies: list[float] = []
+        self.accepted = 0
+        self.acked_total = 0
+        self.errors: dict[str, int] = {}
+
+
+async def session_loop(client: socketio.AsyncClient, session_id: int, stats: Stats, stop: asyncio.Event) -> None:
+    seq = 0
+    while not stop.is_set():
+        seq += 1
+        sent = time.perf_counter()
+        ack = await client.call("report_reward", {"session_id": session_id, "seq": seq, "reward_type": "coin",
+                                                  "value": "1.25"}, namespace="/games", timeout=60)
+        done = time.perf_counter()
+        if ack.get("ok"):
+            stats.acked_total += 1
+        else:
+            code = ack["error"]["code"]
+            stats.errors[code] = stats.errors.get(code, 0) + 1
+            if code == "rate_limited":
+                await asyncio.sleep(ack["error"].get("retry_after", 0.1))
+            continue
+        if stats.window_start <= sent and done <= stats.window_end:
+            stats.accepted += 1
+            stats.latencies.append(done - sent)
+
+
+async def drive(url: str, token: str, session_ids: list[int], servers: int, warmup: float, duration: float) -> Stats:
+    clients = []
+    for _ in range(servers):
+        client = socketio.AsyncClient(reconnection=False)
+        await client.connect(url, namespaces=["/games"], transports=["websocket"], auth={"game_token": token},
+                             wait_timeout=10)
+        clients.append(client)
+    stats, stop = Stats(), asyncio.Event()
+    loops = [asyncio.create_task(session_loop(clients[i % servers], sid, stats, stop))
+             for i, sid in enumerate(session_ids)]
+    await asyncio.sleep(warmup)
+    stats.window_start = time.perf_counter()
+    stats.window_end = stats.window_start + duration
+    await asyncio.sleep(duration)
+    stop.set()
+    await asyncio.gather(*loops)
+    for client in clients:
+        await client.disconnect()
+    return stats
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def check(dsn: str, acked: int, drain_timeout: float = 30.0) -> dict:
+    conn = await asyncpg.connect(dsn)
+    try:
+        backlog = await conn.fetchval("SELECT count(*) FROM event_outbox")
+        started = time.monotonic()
+        left = backlog
+        while left and time.monotonic() - started < drain_timeout:
+            await asyncio.sleep(0.2)
+            left = await conn.fetchval("SELECT count(*) FROM event_outbox")
+        drained = backlog - left
+        row = await conn.fetchrow(
+            """SELECT (SELECT count(*) FROM game_rewards) AS rewards,
+                      (SELECT coalesce(sum(reward_value), 0) FROM game_rewards) AS reward_sum,
+                      (SELECT coalesce(sum(total_balance), 0) FROM users) AS balances,
+                      (SELECT coalesce(sum(delta), 0) FROM balance_ledger) AS ledger,
+                      (SELECT coalesce(sum(rewards_earned), 0) FROM game_sessions) AS earned,
+                      (SELECT count(*) FROM event_outbox) AS outbox""")  # after the drain wait
+    finally:
+        await conn.close()
+    result = dict(row)
+    result.update(backlog=backlog, drain_rate=drained / max(time.monotonic() - started, 1e-9), left=left)
+    result["consistent"] = (result["rewards"] == acked and result["reward_sum"] == result["balances"]
+                            == result["ledger"] == result["earned"] == Decimal("1.25") * acked)
+    return result
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sessions", type=int, default=500)
+    parser.add_argument("--game-servers", type=int, default=10, help="game-server connections sharing the sessions")
+    parser.add_argument("--duration", type=float, default=5.0, help="measured seconds")
+    parser.add_argument("--warmup", type=float, default=1.0)
+    parser.add_argument("--profile", metavar="PATH", help="run the server under cProfile, stats to PATH")
+    args = parser.parse_args()
+    admin_dsn = os.environ.get("DATABASE_URL")
+    if not admin_dsn:
+        raise SystemExit("set DATABASE_URL to a PostgreSQL server where the bench may create a database")
+    name = f"hub_bench_rewards_{uuid.uuid4().hex[:8]}"
+    dsn = with_database(admin_dsn, name)
+    await admin(admin_dsn, f'CREATE DATABASE "{name}"')
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with tempfile.TemporaryDirectory(prefix="hub-bench-rewards-") as tmp:
+        process = start_server(dsn, port, Path(tmp), Path(tmp) / "server.log", args.profile)
+        try:
+            await wait_ready(url, process)  # the server migrates the new database on start
+            game_id, token, session_ids = await setup(dsn, args.sessions)
+            stats = await drive(url, token, session_ids, args.game_servers, args.warmup, args.duration)
+            result = await check(dsn, stats.acked_total)
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+            await admin(admin_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    ms = [v * 1000 for v in stats.latencies]
+    print(f"sessions: {args.sessions}, game-server connections: {args.game_servers}, "
+          f"window: {args.duration:.1f} s after {args.warmup:.1f} s warm-up, redis: {'yes' if os.environ.get('REDIS_URL') else 'no'}")
+    print(f"accepted rewards/s: {stats.accepted / args.duration:,.0f}")
+    if ms:
+        print(f"ack latency ms: p50 {statistics.median(ms):.1f}, p99 {percentile(ms, 0.99):.1f}, max {max(ms):.1f}")
+    print(f"errors: {stats.errors or 'none'}")
+    print(f"database: {result['rewards']} rewards for {stats.acked_total} acks, sums "
+          f"{'consistent' if result['consistent'] else 'INCONSISTENT'} (rewards = balances = ledger = sessions)")
+    print(f"outbox: {result['backlog']} events waiting when the load stopped; the relay then published "
+          f"{result['drain_rate']:,.0f} events/s ({result['left']} left after the wait)")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

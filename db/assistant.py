@@ -1,0 +1,301 @@
+"""Queries on assistant conversations and messages (`ai_conversations`, `ai_messages`), and the
+read-only marketplace queries behind the assistant's tools.
+
+Messages form a tree (`parent_id`); a conversation's branch is the path from the root to its
+`current_leaf_id`.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import asyncpg
+
+CONVERSATION_COLUMNS = "id, user_id, title, total_tokens, current_leaf_id, created_at, updated_at"
+MESSAGE_COLUMNS = ("id, conversation_id, parent_id, role, content, status, model, finish_reason, "
+                   "prompt_tokens, completion_tokens, tokens, tokens_estimated, tool_calls, error, "
+                   "client_msg_id, seq, created_at, updated_at")
+
+
+def conversation_dict(row: asyncpg.Record) -> dict[str, Any]:
+    """A conversation as the protocol shows it."""
+    return {"id": str(row["id"]), "title": row["title"], "total_tokens": row["total_tokens"],
+            "current_leaf_id": str(row["current_leaf_id"]) if row["current_leaf_id"] else None,
+            "created_at": row["created_at"].isoformat(), "updated_at": row["updated_at"].isoformat()}
+
+
+def message_dict(row: asyncpg.Record) -> dict[str, Any]:
+    """A message as the protocol shows it."""
+    usage = None
+    if row["role"] == "assistant" and row["tokens"] is not None:
+        usage = {"prompt_tokens": row["prompt_tokens"], "completion_tokens": row["completion_tokens"],
+                 "total_tokens": row["tokens"], "estimated": row["tokens_estimated"]}
+    out = {"id": str(row["id"]), "conversation_id": str(row["conversation_id"]),
+           "parent_id": str(row["parent_id"]) if row["parent_id"] else None,
+           "role": row["role"], "content": row["content"], "status": row["status"],
+           "model": row["model"], "finish_reason": row["finish_reason"], "usage": usage,
+           "tool_calls": row["tool_calls"], "error": row["error"],
+           "client_msg_id": row["client_msg_id"], "seq": row["seq"],
+           "created_at": row["created_at"].isoformat()}
+    if "sibling_ids" in row.keys():
+        out["sibling_ids"] = [str(s) for s in row["sibling_ids"]]
+    return out
+
+
+# --- conversations --------------------------------------------------------------------------------
+
+async def conversation_owner(conn: asyncpg.Connection, conversation_id: uuid.UUID) -> uuid.UUID | None:
+    """The user who owns a conversation; None when there is no such conversation."""
+    return await conn.fetchval("SELECT user_id FROM ai_conversations WHERE id = $1", conversation_id)
+
+
+async def create_conversation(conn: asyncpg.Connection, user_id: uuid.UUID, title: str | None) -> asyncpg.Record:
+    return await conn.fetchrow(
+        f"INSERT INTO ai_conversations (user_id, title) VALUES ($1, $2) RETURNING {CONVERSATION_COLUMNS}",
+        user_id, title)
+
+
+async def get_conversation(conn: asyncpg.Connection, conversation_id: uuid.UUID, *,
+                           for_update: bool = False) -> asyncpg.Record | None:
+    lock = " FOR UPDATE" if for_update else ""
+    return await conn.fetchrow(
+        f"SELECT {CONVERSATION_COLUMNS} FROM ai_conversations WHERE id = $1{lock}", conversation_id)
+
+
+async def list_conversations(conn: asyncpg.Connection, user_id: uuid.UUID, limit: int,
+                             before: Any | None) -> list[asyncpg.Record]:
+    """The user's conversations, most recently active first (keyset on updated_at)."""
+    return await conn.fetch(
+        f"""SELECT {CONVERSATION_COLUMNS} FROM ai_conversations
+             WHERE user_id = $1 AND ($2::timestamptz IS NULL OR updated_at < $2)
+             ORDER BY updated_at DESC, id DESC LIMIT $3""", user_id, before, limit)
+
+
+async def rename_conversation(conn: asyncpg.Connection, conversation_id: uuid.UUID, title: str) -> asyncpg.Record:
+    return await conn.fetchrow(
+        f"UPDATE ai_conversations SET title = $2 WHERE id = $1 RETURNING {CONVERSATION_COLUMNS}",
+        conversation_id, title)
+
+
+async def set_title_if_unset(conn: asyncpg.Connection, conversation_id: uuid.UUID, title: str) -> bool:
+    """Set an automatic title unless the conversation already has one; True when it was set."""
+    status = await conn.execute(
+        "UPDATE ai_conversations SET title = $2 WHERE id = $1 AND (title IS NULL OR title = '')",
+        conversation_id, title)
+    return status.endswith(" 1")
+
+
+async def delete_conversation(conn: asyncpg.Connection, conversation_id: uuid.UUID) -> None:
+    await conn.execute("DELETE FROM ai_conversations WHERE id = $1", conversation_id)
+
+
+async def set_leaf(conn: asyncpg.Connection, conversation_id: uuid.UUID, leaf_id: uuid.UUID) -> None:
+    await conn.execute("UPDATE ai_conversations SET current_leaf_id = $2 WHERE id = $1",
+                       conversation_id, leaf_id)
+
+
+# --- messages -------------------------------------------------------------------------------------
+
+async def branch(conn: asyncpg.Connection, leaf_id: uuid.UUID | None) -> list[asyncpg.Record]:
+    """The messages from the root to `leaf_id`, oldest first, each with its siblings' ids."""
+    if leaf_id is None:
+        return []
+    return await conn.fetch(
+        f"""WITH RECURSIVE path AS (
+                SELECT m.*, 0 AS depth FROM ai_messages m WHERE m.id = $1
+                UNION ALL
+                SELECT m.*, p.depth + 1 FROM ai_messages m JOIN path p ON m.id = p.parent_id
+            )
+            SELECT {', '.join('p.' + c for c in MESSAGE_COLUMNS.split(', '))},
+                   ARRAY(SELECT s.id FROM ai_messages s
+                          WHERE s.conversation_id = p.conversation_id
+                            AND s.parent_id IS NOT DISTINCT FROM p.parent_id
+                          ORDER BY s.created_at, s.id) AS sibling_ids
+              FROM path p ORDER BY p.depth DESC""", leaf_id)
+
+
+async def get_message(conn: asyncpg.Connection, message_id: uuid.UUID) -> asyncpg.Record | None:
+    """A message with its conversation's owner (`user_id`)."""
+    return await conn.fetchrow(
+        f"""SELECT {', '.join('m.' + c for c in MESSAGE_COLUMNS.split(', '))}, c.user_id
+              FROM ai_messages m JOIN ai_conversations c ON c.id = m.conversation_id
+             WHERE m.id = $1""", message_id)
+
+
+async def by_client_msg_id(conn: asyncpg.Connection, conversation_id: uuid.UUID,
+                           client_msg_id: str) -> asyncpg.Record | None:
+    return await conn.fetchrow(
+        f"SELECT {MESSAGE_COLUMNS} FROM ai_messages WHERE conversation_id = $1 AND client_msg_id = $2",
+        conversation_id, client_msg_id)
+
+
+async def first_reply(conn: asyncpg.Connection, message_id: uuid.UUID) -> asyncpg.Record | None:
+    """The first assistant answer to a user message (what a resent send_message returns)."""
+    return await conn.fetchrow(
+        f"""SELECT {MESSAGE_COLUMNS} FROM ai_messages WHERE parent_id = $1 AND role = 'assistant'
+             ORDER BY created_at, id LIMIT 1""", message_id)
+
+
+async def newest_leaf_under(conn: asyncpg.Connection, message_id: uuid.UUID) -> uuid.UUID:
+    """The most recently created leaf below a message (the message itself when it has none)."""
+    return await conn.fetchval(
+        """WITH RECURSIVE sub AS (
+               SELECT id, created_at FROM ai_messages WHERE id = $1
+               UNION ALL
+               SELECT m.id, m.created_at FROM ai_messages m JOIN sub ON m.parent_id = sub.id
+           )
+           SELECT s.id FROM sub s
+            WHERE NOT EXISTS (SELECT 1 FROM ai_messages c WHERE c.parent_id = s.id)
+            ORDER BY s.created_at DESC, s.id DESC LIMIT 1""", message_id)
+
+
+async def insert_message(conn: asyncpg.Connection, *, conversation_id: uuid.UUID, parent_id: uuid.UUID | None,
+                         role: str, content: str, status: str = "complete", model: str | None = None,
+                         client_msg_id: str | None = None) -> asyncpg.Record:
+    return await conn.fetchrow(
+        f"""INSERT INTO ai_messages (conversation_id, parent_id, role, content, status, model, client_msg_id)
+            VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING {MESSAGE_COLUMNS}""",
+        conversation_id, parent_id, role, content, status, model, client_msg_id)
+
+
+async def save_partial(conn: asyncpg.Connection, message_id: uuid.UUID, content: str, seq: int) -> bool | None:
+    """Save a streaming answer's text so far (also its heartbeat); returns whether a stop was
+    requested, or None when the row is no longer streaming (deleted, or swept as abandoned)."""
+    return await conn.fetchval(
+        """UPDATE ai_messages SET content = $2, seq = $3
+            WHERE id = $1 AND status = 'streaming' RETURNING stop_requested""", message_id, content, seq)
+
+
+async def finish_message(conn: asyncpg.Connection, message_id: uuid.UUID, *, status: str, content: str, seq: int,
+                         finish_reason: str | None, prompt_tokens: int | None, completion_tokens: int | None,
+                         estimated: bool, tool_calls: list | None, error: dict | None) -> asyncpg.Record | None:
+    """Record a generation's final state (only while it is still streaming)."""
+    total = None if prompt_tokens is None and completion_tokens is None else (prompt_tokens or 0) + (completion_tokens or 0)
+    return await conn.fetchrow(
+        f"""UPDATE ai_messages SET status = $2, content = $3, seq = $4, finish_reason = $5,
+                   prompt_tokens = $6, completion_tokens = $7, tokens = $8, tokens_estimated = $9,
+                   tool_calls = $10, error = $11
+             WHERE id = $1 AND status = 'streaming' RETURNING {MESSAGE_COLUMNS}""",
+        message_id, status, content, seq, finish_reason, prompt_tokens, completion_tokens, total, estimated,
+        tool_calls, error)
+
+
+async def request_stop(conn: asyncpg.Connection, message_id: uuid.UUID) -> bool:
+    """Flag a streaming answer to stop (its job, on whichever process, sees it at its next save)."""
+    status = await conn.execute(
+        "UPDATE ai_messages SET stop_requested = true WHERE id = $1 AND status = 'streaming'", message_id)
+    return status.endswith(" 1")
+
+
+async def interrupt_abandoned(conn: asyncpg.Connection, stale_after: float,
+                              running_here: list[uuid.UUID]) -> list[asyncpg.Record]:
+    """Mark streaming answers whose job stopped saving (its process died) as interrupted; the
+    jobs of the calling process are alive whatever their last save says."""
+    return await conn.fetch(
+        """UPDATE ai_messages SET status = 'interrupted', finish_reason = 'interrupted',
+                  error = '{"code": "interrupted", "retryable": true}'::jsonb
+            WHERE status = 'streaming' AND updated_at < now() - make_interval(secs => $1)
+              AND NOT (id = ANY($2::uuid[]))
+        RETURNING id, conversation_id, seq""", stale_after, running_here)
+
+
+async def user_streaming(conn: asyncpg.Connection, user_id: uuid.UUID, stale_after: float) -> uuid.UUID | None:
+    """The user's running generation (one that still saves), if any."""
+    return await conn.fetchval(
+        """SELECT m.id FROM ai_messages m JOIN ai_conversations c ON c.id = m.conversation_id
+            WHERE c.user_id = $1 AND m.status = 'streaming'
+              AND m.updated_at >= now() - make_interval(secs => $2) LIMIT 1""", user_id, stale_after)
+
+
+async def generations_in_last_minute(conn: asyncpg.Connection, user_id: uuid.UUID) -> tuple[int, float]:
+    """How many answers the user started in the last 60 s, and the age in seconds of the oldest."""
+    row = await conn.fetchrow(
+        """SELECT count(*) AS n, extract(epoch FROM now() - min(m.created_at)) AS oldest
+             FROM ai_messages m JOIN ai_conversations c ON c.id = m.conversation_id
+            WHERE c.user_id = $1 AND m.role = 'assistant' AND m.created_at > now() - interval '60 seconds'""",
+        user_id)
+    return row["n"], float(row["oldest"] or 0)
+
+
+async def tokens_today(conn: asyncpg.Connection, user_id: uuid.UUID) -> tuple[int, float]:
+    """Tokens the user's answers used since midnight UTC, and seconds until the next midnight."""
+    row = await conn.fetchrow(
+        """SELECT coalesce(sum(m.tokens), 0) AS used,
+                  extract(epoch FROM date_trunc('day', now() AT TIME ZONE 'UTC') + interval '1 day'
+                                     - (now() AT TIME ZONE 'UTC')) AS reset_in
+             FROM ai_messages m JOIN ai_conversations c ON c.id = m.conversation_id
+            WHERE c.user_id = $1
+              AND m.created_at >= date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'""",
+        user_id)
+    return int(row["used"]), float(row["reset_in"])
+
+
+# --- read-only marketplace queries for the tools ------------------------------------------------
+
+_POD_SUMMARY = """d.id, d.title, d.category, d.price_sui, d.average_rating, d.purchase_count,
+                  left(coalesce(d.description, ''), 300) AS description"""
+
+
+def pod_summary(row: asyncpg.Record) -> dict[str, Any]:
+    return {"datapod_id": str(row["id"]), "title": row["title"], "category": row["category"],
+            "price_sui": str(row["price_sui"].normalize()) if row["price_sui"] is not None else None,
+            "average_rating": float(row["average_rating"]), "purchase_count": row["purchase_count"],
+            "description": row["description"]}
+
+
+async def search_datapods(conn: asyncpg.Connection, query: str | None, category: str | None,
+                          min_price: Any | None, max_price: Any | None, limit: int) -> list[dict[str, Any]]:
+    """Published DataPods matching any word of `query` (full text, best match first)."""
+    rows = await conn.fetch(
+        f"""WITH q AS (
+                SELECT CASE WHEN count(*) = 0 THEN NULL
+                            ELSE to_tsquery('simple', string_agg(quote_literal(lexeme), ' | ')) END AS tsq
+                  FROM unnest(to_tsvector('english', coalesce($1, '')))
+            )
+            SELECT {_POD_SUMMARY}, CASE WHEN q.tsq IS NULL THEN 0 ELSE ts_rank(d.search_vector, q.tsq) END AS rank
+              FROM datapods d, q
+             WHERE d.published
+               AND (q.tsq IS NULL OR d.search_vector @@ q.tsq)
+               AND ($2::text IS NULL OR lower(d.category) = lower($2))
+               AND ($3::numeric IS NULL OR d.price_sui >= $3)
+               AND ($4::numeric IS NULL OR d.price_sui <= $4)
+             ORDER BY rank DESC, d.average_rating DESC, d.purchase_count DESC, d.created_at DESC
+             LIMIT $5""", query, category, min_price, max_price, limit)
+    return [pod_summary(row) for row in rows]
+
+
+async def get_datapod(conn: asyncpg.Connection, datapod_id: uuid.UUID) -> dict[str, Any] | None:
+    """A published DataPod's public details: schema, a few sample rows, price, rating."""
+    row = await conn.fetchrow(
+        f"""SELECT {_POD_SUMMARY}, d."schema", d.sample_data, d.file_type, d.file_size, d.created_at,
+                   u.username AS seller
+              FROM datapods d LEFT JOIN users u ON u.id = d.seller_id
+             WHERE d.id = $1 AND d.published""", datapod_id)
+    if row is None:
+        return None
+    sample = row["sample_data"]
+    return {**pod_summary(row), "schema": row["schema"],
+            "sample_rows": sample[:5] if isinstance(sample, list) else sample,
+            "file_type": row["file_type"], "file_size": row["file_size"], "seller": row["seller"],
+            "created_at": row["created_at"].isoformat()}
+
+
+async def list_categories(conn: asyncpg.Connection) -> list[dict[str, Any]]:
+    rows = await conn.fetch(
+        """SELECT category, count(*) AS datapods, min(price_sui) AS min_price, max(price_sui) AS max_price
+             FROM datapods WHERE published AND category IS NOT NULL
+            GROUP BY category ORDER BY count(*) DESC, category""")
+    return [{"category": r["category"], "datapods": r["datapods"],
+             "min_price_sui": str(r["min_price"].normalize()), "max_price_sui": str(r["max_price"].normalize())}
+            for r in rows]
+
+
+async def my_purchases(conn: asyncpg.Connection, user_id: uuid.UUID, limit: int = 20) -> list[dict[str, Any]]:
+    rows = await conn.fetch(
+        """SELECT p.id, p.datapod_id, d.title, p.status, p.amount_sui, p.created_at
+             FROM purchases p JOIN datapods d ON d.id = p.datapod_id
+            WHERE p.buyer_id = $1 ORDER BY p.created_at DESC LIMIT $2""", user_id, limit)
+    return [{"purchase_id": str(r["id"]), "datapod_id": str(r["datapod_id"]), "title": r["title"],
+             "status": r["status"], "amount_sui": str(r["amount_sui"].normalize()),
+             "purchased_at": r["created_at"].isoformat()} for r in rows]

@@ -1,0 +1,267 @@
+"""Queries on DataPods: insert, publish, update, search with keyset pages, seller analytics, reviews.
+
+Each function takes the connection first so the caller owns the transaction.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import uuid
+from decimal import Decimal
+from typing import Any
+
+import asyncpg
+
+from server.datasets import SealedDataset
+
+# Sort keys: the column each orders by (a whitelist: never interpolate client text into SQL).
+SORT_COLUMNS = {"newest": "d.created_at", "price": "d.price_sui", "rating": "d.average_rating",
+                "sales": "d.purchase_count"}
+SORT_FIELDS = {"newest": "created_at", "price": "price_sui", "rating": "average_rating",
+               "sales": "purchase_count"}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DatapodSummary:
+    """A DataPod as listings show it."""
+
+    id: uuid.UUID
+    seller_id: uuid.UUID | None
+    seller_username: str | None
+    seller_name: str | None
+    seller_rating: Decimal | None
+    title: str
+    description: str | None
+    category: str | None
+    price_sui: Decimal
+    file_type: str | None
+    file_size: int | None
+    published: bool
+    purchase_count: int
+    average_rating: Decimal
+    tags: list[str]
+    created_at: dt.datetime
+    updated_at: dt.datetime
+
+    def to_public(self) -> dict[str, Any]:
+        """The JSON view of a listing entry."""
+        return {"id": str(self.id), "title": self.title, "description": self.description,
+                "category": self.category, "price_sui": self.price_sui, "tags": self.tags,
+                "file_type": self.file_type, "file_size": self.file_size, "published": self.published,
+                "purchase_count": self.purchase_count, "average_rating": self.average_rating,
+                "seller": {"id": str(self.seller_id) if self.seller_id else None,
+                           "username": self.seller_username, "name": self.seller_name,
+                           "average_rating": self.seller_rating},
+                "created_at": self.created_at.isoformat(), "updated_at": self.updated_at.isoformat()}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Datapod(DatapodSummary):
+    """A DataPod with its dataset description (never its key)."""
+
+    data_hash: str | None
+    walrus_blob_id: str
+    walrus_storage_size: int | None
+    encryption_key_hash: str
+    schema: dict[str, Any] | None
+    sample_data: list[dict[str, Any]] | None
+
+    def to_public(self) -> dict[str, Any]:
+        """The JSON view of one pod: the listing fields plus schema, sample and hashes."""
+        view = DatapodSummary.to_public(self)
+        view.update({"data_hash": self.data_hash, "walrus_blob_id": self.walrus_blob_id,
+                     "walrus_storage_size": self.walrus_storage_size,
+                     "encryption_key_hash": self.encryption_key_hash,
+                     "schema": self.schema, "sample_data": self.sample_data})
+        return view
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DatapodAccess:
+    """What permission checks need, read under a row lock."""
+
+    id: uuid.UUID
+    seller_id: uuid.UUID | None
+    category: str | None
+    published: bool
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SellerStats:
+    """The seed's seller analytics."""
+
+    total_datapods: int
+    published_datapods: int
+    total_sales: int
+    total_revenue: Decimal
+    average_rating: Decimal
+
+    def to_public(self) -> dict[str, Any]:
+        """The JSON view."""
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Review:
+    """A buyer's review of a DataPod."""
+
+    id: uuid.UUID
+    datapod_id: uuid.UUID
+    buyer_id: uuid.UUID
+    buyer_username: str | None
+    rating: int
+    comment: str | None
+    created_at: dt.datetime
+
+    def to_public(self) -> dict[str, Any]:
+        """The JSON view."""
+        return {"id": str(self.id), "datapod_id": str(self.datapod_id),
+                "buyer": {"id": str(self.buyer_id), "username": self.buyer_username},
+                "rating": self.rating, "comment": self.comment, "created_at": self.created_at.isoformat()}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SearchFilter:
+    """A search: filters, order and the keyset position after which the page starts."""
+
+    category: str | None = None
+    min_price: Decimal | None = None
+    max_price: Decimal | None = None
+    q: str | None = None
+    seller_id: uuid.UUID | None = None
+    published_only: bool = True
+    sort: str = "newest"
+    descending: bool = True
+    after: tuple[Any, uuid.UUID] | None = None
+    limit: int = 20
+
+
+_SUMMARY_COLUMNS = """d.id, d.seller_id, u.username AS seller_username, u.name AS seller_name,
+    u.average_rating AS seller_rating, d.title, d.description, d.category, d.price_sui, d.file_type,
+    d.file_size, d.published, d.purchase_count, d.average_rating,
+    coalesce(ARRAY(SELECT jsonb_array_elements_text(d.schema -> 'tags')), '{}') AS tags,
+    d.created_at, d.updated_at"""
+_DETAIL_COLUMNS = _SUMMARY_COLUMNS + """, d.data_hash, d.walrus_blob_id, d.walrus_storage_size,
+    d.encryption_key_hash, d.schema - 'tags' AS schema, d.sample_data"""
+
+
+def _summary(row: asyncpg.Record) -> DatapodSummary:
+    return DatapodSummary(**dict(row))
+
+
+def _detail(row: asyncpg.Record | None) -> Datapod | None:
+    return None if row is None else Datapod(**dict(row))
+
+
+async def insert_datapod(conn: asyncpg.Connection, sealed: SealedDataset, *, seller_id: uuid.UUID, title: str,
+                         description: str | None, category: str | None, price_sui: Decimal,
+                         tags: list[str], published: bool = False) -> Datapod:
+    """Record a sealed dataset as a DataPod (a draft unless `published`)."""
+    # No tags column in the schema yet: they live in the schema document until a migration adds one.
+    schema = {**sealed.schema, "tags": tags}
+    await conn.execute(
+        """INSERT INTO datapods (id, seller_id, title, description, category, price_sui, walrus_blob_id,
+               walrus_storage_size, encryption_key_hash, encryption_iv, wrapped_key, file_type, file_size,
+               data_hash, schema, sample_data, published)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)""",
+        sealed.pod_id, seller_id, title, description, category, price_sui, sealed.blob_id, sealed.storage_size,
+        sealed.key_hash, sealed.iv_hex, sealed.wrapped_key, sealed.file_type, sealed.file_size,
+        sealed.data_hash, schema, sealed.sample, published)
+    return await get_datapod(conn, sealed.pod_id)  # type: ignore[return-value]
+
+
+async def get_datapod(conn: asyncpg.Connection, datapod_id: uuid.UUID) -> Datapod | None:
+    """One DataPod by id, whatever its state."""
+    return _detail(await conn.fetchrow(
+        f"SELECT {_DETAIL_COLUMNS} FROM datapods d LEFT JOIN users u ON u.id = d.seller_id WHERE d.id = $1",
+        datapod_id))
+
+
+async def lock_datapod(conn: asyncpg.Connection, datapod_id: uuid.UUID) -> DatapodAccess | None:
+    """Owner, category and state of a DataPod, locked until the transaction ends."""
+    row = await conn.fetchrow(
+        "SELECT id, seller_id, category, published FROM datapods WHERE id = $1 FOR UPDATE", datapod_id)
+    return None if row is None else DatapodAccess(**dict(row))
+
+
+async def set_published(conn: asyncpg.Connection, datapod_id: uuid.UUID, published: bool) -> Datapod:
+    """Publish or unpublish a DataPod."""
+    await conn.execute("UPDATE datapods SET published = $2 WHERE id = $1", datapod_id, published)
+    return await get_datapod(conn, datapod_id)  # type: ignore[return-value]
+
+
+async def update_datapod(conn: asyncpg.Connection, datapod_id: uuid.UUID, *, title: str | None = None,
+                         description: str | None = None, price_sui: Decimal | None = None) -> Datapod:
+    """Change a DataPod's title, description or price (None keeps the value)."""
+    await conn.execute(
+        """UPDATE datapods SET title = coalesce($2, title), description = coalesce($3, description),
+                               price_sui = coalesce($4, price_sui)
+           WHERE id = $1""",
+        datapod_id, title, description, price_sui)
+    return await get_datapod(conn, datapod_id)  # type: ignore[return-value]
+
+
+def search_sql(search: SearchFilter) -> tuple[str, list[Any]]:
+    """The search statement and its parameters (separate so tests can EXPLAIN it)."""
+    conditions: list[str] = []
+    params: list[Any] = []
+
+    def param(value: Any) -> str:
+        params.append(value)
+        return f"${len(params)}"
+
+    if search.published_only:
+        conditions.append("d.published")
+    if search.seller_id is not None:
+        conditions.append(f"d.seller_id = {param(search.seller_id)}")
+    if search.category is not None:
+        conditions.append(f"d.category = {param(search.category)}")
+    if search.min_price is not None:
+        conditions.append(f"d.price_sui >= {param(search.min_price)}")
+    if search.max_price is not None:
+        conditions.append(f"d.price_sui <= {param(search.max_price)}")
+    if search.q is not None:
+        conditions.append(f"d.search_vector @@ plainto_tsquery('english', {param(search.q)})")
+    column = SORT_COLUMNS[search.sort]
+    direction, comparison = ("DESC", "<") if search.descending else ("ASC", ">")
+    if search.after is not None:
+        value, last_id = search.after
+        conditions.append(f"({column}, d.id) {comparison} ({param(value)}, {param(last_id)})")
+    where = " AND ".join(conditions) or "true"
+    sql = (f"SELECT {_SUMMARY_COLUMNS} FROM datapods d LEFT JOIN users u ON u.id = d.seller_id "
+           f"WHERE {where} ORDER BY {column} {direction}, d.id {direction} LIMIT {param(search.limit)}")
+    return sql, params
+
+
+async def search_datapods(conn: asyncpg.Connection, search: SearchFilter) -> list[DatapodSummary]:
+    """One page of DataPods matching the filter, in its order, starting after `search.after`."""
+    sql, params = search_sql(search)
+    return [_summary(row) for row in await conn.fetch(sql, *params)]
+
+
+async def seller_stats(conn: asyncpg.Connection, seller_id: uuid.UUID) -> SellerStats:
+    """The seed's seller analytics; revenue counts what completed purchases actually paid."""
+    row = await conn.fetchrow(
+        """SELECT count(*) AS total_datapods,
+                  count(*) FILTER (WHERE d.published) AS published_datapods,
+                  coalesce(sum(d.purchase_count), 0) AS total_sales,
+                  (SELECT coalesce(sum(p.amount_sui), 0) FROM purchases p JOIN datapods pd ON pd.id = p.datapod_id
+                    WHERE pd.seller_id = $1 AND p.status = 'completed') AS total_revenue,
+                  coalesce(round(avg(d.average_rating) FILTER (WHERE d.average_rating > 0), 2), 0)
+                      AS average_rating
+           FROM datapods d WHERE d.seller_id = $1""",
+        seller_id)
+    return SellerStats(**dict(row))
+
+
+async def list_reviews(conn: asyncpg.Connection, datapod_id: uuid.UUID, *,
+                       after: tuple[dt.datetime, uuid.UUID] | None, limit: int) -> list[Review]:
+    """A DataPod's reviews, newest first, starting after `after` (created_at, id)."""
+    rows = await conn.fetch(
+        """SELECT r.id, r.datapod_id, r.buyer_id, u.username AS buyer_username, r.rating, r.comment, r.created_at
+           FROM reviews r LEFT JOIN users u ON u.id = r.buyer_id
+           WHERE r.datapod_id = $1 AND ($2::timestamptz IS NULL OR (r.created_at, r.id) < ($2, $3::uuid))
+           ORDER BY r.created_at DESC, r.id DESC LIMIT $4""",
+        datapod_id, after[0] if after else None, after[1] if after else None, limit)
+    return [Review(**dict(row)) for row in rows]

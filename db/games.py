@@ -1,0 +1,395 @@
+"""Queries on games, game sessions, game rewards and the balance ledger.
+
+Each function takes the connection first so the caller owns the transaction. The reward
+functions work on whole batches (arrays through `unnest`) so one transaction books many rewards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import uuid
+from decimal import Decimal
+from typing import Any, Iterable
+
+import asyncpg
+
+
+ACTIVE = "Active"
+ENDED = "Ended"
+TIMED_OUT = "TimedOut"
+REWARD_REASON = "game_reward"
+QUANTUM = Decimal("0.00000001")
+
+
+def money(value: Decimal) -> str:
+    """A KVP amount as text with exactly 8 decimals (how amounts travel in events and acks)."""
+    return f"{Decimal(value).quantize(QUANTUM):f}"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Game:
+    """A registered game with its reward policy (never its token)."""
+
+    game_id: int
+    name: str | None
+    developer_wallet: str | None
+    revenue_share: Decimal | None
+    status: str
+    owner_id: uuid.UUID | None
+    max_reward_per_event: Decimal
+    max_reward_per_minute: Decimal
+    max_reward_per_session: Decimal
+    reward_types: list[str] | None
+    created_at: dt.datetime
+    updated_at: dt.datetime
+
+    def to_public(self) -> dict[str, Any]:
+        """The game as the API shows it."""
+        return {"game_id": self.game_id, "name": self.name, "developer_wallet": self.developer_wallet,
+                "revenue_share": None if self.revenue_share is None else f"{self.revenue_share.normalize():f}",
+                "status": self.status, "owner_id": str(self.owner_id) if self.owner_id else None,
+                "policy": {"max_reward_per_event": money(self.max_reward_per_event),
+                           "max_reward_per_minute": money(self.max_reward_per_minute),
+                           "max_reward_per_session": money(self.max_reward_per_session),
+                           "reward_types": self.reward_types},
+                "created_at": self.created_at.isoformat(), "updated_at": self.updated_at.isoformat()}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class GameSession:
+    """One player's play session of one game."""
+
+    session_id: int
+    game_id: int
+    user_id: uuid.UUID | None
+    player_wallet: str
+    status: str
+    session_start: dt.datetime
+    session_end: dt.datetime | None
+    rewards_earned: Decimal
+    reward_count: int
+    last_activity_at: dt.datetime
+
+    def to_public(self) -> dict[str, Any]:
+        """The session as the API shows it."""
+        return {"session_id": self.session_id, "game_id": self.game_id,
+                "user_id": str(self.user_id) if self.user_id else None, "player_wallet": self.player_wallet,
+                "status": self.status, "started_at": self.session_start.isoformat(),
+                "ended_at": self.session_end.isoformat() if self.session_end else None,
+                "rewards_earned": money(self.rewards_earned), "reward_count": self.reward_count,
+                "last_activity_at": self.last_activity_at.isoformat()}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SessionForReward:
+    """A session locked for booking rewards, with its game's status and policy."""
+
+    session_id: int
+    game_id: int
+    user_id: uuid.UUID
+    player_wallet: str
+    status: str
+    rewards_earned: Decimal
+    reward_count: int
+    game_status: str
+    max_reward_per_event: Decimal
+    max_reward_per_minute: Decimal
+    max_reward_per_session: Decimal
+    reward_types: list[str] | None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StoredReward:
+    """A booked reward: what an ack (first or replayed) is made of."""
+
+    reward_id: int
+    session_id: int
+    seq: int
+    reward_type: str
+    reward_value: Decimal
+    session_total: Decimal
+    created_at: dt.datetime
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class NewReward:
+    """A reward accepted by the policy, about to be written."""
+
+    game_id: int
+    player_wallet: str
+    reward_type: str
+    value: Decimal
+    session_id: int
+    seq: int
+    session_total: Decimal
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LedgerEntry:
+    """A balance change to book."""
+
+    user_id: uuid.UUID
+    delta: Decimal
+    balance_after: Decimal
+    reason: str
+    reference: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LeaderboardEntry:
+    """One row of a game's leaderboard."""
+
+    user_id: uuid.UUID
+    username: str
+    total: Decimal
+
+
+_GAME_COLUMNS = """game_id, name, developer_wallet, revenue_share, status, owner_id, max_reward_per_event,
+    max_reward_per_minute, max_reward_per_session, reward_types, created_at, updated_at"""
+_SESSION_COLUMNS = """session_id, game_id, user_id, player_wallet, status, session_start, session_end,
+    rewards_earned, reward_count, last_activity_at"""
+_REWARD_COLUMNS = "reward_id, session_id, seq, reward_type, reward_value, session_total, created_at"
+
+
+def _prefixed(columns: str, alias: str) -> str:
+    return ", ".join(f"{alias}.{column.strip()}" for column in columns.split(","))
+
+
+# Columns an update may change (the API validates the values, this guards the SQL).
+UPDATABLE = ("name", "developer_wallet", "revenue_share", "status", "max_reward_per_event",
+             "max_reward_per_minute", "max_reward_per_session", "reward_types")
+
+
+def _game(row: asyncpg.Record | None) -> Game | None:
+    return None if row is None else Game(**dict(row))
+
+
+def _session(row: asyncpg.Record | None) -> GameSession | None:
+    return None if row is None else GameSession(**dict(row))
+
+
+# --- games -------------------------------------------------------------------------------------
+
+async def create_game(conn: asyncpg.Connection, *, name: str, developer_wallet: str, revenue_share: Decimal,
+                      owner_id: uuid.UUID | None, status: str, token_hash: str, max_reward_per_event: Decimal,
+                      max_reward_per_minute: Decimal, max_reward_per_session: Decimal,
+                      reward_types: list[str] | None) -> Game:
+    """Register a game."""
+    return _game(await conn.fetchrow(
+        f"""INSERT INTO games (name, developer_wallet, revenue_share, owner_id, status, token_hash,
+                               max_reward_per_event, max_reward_per_minute, max_reward_per_session, reward_types)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING {_GAME_COLUMNS}""",
+        name, developer_wallet, revenue_share, owner_id, status, token_hash, max_reward_per_event,
+        max_reward_per_minute, max_reward_per_session, reward_types))  # type: ignore[return-value]
+
+
+async def get_game(conn: asyncpg.Connection, game_id: int) -> Game | None:
+    """A game by id."""
+    return _game(await conn.fetchrow(f"SELECT {_GAME_COLUMNS} FROM games WHERE game_id = $1", game_id))
+
+
+async def list_games(conn: asyncpg.Connection, *, status: str | None, after_id: int, limit: int) -> list[Game]:
+    """Games by id after `after_id`, optionally of one status."""
+    rows = await conn.fetch(
+        f"""SELECT {_GAME_COLUMNS} FROM games WHERE game_id > $1 AND ($2::text IS NULL OR status = $2)
+            ORDER BY game_id LIMIT $3""", after_id, status, limit)
+    return [Game(**dict(row)) for row in rows]
+
+
+async def update_game(conn: asyncpg.Connection, game_id: int, changes: dict[str, Any]) -> Game | None:
+    """Change some of a game's columns (names from UPDATABLE only)."""
+    if not changes:
+        return await get_game(conn, game_id)
+    names = list(changes)
+    unknown = set(names) - set(UPDATABLE)
+    if unknown:
+        raise ValueError(f"not updatable: {sorted(unknown)}")
+    assignments = ", ".join(f"{name} = ${i}" for i, name in enumerate(names, start=2))
+    return _game(await conn.fetchrow(
+        f"UPDATE games SET {assignments} WHERE game_id = $1 RETURNING {_GAME_COLUMNS}",
+        game_id, *(changes[name] for name in names)))
+
+
+async def set_token_hash(conn: asyncpg.Connection, game_id: int, token_hash: str) -> bool:
+    """Replace a game's token (the old one stops working); whether the game exists."""
+    return await conn.fetchval(
+        "UPDATE games SET token_hash = $2 WHERE game_id = $1 RETURNING true", game_id, token_hash) or False
+
+
+async def game_by_token_hash(conn: asyncpg.Connection, token_hash: str) -> Game | None:
+    """The game whose token has this SHA-256."""
+    return _game(await conn.fetchrow(f"SELECT {_GAME_COLUMNS} FROM games WHERE token_hash = $1", token_hash))
+
+
+# --- sessions ----------------------------------------------------------------------------------
+
+async def player_wallet(conn: asyncpg.Connection, user_id: uuid.UUID) -> str | None:
+    """The wallet a user plays under: their KVP wallet, else their Sui address, else `user:<id>`."""
+    return await conn.fetchval(
+        "SELECT coalesce(wallet_address, sui_address, 'user:' || id::text) FROM users WHERE id = $1", user_id)
+
+
+async def start_session(conn: asyncpg.Connection, game_id: int, user_id: uuid.UUID,
+                        wallet: str) -> GameSession | None:
+    """Open a session; None when the player already has an active one for this game."""
+    return _session(await conn.fetchrow(
+        f"""INSERT INTO game_sessions (game_id, user_id, player_wallet, session_start, status)
+            VALUES ($1, $2, $3, now(), 'Active') ON CONFLICT DO NOTHING RETURNING {_SESSION_COLUMNS}""",
+        game_id, user_id, wallet))
+
+
+async def active_session(conn: asyncpg.Connection, game_id: int, user_id: uuid.UUID) -> GameSession | None:
+    """The player's active session of a game, if any."""
+    return _session(await conn.fetchrow(
+        f"SELECT {_SESSION_COLUMNS} FROM game_sessions WHERE game_id = $1 AND user_id = $2 AND status = 'Active'",
+        game_id, user_id))
+
+
+async def get_session(conn: asyncpg.Connection, session_id: int, *, lock: bool = False) -> GameSession | None:
+    """A session by id (locked until the transaction ends when `lock`)."""
+    suffix = " FOR UPDATE" if lock else ""
+    return _session(await conn.fetchrow(
+        f"SELECT {_SESSION_COLUMNS} FROM game_sessions WHERE session_id = $1{suffix}", session_id))
+
+
+async def touch_session(conn: asyncpg.Connection, session_id: int) -> GameSession | None:
+    """Mark an active session as alive now; None when it is not active."""
+    return _session(await conn.fetchrow(
+        f"""UPDATE game_sessions SET last_activity_at = now() WHERE session_id = $1 AND status = 'Active'
+            RETURNING {_SESSION_COLUMNS}""", session_id))
+
+
+async def close_session(conn: asyncpg.Connection, session_id: int, status: str) -> GameSession | None:
+    """End an active session with `status` (Ended or TimedOut); None when it was not active."""
+    return _session(await conn.fetchrow(
+        f"""UPDATE game_sessions SET status = $2, session_end = greatest(now(), session_start)
+            WHERE session_id = $1 AND status = 'Active' RETURNING {_SESSION_COLUMNS}""", session_id, status))
+
+
+async def time_out_idle(conn: asyncpg.Connection, idle_seconds: float, limit: int) -> list[GameSession]:
+    """Time out up to `limit` active sessions idle for `idle_seconds`; skips rows being rewarded now."""
+    rows = await conn.fetch(
+        f"""WITH idle AS (
+                SELECT session_id FROM game_sessions
+                WHERE status = 'Active' AND last_activity_at < now() - make_interval(secs => $1)
+                ORDER BY last_activity_at LIMIT $2 FOR UPDATE SKIP LOCKED)
+            UPDATE game_sessions s SET status = 'TimedOut', session_end = greatest(now(), s.session_start)
+            FROM idle WHERE s.session_id = idle.session_id RETURNING {_prefixed(_SESSION_COLUMNS, "s")}""",
+        float(idle_seconds), limit)
+    return [GameSession(**dict(row)) for row in rows]
+
+
+async def session_rewards(conn: asyncpg.Connection, session_id: int, limit: int) -> list[StoredReward]:
+    """A session's latest rewards, newest first."""
+    rows = await conn.fetch(
+        f"SELECT {_REWARD_COLUMNS} FROM game_rewards WHERE session_id = $1 ORDER BY seq DESC LIMIT $2",
+        session_id, limit)
+    return [StoredReward(**dict(row)) for row in rows]
+
+
+# --- reward batches ----------------------------------------------------------------------------
+
+async def lock_sessions_for_rewards(conn: asyncpg.Connection, session_ids: Iterable[int]) -> dict[int, SessionForReward]:
+    """Lock the sessions (in id order, so concurrent batches cannot deadlock) with their policies."""
+    rows = await conn.fetch(
+        """SELECT s.session_id, s.game_id, s.user_id, s.player_wallet, s.status, s.rewards_earned,
+                  s.reward_count, g.status AS game_status, g.max_reward_per_event, g.max_reward_per_minute,
+                  g.max_reward_per_session, g.reward_types
+           FROM game_sessions s JOIN games g ON g.game_id = s.game_id
+           WHERE s.session_id = ANY($1::int[]) ORDER BY s.session_id FOR UPDATE OF s""",
+        sorted(set(session_ids)))
+    return {row["session_id"]: SessionForReward(**dict(row)) for row in rows}
+
+
+async def find_rewards(conn: asyncpg.Connection, keys: Iterable[tuple[int, int]]) -> dict[tuple[int, int], StoredReward]:
+    """Rewards already booked under these (session_id, seq) keys."""
+    keys = list(keys)
+    rows = await conn.fetch(
+        f"""SELECT {_prefixed(_REWARD_COLUMNS, "r")}
+            FROM game_rewards r JOIN unnest($1::int[], $2::bigint[]) AS k(session_id, seq)
+              ON r.session_id = k.session_id AND r.seq = k.seq""",
+        [k[0] for k in keys], [k[1] for k in keys])
+    return {(row["session_id"], row["seq"]): StoredReward(**dict(row)) for row in rows}
+
+
+async def minute_windows(conn: asyncpg.Connection, session_ids: Iterable[int]) -> dict[int, tuple[Decimal, dt.datetime]]:
+    """Per session: the rewards of the last 60 s and the time of the oldest of them."""
+    rows = await conn.fetch(
+        """SELECT session_id, sum(reward_value) AS total, min(created_at) AS oldest FROM game_rewards
+           WHERE session_id = ANY($1::int[]) AND created_at > now() - interval '60 seconds'
+           GROUP BY session_id""", list(set(session_ids)))
+    return {row["session_id"]: (row["total"], row["oldest"]) for row in rows}
+
+
+async def insert_rewards(conn: asyncpg.Connection, rewards: list[NewReward]) -> list[StoredReward]:
+    """Write accepted rewards in one statement, in the given order."""
+    rows = await conn.fetch(
+        f"""INSERT INTO game_rewards (game_id, player_wallet, reward_type, reward_value, session_id, seq, session_total)
+            SELECT * FROM unnest($1::int[], $2::text[], $3::text[], $4::numeric[], $5::int[], $6::bigint[],
+                                 $7::numeric[])
+            RETURNING {_REWARD_COLUMNS}""",
+        [r.game_id for r in rewards], [r.player_wallet for r in rewards], [r.reward_type for r in rewards],
+        [r.value for r in rewards], [r.session_id for r in rewards], [r.seq for r in rewards],
+        [r.session_total for r in rewards])
+    by_key = {(row["session_id"], row["seq"]): StoredReward(**dict(row)) for row in rows}
+    return [by_key[(r.session_id, r.seq)] for r in rewards]
+
+
+async def add_session_totals(conn: asyncpg.Connection, totals: dict[int, tuple[Decimal, int]]) -> None:
+    """Set each session's new running total, count its new rewards, and mark it active now."""
+    ids = list(totals)
+    await conn.execute(
+        """UPDATE game_sessions s SET rewards_earned = v.total, reward_count = s.reward_count + v.n,
+                                      last_activity_at = now()
+           FROM unnest($1::int[], $2::numeric[], $3::int[]) AS v(session_id, total, n)
+           WHERE s.session_id = v.session_id""",
+        ids, [totals[i][0] for i in ids], [totals[i][1] for i in ids])
+
+
+async def credit_users(conn: asyncpg.Connection, credits: dict[uuid.UUID, Decimal]) -> dict[uuid.UUID, Decimal]:
+    """Add to users' balances (locked in id order); returns each balance after."""
+    ids = sorted(credits)
+    rows = await conn.fetch(
+        """WITH locked AS (SELECT id FROM users WHERE id = ANY($1::uuid[]) ORDER BY id FOR UPDATE)
+           UPDATE users u SET total_balance = u.total_balance + v.delta
+           FROM unnest($1::uuid[], $2::numeric[]) AS v(id, delta), locked
+           WHERE u.id = v.id AND locked.id = v.id
+           RETURNING u.id, u.total_balance""",
+        ids, [credits[i] for i in ids])
+    return {row["id"]: row["total_balance"] for row in rows}
+
+
+async def insert_ledger(conn: asyncpg.Connection, entries: list[LedgerEntry]) -> None:
+    """Book balance changes; a (reason, reference) booked before raises UniqueViolationError."""
+    await conn.execute(
+        """INSERT INTO balance_ledger (user_id, delta, balance_after, reason, reference)
+           SELECT * FROM unnest($1::uuid[], $2::numeric[], $3::numeric[], $4::text[], $5::text[])""",
+        [e.user_id for e in entries], [e.delta for e in entries], [e.balance_after for e in entries],
+        [e.reason for e in entries], [e.reference for e in entries])
+
+
+# --- leaderboards and the ledger ---------------------------------------------------------------
+
+async def leaderboard(conn: asyncpg.Connection, game_id: int, since: dt.datetime | None,
+                      limit: int) -> list[LeaderboardEntry]:
+    """The players with the most rewards in a game since `since` (all time when None)."""
+    if since is None:
+        rows = await conn.fetch(
+            """SELECT s.user_id, u.username, sum(s.rewards_earned) AS total
+               FROM game_sessions s JOIN users u ON u.id = s.user_id
+               WHERE s.game_id = $1 GROUP BY s.user_id, u.username HAVING sum(s.rewards_earned) > 0
+               ORDER BY total DESC, u.username LIMIT $2""", game_id, limit)
+    else:
+        rows = await conn.fetch(
+            """SELECT s.user_id, u.username, sum(r.reward_value) AS total
+               FROM game_rewards r JOIN game_sessions s ON s.session_id = r.session_id
+               JOIN users u ON u.id = s.user_id
+               WHERE r.game_id = $1 AND r.created_at >= $2 GROUP BY s.user_id, u.username
+               ORDER BY total DESC, u.username LIMIT $3""", game_id, since, limit)
+    return [LeaderboardEntry(**dict(row)) for row in rows]
+
+
+async def ledger_total(conn: asyncpg.Connection, user_id: uuid.UUID) -> Decimal:
+    """The sum of a user's ledger rows."""
+    return await conn.fetchval("SELECT coalesce(sum(delta), 0) FROM balance_ledger WHERE user_id = $1", user_id)

@@ -1,0 +1,20 @@
+"""REST: administrator-only routes."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from db import users as user_queries
+from server.auth import Identity
+from server.context import POOL
+from server.rest import endpoint, ok_response
+
+routes = web.RouteTableDef()
+
+
+@routes.get("/api/v1/admin/stats")
+@endpoint(auth="admin")
+async def handle_stats(request: web.Request, identity: Identity) -> web.Response:
+    """Platform counters: users, KYC by status, reward pool tokens."""
+    async with request.app[POOL].acquire() as conn:
+        return ok_response(await user_queries.admin_stats(conn))

@@ -1,0 +1,117 @@
+"""The DAO's REST routes and the work behind its /chain commands: proposals, signed votes, results.
+
+The socket commands (`create_proposal`, `cast_vote`, `get_proposal`) and the `dao:{proposal_id}`
+channel are declared on ChainNamespace (handlers/chain.py) and call the functions here.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from aiohttp import web
+
+from db import dao as queries
+from server import dao as service
+from server import wallets
+from server.auth import Identity
+from server.context import POOL
+from server.errors import InvalidPayload, NotFound
+from server.rest import endpoint, int_query, ok_response
+from server.validation import obj, string
+
+routes = web.RouteTableDef()
+
+MAX_PAGE = 100
+MAX_ID = 2**31 - 1
+PROPOSAL_ID = {"type": "integer", "minimum": 1, "maximum": MAX_ID}
+CREATE_SCHEMA = obj({
+    "title": string(1, 200), "description": string(1, 5000), "deadline": string(1, 64),
+    "duration_seconds": {"type": "integer", "minimum": 60, "maximum": 365 * 86400},
+}, required=("title", "description"))
+_VOTE_FIELDS = {
+    "voter": string(44, 44, pattern=wallets.ADDRESS_RE.pattern),
+    "choice": {"type": "string", "enum": list(service.CHOICES)},
+    "signature": string(128, 128, pattern=wallets.SIGNATURE_RE.pattern),
+}
+VOTE_BODY_SCHEMA = obj(_VOTE_FIELDS, required=("voter", "choice", "signature"))
+VOTE_SCHEMA = obj({"proposal_id": PROPOSAL_ID, **_VOTE_FIELDS},
+                  required=("proposal_id", "voter", "choice", "signature"))
+GET_SCHEMA = obj({"proposal_id": PROPOSAL_ID, "votes": {"type": "boolean"}}, required=("proposal_id",))
+
+
+async def create(app: web.Application, user_id: uuid.UUID, payload: dict) -> dict[str, Any]:
+    """Open a proposal (the caller needs a registered wallet)."""
+    async with app[POOL].acquire() as conn:
+        return (await service.create_proposal(conn, user_id, payload)).to_public()
+
+
+async def vote(app: web.Application, user_id: uuid.UUID, payload: dict) -> dict[str, Any]:
+    """Cast a signed vote; the tally is announced on `dao:{proposal_id}` once it commits."""
+    async with app[POOL].acquire() as conn:
+        return await service.cast_vote(conn, user_id, payload)
+
+
+async def get(app: web.Application, proposal_id: int, with_votes: bool = False) -> dict[str, Any]:
+    """A proposal with its tally (closed first when past its deadline), optionally with every signed vote."""
+    async with app[POOL].acquire() as conn:
+        data = (await service.get_proposal(conn, proposal_id)).to_public()
+        if with_votes:
+            data["votes"] = [v.to_public() for v in await queries.list_votes(conn, proposal_id)]
+    return data
+
+
+def _proposal_id(request: web.Request) -> int:
+    raw = request.match_info["proposal_id"]
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_ID:
+        raise NotFound("no such proposal", field="proposal_id")
+    return int(raw)
+
+
+
+
+@routes.get("/api/v1/proposals")
+@endpoint()
+async def handle_list(request: web.Request) -> web.Response:
+    """Proposals newest first (`status=Open|Closed`, `before_id`, `limit` up to 100, default 20)."""
+    status = request.query.get("status") or None
+    if status not in (None, service.OPEN, service.CLOSED):
+        raise InvalidPayload("'status' must be Open or Closed", field="status")
+    before = int_query(request, "before_id", minimum=1, maximum=MAX_ID)
+    limit = int_query(request, "limit", minimum=1, maximum=MAX_PAGE) or 20
+    async with request.app[POOL].acquire() as conn:
+        proposals = await service.list_proposals(conn, status, before, limit)
+    next_before = proposals[-1].id if len(proposals) == limit and proposals[-1].id > 1 else None
+    return ok_response({"proposals": [p.to_public() for p in proposals], "next_before_id": next_before})
+
+
+@routes.post("/api/v1/proposals")
+@endpoint(body=CREATE_SCHEMA, auth="user")
+async def handle_create(request: web.Request, identity: Identity, body: dict) -> web.Response:
+    """Open a proposal (the REST twin of `create_proposal`)."""
+    return ok_response(await create(request.app, identity.user_id, body), status=201)
+
+
+@routes.get("/api/v1/proposals/{proposal_id}")
+@endpoint()
+async def handle_get(request: web.Request) -> web.Response:
+    """A proposal with its tally; `?votes=true` adds every signed vote."""
+    with_votes = request.query.get("votes", "").lower() in ("1", "true")
+    return ok_response(await get(request.app, _proposal_id(request), with_votes))
+
+
+@routes.post("/api/v1/proposals/{proposal_id}/votes")
+@endpoint(body=VOTE_BODY_SCHEMA, auth="user")
+async def handle_vote(request: web.Request, identity: Identity, body: dict) -> web.Response:
+    """Cast a signed vote (the REST twin of `cast_vote`)."""
+    payload = {**body, "proposal_id": _proposal_id(request)}
+    return ok_response(await vote(request.app, identity.user_id, payload), status=201)
+
+
+@routes.post("/api/v1/admin/proposals/{proposal_id}/close")
+@endpoint(auth="admin")
+async def handle_close(request: web.Request, identity: Identity) -> web.Response:
+    """Close a proposal now, before or after its deadline; announces `proposal_closed`."""
+    async with request.app[POOL].acquire() as conn:
+        proposal = await service.close_proposal(conn, _proposal_id(request))
+    return ok_response(proposal.to_public())

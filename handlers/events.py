@@ -1,0 +1,101 @@
+"""REST fallback for every channel: history with long-poll, and Server-Sent Events."""
+
+from __future__ import annotations
+
+import structlog
+from aiohttp import web
+
+from server import jsonutil
+from server.bus import Event
+from server.context import REALTIME, REDIS, SETTINGS
+from server.errors import InvalidPayload
+from server.realtime import FIRST_ID
+from server.rest import ok_response, optional_identity
+
+log = structlog.get_logger(__name__)
+routes = web.RouteTableDef()
+
+CROSS_NODE_POLL_SECONDS = 1.0
+SSE_KEEPALIVE_SECONDS = 15.0
+HISTORY_GAP_EVENT = "history_gap"
+
+
+def _wait_seconds(request: web.Request) -> float:
+    raw = request.query.get("wait")
+    limit = request.app[SETTINGS].long_poll_timeout
+    if raw is None:
+        return limit
+    try:
+        value = float(raw)
+    except ValueError:
+        raise InvalidPayload("wait must be a number of seconds", field="wait") from None
+    if not 0 <= value <= limit:
+        raise InvalidPayload(f"wait must be between 0 and {limit:g} seconds", field="wait")
+    return value
+
+
+def _poll_interval(request: web.Request) -> float | None:
+    return CROSS_NODE_POLL_SECONDS if request.app[REDIS] is not None else None
+
+
+async def _authorised_channel(request: web.Request) -> str:
+    channel = request.query.get("channel", "")
+    await request.app[REALTIME].authorise(request.app, await optional_identity(request), channel)
+    return channel
+
+
+@routes.get("/api/v1/events")
+async def handle_events(request: web.Request) -> web.Response:
+    """A channel's history after `since` (all of it without `since`); waits up to `wait` s for news."""
+    channel = await _authorised_channel(request)
+    realtime = request.app[REALTIME]
+    since = request.query.get("since")
+    if since is None:
+        result = await realtime.replay(channel, FIRST_ID)
+    else:
+        result = await realtime.wait_after(channel, since, _wait_seconds(request), _poll_interval(request))
+    return ok_response({"channel": channel, "events": [event.to_wire() for event in result.events],
+                        "latest_id": result.latest_id, "history_gap": result.gap,
+                        "has_more": result.has_more})
+
+
+def _sse(event_type: str, data: object, event_id: str | None = None) -> bytes:
+    head = f"id: {event_id}\n" if event_id else ""
+    return f"{head}event: {event_type}\n".encode() + b"data: " + jsonutil.dumpb(data) + b"\n\n"
+
+
+def _sse_event(event: Event) -> bytes:
+    return _sse(event.type, event.to_wire(), event.id)
+
+
+@routes.get("/api/v1/events/stream")
+async def handle_event_stream(request: web.Request) -> web.StreamResponse:
+    """Server-Sent Events for one channel; resumes after `Last-Event-ID` (or `since`)."""
+    channel = await _authorised_channel(request)
+    realtime = request.app[REALTIME]
+    since = request.headers.get("Last-Event-ID") or request.query.get("since")
+    if since is None:
+        since = await realtime.bus.latest_id(channel)  # live from now; None: channel still empty
+    else:
+        await realtime.replay(channel, since)  # refuse a malformed id before the stream starts
+    response = web.StreamResponse(headers={
+        "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+        "X-Accel-Buffering": "no"})  # proxies such as nginx must not buffer the stream
+    await response.prepare(request)
+    await response.write(b"retry: 2000\n\n")
+    try:
+        while True:
+            result = await realtime.wait_after(channel, since, SSE_KEEPALIVE_SECONDS, _poll_interval(request))
+            if result.gap:
+                await response.write(_sse(HISTORY_GAP_EVENT, {"channel": channel, "latest_id": result.latest_id}))
+            for event in result.events:
+                await response.write(_sse_event(event))
+            if result.events:
+                since = result.events[-1].id
+            elif result.gap:
+                since = result.latest_id
+            else:
+                await response.write(b": keepalive\n\n")
+    except ConnectionResetError:
+        log.info("event_stream_closed", channel=channel)
+    return response

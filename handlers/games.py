@@ -1,0 +1,315 @@
+"""Namespace /games and the games' REST routes: registered games, play sessions, rewards, leaderboards.
+
+Two kinds of callers: players sign in with their user token (`auth: {token}`) and start, keep
+alive and end their own sessions; a game server connects with its game's token
+(`auth: {game_token}`, REST `Authorization: Game <token>`) and reports rewards for its game's
+sessions. Only game servers report rewards. Anyone may watch `game:{game_id}` and
+`session:{session_id}` (spectating is public; both count watchers).
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from db import games as queries
+from server import games as service
+from server.auth import Identity
+from server.bus import TokenBucket
+from server.context import AUTH, GAMES, POOL, SETTINGS
+from server.errors import Forbidden, HubError, InvalidPayload, NotFound, Unauthorized
+from server.namespace import Ctx, HubNamespace, command, refusal
+from server.realtime import ChannelRule, own_user
+from server.rest import current_identity, endpoint, ok_response, read_json
+from server.validation import compile_schema, obj, string, validate
+
+log = structlog.get_logger(__name__)
+routes = web.RouteTableDef()
+
+MAX_PAGE = 100
+MAX_INT = 2**31 - 1
+GAME_ID = {"type": "integer", "minimum": 1, "maximum": MAX_INT}
+SESSION_ID = {"type": "integer", "minimum": 1, "maximum": MAX_INT}
+AMOUNT = {"oneOf": [{"type": "string", "pattern": "^[0-9]{1,12}(\\.[0-9]{1,8})?$"},
+                    {"type": "integer", "minimum": 0, "maximum": 999_999_999_999}]}
+SHARE = {"oneOf": [{"type": "string", "pattern": "^(0(\\.[0-9]{1,8})?|1(\\.0{1,8})?)$"},
+                   {"type": "number", "minimum": 0, "maximum": 1}]}
+REWARD_TYPE = string(1, 50, pattern="^[A-Za-z0-9_.:-]+$")
+WALLET = string(4, 100, pattern="^[A-Za-z0-9_.:-]+$")
+POLICY = obj({"max_reward_per_event": AMOUNT, "max_reward_per_minute": AMOUNT, "max_reward_per_session": AMOUNT})
+REWARD_TYPES = {"type": ["array", "null"], "items": REWARD_TYPE, "maxItems": 50, "uniqueItems": True}
+CREATE_GAME_SCHEMA = obj({"name": string(1, 100), "developer_wallet": WALLET, "revenue_share": SHARE,
+                          "policy": POLICY, "reward_types": REWARD_TYPES},
+                         required=("name", "developer_wallet", "revenue_share"))
+UPDATE_GAME_SCHEMA = obj({"name": string(1, 100), "developer_wallet": WALLET, "revenue_share": SHARE,
+                          "policy": POLICY, "reward_types": REWARD_TYPES,
+                          "status": {"enum": ["pending", "active", "suspended"]}})
+START_SCHEMA = obj({"game_id": GAME_ID}, required=("game_id",))
+SESSION_SCHEMA = obj({"session_id": SESSION_ID}, required=("session_id",))
+REWARD_FIELDS = {"seq": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1}, "reward_type": REWARD_TYPE,
+                 "value": AMOUNT}
+REPORT_SCHEMA = obj({"session_id": SESSION_ID, **REWARD_FIELDS},
+                    required=("session_id", "seq", "reward_type", "value"))
+REST_REPORT_VALIDATOR = compile_schema(obj(REWARD_FIELDS, required=("seq", "reward_type", "value")))
+DEFAULT_POLICY = {"max_reward_per_event": Decimal(100), "max_reward_per_minute": Decimal(1000),
+                  "max_reward_per_session": Decimal(10_000)}
+
+
+class GamesNamespace(HubNamespace):
+    """Earn-to-play sessions, rewards and leaderboards (anyone may watch)."""
+
+    name = "/games"
+    allow_anonymous = True
+    channels = (
+        ChannelRule("game:{game_id}", presence=True),
+        ChannelRule("session:{session_id}", presence=True),
+        ChannelRule("user:{user_id}", own_user),
+    )
+
+    async def on_connect(self, sid: str, environ: dict, auth: Any = None) -> None:
+        """Players connect with `{token}`; a game server with `{game_token}` (never both)."""
+        game_token = auth.get("game_token") if isinstance(auth, dict) else None
+        if game_token is None:
+            return await super().on_connect(sid, environ, auth)
+        if auth.get("token") is not None:
+            raise refusal(Unauthorized("connect either as a player (token) or as a game server (game_token)"))
+        try:
+            caller = await self.app[GAMES].tokens.authenticate(self.app[POOL], game_token)
+        except HubError as exc:
+            raise refusal(exc) from None
+        await super().on_connect(sid, environ, None)
+        session = await self.get_session(sid)
+        settings = self.app[SETTINGS]
+        session["game_token"] = game_token
+        # One game server speaks for many players, so it gets a larger budget than a browser.
+        session["bucket"] = TokenBucket(settings.game_server_event_rate, settings.game_server_event_burst)
+        log.info("game_server_connected", sid=sid, game_id=caller.game_id)
+
+    async def _caller(self, ctx: Ctx) -> service.Caller:
+        """The game server or the (re-checked) player behind a connection."""
+        session = await self.get_session(ctx.sid)
+        if session.get("game_token") is not None:
+            return await self.app[GAMES].tokens.authenticate(self.app[POOL], session["game_token"])
+        if ctx.identity is None:
+            raise Unauthorized("sign in as the player, or connect as the game server")
+        # Commands open to game servers skip the dispatcher's session check; do it for players.
+        return await self.app[AUTH].authenticate(self.app[POOL], session.get("token"))
+
+    async def _game_server(self, ctx: Ctx) -> service.GameCaller:
+        caller = await self._caller(ctx)
+        if not isinstance(caller, service.GameCaller):
+            raise Forbidden("only the game's server reports rewards (connect with its game_token)")
+        return caller
+
+    @command(START_SCHEMA)
+    async def on_start_session(self, ctx: Ctx, payload: dict) -> dict:
+        """Start the caller's session of a game (or get the running one back, `resumed: true`)."""
+        return await service.start_session(self.app, ctx.user_id, payload["game_id"])
+
+    @command(REPORT_SCHEMA, user=False)
+    async def on_report_reward(self, ctx: Ctx, payload: dict) -> dict:
+        """A game server reports a reward; acked with the session's running total (replays: same ack)."""
+        caller = await self._game_server(ctx)
+        return await report(self.app, caller, payload["session_id"], payload)
+
+    @command(SESSION_SCHEMA, user=False)
+    async def on_heartbeat_session(self, ctx: Ctx, payload: dict) -> dict:
+        """Keep a session from timing out (its player or its game server)."""
+        return await service.heartbeat(self.app, await self._caller(ctx), payload["session_id"])
+
+    @command(SESSION_SCHEMA, user=False)
+    async def on_end_session(self, ctx: Ctx, payload: dict) -> dict:
+        """End a session (its player or its game server)."""
+        return await service.end_session(self.app, await self._caller(ctx), payload["session_id"])
+
+
+async def report(app: web.Application, caller: service.GameCaller, session_id: int, payload: dict) -> dict:
+    """Queue one reward report for booking and wait for its ack."""
+    value = service.parse_value(payload["value"])
+    return await app[GAMES].ingest.submit(service.RewardReport(
+        game_id=caller.game_id, session_id=session_id, seq=payload["seq"],
+        reward_type=payload["reward_type"], value=value))
+
+
+# --- REST: games -------------------------------------------------------------------------------
+
+def _int_param(raw: str | None, name: str, *, default: int, maximum: int = MAX_INT) -> int:
+    if raw is None or raw == "":
+        return default
+    if not raw.isdigit() or int(raw) > maximum:
+        raise InvalidPayload(f"'{name}' must be an integer between 0 and {maximum}", field=name)
+    return int(raw)
+
+
+def _path_id(request: web.Request, name: str, what: str) -> int:
+    raw = request.match_info[name]
+    if not raw.isdigit() or not 0 < int(raw) <= MAX_INT:
+        raise NotFound(f"no such {what}", field=name)
+    return int(raw)
+
+
+def _share(raw: Any) -> Decimal:
+    share = Decimal(raw if isinstance(raw, str) else str(raw))
+    if not 0 <= share <= 1 or share != share.quantize(queries.QUANTUM):
+        raise InvalidPayload("'revenue_share' is a fraction between 0 and 1 with at most 8 decimals",
+                             field="revenue_share")
+    return share
+
+
+def _policy(body: dict) -> dict[str, Decimal]:
+    return {name: service.parse_value(raw, name) for name, raw in (body.get("policy") or {}).items()}
+
+
+async def _game_or_404(conn, game_id: int) -> queries.Game:
+    game = await queries.get_game(conn, game_id)
+    if game is None:
+        raise NotFound("no such game", field="game_id")
+    return game
+
+
+@routes.post("/api/v1/games")
+@endpoint(body=CREATE_GAME_SCHEMA, auth="user")
+async def handle_create_game(request: web.Request, identity: Identity, body: dict) -> web.Response:
+    """Register a game; its token is in this answer only. A developer's game waits for an admin."""
+    policy = {**DEFAULT_POLICY, **_policy(body)}
+    token, digest = service.new_token()
+    async with request.app[POOL].acquire() as conn:
+        game = await queries.create_game(
+            conn, name=body["name"], developer_wallet=body["developer_wallet"],
+            revenue_share=_share(body["revenue_share"]), owner_id=identity.user_id,
+            status="active" if identity.is_admin else "pending", token_hash=digest,
+            reward_types=body.get("reward_types"), **policy)
+    log.info("game_registered", game_id=game.game_id, status=game.status)
+    return ok_response({"game": game.to_public(), "game_token": token}, status=201)
+
+
+@routes.get("/api/v1/games")
+@endpoint()
+async def handle_list_games(request: web.Request) -> web.Response:
+    """Games by id (`status`, `after` and `limit` up to 100 optional)."""
+    status = request.query.get("status") or None
+    if status not in (None, "pending", "active", "suspended"):
+        raise InvalidPayload("'status' is pending, active or suspended", field="status")
+    limit = max(1, _int_param(request.query.get("limit"), "limit", default=20, maximum=MAX_PAGE))
+    after = _int_param(request.query.get("after"), "after", default=0)
+    async with request.app[POOL].acquire() as conn:
+        games = await queries.list_games(conn, status=status, after_id=after, limit=limit)
+    return ok_response({"games": [game.to_public() for game in games],
+                        "next_after": games[-1].game_id if len(games) == limit else None})
+
+
+@routes.get("/api/v1/games/{game_id}")
+@endpoint()
+async def handle_get_game(request: web.Request) -> web.Response:
+    """One game with its policy."""
+    async with request.app[POOL].acquire() as conn:
+        game = await _game_or_404(conn, _path_id(request, "game_id", "game"))
+    return ok_response(game.to_public())
+
+
+@routes.patch("/api/v1/games/{game_id}")
+@endpoint(body=UPDATE_GAME_SCHEMA, auth="admin")
+async def handle_update_game(request: web.Request, identity: Identity, body: dict) -> web.Response:
+    """Change a game (admins: activate, suspend, policy, revenue share)."""
+    changes: dict[str, Any] = {name: body[name] for name in ("name", "developer_wallet", "status", "reward_types")
+                               if name in body}
+    if "revenue_share" in body:
+        changes["revenue_share"] = _share(body["revenue_share"])
+    changes.update(_policy(body))
+    async with request.app[POOL].acquire() as conn:
+        game = await queries.update_game(conn, _path_id(request, "game_id", "game"), changes)
+    if game is None:
+        raise NotFound("no such game", field="game_id")
+    return ok_response(game.to_public())
+
+
+@routes.post("/api/v1/games/{game_id}/token")
+@endpoint(auth="user")
+async def handle_rotate_token(request: web.Request, identity: Identity) -> web.Response:
+    """Issue a new game token (its owner or an admin); the old one stops working."""
+    game_id = _path_id(request, "game_id", "game")
+    token, digest = service.new_token()
+    async with request.app[POOL].acquire() as conn, conn.transaction():
+        game = await _game_or_404(conn, game_id)
+        if game.owner_id != identity.user_id and not identity.is_admin:
+            raise Forbidden("only the game's owner or an admin may rotate its token")
+        await queries.set_token_hash(conn, game_id, digest)
+    request.app[GAMES].tokens.forget_game(game_id)
+    return ok_response({"game_id": game_id, "game_token": token}, status=201)
+
+
+@routes.get("/api/v1/games/{game_id}/leaderboard")
+@endpoint()
+async def handle_leaderboard(request: web.Request) -> web.Response:
+    """Top players by rewards over `period` (hour, day, week, all; default the live one)."""
+    period = request.query.get("period") or request.app[SETTINGS].game_leaderboard_period
+    if period not in service.PERIODS:
+        raise InvalidPayload("'period' is hour, day, week or all", field="period")
+    limit = max(1, _int_param(request.query.get("limit"), "limit", default=10, maximum=MAX_PAGE))
+    async with request.app[POOL].acquire() as conn:
+        game = await _game_or_404(conn, _path_id(request, "game_id", "game"))
+        return ok_response(await service.leaderboard(conn, game.game_id, period, limit))
+
+
+# --- REST: sessions ----------------------------------------------------------------------------
+
+async def rest_caller(request: web.Request) -> service.Caller:
+    """`Authorization: Game <game token>` for game servers, `Bearer <token>` for players."""
+    header = request.headers.get("Authorization", "")
+    if header[:5].lower() == "game ":
+        return await request.app[GAMES].tokens.authenticate(request.app[POOL], header[5:].strip())
+    return await current_identity(request)
+
+
+@routes.post("/api/v1/game-sessions")
+@endpoint(body=START_SCHEMA, auth="user")
+async def handle_start_session(request: web.Request, identity: Identity, body: dict) -> web.Response:
+    """Start the caller's session (201), or return the running one (200, `resumed: true`)."""
+    session = await service.start_session(request.app, identity.user_id, body["game_id"])
+    return ok_response(session, status=200 if session["resumed"] else 201)
+
+
+@routes.get("/api/v1/game-sessions/{session_id}")
+@endpoint()
+async def handle_get_session(request: web.Request) -> web.Response:
+    """A session with its latest rewards (public, as its channel is)."""
+    session_id = _path_id(request, "session_id", "session")
+    limit = max(1, _int_param(request.query.get("rewards"), "rewards", default=20, maximum=MAX_PAGE))
+    async with request.app[POOL].acquire() as conn:
+        session = await queries.get_session(conn, session_id)
+        if session is None:
+            raise NotFound("no such session", field="session_id")
+        rewards = await queries.session_rewards(conn, session_id, limit)
+    return ok_response({**session.to_public(), "rewards": [service.reward_ack(r) for r in rewards]})
+
+
+@routes.post("/api/v1/game-sessions/{session_id}/rewards")
+@endpoint()
+async def handle_report_reward(request: web.Request) -> web.Response:
+    """A game server reports a reward (the REST twin of `report_reward`)."""
+    caller = await rest_caller(request)
+    if not isinstance(caller, service.GameCaller):
+        raise Forbidden("only the game's server reports rewards (Authorization: Game <token>)")
+    # Validated after the caller is known, so a stranger learns nothing from validation errors.
+    body = validate(REST_REPORT_VALIDATOR, await read_json(request))
+    return ok_response(await report(request.app, caller, _path_id(request, "session_id", "session"), body))
+
+
+@routes.post("/api/v1/game-sessions/{session_id}/heartbeat")
+@endpoint()
+async def handle_heartbeat(request: web.Request) -> web.Response:
+    """Keep a session from timing out (its player or its game server)."""
+    caller = await rest_caller(request)
+    return ok_response(await service.heartbeat(request.app, caller, _path_id(request, "session_id", "session")))
+
+
+@routes.post("/api/v1/game-sessions/{session_id}/end")
+@endpoint()
+async def handle_end_session(request: web.Request) -> web.Response:
+    """End a session (its player or its game server)."""
+    caller = await rest_caller(request)
+    return ok_response(await service.end_session(request.app, caller, _path_id(request, "session_id", "session")))
+

@@ -1,0 +1,186 @@
+"""The application factory: wires resources, routes, namespaces; nothing else."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from pathlib import Path
+from typing import AsyncIterator
+
+import socketio
+import structlog
+from aiohttp import web
+
+import handlers
+from db.pool import create_pool
+from handlers import admin as admin_handlers
+from handlers import assistant as assistant_handlers
+from handlers import auth as auth_handlers
+from handlers import chain as chain_handlers
+from handlers import dao as dao_handlers
+from handlers import events as events_handlers
+from handlers import games as games_handlers
+from handlers import marketplace as marketplace_handlers
+from handlers import purchases as purchase_handlers
+from server import jsonutil, migrate
+from server.assistant import assistant_ctx
+from server.auth import AuthService
+from server.blobs import blobs_ctx
+from server.block_producer import block_producer_ctx
+from server.bus import (HistoryStore, MemoryHistory, MemoryPresence, PresenceTracker, RedisHealth,
+                        RedisHistory, RedisPresence, connect_redis, heartbeat_loop)
+from server.context import AUTH, MASTER_KEY, METRICS, POOL, REALTIME, REDIS, REDIS_HEALTH, SETTINGS, SIO
+from server.embedded import database_dsn
+from server.dao import dao_ctx
+from server.games import games_ctx
+from server.errors import NotFound
+from server.fanout import create_client_manager
+from server.health import routes as health_routes
+from server.metrics import Metrics
+from server.outbox import run_relay
+from server.purchase_jobs import purchase_jobs_ctx
+from server.realtime import Realtime, RealtimeLimits
+from server.rest import error_envelopes, request_context
+from server.secrets import load_or_create_secret
+from server.settings import Settings
+
+log = structlog.get_logger(__name__)
+STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
+SERVER_SHUTDOWN_EVENT = "server_shutdown"
+
+
+async def database_ctx(app: web.Application) -> AsyncIterator[None]:
+    """PostgreSQL: the configured one or an embedded one; migrated; pooled; closed on exit."""
+    settings = app[SETTINGS]
+    async with database_dsn(settings.database_url, settings.data_dir) as dsn:
+        if settings.migrate_on_start:
+            await migrate.upgrade_async(dsn)
+        app[POOL] = await create_pool(dsn, settings.db_pool_max)
+        try:
+            if settings.demo_data_on_first_start:
+                from db import demo
+
+                async with app[POOL].acquire() as conn:
+                    await demo.load_if_empty(conn, settings, app[MASTER_KEY])
+            yield
+        finally:
+            await app[POOL].close()
+
+
+async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Redis when REDIS_URL is set; single-node mode (None) otherwise."""
+    url = app[SETTINGS].redis_url
+    app[REDIS_HEALTH] = RedisHealth()
+    app[REDIS] = connect_redis(url) if url else None
+    yield
+    if app[REDIS] is not None:
+        await app[REDIS].aclose()
+
+
+async def realtime_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The delivery engine, its presence heartbeat and the outbox relay."""
+    settings, redis, health = app[SETTINGS], app[REDIS], app[REDIS_HEALTH]
+    node_id = uuid.uuid4().hex
+    if redis is None:
+        history: HistoryStore = MemoryHistory(settings.history_cap, settings.history_ttl)
+        presence: PresenceTracker = MemoryPresence()
+    else:
+        history = RedisHistory(redis, settings.redis_prefix, settings.history_cap, settings.history_ttl, health=health)
+        presence = RedisPresence(redis, settings.redis_prefix, settings.presence_ttl, health=health)
+    metrics = app[METRICS]
+    realtime = app[REALTIME] = Realtime(
+        app[SIO], history, presence, RealtimeLimits(
+            max_channels_per_connection=settings.max_channels_per_connection,
+            max_connections_per_user=settings.max_connections_per_user),
+        node_id=node_id, on_published=lambda event: metrics.events_out.labels(event.type).inc())
+    for namespace_class in handlers.NAMESPACES:
+        realtime.register(namespace_class.name, namespace_class.channels)
+    tasks = [asyncio.create_task(health.run_with_backoff(
+        lambda: run_relay(app[POOL], realtime.publish_many, poll_interval=settings.outbox_poll_interval,
+                          on_relayed=metrics.outbox_relayed.inc), "outbox_relay"))]
+    if redis is not None:
+        tasks.append(asyncio.create_task(heartbeat_loop(presence, node_id, settings.presence_ttl / 3)))
+    yield
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def notify_shutdown(app: web.Application) -> None:
+    """Tell every client to reconnect elsewhere, then close their connections."""
+    sio = app[SIO]
+    for namespace in sio.namespace_handlers:
+        await sio.emit(SERVER_SHUTDOWN_EVENT, {"reconnect": True}, namespace=namespace)
+    eio_sockets = list(sio.eio.sockets.values())
+    if eio_sockets:
+        await asyncio.wait([asyncio.ensure_future(s.close(wait=False, abort=False)) for s in eio_sockets],
+                           timeout=app[SETTINGS].shutdown_timeout / 2)
+    await sio.shutdown()
+    log.info("sockets_closed", count=len(eio_sockets))
+
+
+def create_socket_server(settings: Settings, metrics: Metrics) -> socketio.AsyncServer:
+    """The Socket.IO server with the fast broadcast path; with Redis, emits reach every process."""
+    manager = create_client_manager(
+        settings.redis_url, channel=settings.redis_prefix + "socketio",
+        on_overflow=lambda namespace: metrics.slow_consumers.labels(namespace).inc())
+    cors: list[str] | str = list(settings.cors_origins) or []
+    return socketio.AsyncServer(
+        async_mode="aiohttp", client_manager=manager, json=jsonutil, cors_allowed_origins=cors,
+        # The hard cap sits above our own limit so a moderately oversized payload gets a clear
+        # payload_too_large ack from the dispatcher instead of a dropped connection.
+        max_http_buffer_size=settings.max_payload_bytes * 2, logger=False, engineio_logger=False)
+
+
+def create_app(settings: Settings) -> web.Application:
+    """Build the aiohttp application for these settings."""
+    app = web.Application(client_max_size=settings.max_payload_bytes,
+                          middlewares=[request_context, error_envelopes])
+    app[SETTINGS] = settings
+    app[METRICS] = Metrics()
+    app[MASTER_KEY] = load_or_create_secret(settings.data_dir, "master_key", settings.master_key)
+    app[AUTH] = AuthService(
+        jwt_secret=load_or_create_secret(settings.data_dir, "jwt_secret", settings.jwt_secret),
+        access_token_ttl=settings.access_token_ttl, session_cache_ttl=settings.session_cache_ttl,
+        google_client_id=settings.google_client_id, google_jwks_url=settings.google_jwks_url)
+    app.cleanup_ctx.append(database_ctx)
+    app.cleanup_ctx.append(redis_ctx)
+    app.cleanup_ctx.append(realtime_ctx)
+    app.cleanup_ctx.append(assistant_ctx)
+    app.cleanup_ctx.append(block_producer_ctx)
+    app.cleanup_ctx.append(blobs_ctx)
+    app.cleanup_ctx.append(purchase_jobs_ctx)
+    app.cleanup_ctx.append(games_ctx)
+    app.cleanup_ctx.append(dao_ctx)
+    app[METRICS].watch_pool(lambda: app.get(POOL))
+
+    sio = create_socket_server(settings, app[METRICS])
+    for namespace_class in handlers.NAMESPACES:
+        sio.register_namespace(namespace_class(app))
+    sio.attach(app, socketio_path="socket.io")
+    app[SIO] = sio
+    app.on_shutdown.append(notify_shutdown)
+
+    app.router.add_routes(health_routes)
+    app.router.add_routes(auth_handlers.routes)
+    app.router.add_routes(chain_handlers.routes)
+    app.router.add_routes(dao_handlers.routes)
+    app.router.add_routes(admin_handlers.routes)
+    app.router.add_routes(events_handlers.routes)
+    app.router.add_routes(assistant_handlers.routes)
+    app.router.add_routes(marketplace_handlers.routes)
+    app.router.add_routes(purchase_handlers.routes)
+    app.router.add_routes(games_handlers.routes)
+    app.router.add_get("/{path:.*}", handle_static)  # last: every other route wins
+    return app
+
+
+async def handle_static(request: web.Request) -> web.FileResponse:
+    """The browser client's files from static/ (index.html at /); JSON not_found otherwise."""
+    # Our own lookup rather than add_static: its missing-file answer is a bare 404 that would
+    # bypass the error envelope for every unknown URL, /api/v1 included.
+    relative = request.match_info["path"] or "index.html"
+    path = (STATIC_DIR / relative).resolve()
+    if not path.is_relative_to(STATIC_DIR) or not path.is_file():
+        raise NotFound(f"no route {request.method} {request.path}")
+    return web.FileResponse(path)

@@ -1,0 +1,33 @@
+"""JSON through orjson; money (Decimal) travels as a string so no precision is lost."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any
+
+import orjson
+
+
+def _default(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value).hex()
+    raise TypeError(f"cannot serialise {type(value).__name__}")
+
+
+def dumps(value: Any, **_ignored: Any) -> str:
+    """Serialise to a str (python-socketio and aiohttp want str)."""
+    return orjson.dumps(value, default=_default, option=orjson.OPT_NON_STR_KEYS).decode()
+
+
+def dumpb(value: Any) -> bytes:
+    """Serialise to bytes."""
+    return orjson.dumps(value, default=_default, option=orjson.OPT_NON_STR_KEYS)
+
+
+def loads(raw: str | bytes, **_ignored: Any) -> Any:
+    """Parse JSON text."""
+    return orjson.loads(raw)

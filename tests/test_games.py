@@ -1,0 +1,366 @@
+"""Earn-to-play over real sockets and REST: sessions, rewards booked once, the policy, game tokens,
+the ledger, concurrency, idle timeouts and the live game channel."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from decimal import Decimal
+
+import pytest
+
+from db import users as user_queries
+from server.app import create_app
+from server.context import GAMES, REALTIME
+from tests.helpers import SocketClient, register, server_url, wait_until
+
+POLICY = {"max_reward_per_event": "50", "max_reward_per_minute": "200", "max_reward_per_session": "500"}
+
+
+@pytest.fixture
+async def client(settings, aiohttp_client):
+    """The app with a fast leaderboard throttle, so tests see `leaderboard_changed` quickly."""
+    return await aiohttp_client(create_app(settings.replace(game_leaderboard_interval=0.1)))
+
+
+def bearer(token: str) -> dict:
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def make_admin(client, db) -> dict:
+    admin = await register(client)
+    user_id = uuid.UUID(admin["user"]["id"])
+    await user_queries.upsert_admin(db, user_id, username=admin["user"]["username"],
+                                    email=admin["user"]["email"], password_hash="x")
+    return admin
+
+
+async def create_game(client, admin: dict, **overrides) -> tuple[dict, str]:
+    body = {"name": "Block Runner", "developer_wallet": "kvp1" + "ab" * 20, "revenue_share": "0.15",
+            "policy": POLICY, **overrides}
+    response = await client.post("/api/v1/games", json=body, headers=bearer(admin["token"]))
+    data = await response.json()
+    assert response.status == 201, data
+    return data["data"]["game"], data["data"]["game_token"]
+
+
+async def player(client, sockets, user: dict | None = None) -> tuple[dict, SocketClient]:
+    user = user or await register(client)
+    sock = sockets()
+    await sock.connect(server_url(client), "/games", token=user["token"])
+    return user, sock
+
+
+async def game_server(client, sockets, game_token: str) -> SocketClient:
+    sock = sockets()
+    await sock.sio.connect(server_url(client), namespaces=["/games"], transports=["websocket"],
+                           auth={"game_token": game_token}, wait_timeout=5)
+    return sock
+
+
+async def start(sock: SocketClient, game_id: int) -> int:
+    ack = await sock.call("/games", "start_session", {"game_id": game_id})
+    assert ack["ok"] is True, ack
+    return ack["data"]["session_id"]
+
+
+async def reward(server: SocketClient, session_id: int, seq: int, value="10", reward_type="coin") -> dict:
+    return await server.call("/games", "report_reward", {"session_id": session_id, "seq": seq,
+                                                         "reward_type": reward_type, "value": value})
+
+
+def received(sock: SocketClient, event_type: str) -> list[dict]:
+    return [data for _, name, data in sock.events if name == event_type]
+
+
+async def written(db, session_id: int) -> dict:
+    """Everything a reward writes, to compare before and after."""
+    row = await db.fetchrow(
+        """SELECT (SELECT count(*) FROM game_rewards WHERE session_id = $1) AS rewards,
+                  (SELECT rewards_earned FROM game_sessions WHERE session_id = $1) AS earned,
+                  (SELECT u.total_balance FROM users u JOIN game_sessions s ON s.user_id = u.id
+                   WHERE s.session_id = $1) AS balance,
+                  (SELECT count(*) FROM balance_ledger) AS ledger""",
+        session_id)
+    return dict(row)
+
+
+async def test_session_start_report_and_end_over_sockets(client, db, sockets):
+    admin = await make_admin(client, db)
+    game, token = await create_game(client, admin)
+    alice, sock = await player(client, sockets)
+    session_id = await start(sock, game["game_id"])
+    again = await sock.call("/games", "start_session", {"game_id": game["game_id"]})
+    assert again["data"]["session_id"] == session_id and again["data"]["resumed"] is True
+    server = await game_server(client, sockets, token)
+    first = await reward(server, session_id, 1, "12.5")
+    second = await reward(server, session_id, 2, 7)
+    assert first["ok"] and second["ok"], (first, second)
+    assert first["data"]["session_total"] == "12.50000000" and first["data"]["value"] == "12.50000000"
+    assert second["data"]["session_total"] == "19.50000000" and second["data"]["seq"] == 2
+    ended = await sock.call("/games", "end_session", {"session_id": session_id})
+    assert ended["data"]["status"] == "Ended" and ended["data"]["rewards_earned"] == "19.50000000"
+    assert ended["data"]["reward_count"] == 2
+    late = await reward(server, session_id, 3)
+    assert late["error"]["code"] == "conflict" and "Ended" in late["error"]["message"]
+    user_id = uuid.UUID(alice["user"]["id"])
+    assert await db.fetchval("SELECT total_balance FROM users WHERE id = $1", user_id) == Decimal("19.5")
+    rows = await db.fetch("SELECT seq, reward_value, player_wallet FROM game_rewards WHERE session_id = $1 ORDER BY seq",
+                          session_id)
+    assert [(r["seq"], r["reward_value"]) for r in rows] == [(1, Decimal("12.5")), (2, Decimal(7))]
+    assert rows[0]["player_wallet"] == f"user:{user_id}"
+    # The REST view and a new session after the end.
+    view = await (await client.get(f"/api/v1/game-sessions/{session_id}")).json()
+    assert view["data"]["status"] == "Ended" and [r["seq"] for r in view["data"]["rewards"]] == [2, 1]
+    assert await start(sock, game["game_id"]) != session_id
+
+
+async def test_replayed_seq_is_idempotent(client, db, sockets):
+    admin = await make_admin(client, db)
+    game, token = await create_game(client, admin)
+    alice, sock = await player(client, sockets)
+    session_id = await start(sock, game["game_id"])
+    server = await game_server(client, sockets, token)
+    first = await reward(server, session_id, 7, "10")
+    before = await written(db, session_id)
+    assert await reward(server, session_id, 7, "10") == first
+    assert await reward(server, session_id, 7, "10.00000000") == first
+    rest = await client.post(f"/api/v1/game-sessions/{session_id}/rewards", headers={"Authorization": f"Game {token}"},
+                             json={"seq": 7, "reward_type": "coin", "value": "10"})
+    assert (await rest.json()) == first
+    changed = await reward(server, session_id, 7, "11")
+    assert changed["error"]["code"] == "conflict" and changed["error"]["field"] == "seq"
+    assert await written(db, session_id) == before
+    assert before["rewards"] == 1 and before["balance"] == Decimal(10) and before["ledger"] == 1
+    # One reward, one event: replays publish nothing.
+    await asyncio.sleep(0.3)
+    history = await client.app[REALTIME].replay(f"session:{session_id}", "0-0")
+    assert [e.type for e in history.events] == ["reward_earned"]
+
+
+async def test_over_policy_reward_is_refused_and_nothing_is_written(client, db, sockets):
+    admin = await make_admin(client, db)
+    game, token = await create_game(client, admin, reward_types=["coin", "gem"])
+    _, sock = await player(client, sockets)
+    session_id = await start(sock, game["game_id"])
+    server = await game_server(client, sockets, token)
+    before = await written(db, session_id)
+    per_event = await reward(server, session_id, 1, "50.00000001")
+    assert per_event["error"]["code"] == "invalid_payload" and per_event["error"]["field"] == "value"
+    assert per_event["error"]["policy"] == "max_reward_per_event" and per_event["error"]["limit"] == "50.00000000"
+    wrong_type = await reward(server, session_id, 1, "1", reward_type="xp")
+    assert wrong_type["error"]["field"] == "reward_type"
+    bad_value = await reward(server, session_id, 1, "0")
+    assert bad_value["error"]["code"] == "invalid_payload"
+    assert await written(db, session_id) == before
+    # 4 x 50 fills the minute; the 5th is refused with a retry hint and changes nothing.
+    for seq in range(1, 5):
+        assert (await reward(server, session_id, seq, "50"))["ok"]
+    filled = await written(db, session_id)
+    per_minute = await reward(server, session_id, 5, "1")
+    assert per_minute["error"]["code"] == "rate_limited" and per_minute["error"]["policy"] == "max_reward_per_minute"
+    assert 0 < per_minute["error"]["retry_after"] <= 60
+    assert await written(db, session_id) == filled
+    # The session cap (500): age the rewards past the minute window, then fill up to 500.
+    age = "UPDATE game_rewards SET created_at = created_at - interval '2 minutes' WHERE session_id = $1"
+    await db.execute(age, session_id)
+    for seq in range(5, 11):
+        if seq == 9:
+            await db.execute(age, session_id)
+        assert (await reward(server, session_id, seq, "50"))["ok"]
+    await db.execute(age, session_id)
+    at_cap = await written(db, session_id)
+    assert at_cap["earned"] == Decimal(500)
+    over = await reward(server, session_id, 11, "0.5")
+    assert over["error"]["code"] == "conflict" and over["error"]["policy"] == "max_reward_per_session"
+    assert await written(db, session_id) == at_cap
+
+
+async def test_forged_or_foreign_game_tokens_are_refused(client, db, sockets):
+    admin = await make_admin(client, db)
+    game, token = await create_game(client, admin)
+    other_game, other_token = await create_game(client, admin, name="Other")
+    _, sock = await player(client, sockets)
+    session_id = await start(sock, game["game_id"])
+    forged = sockets()
+    with pytest.raises(Exception):
+        await forged.sio.connect(server_url(client), namespaces=["/games"], transports=["websocket"],
+                                 auth={"game_token": token[:-4] + "AAAA"}, wait_timeout=5)
+    assert forged.connect_errors and forged.connect_errors[-1]["data"]["code"] == "unauthorized"
+    url = f"/api/v1/game-sessions/{session_id}/rewards"
+    body = {"seq": 1, "reward_type": "coin", "value": "5"}
+    response = await client.post(url, json=body, headers={"Authorization": f"Game {token}x"})
+    assert response.status == 401 and (await response.json())["error"]["code"] == "unauthorized"
+    other = await game_server(client, sockets, other_token)
+    foreign = await reward(other, session_id, 1)
+    assert foreign["error"]["code"] == "forbidden"
+    # A rotated token stops working; the new one works.
+    rotated = await client.post(f"/api/v1/games/{game['game_id']}/token", headers=bearer(admin["token"]))
+    new_token = (await rotated.json())["data"]["game_token"]
+    assert (await client.post(url, json=body, headers={"Authorization": f"Game {token}"})).status == 401
+    ok = await client.post(url, json=body, headers={"Authorization": f"Game {new_token}"})
+    assert ok.status == 200 and (await ok.json())["data"]["session_total"] == "5.00000000"
+    assert await db.fetchval("SELECT count(*) FROM game_rewards") == 1
+    assert await db.fetchval("SELECT token_hash FROM games WHERE game_id = $1", other_game["game_id"]) != other_token
+
+
+async def test_a_user_cannot_report_rewards_or_end_another_players_session(client, db, sockets):
+    admin = await make_admin(client, db)
+    game, token = await create_game(client, admin)
+    alice, alice_sock = await player(client, sockets)
+    bob, bob_sock = await player(client, sockets)
+    session_id = await start(alice_sock, game["game_id"])
+    own = await reward(alice_sock, session_id, 1)
+    assert own["error"]["code"] == "forbidden"
+    assert (await reward(bob_sock, session_id, 1))["error"]["code"] == "forbidden"
+    ended = await bob_sock.call("/games", "end_session", {"session_id": session_id})
+    assert ended["error"]["code"] == "forbidden"
+    anonymous = sockets()
+    await anonymous.connect(server_url(client), "/games")
+    assert (await anonymous.call("/games", "end_session", {"session_id": session_id}))["error"]["code"] == "unauthorized"
+    assert (await anonymous.call("/games", "start_session", {"game_id": game["game_id"]}))["error"]["code"] == "unauthorized"
+    rest = await client.post(f"/api/v1/game-sessions/{session_id}/rewards", headers=bearer(alice["token"]),
+                             json={"seq": 1, "reward_type": "coin", "value": "5"})
+    assert rest.status == 403
+    rest_end = await client.post(f"/api/v1/game-sessions/{session_id}/end", headers=bearer(bob["token"]))
+    assert rest_end.status == 403
+    assert await db.fetchval("SELECT count(*) FROM game_rewards") == 0
+    assert await db.fetchval("SELECT status FROM game_sessions WHERE session_id = $1", session_id) == "Active"
+    # The game's server may end it.
+    server = await game_server(client, sockets, token)
+    assert (await server.call("/games", "end_session", {"session_id": session_id}))["data"]["status"] == "Ended"
+
+
+async def test_concurrent_reports_stay_consistent_and_balance_equals_the_ledger(client, db, sockets):
+    admin = await make_admin(client, db)
+    game, token = await create_game(client, admin, policy={
+        "max_reward_per_event": "100", "max_reward_per_minute": "100000", "max_reward_per_session": "100000"})
+    alice, sock = await player(client, sockets)
+    session_id = await start(sock, game["game_id"])
+    servers = [await game_server(client, sockets, token) for _ in range(3)]
+    values = {seq: Decimal(seq % 7 + 1) / 4 for seq in range(1, 151)}
+    # Every seq is sent by two connections at once, so replays race with first reports.
+    calls = [reward(servers[(seq + k) % 3], session_id, seq, str(values[seq])) for seq in values for k in (0, 1)]
+    acks = await asyncio.gather(*calls)
+    assert all(a["ok"] for a in acks), [a for a in acks if not a["ok"]][:3]
+    by_seq: dict[int, dict] = {}
+    for ack in acks:
+        assert by_seq.setdefault(ack["data"]["seq"], ack["data"]) == ack["data"]
+    expected = sum(values.values())
+    user_id = uuid.UUID(alice["user"]["id"])
+    state = await written(db, session_id)
+    assert state["rewards"] == 150 and state["earned"] == expected and state["balance"] == expected
+    assert await db.fetchval("SELECT coalesce(sum(delta), 0) FROM balance_ledger WHERE user_id = $1", user_id) == expected
+    assert await db.fetchval("SELECT reward_count FROM game_sessions WHERE session_id = $1", session_id) == 150
+    # Running totals are a strict chain: each reward's total is the previous total plus its value.
+    rows = await db.fetch("SELECT reward_value, session_total FROM game_rewards WHERE session_id = $1 "
+                          "ORDER BY session_total", session_id)
+    running = Decimal(0)
+    for row in rows:
+        running += row["reward_value"]
+        assert row["session_total"] == running
+    ledger = await db.fetch("SELECT delta, balance_after FROM balance_ledger WHERE user_id = $1 ORDER BY entry_id",
+                            user_id)
+    running = Decimal(0)
+    for entry in ledger:
+        running += entry["delta"]
+        assert entry["balance_after"] == running
+    ingest = client.app[GAMES].ingest
+    assert ingest.booked == 150 and ingest.batches < 300  # replays book nothing; reports were batched
+
+
+async def test_idle_sessions_time_out(aiohttp_client, settings, db, sockets):
+    client = await aiohttp_client(create_app(settings.replace(game_session_idle_seconds=0.6)))
+    admin = await make_admin(client, db)
+    game, token = await create_game(client, admin)
+    _, sock = await player(client, sockets)
+    idle_id = await start(sock, game["game_id"])
+    _, sock2 = await player(client, sockets)
+    kept_id = await start(sock2, game["game_id"])
+    watch = await sock.call("/games", "subscribe", {"channel": f"session:{idle_id}"})
+    assert watch["ok"] and watch["data"]["presence"] == 1
+    server = await game_server(client, sockets, token)
+    for _ in range(8):
+        await asyncio.sleep(0.15)
+        assert (await sock2.call("/games", "heartbeat_session", {"session_id": kept_id}))["ok"]
+    await wait_until(lambda: received(sock, "session_ended"), timeout=5)
+    event = received(sock, "session_ended")[0]
+    assert event["data"]["session_id"] == idle_id and event["data"]["status"] == "TimedOut"
+    statuses = dict(await db.fetch("SELECT session_id, status FROM game_sessions"))
+    assert statuses == {idle_id: "TimedOut", kept_id: "Active"}
+    late = await reward(server, idle_id, 1)
+    assert late["error"]["code"] == "conflict"
+
+
+async def test_a_spectator_sees_rewards_and_leaderboard_changes(client, db, sockets):
+    admin = await make_admin(client, db)
+    game, token = await create_game(client, admin)
+    spectator = sockets()
+    await spectator.connect(server_url(client), "/games")
+    channel = f"game:{game['game_id']}"
+    sub = await spectator.call("/games", "subscribe", {"channel": channel})
+    assert sub["ok"] and sub["data"]["presence"] == 1
+    alice, alice_sock = await player(client, sockets)
+    bob, bob_sock = await player(client, sockets)
+    alice_session, bob_session = await start(alice_sock, game["game_id"]), await start(bob_sock, game["game_id"])
+    session_sub = await spectator.call("/games", "subscribe", {"channel": f"session:{bob_session}"})
+    assert session_sub["ok"]
+    server = await game_server(client, sockets, token)
+    for seq in range(1, 4):
+        assert (await reward(server, alice_session, seq, "5"))["ok"]
+    assert (await reward(server, bob_session, 1, "40"))["ok"]
+    await wait_until(lambda: len([e for e in received(spectator, "reward_earned") if e["channel"] == channel]) == 4)
+    earned = [e["data"] for e in received(spectator, "reward_earned") if e["channel"] == channel]
+    assert [e["session_total"] for e in earned if e["session_id"] == alice_session] == [
+        "5.00000000", "10.00000000", "15.00000000"]
+    assert earned[-1]["user_id"] == bob["user"]["id"] and earned[-1]["value"] == "40.00000000"
+    assert [e["data"]["seq"] for e in received(spectator, "reward_earned") if e["channel"] == f"session:{bob_session}"] == [1]
+
+    def final_board():
+        boards = [e["data"] for e in received(spectator, "leaderboard_changed")]
+        return boards and [(x["username"], x["total"]) for x in boards[-1]["entries"]] == [
+            (bob["user"]["username"], "40.00000000"), (alice["user"]["username"], "15.00000000")]
+
+    await wait_until(final_board)
+    board = received(spectator, "leaderboard_changed")[-1]
+    assert board["channel"] == channel and board["data"]["period"] == "day"
+    assert board["data"]["entries"][0]["rank"] == 1
+    # A burst is throttled: far fewer leaderboard events than rewards.
+    assert len(received(spectator, "leaderboard_changed")) < 4
+    rest = await (await client.get(f"/api/v1/games/{game['game_id']}/leaderboard?period=all")).json()
+    assert [x["total"] for x in rest["data"]["entries"]] == ["40.00000000", "15.00000000"]
+
+
+async def test_developer_games_wait_for_an_admin_and_rest_sessions_work(client, db, sockets):
+    admin = await make_admin(client, db)
+    developer = await register(client)
+    game, token = await create_game(client, developer)
+    assert game["status"] == "pending" and game["owner_id"] == developer["user"]["id"]
+    assert game["policy"]["max_reward_per_session"] == "500.00000000" and game["revenue_share"] == "0.15"
+    assert await db.fetchval("SELECT token_hash FROM games WHERE game_id = $1", game["game_id"]) != token
+    player_user = await register(client)
+    start_rest = await client.post("/api/v1/game-sessions", json={"game_id": game["game_id"]},
+                                   headers=bearer(player_user["token"]))
+    assert start_rest.status == 409
+    activate = await client.patch(f"/api/v1/games/{game['game_id']}", json={"status": "active"},
+                                  headers=bearer(developer["token"]))
+    assert activate.status == 403
+    activate = await client.patch(f"/api/v1/games/{game['game_id']}", json={"status": "active"},
+                                  headers=bearer(admin["token"]))
+    assert activate.status == 200 and (await activate.json())["data"]["status"] == "active"
+    listed = await (await client.get("/api/v1/games?status=active")).json()
+    assert [g["game_id"] for g in listed["data"]["games"]] == [game["game_id"]]
+    started = await client.post("/api/v1/game-sessions", json={"game_id": game["game_id"]},
+                                headers=bearer(player_user["token"]))
+    assert started.status == 201
+    session_id = (await started.json())["data"]["session_id"]
+    game_auth = {"Authorization": f"Game {token}"}
+    ack = await client.post(f"/api/v1/game-sessions/{session_id}/rewards", headers=game_auth,
+                            json={"seq": 0, "reward_type": "coin", "value": 3})
+    assert (await ack.json())["data"]["session_total"] == "3.00000000"
+    beat = await client.post(f"/api/v1/game-sessions/{session_id}/heartbeat", headers=bearer(player_user["token"]))
+    assert beat.status == 200
+    end = await client.post(f"/api/v1/game-sessions/{session_id}/end", headers=game_auth)
+    assert (await end.json())["data"]["status"] == "Ended"
+    missing = await client.get("/api/v1/games/999999")
+    assert missing.status == 404
