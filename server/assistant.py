@@ -93,6 +93,18 @@ _TOOL_VALIDATORS = {spec["function"]["name"]: jsonschema.Draft202012Validator(sp
                     for spec in TOOL_SPECS}
 
 
+def first_tool_choice(setting: str) -> str | dict[str, Any] | None:
+    """The first round's `tool_choice` for AI_TOOL_CHOICE (None: the server's default, auto)."""
+    if setting == "auto":
+        return None
+    if setting == "required":
+        return setting
+    if setting in _TOOL_VALIDATORS:
+        return {"type": "function", "function": {"name": setting}}
+    raise ValueError(f"AI_TOOL_CHOICE must be auto, required or a tool ({', '.join(_TOOL_VALIDATORS)}), "
+                     f"got {setting!r}")
+
+
 async def run_tool(conn: asyncpg.Connection, user_id: uuid.UUID, name: str, args: dict[str, Any]) -> Any:
     """Run one read-only tool; raises ValueError for unknown tools or bad arguments."""
     validator = _TOOL_VALIDATORS.get(name)
@@ -183,6 +195,7 @@ class Assistant:
         self.app = app
         self.settings: Settings = app[SETTINGS]
         self.model = ChatModel(self.settings) if self.settings.openai_base_url else None
+        self.first_tool_choice = first_tool_choice(self.settings.ai_tool_choice)
         self.jobs: dict[uuid.UUID, Generation] = {}
 
     @property
@@ -433,13 +446,15 @@ class Assistant:
         rounds = self.settings.ai_max_tool_rounds
         for round_no in range(rounds + 1):
             tools = TOOL_SPECS if round_no < rounds else None
+            # Forcing every round would loop until the rounds run out: only the first is forced.
+            tool_choice = self.first_tool_choice if tools and round_no == 0 else None
             text_before = gen.seq
             calls: dict[int, dict[str, Any]] = {}
             finish: str | None = None
             usage = None
             prompt_estimate = estimate_messages(messages)
             # aclosing: a stop cancels us between chunks too, and the HTTP stream must close then.
-            async with contextlib.aclosing(self.model.stream(messages, tools)) as chunks:
+            async with contextlib.aclosing(self.model.stream(messages, tools, tool_choice)) as chunks:
                 async for chunk in chunks:
                     if gen.stop_reason is not None:
                         raise asyncio.CancelledError  # see emit()
@@ -455,7 +470,10 @@ class Assistant:
                             if call.id:
                                 slot["id"] = call.id
                             if call.function is not None:
-                                slot["name"] += call.function.name or ""
+                                # OpenAI names the function in the first chunk only; llama-cpp-python
+                                # repeats the whole name in every chunk.
+                                if call.function.name and call.function.name != slot["name"]:
+                                    slot["name"] += call.function.name
                                 slot["arguments"] += call.function.arguments or ""
                         if choice.finish_reason:
                             finish = choice.finish_reason

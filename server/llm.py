@@ -136,13 +136,16 @@ class ChatModel:
     async def close(self) -> None:
         await self.client.close()
 
-    async def open_stream(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> Any:
+    async def open_stream(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
+                          tool_choice: str | dict[str, Any] | None = None) -> Any:
         """Start a streamed completion; retries what may be retried before any text was produced."""
         kwargs: dict[str, Any] = {"model": self.model, "messages": messages, "stream": True,
                                   "stream_options": {"include_usage": True},
                                   "max_tokens": self.max_output_tokens}
         if tools:
             kwargs["tools"] = tools
+            if tool_choice is not None:
+                kwargs["tool_choice"] = tool_choice
         attempt = 0
         while True:
             try:
@@ -160,10 +163,10 @@ class ChatModel:
                 log.info("model_retry", code=error.code, attempt=attempt, delay=round(delay, 3))
                 await asyncio.sleep(delay)
 
-    async def stream(self, messages: list[dict[str, Any]],
-                     tools: list[dict[str, Any]] | None = None) -> AsyncIterator[Any]:
+    async def stream(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
+                     tool_choice: str | dict[str, Any] | None = None) -> AsyncIterator[Any]:
         """The chunks of one streamed completion; closing the generator closes the HTTP stream."""
-        stream = await self.open_stream(messages, tools)
+        stream = await self.open_stream(messages, tools, tool_choice)
         try:
             async for chunk in stream:
                 yield chunk

@@ -76,6 +76,9 @@ class Settings:
     ai_max_retries: int = 2
     ai_retry_max_wait: float = 30.0
     ai_max_tool_rounds: int = 3
+    # "auto", "required" or a tool's name: forced on the first round only (servers such as
+    # llama-cpp-python's chatml-function-calling stream tool calls only when the choice is forced).
+    ai_tool_choice: str = "auto"
     ai_tool_timeout: float = 5.0
     ai_generation_timeout: float = 300.0
     ai_save_interval: float = 0.5
@@ -158,6 +161,8 @@ class Settings:
             ai_max_output_tokens=_int(env, "AI_MAX_OUTPUT_TOKENS", defaults.ai_max_output_tokens),
             ai_timeout=_int(env, "AI_TIMEOUT", int(defaults.ai_timeout)),
             ai_max_retries=_int(env, "AI_MAX_RETRIES", defaults.ai_max_retries),
+            ai_max_tool_rounds=_int(env, "AI_MAX_TOOL_ROUNDS", defaults.ai_max_tool_rounds),
+            ai_tool_choice=env.get("AI_TOOL_CHOICE") or defaults.ai_tool_choice,
             sui_rpc_url=_optional(env, "SUI_RPC_URL"),
             escrow_address=_optional(env, "ESCROW_ADDRESS"),
             escrow_release_seconds=_int(env, "ESCROW_RELEASE_SECONDS", defaults.escrow_release_seconds),

@@ -1,7 +1,8 @@
 """Model servers for the assistant tests.
 
 - `llm_server` (session): the real tiny model `stories260K.gguf` served by llama-cpp-python's
-  OpenAI-compatible server on loopback (tests/data/stories260K.gguf). Without llama-cpp-python
+  OpenAI-compatible server on loopback (tests/data/stories260K.gguf); `llm_tools_server` the same
+  model with the `chatml-function-calling` chat format, for real tool calls. Without llama-cpp-python
   (the `dev` extra) or the model file the tests fail rather than skip.
 - `ScriptedModel`: an aiohttp OpenAI-compatible endpoint that answers from a script, for the
   exact cases a real model cannot be made to produce (HTTP 500/429 with Retry-After, a tool call).
@@ -10,6 +11,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import json
 import os
@@ -18,7 +20,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 from aiohttp import web
@@ -29,9 +31,9 @@ MODEL_PATH = Path(os.environ.get("HUB_TEST_GGUF", Path(__file__).resolve().paren
 
 
 
-@pytest.fixture(scope="session")
-def llm_server():
-    """Base URL (".../v1") of a llama-cpp-python server running the tiny stories model."""
+@contextlib.contextmanager
+def _serve_model(chat_format: str) -> Iterator[str]:
+    """Run llama-cpp-python's server on the tiny model; yields its base URL (".../v1")."""
     if importlib.util.find_spec("llama_cpp") is None:
         pytest.fail("llama-cpp-python[server] is not installed; `make test` installs it (the dev extra) "
                     "and the real-model assistant tests need it")
@@ -41,7 +43,7 @@ def llm_server():
     log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"llama-server-{port}.log", "w")
     process = subprocess.Popen(
         [sys.executable, "-m", "llama_cpp.server", "--model", str(MODEL_PATH), "--host", "127.0.0.1",
-         "--port", str(port), "--n_ctx", "2048", "--chat_format", "chatml", "--n_threads", "1",
+         "--port", str(port), "--n_ctx", "2048", "--chat_format", chat_format, "--n_threads", "1",
          "--seed", "1234"],
         stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}/v1"
@@ -67,6 +69,20 @@ def llm_server():
         except subprocess.TimeoutExpired:
             process.kill()
         log.close()
+
+
+@pytest.fixture(scope="session")
+def llm_server():
+    """Base URL of the tiny stories model behind llama-cpp-python's plain chatml format."""
+    with _serve_model("chatml") as base:
+        yield base
+
+
+@pytest.fixture(scope="session")
+def llm_tools_server():
+    """Base URL of the same model behind `chatml-function-calling`, which emits real tool calls."""
+    with _serve_model("chatml-function-calling") as base:
+        yield base
 
 
 def _chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:

@@ -10,16 +10,19 @@ HTTP 429 with Retry-After, HTTP 500, and a tool call followed by an answer.
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 
+import jsonschema
 import pytest
 from aiohttp.test_utils import TestServer
 
 from db.demo import load_if_empty
 from server.app import create_app
+from server.assistant import TOOL_SPECS, first_tool_choice
 from server.context import MASTER_KEY, POOL, SETTINGS
 from tests.helpers import SocketClient, register, server_url, wait_until
-from tests.llm_server import ScriptedModel, SlowProxy, llm_server  # noqa: F401 - a fixture
+from tests.llm_server import ScriptedModel, SlowProxy, llm_server, llm_tools_server  # noqa: F401 - fixtures
 
 NS = "/assistant"
 
@@ -241,7 +244,7 @@ async def test_tool_call_then_answer(aiohttp_client, settings, sockets):
         assert called[0]["arguments"] == {"query": "token prices"}
         assert returned[0]["ok"] is True and returned[0]["datapod_ids"]
         assert returned[0]["result"][0]["title"] == "Token prices and volumes"
-        assert "tools" in model.requests[0]
+        assert "tools" in model.requests[0] and "tool_choice" not in model.requests[0]  # AI_TOOL_CHOICE=auto
         second = model.requests[1]["messages"]
         assert second[-2]["tool_calls"][0]["function"]["name"] == "search_datapods"
         assert second[-1]["role"] == "tool" and returned[0]["datapod_ids"][0] in second[-1]["content"]
@@ -249,6 +252,44 @@ async def test_tool_call_then_answer(aiohttp_client, settings, sockets):
         assert row["content"] == "Here it is." and row["tool_calls"][0]["datapod_ids"] == returned[0]["datapod_ids"]
     finally:
         await server.close()
+
+
+def test_tool_choice_setting_is_checked():
+    assert first_tool_choice("auto") is None
+    assert first_tool_choice("get_datapod") == {"type": "function", "function": {"name": "get_datapod"}}
+    with pytest.raises(ValueError, match="AI_TOOL_CHOICE"):
+        first_tool_choice("drop_tables")
+
+
+async def test_real_model_calls_a_tool_then_answers(aiohttp_client, settings, sockets,
+                                                   llm_tools_server):  # noqa: F811
+    # llama-cpp-python's chatml-function-calling streams tool calls only when the choice is
+    # forced (AI_TOOL_CHOICE); its grammar makes the model write JSON with the schema's keys, but
+    # not within its bounds, so the server's own validation decides whether the tool runs.
+    client = await start_app(aiohttp_client, settings, openai_base_url=llm_tools_server,
+                             ai_model="stories260K", ai_max_output_tokens=120, ai_context_tokens=1500,
+                             ai_max_tool_rounds=1, ai_tool_choice="search_datapods")
+    async with client.app[POOL].acquire() as conn:
+        await load_if_empty(conn, client.app[SETTINGS], client.app[MASTER_KEY])
+    alice = await sign_in(client, sockets)
+    conversation_id = await alice.conversation()
+    message_id = (await alice.send(conversation_id, "Any weather data?"))["assistant_message"]["id"]
+    done = await wait_finished(alice.sock, message_id, timeout=60)
+    assert done["type"] == "message_completed", done
+    called = events(alice.sock, "tool_called", message_id)
+    returned = events(alice.sock, "tool_returned", message_id)
+    assert [c["name"] for c in called] == ["search_datapods"]  # once, though llama-cpp repeats it per chunk
+    spec = next(t["function"] for t in TOOL_SPECS if t["function"]["name"] == "search_datapods")
+    arguments = called[0]["arguments"]
+    assert isinstance(arguments, dict) and arguments.keys() <= spec["parameters"]["properties"].keys()
+    errors = list(jsonschema.Draft202012Validator(spec["parameters"]).iter_errors(arguments))
+    assert returned[0]["ok"] is not errors
+    assert ("error" in returned[0]["result"]) is bool(errors)
+    row = await message_row(client.app, message_id)
+    assert row["status"] == "complete" and json.loads(row["tool_calls"][0]["arguments"]) == arguments
+    # The second round (the tool's result in the prompt, no tools) streamed the model's answer.
+    _, text = delta_text(alice.sock, message_id)
+    assert text and row["content"] == text
 
 
 SLOW = {"text": [f"w{n} " for n in range(400)], "delay": 0.02}
