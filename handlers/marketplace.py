@@ -372,7 +372,7 @@ async def handle_seller_stats(request: web.Request, identity: Identity) -> web.R
 
 
 class MarketplaceNamespace(HubNamespace):
-    """Live marketplace: DataPods, sales, reviews (anyone may watch)."""
+    """Live marketplace: DataPods, sales, reviews, NFT listings (anyone may watch)."""
 
     name = "/marketplace"
     allow_anonymous = True
@@ -380,6 +380,7 @@ class MarketplaceNamespace(HubNamespace):
         ChannelRule("market"),
         ChannelRule("market:category:{category}"),
         ChannelRule("datapod:{datapod_id}", presence=True),
+        ChannelRule("market:nfts"),
     )
 
     @command(SEARCH_SCHEMA, user=False)
