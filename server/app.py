@@ -22,7 +22,9 @@ from handlers import events as events_handlers
 from handlers import games as games_handlers
 from handlers import marketplace as marketplace_handlers
 from handlers import nfts as nft_handlers
+from handlers import network as network_handlers
 from handlers import purchases as purchase_handlers
+from handlers import storage as storage_handlers
 from server import jsonutil, migrate
 from server.assistant import assistant_ctx
 from server.auth import AuthService
@@ -173,6 +175,8 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_routes(purchase_handlers.routes)
     app.router.add_routes(games_handlers.routes)
     app.router.add_routes(nft_handlers.routes)
+    app.router.add_routes(storage_handlers.routes)
+    app.router.add_routes(network_handlers.routes)
     app.router.add_get("/{path:.*}", handle_static)  # last: every other route wins
     return app
 

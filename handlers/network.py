@@ -1,0 +1,54 @@
+"""Network REST routes: the caller's channels, bandwidth usage records and gateways, the DNS
+records administrators manage, and the totals the bandwidth and gateway triggers keep.
+
+The routes are the generic resources of handlers/storage.py; docs/protocol.md lists them.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from db import infra
+from handlers.storage import Resource, add_resource, text, update_schema
+from server.auth import Identity
+from server.context import POOL
+from server.rest import endpoint, ok_response
+from server.validation import obj, string
+
+routes = web.RouteTableDef()
+
+NETWORK = "/api/v1/network"
+MAX_INT = 2**31 - 1
+# Lower-case only: domain_name is UNIQUE as written, so one spelling per name.
+DOMAIN = string(3, 253, pattern="^([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\\.)+[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+IP_ADDRESS = {"anyOf": [{"type": "string", "maxLength": 45, "format": "ipv4"},
+                        {"type": "string", "maxLength": 45, "format": "ipv6"}, {"type": "null"}]}
+AMOUNT = {"type": "integer", "minimum": 0, "maximum": MAX_INT}
+
+CHANNEL_FIELDS = {"access_point": text()}
+DNS_FIELDS = {"domain_name": DOMAIN, "ip_address": IP_ADDRESS}
+
+RESOURCES = (
+    Resource(NETWORK + "/channels", "channels", "channel", infra.CHANNEL,
+             create=obj(CHANNEL_FIELDS, required=("access_point",)), update=update_schema(CHANNEL_FIELDS)),
+    Resource(NETWORK + "/dns", "records", "dns record", infra.DNS,
+             create=obj(DNS_FIELDS, required=("domain_name",)), update=update_schema(DNS_FIELDS), writer="admin"),
+    # Usage records and gateways are facts the triggers total on insert and delete; they are not edited.
+    Resource(NETWORK + "/bandwidth", "records", "bandwidth record", infra.BANDWIDTH,
+             create=obj({"bandwidth_limit": AMOUNT, "usage": AMOUNT}, required=("bandwidth_limit", "usage"))),
+    Resource(NETWORK + "/gateways", "gateways", "gateway", infra.GATEWAY,
+             create=obj({"share_point": text()}, required=("share_point",))),
+)
+
+
+@routes.get(NETWORK + "/usage")
+@endpoint(auth="user")
+async def handle_usage(request: web.Request, identity: Identity) -> web.Response:
+    """The caller's bandwidth totals and gateway share, as the triggers keep them (null when none)."""
+    async with request.app[POOL].acquire() as conn:
+        status = await infra.utility_status(conn, identity.user_id)
+    return ok_response({"bandwidth": status.get("bandwidth"), "gateway": status.get("gateway")})
+
+
+for _resource in RESOURCES:
+    add_resource(routes, _resource)
