@@ -6,13 +6,13 @@
   (inserted the seed's way, plain SQL) are not served by the API.
 - `idx_cloud_owner (owner_id, id)` serves the owner's paged file list.
 
-Revision ID: 0011
-Revises: 0008
+Revision ID: 0010
+Revises: 0009
 """
 from alembic import op
 
-revision = "0011"
-down_revision = "0008"
+revision = "0010"
+down_revision = "0009"
 branch_labels = None
 depends_on = None
 
