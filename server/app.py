@@ -20,6 +20,7 @@ from handlers import chain as chain_handlers
 from handlers import dao as dao_handlers
 from handlers import events as events_handlers
 from handlers import games as games_handlers
+from handlers import kyc as kyc_handlers
 from handlers import marketplace as marketplace_handlers
 from handlers import nfts as nft_handlers
 from handlers import network as network_handlers
@@ -177,6 +178,7 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_routes(nft_handlers.routes)
     app.router.add_routes(storage_handlers.routes)
     app.router.add_routes(network_handlers.routes)
+    app.router.add_routes(kyc_handlers.routes)
     app.router.add_get("/{path:.*}", handle_static)  # last: every other route wins
     return app
 

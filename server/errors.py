@@ -14,6 +14,7 @@ class ErrorCode(str, enum.Enum):
     FORBIDDEN = "forbidden"
     NOT_FOUND = "not_found"
     CONFLICT = "conflict"
+    KYC_REQUIRED = "kyc_required"
     RATE_LIMITED = "rate_limited"
     PAYLOAD_TOO_LARGE = "payload_too_large"
     UNAVAILABLE = "unavailable"
@@ -31,6 +32,7 @@ _HTTP_STATUS = {
     ErrorCode.FORBIDDEN: 403,
     ErrorCode.NOT_FOUND: 404,
     ErrorCode.CONFLICT: 409,
+    ErrorCode.KYC_REQUIRED: 403,
     ErrorCode.RATE_LIMITED: 429,
     ErrorCode.PAYLOAD_TOO_LARGE: 413,
     ErrorCode.UNAVAILABLE: 503,
@@ -76,6 +78,12 @@ class NotFound(HubError):
 
 class Conflict(HubError):
     code = ErrorCode.CONFLICT
+
+
+class KycRequired(HubError):
+    """The action is reserved for users whose KYC is Approved."""
+
+    code = ErrorCode.KYC_REQUIRED
 
 
 class RateLimited(HubError):

@@ -95,6 +95,7 @@ class Settings:
     walrus_aggregator_url: str | None = None
     walrus_epochs: int = 5
     max_upload_bytes: int = 100 * 1024 * 1024
+    kyc_max_bytes: int = 5 * 1024 * 1024
     jwt_secret: str | None = None
     master_key: str | None = None
     host: str = "127.0.0.1"
@@ -173,6 +174,7 @@ class Settings:
             walrus_aggregator_url=_optional(env, "WALRUS_AGGREGATOR_URL"),
             walrus_epochs=_int(env, "WALRUS_EPOCHS", defaults.walrus_epochs),
             max_upload_bytes=_int(env, "MAX_UPLOAD_BYTES", defaults.max_upload_bytes),
+            kyc_max_bytes=_int(env, "KYC_MAX_BYTES", defaults.kyc_max_bytes),
             jwt_secret=_optional(env, "JWT_SECRET"),
             master_key=_optional(env, "MASTER_KEY"),
             host=env.get("HOST") or defaults.host,

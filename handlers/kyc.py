@@ -1,0 +1,144 @@
+"""KYC REST routes: a user submits an identity document and reads their status; administrators
+list submissions, read a document and approve or reject it.
+
+The user hears of every change of their status on `user:{user_id}` (`kyc_status_changed`,
+queued through the outbox by server/kyc.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+from aiohttp import BodyPartReader, web
+
+from db import kyc as queries
+from handlers.marketplace import FORM_OVERHEAD_BYTES
+from server import kyc as service
+from server.auth import Identity
+from server.context import BLOBS, MASTER_KEY, POOL, SETTINGS
+from server.datasets import CHUNK_BYTES
+from server.errors import InvalidPayload, NotFound, PayloadTooLarge
+from server.rest import endpoint, int_query, ok_response
+from server.validation import compile_schema, obj, string, validate
+
+log = structlog.get_logger(__name__)
+routes = web.RouteTableDef()
+
+MAX_PAGE = 100
+MAX_ID = 2**31 - 1
+STATUSES = (service.PENDING, service.APPROVED, service.REJECTED)
+SUBMIT_SCHEMA = obj({"document_type": {"type": "string", "enum": list(service.DOCUMENT_TYPES)}},
+                    required=("document_type",))
+REASON = string(1, 1000, pattern=r"\S")  # not blank: the user is shown it
+APPROVE_SCHEMA = obj({"reason": REASON})
+REJECT_SCHEMA = obj({"reason": REASON}, required=("reason",))
+_SUBMIT = compile_schema(SUBMIT_SCHEMA)
+
+
+def _kyc_id(request: web.Request) -> int:
+    raw = request.match_info["kyc_id"]
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_ID:
+        raise NotFound("no such KYC submission", field="kyc_id")
+    return int(raw)
+
+
+async def _read_submission(request: web.Request) -> tuple[dict[str, Any], bytes]:
+    """The multipart body: the document (bounded by KYC_MAX_BYTES, held in memory) and its fields."""
+    limit = request.app[SETTINGS].kyc_max_bytes
+    if request.content_length is not None and request.content_length > limit + FORM_OVERHEAD_BYTES:
+        raise PayloadTooLarge(f"the document exceeds the limit of {limit} bytes", field="file")
+    if not request.content_type.startswith("multipart/"):
+        raise InvalidPayload("send multipart/form-data with a 'file' part and 'document_type'", field="file")
+    reader = await request.multipart()
+    fields: dict[str, Any] = {}
+    document: bytearray | None = None
+    while (part := await reader.next()) is not None:
+        if not isinstance(part, BodyPartReader):
+            raise InvalidPayload("nested multipart bodies are not accepted", field="file")
+        name = part.name or ""
+        if name == "file":
+            if document is not None:
+                raise InvalidPayload("send one file", field="file")
+            document = bytearray()
+            # read_chunk is not bounded by client_max_size (part.read() is): our own limit applies.
+            while chunk := await part.read_chunk(CHUNK_BYTES):
+                document += chunk
+                if len(document) > limit:
+                    raise PayloadTooLarge(f"the document exceeds the limit of {limit} bytes", field="file")
+        elif name in SUBMIT_SCHEMA["properties"]:
+            if name in fields:
+                raise InvalidPayload(f"'{name}' is given twice", field=name)
+            fields[name] = (await part.text()).strip()  # small fields: bounded by MAX_PAYLOAD_BYTES
+        else:
+            raise InvalidPayload(f"unknown field '{name}'", field=name or "file")
+    if not document:
+        raise InvalidPayload("'file' is required and must not be empty", field="file")
+    return validate(_SUBMIT, fields), bytes(document)
+
+
+@routes.post("/api/v1/me/kyc")
+@endpoint(auth="user")
+async def handle_submit(request: web.Request, identity: Identity) -> web.Response:
+    """Submit an identity document (multipart: file + document_type); `201` with the submission."""
+    fields, document = await _read_submission(request)
+    async with request.app[POOL].acquire() as conn:
+        submission = await service.submit(conn, request.app[BLOBS], request.app[MASTER_KEY], identity.user_id,
+                                          document_type=fields["document_type"], document=document)
+    return ok_response(submission.to_public(), status=201)
+
+
+@routes.get("/api/v1/me/kyc")
+@endpoint(auth="user")
+async def handle_own_status(request: web.Request, identity: Identity) -> web.Response:
+    """The caller's KYC status and their own submissions, newest first."""
+    async with request.app[POOL].acquire() as conn:
+        return ok_response(await service.own_status(conn, identity.user_id))
+
+
+@routes.get("/api/v1/admin/kyc")
+@endpoint(auth="admin")
+async def handle_list(request: web.Request, identity: Identity) -> web.Response:
+    """Submissions of one status (`status`, default Pending), oldest first (`after_id`, `limit` up to 100)."""
+    status = request.query.get("status") or service.PENDING
+    if status not in STATUSES:
+        raise InvalidPayload(f"'status' must be one of {', '.join(STATUSES)}", field="status")
+    after = int_query(request, "after_id", minimum=0, maximum=MAX_ID)
+    limit = int_query(request, "limit", minimum=1, maximum=MAX_PAGE) or 20
+    async with request.app[POOL].acquire() as conn:
+        found = await queries.list_by_status(conn, status, after, limit)
+    next_after = found[-1].id if len(found) == limit else None
+    return ok_response({"submissions": [s.to_public() for s in found], "next_after_id": next_after})
+
+
+@routes.get("/api/v1/admin/kyc/{kyc_id}/document")
+@endpoint(auth="admin")
+async def handle_document(request: web.Request, identity: Identity) -> web.Response:
+    """A submission's document, decrypted and authenticated, as an attachment (every read is logged)."""
+    kyc_id = _kyc_id(request)
+    async with request.app[POOL].acquire() as conn:
+        media_type, document = await service.read_document(conn, request.app[BLOBS], request.app[MASTER_KEY], kyc_id)
+    log.info("kyc_document_read", kyc_id=kyc_id, admin_user_id=str(identity.user_id), size=len(document))
+    return web.Response(body=document, content_type=media_type, headers={
+        "Content-Disposition": f'attachment; filename="kyc-{kyc_id}.{service.EXTENSIONS[media_type]}"',
+        "Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"})
+
+
+@routes.post("/api/v1/admin/kyc/{kyc_id}/approve")
+@endpoint(auth="admin", body=APPROVE_SCHEMA)
+async def handle_approve(request: web.Request, identity: Identity, body: dict) -> web.Response:
+    """Approve a Pending submission (`reason` optional); the user becomes verified."""
+    async with request.app[POOL].acquire() as conn:
+        submission = await service.decide(conn, identity.user_id, _kyc_id(request), approve=True,
+                                          remarks=body.get("reason"))
+    return ok_response(submission.to_public())
+
+
+@routes.post("/api/v1/admin/kyc/{kyc_id}/reject")
+@endpoint(auth="admin", body=REJECT_SCHEMA)
+async def handle_reject(request: web.Request, identity: Identity, body: dict) -> web.Response:
+    """Reject a Pending submission with a `reason` the user is shown."""
+    async with request.app[POOL].acquire() as conn:
+        submission = await service.decide(conn, identity.user_id, _kyc_id(request), approve=False,
+                                          remarks=body["reason"])
+    return ok_response(submission.to_public())
