@@ -15,6 +15,7 @@ import structlog
 from argon2 import PasswordHasher
 
 from db import datapods as datapod_queries
+from db import kyc as kyc_queries
 from db import users as user_queries
 from server.blobs import BlobStore, create_blob_store
 from server.datasets import CSV, seal_chunks, upload_dir
@@ -85,10 +86,12 @@ async def _load(conn: asyncpg.Connection, settings: Settings, master_key: bytes,
     password_hash = PasswordHasher().hash(DEMO_PASSWORD)
     async with conn.transaction():
         users = {}
-        for username, name, _role in DEMO_USERS:
+        for username, name, role in DEMO_USERS:
             users[username] = await user_queries.create_user(
                 conn, username=username, email=f"{username}@demo.sourcenet.local",
                 password_hash=password_hash, name=name)
+            if role == "seller":  # publishing for sale needs an Approved KYC
+                await kyc_queries.set_user_status(conn, users[username].id, kyc_queries.APPROVED)
         for dataset in demo_datasets():
             pod_id = uuid.uuid5(uuid.NAMESPACE_URL, f"sourcenet-demo:{dataset['title']}")
             # Sealed exactly as seller uploads are (server/datasets.py): same profile, same encryption.

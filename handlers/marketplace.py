@@ -26,6 +26,7 @@ from server.auth import Identity
 from server.context import BLOBS, MASTER_KEY, POOL, SETTINGS
 from server.datasets import CHUNK_BYTES, DatasetSpool, detect_format, seal, upload_dir
 from server.errors import Forbidden, InvalidPayload, NotFound, PayloadTooLarge
+from server.kyc import require_verified
 from server.namespace import Ctx, HubNamespace, command
 from server.realtime import ChannelRule
 from server.rest import endpoint, ok_response, optional_identity, query_payload
@@ -267,6 +268,8 @@ async def _set_published(request: web.Request, identity: Identity, published: bo
         if access.published == published:  # a retry: nothing changes, nothing is announced
             pod = await datapod_queries.get_datapod(conn, datapod_id)
         else:
+            if published:
+                await require_verified(conn, identity.user_id)  # only verified sellers offer DataPods for sale
             pod = await datapod_queries.set_published(conn, datapod_id, published)
             if published:
                 data = datapod_queries.DatapodSummary.to_public(pod)

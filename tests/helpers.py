@@ -21,6 +21,18 @@ async def register(client, username: str | None = None, password: str = "correct
     return body["data"]
 
 
+async def register_seller(client, username: str | None = None) -> dict:
+    """Register a user whose KYC is Approved, so they may publish DataPods for sale."""
+    from db import kyc as kyc_queries
+    from server.context import POOL
+
+    account = await register(client, username)
+    async with client.app[POOL].acquire() as conn:
+        await kyc_queries.set_user_status(conn, uuid.UUID(account["user"]["id"]), kyc_queries.APPROVED)
+    account["user"]["kyc_status"] = kyc_queries.APPROVED
+    return account
+
+
 async def wait_until(predicate, timeout: float = 15.0, interval: float = 0.01) -> None:
     """Poll a condition (a plain or async function) until it holds; TimeoutError after `timeout` s."""
     async def poll():

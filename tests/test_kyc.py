@@ -12,6 +12,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from db.demo import load_if_empty
 from handlers.marketplace import FORM_OVERHEAD_BYTES
 from server import kyc
 from server.app import create_app
@@ -21,6 +22,7 @@ from server.crypto import decrypt_dataset, unwrap_key
 from server.errors import InvalidPayload
 from tests.helpers import register, server_url
 from tests.test_chain import admin_token, bearer, call
+from tests.test_marketplace import upload
 
 MARKER = b"PASSPORT-NO-X1234567-JANE-DOE;"
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00\x00\x00\rIHDR" + MARKER * 40
@@ -300,6 +302,33 @@ async def test_users_see_only_their_own_submissions(client, db):
     # Nor does anyone else hear about it: bob may not watch alice's channel.
     answer = await call(client, "GET", f"/api/v1/events?channel=user:{alice['user']['id']}", bob["token"])
     assert answer[0] == 403
+
+
+# --- the verified-only gate -------------------------------------------------------------------
+
+
+async def test_publishing_a_datapod_needs_an_approved_kyc(client, db):
+    seller, admin = await register(client), await admin_token(client, db)
+    pod = await upload(client, seller)   # a draft is private: no KYC needed
+    publish = f"/api/v1/datapods/{pod['id']}/publish"
+    status, answer = await call(client, "POST", publish, seller["token"])
+    assert (status, answer["error"]["code"], answer["error"]["kyc_status"]) == (403, "kyc_required", "Pending")
+    assert await db.fetchval("SELECT published FROM datapods") is False
+    assert await db.fetchval("SELECT count(*) FROM event_outbox WHERE type = 'datapod_published'") == 0
+
+    item = await submitted(client, seller["token"])
+    status, answer = await call(client, "POST", publish, seller["token"])
+    assert (status, answer["error"]["code"]) == (403, "kyc_required")      # pending is not verified
+    assert (await call(client, "POST", f"/api/v1/admin/kyc/{item['id']}/approve", admin, json={}))[0] == 200
+    status, answer = await call(client, "POST", publish, seller["token"])
+    assert status == 200 and answer["data"]["published"] is True
+
+
+async def test_demo_sellers_are_verified(client, db, settings):
+    assert await load_if_empty(db, settings, client.app[MASTER_KEY]) is True
+    rows = await db.fetch("SELECT username, kyc_status FROM users ORDER BY username")
+    assert {r["username"]: r["kyc_status"] for r in rows} == \
+        {"alice": "Approved", "bob": "Approved", "carol": "Pending"}
 
 
 # --- the automatic check in the database ------------------------------------------------------

@@ -22,7 +22,7 @@ from server.blobs import BLOB_ID, LocalBlobStore, WalrusBlobStore, blob_id_for
 from server.context import BLOBS, MASTER_KEY
 from server.crypto import decrypt_dataset, unwrap_key
 from server.errors import Unavailable
-from tests.helpers import SocketClient, register, server_url, wait_until
+from tests.helpers import SocketClient, register, register_seller, server_url, wait_until
 
 CSV_BYTES = (b"date,city,temp_c,rainy,note\n"
              + b"".join(f"2026-10-{d:02d},{c},{d * 1.5:.1f},{'true' if d % 2 else 'false'},\"a, b\"\n".encode()
@@ -189,7 +189,7 @@ async def test_upload_needs_a_signed_in_user_and_a_multipart_body(client):
 
 
 async def test_only_the_seller_may_publish_update_or_unpublish(client):
-    seller, other = await register(client), await register(client)
+    seller, other = await register_seller(client), await register(client)
     pod = await upload(client, seller)
     path = f"/api/v1/datapods/{pod['id']}"
     # A draft is invisible to others: it does not exist for them.
@@ -216,7 +216,7 @@ async def test_only_the_seller_may_publish_update_or_unpublish(client):
 
 
 async def test_subscribers_see_published_updated_and_unpublished_live(client, sockets):
-    seller = await register(client)
+    seller = await register_seller(client)
     pod = await upload(client, seller)
     market, category, watcher = sockets(), sockets(), sockets()
     for sock, channel in ((market, "market"), (category, "market:category:climate"), (watcher, f"datapod:{pod['id']}")):

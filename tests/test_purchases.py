@@ -29,7 +29,7 @@ from server.context import BLOBS, MASTER_KEY
 from server.crypto import encrypt_dataset, wrap_key
 from server.payments import KvpChainVerifier, Outcome, PaymentClaim, SuiChainVerifier
 from server.purchase_jobs import MAX_ATTEMPTS, PurchaseWorker, refund_purchase, release_escrow
-from tests.helpers import SocketClient, register, server_url, wait_until
+from tests.helpers import SocketClient, register, register_seller, server_url, wait_until
 
 DATASET = b"city,temp_c\nBerlin,7.5\nLagos,29.1\n" + b"".join(
     f"row{i},{i % 40}.{i % 10}\n".encode() for i in range(20_000))  # several blob chunks
@@ -93,8 +93,8 @@ async def status_of(db, purchase_id) -> str:
 
 
 async def people(hub, db):
-    """A seller with a pod, and a buyer; tokens and ids."""
-    seller, buyer = await register(hub), await register(hub)
+    """A verified seller with a published pod, and a buyer; tokens and ids."""
+    seller, buyer = await register_seller(hub), await register(hub)
     seller_id, buyer_id = uuid.UUID(seller["user"]["id"]), uuid.UUID(buyer["user"]["id"])
     pod = await make_pod(db, hub.app[BLOBS], hub.app[MASTER_KEY], seller_id)
     return seller, buyer, seller_id, buyer_id, pod
