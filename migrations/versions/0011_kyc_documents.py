@@ -9,13 +9,13 @@
 - All four stay NULL for rows written the seed's way (plain SQL, no upload); the key and its
   nonce come together.
 
-Revision ID: 0010
-Revises: 0008
+Revision ID: 0011
+Revises: 0010
 """
 from alembic import op
 
-revision = "0010"
-down_revision = "0008"
+revision = "0011"
+down_revision = "0010"
 branch_labels = None
 depends_on = None
 
