@@ -14,7 +14,7 @@ from handlers import dao as dao_handlers
 from server import chain as service
 from server import wallets
 from server.auth import Identity
-from server.context import POOL
+from server.context import POOL, SETTINGS
 from server.errors import InvalidPayload, NotFound
 from server.namespace import Ctx, HubNamespace, command
 from server.realtime import ChannelAccess, ChannelRule, publish
@@ -113,6 +113,31 @@ async def handle_register_wallet(request: web.Request, identity: Identity, body:
     """Register the caller's Ed25519 wallet key (once); returns the derived address."""
     async with request.app[POOL].acquire() as conn:
         return ok_response(await service.register_wallet(conn, identity.user_id, body["public_key"]))
+
+
+@routes.get("/api/v1/users/{user_id}/wallet")
+@endpoint(auth="user")
+async def handle_user_wallet(request: web.Request, identity: Identity) -> web.Response:
+    """A user's wallet address (e.g. a DataPod seller's, to pay them); not_found without one."""
+    try:
+        user_id = uuid.UUID(request.match_info["user_id"])
+    except ValueError:
+        raise NotFound("no such user", field="user_id") from None
+    async with request.app[POOL].acquire() as conn:
+        return ok_response(await service.wallet_of_user(conn, user_id))
+
+
+@routes.post("/api/v1/me/faucet")
+@endpoint(auth="user")
+async def handle_faucet(request: web.Request, identity: Identity) -> web.Response:
+    """Demo funds for the caller's wallet (DEMO_FAUCET; once per user per UTC day)."""
+    settings = request.app[SETTINGS]
+    if not settings.faucet_enabled:
+        raise NotFound("the demo faucet is not enabled on this server")
+    async with request.app[POOL].acquire() as conn:
+        amount = Decimal(wallets.canonical_amount(settings.demo_faucet_amount))
+        paid = await service.claim_faucet(conn, identity.user_id, amount)
+    return ok_response(paid, status=201)
 
 
 @routes.get("/api/v1/wallets/{address}")

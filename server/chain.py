@@ -18,9 +18,10 @@ import asyncpg
 import structlog
 
 from db import chain as queries
+from db import games as game_queries
 from db import outbox
 from server import wallets
-from server.errors import Conflict, Forbidden, InvalidPayload, NotFound
+from server.errors import Conflict, Forbidden, InvalidPayload, NotFound, RateLimited
 
 log = structlog.get_logger(__name__)
 
@@ -29,6 +30,7 @@ TRANSACTIONS_CHANNEL = "chain:transactions"
 MINING_CHANNEL = "chain:mining"
 BLOCK_VERSION = 1
 ZERO = Decimal(0)
+FAUCET_REASON = "demo_faucet"
 
 
 def money(value: Decimal) -> str:
@@ -64,6 +66,36 @@ async def wallet_summary(conn: asyncpg.Connection, address: str) -> dict[str, An
     return {"address": wallet.address, "public_key": wallet.public_key, "balance": money(wallet.balance),
             "pending_outgoing": money(pending), "available": money(wallet.balance - pending),
             "next_nonce": await queries.next_nonce(conn, address)}
+
+
+async def wallet_of_user(conn: asyncpg.Connection, user_id: uuid.UUID) -> dict[str, Any]:
+    """A user's wallet address (public, as on every transaction), e.g. the seller's to pay."""
+    wallet = await queries.get_user_wallet(conn, user_id)
+    if wallet is None:
+        raise NotFound("this user has not registered a wallet yet, so they cannot be paid", field="user_id")
+    return {"user_id": str(user_id), "address": wallet.address}
+
+
+async def claim_faucet(conn: asyncpg.Connection, user_id: uuid.UUID, amount: Decimal,
+                       now: dt.datetime | None = None) -> dict[str, Any]:
+    """Credit demo funds to the caller's wallet, at most once per user per UTC day."""
+    now = now or dt.datetime.now(dt.timezone.utc)
+    async with conn.transaction():
+        wallet = await queries.get_user_wallet(conn, user_id)
+        if wallet is None:
+            raise Conflict("register a wallet first (PUT /api/v1/me/wallet)", field="wallet")
+        balance = await queries.add_balance(conn, user_id, amount)
+        try:
+            # (reason, reference) is unique: the day's second claim, even a concurrent one, fails
+            # here and the transaction takes its credit back.
+            await game_queries.insert_ledger(conn, [game_queries.LedgerEntry(
+                user_id, amount, balance, FAUCET_REASON, f"{user_id}:{now.date().isoformat()}")])
+        except asyncpg.UniqueViolationError:
+            tomorrow = dt.datetime.combine(now.date() + dt.timedelta(days=1), dt.time(), dt.timezone.utc)
+            raise RateLimited("the demo faucet pays once a day; try again tomorrow (UTC)",
+                              retry_after=(tomorrow - now).total_seconds()) from None
+    log.info("faucet_paid", user_id=str(user_id), amount=money(amount))
+    return {"address": wallet.address, "credited": money(amount), "balance": money(balance)}
 
 
 def check_own_signature(wallet: queries.WalletAccount | None, user_id: uuid.UUID, message: bytes, signature: str, *,

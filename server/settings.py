@@ -130,6 +130,10 @@ class Settings:
     miner_username: str | None = None
     mining_pool: str = "mining"
     max_block_transactions: int = 500
+    # Demo faucet (POST /api/v1/me/faucet): None means on exactly when payments use the local KVP
+    # chain (no SUI_RPC_URL), where a new user has no other way to get funds to pay with.
+    demo_faucet: bool | None = None
+    demo_faucet_amount: str = "10"
     # Earn-to-play games (server/games.py).
     game_session_idle_seconds: float = 300.0
     game_leaderboard_interval: float = 2.0
@@ -202,6 +206,8 @@ class Settings:
             miner_username=_optional(env, "MINER_USERNAME"),
             mining_pool=env.get("MINING_POOL") or defaults.mining_pool,
             max_block_transactions=_int(env, "MAX_BLOCK_TRANSACTIONS", defaults.max_block_transactions),
+            demo_faucet=_bool(env, "DEMO_FAUCET", False) if _optional(env, "DEMO_FAUCET") else None,
+            demo_faucet_amount=_amount(env, "DEMO_FAUCET_AMOUNT") or defaults.demo_faucet_amount,
             game_session_idle_seconds=_float(env, "GAME_SESSION_IDLE_SECONDS", defaults.game_session_idle_seconds),
             game_leaderboard_interval=_float(env, "GAME_LEADERBOARD_INTERVAL", defaults.game_leaderboard_interval),
             game_leaderboard_period=env.get("GAME_LEADERBOARD_PERIOD") or defaults.game_leaderboard_period,
@@ -212,6 +218,12 @@ class Settings:
             game_server_event_burst=_int(env, "GAME_SERVER_EVENT_BURST", defaults.game_server_event_burst),
             dao_sweep_interval=_float(env, "DAO_SWEEP_INTERVAL", defaults.dao_sweep_interval),
         )
+
+    @property
+    def faucet_enabled(self) -> bool:
+        """Whether the demo faucet pays: DEMO_FAUCET when set, else only on the local KVP chain."""
+        enabled = self.demo_faucet if self.demo_faucet is not None else self.sui_rpc_url is None
+        return enabled and Decimal(self.demo_faucet_amount) > 0
 
     def replace(self, **changes) -> "Settings":
         """Return a copy with some settings changed (tests and the CLI use it)."""

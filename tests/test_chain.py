@@ -4,6 +4,7 @@ live feeds and catch-up, reward pools under concurrency."""
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import os
 import subprocess
 import sys
@@ -17,8 +18,8 @@ from db import users as user_queries
 from server import wallets
 from server.app import create_app
 from server.block_producer import apply_chain_settings
-from server.chain import SealConfig, seal_block, verify_chain
-from server.context import BLOCK_PRODUCER, REALTIME
+from server.chain import SealConfig, claim_faucet, seal_block, verify_chain
+from server.context import BLOCK_PRODUCER, POOL, REALTIME
 from server.realtime import FIRST_ID
 from tests.helpers import register, server_url, wait_until
 
@@ -127,6 +128,50 @@ async def test_wallet_key_is_registered_once(client):
     assert status == 409                                              # a key belongs to one account
     status, body = await call(client, "GET", f"/api/v1/wallets/{user.address}")
     assert body["data"]["balance"] == "0.00000000" and body["data"]["next_nonce"] == 0
+
+
+async def test_a_users_wallet_address_is_found_by_user_id(client):
+    seller, buyer = await account(client), await register(client)
+    status, body = await call(client, "GET", f"/api/v1/users/{seller.id}/wallet", buyer["token"])
+    assert (status, body["data"]) == (200, {"user_id": str(seller.id), "address": seller.address})
+    status, body = await call(client, "GET", f"/api/v1/users/{buyer['user']['id']}/wallet", seller.token)
+    assert status == 404 and body["error"]["field"] == "user_id"            # no wallet registered
+    assert (await call(client, "GET", "/api/v1/users/not-a-uuid/wallet", seller.token))[0] == 404
+    assert (await call(client, "GET", f"/api/v1/users/{seller.id}/wallet"))[0] == 401
+
+
+async def test_demo_faucet_pays_once_a_day_and_the_funds_pay_a_transfer(client, db):
+    newcomer = await register(client)
+    status, body = await call(client, "POST", "/api/v1/me/faucet", newcomer["token"])
+    assert status == 409 and body["error"]["field"] == "wallet"             # a wallet first
+    user, other = await account(client), await account(client)
+    claims = await asyncio.gather(*(call(client, "POST", "/api/v1/me/faucet", user.token) for _ in range(3)))
+    statuses = sorted(status for status, _ in claims)
+    assert statuses == [201, 429, 429], claims                              # concurrent claims: one pays
+    paid = next(body["data"] for status, body in claims if status == 201)
+    assert paid == {"address": user.address, "credited": "10.00000000", "balance": "10.00000000"}
+    refused = next(body["error"] for status, body in claims if status == 429)
+    assert 0 < refused["retry_after"] <= 86_400
+    assert await balance(db, user) == 10
+    assert await db.fetchval("SELECT count(*) FROM balance_ledger WHERE user_id = $1 AND reason = 'demo_faucet'",
+                             user.id) == 1
+    transfer = user.wallet.sign_transfer(other.address, "10", 0)
+    assert (await call(client, "POST", "/api/v1/transactions", user.token, json=transfer))[0] == 201
+    # Another day pays again (the per-day reference is what limits it).
+    async with client.app[POOL].acquire() as conn:
+        tomorrow = dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=1)
+        again = await claim_faucet(conn, user.id, Decimal("2.5"), tomorrow)
+    assert again["balance"] == "12.50000000"
+
+
+@pytest.mark.parametrize("changes", [{"demo_faucet": False}, {"sui_rpc_url": "https://fullnode.example:443"},
+                                     {"demo_faucet_amount": "0"}])
+async def test_demo_faucet_is_off_when_disabled_or_payments_use_sui(aiohttp_client, settings, db, changes):
+    client = await aiohttp_client(create_app(settings.replace(**changes)))
+    user = await account(client)
+    status, body = await call(client, "POST", "/api/v1/me/faucet", user.token)
+    assert status == 404 and body["error"]["code"] == "not_found"
+    assert await balance(db, user) == 0
 
 
 async def test_valid_signed_transaction_is_accepted(client, db, setup):
