@@ -65,10 +65,27 @@ for (const button of document.querySelectorAll("nav button")) {
 // --- marketplace --------------------------------------------------------------------------
 
 function datapodCard(pod) {
-  return element("li", { dataset: { datapodId: pod.id } },
+  const card = element("li", { dataset: { datapodId: pod.id } },
     element("h4", {}, pod.title ?? pod.id),
     element("p", {}, pod.description ?? ""),
     element("p", { class: "meta" }, `${pod.category ?? ""} · ${pod.price_sui ?? "?"} SUI · sold ${pod.purchase_count ?? 0}`));
+  if (me && pod.seller?.id !== me.id) {
+    const error = element("p", { class: "error", role: "alert" });
+    const buy = element("button", { type: "button", class: "buy", "aria-label": `Buy ${pod.title ?? "this DataPod"}` }, "Buy");
+    buy.addEventListener("click", async () => {
+      buy.disabled = true;
+      error.textContent = "";
+      try {
+        await buyDatapod(pod);
+      } catch (failure) {
+        error.textContent = failure.message;
+      } finally {
+        buy.disabled = false;
+      }
+    });
+    card.append(buy, error);
+  }
+  return card;
 }
 
 async function loadDatapods(form = $("#market-search")) {
@@ -80,6 +97,7 @@ async function loadDatapods(form = $("#market-search")) {
     list.replaceChildren(...(page.items ?? page.datapods ?? []).map((pod) => {
       const card = datapodCard(pod);
       card.dataset.key = pod.id;
+      card.pod = pod; // live updates (a sale, an edit) merge into what the list showed
       return card;
     }));
   } catch (error) {
@@ -108,47 +126,191 @@ async function watchMarket() {
   });
 }
 
+// --- wallet -------------------------------------------------------------------------------
+// The wallet key is an Ed25519 key made by WebCrypto and kept, not extractable, in this browser's
+// IndexedDB (one per account); the hub only ever sees the public key and signatures.
+
+const wallet = { address: null, key: null };
+const hex = (bytes) => [...new Uint8Array(bytes)].map((b) => b.toString(16).padStart(2, "0")).join("");
+
+function keyStore(mode, action) {
+  return new Promise((resolve, reject) => {
+    const open = indexedDB.open("hub-wallets", 1);
+    open.onupgradeneeded = () => open.result.createObjectStore("keys");
+    open.onerror = () => reject(open.error);
+    open.onsuccess = () => {
+      const request = action(open.result.transaction("keys", mode).objectStore("keys"));
+      request.onsuccess = () => resolve(request.result);
+      request.onerror = () => reject(request.error);
+    };
+  });
+}
+
+async function showWallet() {
+  $("#wallet-address").textContent = wallet.address ?? "none yet";
+  $("#wallet-create").hidden = Boolean(wallet.address && wallet.key);
+  if (!wallet.address) return;
+  const summary = await api("GET", `/api/v1/wallets/${wallet.address}`);
+  $("#wallet-balance").textContent = summary.available;
+}
+
+async function loadWallet() {
+  wallet.key = (await keyStore("readonly", (store) => store.get(me.id))) ?? null;
+  wallet.address = await api("GET", `/api/v1/users/${me.id}/wallet`).then(
+    (found) => found.address, (error) => { if (error.code === "not_found") return null; throw error; });
+  await showWallet();
+}
+
+/** The signed-in user's wallet, made and registered on first use; throws when its key is elsewhere. */
+async function ensureWallet() {
+  if (wallet.address && wallet.key) return wallet;
+  if (wallet.address && !wallet.key) {
+    throw new Error("Your wallet was created in another browser: its key is not here, so this browser cannot pay.");
+  }
+  // Kept before it is registered: a key the hub knows must never be lost by this page.
+  if (!wallet.key) {
+    const pair = await crypto.subtle.generateKey({ name: "Ed25519" }, false, ["sign", "verify"]);
+    wallet.key = { privateKey: pair.privateKey, publicKey: hex(await crypto.subtle.exportKey("raw", pair.publicKey)) };
+    await keyStore("readwrite", (store) => store.put(wallet.key, me.id));
+  }
+  wallet.address = (await api("PUT", "/api/v1/me/wallet", { public_key: wallet.key.publicKey })).address;
+  await showWallet();
+  return wallet;
+}
+
+/** A KVP amount (8 decimals) covering a SUI price (9 decimals): rounded up, never below the price. */
+function kvpAmount(price) {
+  const [whole, fraction = ""] = String(price).split(".");
+  let units = BigInt(whole) * 100000000n + BigInt(fraction.padEnd(8, "0").slice(0, 8));
+  if (/[1-9]/.test(fraction.slice(8))) units += 1n;
+  return `${units / 100000000n}.${String(units % 100000000n).padStart(8, "0")}`;
+}
+
+/** Sign a transfer over its canonical bytes (docs/protocol.md) and submit it; the pending transaction. */
+async function transfer(receiver, amount) {
+  const { next_nonce: nonce } = await api("GET", `/api/v1/wallets/${wallet.address}`);
+  const message = ["KVP-TX-V1", wallet.address, receiver, amount, String(nonce)].join("\n");
+  const signature = hex(await crypto.subtle.sign("Ed25519", wallet.key.privateKey, new TextEncoder().encode(message)));
+  return api("POST", "/api/v1/transactions", { sender: wallet.address, receiver, amount, nonce, signature });
+}
+
+async function walletAction(action) {
+  $("#wallet-error").textContent = "";
+  $("#wallet-message").textContent = "";
+  try {
+    await action();
+  } catch (error) {
+    $("#wallet-error").textContent = error.message;
+  }
+}
+
+$("#wallet-create").addEventListener("click", () => walletAction(async () => {
+  await ensureWallet();
+  $("#wallet-message").textContent = "Wallet ready.";
+}));
+$("#wallet-faucet").addEventListener("click", () => walletAction(async () => {
+  await ensureWallet();
+  const paid = await api("POST", "/api/v1/me/faucet");
+  await showWallet();
+  $("#wallet-message").textContent = `Received ${paid.credited} demo KVP.`;
+}));
+
 // --- purchases ----------------------------------------------------------------------------
 
+const STEP_LABELS = {
+  payment_pending: "waiting for payment", payment_verifying: "verifying payment", payment_verified: "payment verified",
+  key_wrapping: "preparing the key", escrow_holding: "payment held in escrow", completed: "completed",
+  failed: "failed", refunded: "refunded",
+};
+const purchases = new Map(); // purchase id -> what is known of it, with the steps seen so far
+
+function openTab(name) {
+  document.querySelector(`nav button[data-tab="${name}"]`).click();
+}
+
+/** Pay the seller on the KVP chain from this browser's wallet, then start the purchase with the digest. */
+async function buyDatapod(pod) {
+  const previous = [...purchases.values()].find((p) => p.datapod_id === pod.id && !["failed", "refunded"].includes(p.status));
+  if (previous) throw new Error("You already bought this DataPod (see the Purchases tab).");
+  await ensureWallet();
+  const sellerId = pod.seller?.id ?? (await api("GET", `/api/v1/datapods/${pod.id}`)).seller?.id;
+  const seller = await api("GET", `/api/v1/users/${sellerId}/wallet`);
+  const amount = kvpAmount(pod.price_sui);
+  let tx;
+  try {
+    tx = await transfer(seller.address, amount);
+  } catch (error) {
+    if (error.code === "conflict" && error.field === "amount") {
+      throw new Error(`Insufficient funds to pay ${amount} KVP (${error.message}). Get demo funds in the Purchases tab.`);
+    }
+    throw error;
+  }
+  showWallet().catch(() => {});
+  const purchase = await api("POST", "/api/v1/purchases", { datapod_id: pod.id, payment_tx_digest: tx.hash })
+    .catch((error) => { throw new Error(`Paid (transaction ${tx.hash}) but the purchase did not start: ${error.message}`); });
+  showPurchase({ ...purchase, datapod_title: pod.title, step: "payment_pending", percent: 0 });
+  openTab("purchases");
+}
+
+function showPurchase(update) {
+  const id = update.purchase_id ?? update.id;
+  const known = purchases.get(id) ?? { id, steps: [] };
+  const merged = { ...known, ...Object.fromEntries(Object.entries(update).filter(([, v]) => v !== undefined && v !== null)) };
+  merged.steps = known.steps;
+  if (update.step && STEP_LABELS[update.step] && !merged.steps.includes(update.step)) merged.steps.push(update.step);
+  purchases.set(id, merged);
+  upsert($("#purchases"), id, purchaseRow(merged));
+}
+
 function purchaseRow(purchase) {
-  const percent = purchase.percent ?? (purchase.status === "completed" ? 100 : 0);
-  const row = element("li", { dataset: { purchaseId: purchase.purchase_id ?? purchase.id, status: purchase.status } },
+  const done = ["completed", "failed", "refunded"].includes(purchase.status);
+  const percent = purchase.percent ?? (done ? 100 : 0);
+  const label = `${purchase.datapod_title ?? "DataPod"} purchase progress`;
+  const row = element("li", { dataset: { purchaseId: purchase.id, status: purchase.status, steps: purchase.steps.join(" ") } },
     element("strong", {}, purchase.datapod_title ?? purchase.datapod_id ?? "purchase"), " ",
-    element("span", { class: "status" }, `${purchase.status ?? ""} ${purchase.step ?? ""}`), " ",
-    element("progress", { max: "100", value: String(percent) }), ` ${percent}%`);
+    element("span", { class: "status" }, STEP_LABELS[purchase.step] ?? purchase.status ?? ""), " ",
+    element("progress", { max: "100", value: String(percent), "aria-label": label }),
+    element("span", { class: "percent" }, ` ${percent}%`));
+  if (purchase.reason) row.append(" ", element("span", { class: "error" }, purchase.reason));
   if (purchase.status === "completed") {
-    row.append(" ", element("a", { href: "#", class: "download" }, "Download"));
-    row.querySelector(".download").addEventListener("click", (event) => {
-      event.preventDefault();
-      download(purchase.purchase_id ?? purchase.id);
-    });
+    const error = element("span", { class: "error", role: "alert" });
+    const button = element("button", { type: "button", class: "download" }, "Download");
+    button.addEventListener("click", () => download(purchase.id).catch((failure) => { error.textContent = failure.message; }));
+    row.append(" ", button, " ", error);
   }
   return row;
 }
 
+/** The decrypted dataset: the server checks the GCM tag and the data hash before sending it. */
 async function download(purchaseId) {
   const response = await fetch(`/api/v1/purchases/${purchaseId}/download`, {
     headers: { Authorization: `Bearer ${session.token}` } });
-  const blob = await response.blob();
-  const link = element("a", { href: URL.createObjectURL(blob), download: `datapod-${purchaseId}` });
+  if (!response.ok) {
+    const envelope = await response.json().catch(() => null);
+    throw new Error(envelope?.error?.message ?? `Download failed (HTTP ${response.status})`);
+  }
+  const name = /filename="([^"]+)"/.exec(response.headers.get("Content-Disposition") ?? "")?.[1];
+  const url = URL.createObjectURL(await response.blob());
+  const link = element("a", { href: url, download: name ?? `datapod-${purchaseId}` });
+  document.body.append(link);
   link.click();
+  link.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 60_000);
 }
 
 async function watchPurchases() {
-  const list = $("#purchases");
   const load = async () => {
     const data = await api("GET", "/api/v1/purchases").catch(() => ({ items: [] }));
-    list.replaceChildren(...(data.items ?? data.purchases ?? []).map((p) => {
-      const row = purchaseRow(p);
-      row.dataset.key = p.id;
-      return row;
-    }));
+    $("#purchases").replaceChildren();
+    for (const purchase of [...(data.items ?? [])].reverse()) {
+      showPurchase({ ...purchase, step: purchase.status === "completed" ? "completed" : undefined });
+    }
   };
-  await load();
+  await Promise.all([load(), loadWallet().catch((error) => { $("#wallet-error").textContent = error.message; })]);
   await hub.subscribe("/purchases", `user:${me.id}`, {
     onGap: load,
     onEvent(event) {
-      if (event.type === "purchase_progressed") upsert(list, event.data.purchase_id, purchaseRow(event.data));
+      if (event.type === "purchase_progressed") showPurchase(event.data);
     },
   });
 }
@@ -195,7 +357,7 @@ async function watchChain() {
 // --- assistant ----------------------------------------------------------------------------
 
 const CONVERSATION_KEY = "hub.conversation";
-const assistant = { conversationId: null, streamingId: null, applied: new Map() };
+const assistant = { conversationId: null, streamingId: null, applied: new Map(), resuming: new Map() };
 
 function messageNode(message) {
   const node = document.getElementById(`m-${message.id}`) ??
@@ -212,7 +374,7 @@ function setText(message, text) {
 function appendDelta(data) {
   const applied = assistant.applied.get(data.message_id) ?? 0;
   if (data.seq <= applied) return; // already shown (live and resumed copies overlap)
-  if (data.seq > applied + 1) { resume(data.message_id, applied); return; }
+  if (data.seq > applied + 1) { catchUp(data.message_id); return; }
   assistant.applied.set(data.message_id, data.seq);
   const text = messageNode({ id: data.message_id, role: "assistant" }).querySelector(".text");
   text.textContent += data.text;
@@ -226,6 +388,28 @@ async function resume(messageId, afterSeq) {
   }
   for (const delta of data.deltas) appendDelta({ message_id: messageId, ...delta });
   finish(messageId, data.status);
+}
+
+/** Fetch what is missing of an answer: one resume at a time, again if more went missing meanwhile. */
+function catchUp(messageId) {
+  const running = assistant.resuming.get(messageId);
+  if (running) {
+    running.again = true; // every delta of a gap would otherwise send its own resume_stream
+    return running.promise;
+  }
+  const entry = { again: false };
+  entry.promise = (async () => {
+    try {
+      do {
+        entry.again = false;
+        await resume(messageId, assistant.applied.get(messageId) ?? 0);
+      } while (entry.again);
+    } finally {
+      assistant.resuming.delete(messageId);
+    }
+  })();
+  assistant.resuming.set(messageId, entry);
+  return entry.promise;
 }
 
 function finish(messageId, status) {
@@ -261,12 +445,16 @@ async function openConversation(conversationId) {
         finish(data.message_id, "streaming");
       } else if (event.type === "message_delta") appendDelta(data);
       else if (event.type === "tool_returned") showCards(data);
-      else if (event.type === "message_completed" || event.type === "message_failed") finish(data.message_id, data.status);
+      else if (event.type === "message_completed" || event.type === "message_failed") {
+        // Not complete in the page until every delta up to the final seq is shown.
+        if ((data.seq ?? 0) > (assistant.applied.get(data.message_id) ?? 0)) catchUp(data.message_id);
+        else finish(data.message_id, data.status);
+      }
     },
   });
   // A refresh in the middle of an answer: fetch what was missed, then follow it live.
   for (const message of data.messages) {
-    if (message.status === "streaming") await resume(message.id, assistant.applied.get(message.id) ?? 0);
+    if (message.status === "streaming") await catchUp(message.id);
   }
 }
 

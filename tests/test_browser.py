@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import os
 import uuid
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
 from playwright.async_api import async_playwright, expect
 
+from server.app import create_app
+from server.context import BLOBS, MASTER_KEY, POOL
 from server.realtime import publish
 from tests.helpers import server_url
+from tests.llm_server import llm_server  # noqa: F401 - a fixture
 
 CHROMIUM = os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")
 ARTIFACTS = Path(__file__).parent.parent / "test-artifacts"
@@ -97,6 +101,97 @@ async def test_assistant_answers_in_the_page_and_the_answer_survives_a_reload(cl
     await page.click("nav >> text=Assistant")
     await expect(page.locator("#messages .message.user")).to_contain_text("Any weather data?")
     assert await page.locator("#messages .message.assistant .text").last.inner_text() == text
+
+
+async def test_buy_a_datapod_follow_its_progress_and_download_the_dataset(aiohttp_client, settings, db, page):
+    from tests.test_chain import account
+    from tests.test_purchases import DATASET, make_pod
+
+    # The real chain: a block producer seals the signed payment, the purchase job verifies it.
+    client = await aiohttp_client(create_app(settings.replace(
+        block_producer=True, block_interval_seconds=0.5, pow_difficulty=4, purchase_poll_interval=0.1)))
+    seller = await account(client)
+    pod_id = await make_pod(db, client.app[BLOBS], client.app[MASTER_KEY], seller.id, title="Browser weather")
+    username = await sign_up(page, server_url(client))
+    buyer_id = await db.fetchval("SELECT id FROM users WHERE username = $1", username)
+    card = page.locator(f'#datapods [data-key="{pod_id}"]')
+    await expect(card).to_contain_text("Browser weather")
+
+    # A new wallet holds nothing: the payment is refused and the page says why.
+    await card.get_by_role("button", name="Buy Browser weather").click()
+    await expect(card.locator(".error")).to_contain_text("Insufficient funds", timeout=10_000)
+    assert await db.fetchval("SELECT count(*) FROM purchases") == 0
+
+    await page.click("nav >> text=Purchases")
+    wallet = await db.fetchval("SELECT wallet_address FROM users WHERE id = $1", buyer_id)
+    await expect(page.locator("#wallet-address")).to_have_text(wallet)
+    await page.get_by_role("button", name="Get demo funds").click()
+    await expect(page.locator("#wallet-message")).to_have_text("Received 10.00000000 demo KVP.")
+    await expect(page.locator("#wallet-balance")).to_have_text("10.00000000")
+
+    await until_live(page, "/purchases", f"user:{buyer_id}")
+    await page.click("nav >> text=Marketplace")
+    await card.get_by_role("button", name="Buy Browser weather").click()
+    row = page.locator("#purchases li").first
+    await expect(row).to_contain_text("Browser weather", timeout=10_000)
+    await expect(row).to_have_attribute("data-status", "completed", timeout=20_000)
+    await expect(row.locator("progress")).to_have_attribute("value", "100")
+    await expect(row).to_contain_text("100%")
+    steps = (await row.get_attribute("data-steps")).split()
+    assert steps == ["payment_pending", "payment_verifying", "payment_verified", "key_wrapping", "escrow_holding",
+                     "completed"], steps
+
+    async with page.expect_download() as info:
+        await row.get_by_role("button", name="Download").click()
+    download = await info.value
+    assert download.suggested_filename == "Browser-weather.csv"
+    assert Path(await download.path()).read_bytes() == DATASET
+
+    # What the page paid is what the server verified: one confirmed transfer, buyer to seller.
+    paid = await db.fetchrow("SELECT t.sender, t.receiver, t.amount, t.status FROM purchases p "
+                             "JOIN transactions t ON t.transaction_hash = p.payment_tx_digest WHERE p.buyer_id = $1",
+                             buyer_id)
+    assert dict(paid) == {"sender": wallet, "receiver": seller.address, "amount": Decimal("1.5"),
+                          "status": "confirmed"}
+    assert await db.fetchval("SELECT total_balance FROM users WHERE id = $1", buyer_id) == Decimal("8.5")
+
+
+async def test_assistant_answer_survives_a_reload_mid_stream(aiohttp_client, settings, page,
+                                                             llm_server):  # noqa: F811
+    from tests.test_assistant import slow_model
+
+    # The real model behind a proxy that paces its stream, so the reload lands mid-answer.
+    proxy, server = await slow_model(llm_server, delay=0.08)
+    try:
+        client = await aiohttp_client(create_app(settings.replace(
+            openai_base_url=str(server.make_url("/v1")), ai_model="stories260K", ai_max_output_tokens=300,
+            ai_context_tokens=1500, ai_max_tool_rounds=0)))
+        await sign_up(page, server_url(client))
+        await page.click("nav >> text=Assistant")
+        await page.fill("#chat-form textarea", "Once upon a time there was a dog.")
+        await page.click("#chat-form button[type=submit]")
+        answer = page.locator("#messages .message.assistant").last
+        await expect(answer.locator(".text")).not_to_be_empty(timeout=20_000)
+        message_id = uuid.UUID((await answer.get_attribute("id")).removeprefix("m-"))
+        shown = await answer.locator(".text").text_content()
+
+        await page.reload()
+        async with client.app[POOL].acquire() as conn:
+            still = await conn.fetchval("SELECT status FROM ai_messages WHERE id = $1", message_id)
+        assert still == "streaming", "the reload came after the answer had ended"
+        await page.click("nav >> text=Assistant")
+        answer = page.locator(f"#m-{message_id}")
+        await expect(answer).to_have_attribute("data-status", "complete", timeout=30_000)
+        async with client.app[POOL].acquire() as conn:
+            saved = await conn.fetchrow("SELECT content, status FROM ai_messages WHERE id = $1", message_id)
+        final = await answer.locator(".text").text_content()
+        assert saved["status"] == "complete"
+        assert final == saved["content"]                 # nothing lost, nothing doubled
+        assert final.startswith(shown) and len(final) > len(shown)
+        await expect(page.locator("#messages .message.user")).to_have_count(1)
+        await expect(page.locator("#messages .message.assistant")).to_have_count(1)
+    finally:
+        await server.close()
 
 
 async def test_games_tab_shows_rewards_and_the_leaderboard_live(client, db, sockets, page):
