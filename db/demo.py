@@ -13,13 +13,16 @@ from decimal import Decimal
 import asyncpg
 import structlog
 from argon2 import PasswordHasher
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from db import chain as chain_queries
 from db import datapods as datapod_queries
 from db import kyc as kyc_queries
 from db import users as user_queries
 from server.blobs import BlobStore, create_blob_store
 from server.datasets import CSV, seal_chunks, upload_dir
 from server.settings import Settings
+from server.wallets import Wallet
 
 log = structlog.get_logger(__name__)
 
@@ -29,6 +32,12 @@ DEMO_USERS = (
     ("bob", "Bob Research", "seller"),
     ("carol", "Carol Buyer", "buyer"),
 )
+
+
+def demo_wallet(username: str) -> Wallet:
+    """A demo seller's wallet: its key derived from the name, so as public as DEMO_PASSWORD (demo only)."""
+    seed = hashlib.sha256(f"sourcenet-demo-wallet:{username}".encode()).digest()
+    return Wallet(Ed25519PrivateKey.from_private_bytes(seed))
 
 
 def _csv(header: list[str], rows: list[list]) -> bytes:
@@ -90,8 +99,10 @@ async def _load(conn: asyncpg.Connection, settings: Settings, master_key: bytes,
             users[username] = await user_queries.create_user(
                 conn, username=username, email=f"{username}@demo.sourcenet.local",
                 password_hash=password_hash, name=name)
-            if role == "seller":  # publishing for sale needs an Approved KYC
+            if role == "seller":  # publishing for sale needs an Approved KYC; buyers pay to a wallet
                 await kyc_queries.set_user_status(conn, users[username].id, kyc_queries.APPROVED)
+                wallet = demo_wallet(username)
+                await chain_queries.set_wallet(conn, users[username].id, wallet.public_key, wallet.address)
         for dataset in demo_datasets():
             pod_id = uuid.uuid5(uuid.NAMESPACE_URL, f"sourcenet-demo:{dataset['title']}")
             # Sealed exactly as seller uploads are (server/datasets.py): same profile, same encryption.
@@ -110,4 +121,4 @@ async def _load(conn: asyncpg.Connection, settings: Settings, master_key: bytes,
         await conn.execute(
             """INSERT INTO proposals (title, description, creator_wallet, status)
                VALUES ('Lower the marketplace fee to 1%', 'Reduce the platform fee on DataPod sales from 2% to 1% for one quarter.', $1, 'Open')""",
-            "kvp1demo" + hashlib.sha256(b"alice").hexdigest()[:32])
+            demo_wallet("alice").address)

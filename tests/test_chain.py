@@ -14,12 +14,13 @@ from decimal import Decimal
 import pytest
 
 from db import chain as queries
+from db.demo import demo_wallet, load_if_empty
 from db import users as user_queries
 from server import wallets
 from server.app import create_app
 from server.block_producer import apply_chain_settings
 from server.chain import SealConfig, claim_faucet, seal_block, verify_chain
-from server.context import BLOCK_PRODUCER, POOL, REALTIME
+from server.context import BLOCK_PRODUCER, MASTER_KEY, POOL, REALTIME
 from server.realtime import FIRST_ID
 from tests.helpers import register, server_url, wait_until
 
@@ -162,6 +163,21 @@ async def test_demo_faucet_pays_once_a_day_and_the_funds_pay_a_transfer(client, 
         tomorrow = dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=1)
         again = await claim_faucet(conn, user.id, Decimal("2.5"), tomorrow)
     assert again["balance"] == "12.50000000"
+
+
+async def test_demo_sellers_have_wallets_buyers_can_pay(client, db, settings):
+    assert await load_if_empty(db, settings, client.app[MASTER_KEY]) is True
+    alice = demo_wallet("alice")
+    alice_id = await db.fetchval("SELECT id FROM users WHERE username = 'alice' AND wallet_address = $1",
+                                 alice.address)
+    assert alice_id is not None
+    buyer = await account(client)
+    assert (await call(client, "POST", "/api/v1/me/faucet", buyer.token))[0] == 201
+    status, body = await call(client, "POST", "/api/v1/transactions", buyer.token,
+                              json=buyer.wallet.sign_transfer(alice.address, "2", 0))
+    assert status == 201, body
+    assert await db.fetchval("SELECT receiver_id FROM transactions WHERE transaction_hash = $1",
+                             body["data"]["hash"]) == alice_id
 
 
 @pytest.mark.parametrize("changes", [{"demo_faucet": False}, {"sui_rpc_url": "https://fullnode.example:443"},
