@@ -68,7 +68,12 @@ async def database_ctx(app: web.Application) -> AsyncIterator[None]:
                     await demo.load_if_empty(conn, settings, app[MASTER_KEY])
             yield
         finally:
-            await app[POOL].close()
+            try:
+                async with asyncio.timeout(settings.shutdown_timeout):
+                    await app[POOL].close()
+            except TimeoutError:
+                # close() waits for every connection to come back; cancelled, it terminates them.
+                log.warning("database_pool_close_timed_out", seconds=settings.shutdown_timeout)
 
 
 async def redis_ctx(app: web.Application) -> AsyncIterator[None]:

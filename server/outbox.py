@@ -16,6 +16,7 @@ import asyncpg
 import structlog
 
 from db import outbox
+from server.aio import wait_event
 
 log = structlog.get_logger(__name__)
 
@@ -59,10 +60,8 @@ async def run_relay(pool: asyncpg.Pool, publish_many: PublishMany, *, batch: int
                         on_relayed(count)
                     if count == batch:
                         continue
-                    try:
-                        await asyncio.wait_for(wake.wait(), poll_interval)
-                    except asyncio.TimeoutError:
-                        pass  # the poll also catches notifications lost while reconnecting
+                    # The poll also catches notifications lost while reconnecting.
+                    await wait_event(wake, poll_interval)
             finally:
                 # The pool's reset on release also drops the lock; this just makes it prompt.
                 with contextlib.suppress(Exception):

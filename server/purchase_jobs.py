@@ -26,6 +26,7 @@ from db import escrow as escrow_queries
 from db import outbox
 from db import purchases as queries
 from server import delivery
+from server.aio import wait_event
 from server.crypto import unwrap_key
 from server.payments import ChainVerifier, Outcome, PaymentClaim
 from server.settings import Settings
@@ -137,8 +138,7 @@ class PurchaseWorker:
                 log.exception("purchase_worker_error", worker=self.worker_id, task=n)
                 await asyncio.sleep(self.settings.purchase_poll_interval)
             self._wake.clear()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.settings.purchase_poll_interval)
+            await wait_event(self._wake, self.settings.purchase_poll_interval)
 
     async def _sweep_loop(self) -> None:
         while True:

@@ -22,6 +22,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Iterable
 import socketio
 import structlog
 
+from server.aio import wait_event
 from server.auth import Identity
 from server.bus import (BusUnavailable, Event, EventBus, HistoryStore, Member, PresenceTracker,
                         ReplayResult, check_channel)
@@ -199,10 +200,7 @@ class Realtime:
                 if result.events or result.gap or remaining <= 0:
                     return result
                 wait = remaining if poll_interval is None else min(remaining, poll_interval)
-                try:
-                    await asyncio.wait_for(waiter.wait(), wait)
-                except asyncio.TimeoutError:
-                    pass
+                await wait_event(waiter, wait)
 
     @contextlib.asynccontextmanager
     async def _reader_slot(self) -> AsyncIterator[None]:
