@@ -66,11 +66,12 @@ class Datapod(DatapodSummary):
     encryption_key_hash: str
     schema: dict[str, Any] | None
     sample_data: list[dict[str, Any]] | None
+    review_count: int
 
     def to_public(self) -> dict[str, Any]:
-        """The JSON view of one pod: the listing fields plus schema, sample and hashes."""
+        """The JSON view of one pod: the listing fields plus schema, sample, hashes and review count."""
         view = DatapodSummary.to_public(self)
-        view.update({"data_hash": self.data_hash, "walrus_blob_id": self.walrus_blob_id,
+        view.update({"review_count": self.review_count, "data_hash": self.data_hash, "walrus_blob_id": self.walrus_blob_id,
                      "walrus_storage_size": self.walrus_storage_size,
                      "encryption_key_hash": self.encryption_key_hash,
                      "schema": self.schema, "sample_data": self.sample_data})
@@ -143,7 +144,8 @@ _SUMMARY_COLUMNS = """d.id, d.seller_id, u.username AS seller_username, u.name A
     coalesce(ARRAY(SELECT jsonb_array_elements_text(d.schema -> 'tags')), '{}') AS tags,
     d.created_at, d.updated_at"""
 _DETAIL_COLUMNS = _SUMMARY_COLUMNS + """, d.data_hash, d.walrus_blob_id, d.walrus_storage_size,
-    d.encryption_key_hash, d.schema - 'tags' AS schema, d.sample_data"""
+    d.encryption_key_hash, d.schema - 'tags' AS schema, d.sample_data,
+    (SELECT count(*) FROM reviews r WHERE r.datapod_id = d.id) AS review_count"""
 
 
 def _summary(row: asyncpg.Record) -> DatapodSummary:

@@ -98,7 +98,7 @@ async def test_csv_upload_is_profiled_hashed_and_stored_encrypted(client, db, se
                     {"name": "note", "type": "string", "null_count": 1}]}
     assert len(pod["sample_data"]) == 10
     assert pod["sample_data"][0] == {"date": "2026-10-01", "city": "Lima", "temp_c": 1.5, "rainy": True, "note": "a, b"}
-    assert "wrapped_key" not in pod and "encryption_iv" not in pod
+    assert "wrapped_key" not in pod and "encryption_iv" not in pod and pod["review_count"] == 0
 
     ciphertext = await client.app[BLOBS].get(pod["walrus_blob_id"])
     assert ciphertext != CSV_BYTES and b"Lima" not in ciphertext and b"date,city" not in ciphertext
@@ -402,7 +402,7 @@ async def test_seller_views_stats_and_reviews(client, db):
     assert [(r["rating"], r["comment"], r["buyer"]["id"]) for r in reviews["items"]] == [(4, "useful", str(buyer_id))]
     assert reviews["next_cursor"] is None
     pod = (await (await client.get(f"/api/v1/datapods/{rated_id}")).json())["data"]
-    assert pod["average_rating"] == "4.00" and pod["purchase_count"] == 1
+    assert pod["average_rating"] == "4.00" and pod["purchase_count"] == 1 and pod["review_count"] == 1
     assert (await client.get(f"/api/v1/datapods/{draft['id']}/reviews")).status == 404
 
 
