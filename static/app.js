@@ -66,26 +66,30 @@ for (const button of document.querySelectorAll("nav button")) {
 
 function datapodCard(pod) {
   const card = element("li", { dataset: { datapodId: pod.id } },
-    element("h4", {}, pod.title ?? pod.id),
+    element("h4", {}, element("a", { href: `#datapod/${pod.id}` }, pod.title ?? pod.id)),
     element("p", {}, pod.description ?? ""),
     element("p", { class: "meta" }, `${pod.category ?? ""} · ${pod.price_sui ?? "?"} SUI · sold ${pod.purchase_count ?? 0}`));
-  if (me && pod.seller?.id !== me.id) {
-    const error = element("p", { class: "error", role: "alert" });
-    const buy = element("button", { type: "button", class: "buy", "aria-label": `Buy ${pod.title ?? "this DataPod"}` }, "Buy");
-    buy.addEventListener("click", async () => {
-      buy.disabled = true;
-      error.textContent = "";
-      try {
-        await buyDatapod(pod);
-      } catch (failure) {
-        error.textContent = failure.message;
-      } finally {
-        buy.disabled = false;
-      }
-    });
-    card.append(buy, error);
-  }
+  card.append(...buyControls(pod));
   return card;
+}
+
+/** A Buy button and the place for its error, for anyone signed in but the seller; none otherwise. */
+function buyControls(pod) {
+  if (!me || pod.seller?.id === me.id) return [];
+  const error = element("p", { class: "error", role: "alert" });
+  const buy = element("button", { type: "button", class: "buy", "aria-label": `Buy ${pod.title ?? "this DataPod"}` }, "Buy");
+  buy.addEventListener("click", async () => {
+    buy.disabled = true;
+    error.textContent = "";
+    try {
+      await buyDatapod(pod);
+    } catch (failure) {
+      error.textContent = failure.message;
+    } finally {
+      buy.disabled = false;
+    }
+  });
+  return [buy, error];
 }
 
 async function loadDatapods(form = $("#market-search")) {
@@ -112,19 +116,262 @@ async function watchMarket() {
   await hub.subscribe("/marketplace", "market", {
     onGap: loadDatapods,
     onEvent(event) {
-      const pod = event.data.datapod ?? event.data;
-      const id = pod.id ?? pod.datapod_id;
+      const data = event.data.datapod ?? event.data;
+      const id = data.id ?? data.datapod_id;
+      const existing = $("#datapods").querySelector(`[data-key="${CSS.escape(id)}"]`);
       if (event.type === "datapod_unpublished") {
-        $("#datapods").querySelector(`[data-key="${CSS.escape(id)}"]`)?.remove();
+        existing?.remove();
         return;
       }
-      const existing = $("#datapods").querySelector(`[data-key="${CSS.escape(id)}"]`);
-      const merged = { ...(existing?.pod ?? {}), ...pod, id };
+      // Only a publication adds a card: a sale or a review of a pod the list does not show stays out.
+      if (!existing && event.type !== "datapod_published") return;
+      const changes = event.type === "datapod_updated" ? data.changes : data;
+      const merged = { ...(existing?.pod ?? {}), ...changes, id };
       const card = upsert($("#datapods"), id, datapodCard(merged), { prepend: !existing });
       card.pod = merged;
     },
   });
 }
+
+// --- the DataPod page ---------------------------------------------------------------------
+// A hash route (#datapod/<id>) inside the Marketplace tab, so a reload or a shared link reopens it.
+// While it is open the page watches `datapod:<id>`: the server counts it as a viewer until it leaves.
+
+const DATAPOD_ROUTE = /^#datapod\/([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})$/i;
+const REVIEW_PAGE = 10;
+const detail = { id: null, pod: null, pending: [], nextCursor: null, purchase: null };
+
+const cellText = (value) => (value === undefined || value === null ? ""
+  : typeof value === "object" ? JSON.stringify(value) : String(value));
+
+function ratingText(pod) {
+  const count = Number(pod.review_count ?? 0);
+  if (!count) return "No reviews yet";
+  return `${pod.average_rating} / 5 from ${count} review${count === 1 ? "" : "s"}`;
+}
+
+function showPod(pod) {
+  detail.pod = pod;
+  $("#datapod-title").textContent = pod.title ?? pod.id;
+  $("#datapod-description").textContent = pod.description ?? "";
+  $("#datapod-category").textContent = pod.category ?? "–";
+  $("#datapod-price").textContent = `${pod.price_sui} SUI`;
+  $("#datapod-seller").textContent = pod.seller?.username ?? pod.seller?.name ?? "unknown";
+  $("#datapod-rating").textContent = ratingText(pod);
+  $("#datapod-sold").textContent = String(pod.purchase_count ?? 0);
+}
+
+function showDataset(pod) {
+  const columns = pod.schema?.columns ?? [];
+  const sample = pod.sample_data ?? [];
+  $("#datapod-rows").textContent = pod.schema
+    ? `${pod.schema.row_count ?? "?"} rows, ${pod.schema.column_count ?? columns.length} columns (${pod.schema.format ?? pod.file_type ?? "?"})`
+    : "No schema was inferred for this dataset.";
+  $("#datapod-schema tbody").replaceChildren(...columns.map((column) => element("tr", {},
+    element("th", { scope: "row" }, column.name), element("td", {}, column.type), element("td", {}, String(column.null_count ?? 0)))));
+  const names = columns.length ? columns.map((column) => column.name) : [...new Set(sample.flatMap(Object.keys))];
+  $("#datapod-sample thead").replaceChildren(element("tr", {}, ...names.map((name) => element("th", { scope: "col" }, name))));
+  $("#datapod-sample tbody").replaceChildren(...(sample.length
+    ? sample.map((row) => element("tr", {}, ...names.map((name) => element("td", {}, cellText(row[name])))))
+    : [element("tr", {}, element("td", { colspan: String(Math.max(1, names.length)) }, "No sample rows."))]));
+}
+
+function reviewItem(review) {
+  const stars = "★".repeat(review.rating) + "☆".repeat(5 - review.rating);
+  return element("li", { dataset: { rating: String(review.rating) } },
+    element("span", { class: "stars", role: "img", "aria-label": `${review.rating} out of 5` }, stars), " ",
+    element("strong", {}, review.buyer?.username ?? "a buyer"), " ",
+    element("time", { datetime: review.created_at }, new Date(review.created_at).toLocaleDateString()),
+    review.comment ? element("p", { class: "comment" }, review.comment) : null);
+}
+
+async function fetchReviews(id, cursor) {
+  const params = new URLSearchParams({ limit: String(REVIEW_PAGE) });
+  if (cursor) params.set("cursor", cursor);
+  return api("GET", `/api/v1/datapods/${id}/reviews?${params}`);
+}
+
+/** Append a page of older reviews; a review already shown (it came live) is not shown twice. */
+function appendReviews(page) {
+  const list = $("#reviews");
+  for (const review of page.items) {
+    if (!list.querySelector(`[data-key="${CSS.escape(review.id)}"]`)) {
+      const item = reviewItem(review);
+      item.dataset.key = review.id;
+      list.append(item);
+    }
+  }
+  detail.nextCursor = page.next_cursor;
+  $("#reviews-more").hidden = !page.next_cursor;
+}
+
+/** Put the reviews posted since the page loaded on top, newest first (the live event has no text). */
+async function showNewReviews(id) {
+  const page = await fetchReviews(id);
+  if (detail.id !== id) return;
+  const list = $("#reviews");
+  for (const review of [...page.items].reverse()) {
+    if (!list.querySelector(`[data-key="${CSS.escape(review.id)}"]`)) upsert(list, review.id, reviewItem(review));
+  }
+}
+
+/** The caller's purchases of one DataPod (all pages: a buyer has few). */
+async function ownPurchasesOf(id) {
+  const found = [];
+  let cursor = null;
+  do {
+    const params = new URLSearchParams({ limit: "100" });
+    if (cursor) params.set("cursor", cursor);
+    const page = await api("GET", `/api/v1/purchases?${params}`);
+    found.push(...page.items.filter((purchase) => purchase.datapod_id === id));
+    cursor = page.next_cursor;
+  } while (cursor);
+  return found;
+}
+
+/** Offer the review form to a buyer with a completed purchase not yet reviewed; the server decides. */
+async function showReviewForm(id) {
+  const mine = await ownPurchasesOf(id);
+  if (detail.id !== id) return;
+  const open = mine.find((purchase) => purchase.status === "completed" && !purchase.reviewed);
+  detail.purchase = open ?? null;
+  $("#review-form").hidden = !open;
+  $("#review-status").textContent = open ? ""
+    : mine.some((purchase) => purchase.status === "completed") ? "You reviewed this DataPod."
+    : mine.length ? "You can review this DataPod once your purchase completes." : "";
+}
+
+function applyDatapodEvent(event) {
+  const data = event.data;
+  if (event.type === "datapod_updated") showPod({ ...detail.pod, ...data.changes, updated_at: data.updated_at });
+  else if (event.type === "datapod_sold") showPod({ ...detail.pod, purchase_count: data.purchase_count });
+  else if (event.type === "review_added") {
+    showPod({ ...detail.pod, average_rating: data.average_rating, review_count: data.review_count });
+    const id = detail.id;
+    showNewReviews(id).catch((error) => { $("#reviews-error").textContent = `Could not load the new review: ${error.message}`; });
+  } else if (event.type === "datapod_unpublished") {
+    $("#datapod-notice").textContent = "The seller withdrew this DataPod from the marketplace.";
+  } else if (event.type === "datapod_published") {
+    $("#datapod-notice").textContent = "";
+    showPod({ ...detail.pod, ...data });
+  }
+}
+
+async function loadDatapod(id) {
+  const [pod, reviews] = await Promise.all([api("GET", `/api/v1/datapods/${id}`), fetchReviews(id)]);
+  if (detail.id !== id) return;
+  showPod(pod);
+  showDataset(pod);
+  $("#datapod-buy").replaceChildren(...buyControls(pod));
+  $("#reviews").replaceChildren();
+  appendReviews(reviews);
+  // Events that came while the pod loaded: their values are absolute, so applying them again is harmless.
+  for (const event of detail.pending.splice(0)) applyDatapodEvent(event);
+}
+
+function clearDatapodView() {
+  for (const id of ["datapod-error", "datapod-viewers", "datapod-notice", "datapod-description", "datapod-category",
+    "datapod-price", "datapod-seller", "datapod-rating", "datapod-sold", "datapod-rows", "review-status", "review-error",
+    "reviews-error"]) $(`#${id}`).textContent = "";
+  $("#datapod-title").textContent = "Loading…";
+  for (const selector of ["#datapod-buy", "#datapod-schema tbody", "#datapod-sample thead", "#datapod-sample tbody", "#reviews"]) {
+    $(selector).replaceChildren();
+  }
+  $("#reviews-more").hidden = true;
+  $("#review-form").hidden = true;
+}
+
+async function openDatapod(id) {
+  if (detail.id === id) return;
+  closeDatapod();
+  Object.assign(detail, { id, pod: null, pending: [], nextCursor: null, purchase: null });
+  clearDatapodView();
+  openTab("marketplace");
+  $("#market-list").hidden = true;
+  $("#datapod-view").hidden = false;
+  $("#datapod-back").focus();
+  // Subscribed before the pod is read, so nothing that changes it meanwhile is missed.
+  const subscription = hub.subscribe("/marketplace", `datapod:${id}`, {
+    onPresence(count) { if (detail.id === id) $("#datapod-viewers").textContent = `${count} viewing`; },
+    onGap() { if (detail.id === id) loadDatapod(id).catch(() => {}); },
+    onEvent(event) {
+      if (detail.id !== id) return;
+      if (detail.pod) applyDatapodEvent(event);
+      else detail.pending.push(event);
+    },
+  });
+  await Promise.all([
+    subscription.catch((error) => {
+      if (detail.id === id) $("#datapod-notice").textContent = `Live updates are unavailable: ${error.message}`;
+    }),
+    loadDatapod(id).catch((error) => {
+      if (detail.id !== id) return;
+      $("#datapod-title").textContent = "DataPod";
+      $("#datapod-error").textContent = `Could not load this DataPod: ${error.message}`;
+    }),
+    showReviewForm(id).catch((error) => {
+      if (detail.id === id) $("#review-error").textContent = `Could not check your purchases: ${error.message}`;
+    }),
+  ]);
+}
+
+function closeDatapod() {
+  const { id } = detail;
+  if (!id) return;
+  Object.assign(detail, { id: null, pod: null, pending: [], purchase: null });
+  $("#datapod-view").hidden = true;
+  $("#market-list").hidden = false;
+  // Leaving stops this page counting as a viewer, for everyone else on the page. Not awaited: a
+  // socket sends its commands in order, so a page reopened at once subscribes after this leaves.
+  hub.unsubscribe("/marketplace", `datapod:${id}`).catch(() => {});
+}
+
+/** Show what the address names: a DataPod page (#datapod/<id>) or the list. */
+async function route() {
+  const match = DATAPOD_ROUTE.exec(location.hash);
+  if (match) await openDatapod(match[1].toLowerCase());
+  else closeDatapod();
+}
+
+window.addEventListener("hashchange", () => { if (me) route(); });
+$("#datapod-back").addEventListener("click", () => { location.hash = ""; });
+$("#reviews-more").addEventListener("click", async () => {
+  const id = detail.id;
+  const button = $("#reviews-more");
+  button.disabled = true;
+  $("#reviews-error").textContent = "";
+  try {
+    const page = await fetchReviews(id, detail.nextCursor);
+    if (detail.id === id) appendReviews(page);
+  } catch (error) {
+    $("#reviews-error").textContent = `Could not load more reviews: ${error.message}`;
+  } finally {
+    button.disabled = false;
+  }
+});
+$("#review-form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const form = event.target;
+  const { id, purchase } = detail;
+  if (!purchase) return;
+  const button = form.querySelector("button[type=submit]");
+  const comment = form.comment.value.trim();
+  button.disabled = true;
+  $("#review-error").textContent = "";
+  try {
+    await api("POST", `/api/v1/purchases/${purchase.id}/review`, { rating: Number(form.rating.value), ...(comment ? { comment } : {}) });
+    if (detail.id !== id) return;
+    form.reset();
+    form.hidden = true;
+    detail.purchase = null;
+    $("#review-status").textContent = "Thank you: your review is posted.";
+    await showNewReviews(id);
+  } catch (error) {
+    $("#review-error").textContent = `Your review was not posted: ${error.message}`;
+  } finally {
+    button.disabled = false;
+  }
+});
 
 // --- wallet -------------------------------------------------------------------------------
 // The wallet key is an Ed25519 key made by WebCrypto and kept, not extractable, in this browser's
@@ -310,7 +557,9 @@ async function watchPurchases() {
   await hub.subscribe("/purchases", `user:${me.id}`, {
     onGap: load,
     onEvent(event) {
-      if (event.type === "purchase_progressed") showPurchase(event.data);
+      if (event.type !== "purchase_progressed") return;
+      showPurchase(event.data);
+      if (event.data.status === "completed" && event.data.datapod_id === detail.id) showReviewForm(detail.id).catch(() => {});
     },
   });
 }
@@ -578,7 +827,7 @@ async function start() {
   if (!me) return;
   $("#whoami").textContent = me.username;
   hub.reauthenticate();
-  await Promise.all([watchMarket(), watchPurchases(), watchChain(), watchAssistant(), watchGames(), watchDao()]);
+  await Promise.all([route(), watchMarket(), watchPurchases(), watchChain(), watchAssistant(), watchGames(), watchDao()]);
 }
 
 start();

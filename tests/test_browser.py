@@ -13,26 +13,47 @@ from playwright.async_api import async_playwright, expect
 from server.app import create_app
 from server.context import BLOBS, MASTER_KEY, POOL
 from server.realtime import publish
-from tests.helpers import server_url
+from tests.helpers import register, register_seller, server_url
 from tests.llm_server import llm_server  # noqa: F401 - a fixture
+from tests.test_purchases import fast  # noqa: F401 - a fixture
 
 CHROMIUM = os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")
 ARTIFACTS = Path(__file__).parent.parent / "test-artifacts"
 
 
 @pytest.fixture
-async def page(request):
-    """A fresh browser page; a screenshot lands in test-artifacts/ when the test fails."""
+async def browser():
+    """Debian's Chromium, driven by Playwright."""
     assert Path(CHROMIUM).exists(), f"{CHROMIUM} is missing: `make test` installs Debian's chromium"
     async with async_playwright() as playwright:
         browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        page = await browser.new_page()
-        yield page
-        report = getattr(request.node, "rep_call", None)
-        if report is not None and report.failed:
-            ARTIFACTS.mkdir(exist_ok=True)
-            await page.screenshot(path=str(ARTIFACTS / f"{request.node.name}.png"), full_page=True)
+        yield browser
         await browser.close()
+
+
+async def _screenshot_on_failure(request, page, name: str) -> None:
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed:
+        ARTIFACTS.mkdir(exist_ok=True)
+        await page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+@pytest.fixture
+async def page(request, browser):
+    """A fresh browser page; a screenshot lands in test-artifacts/ when the test fails."""
+    page = await browser.new_page()
+    yield page
+    await _screenshot_on_failure(request, page, request.node.name)
+
+
+@pytest.fixture
+async def second_page(request, browser):
+    """A page in a browser context of its own (its own storage, so another signed-in user)."""
+    context = await browser.new_context()
+    page = await context.new_page()
+    yield page
+    await _screenshot_on_failure(request, page, f"{request.node.name}-second")
+    await context.close()
 
 
 async def sign_up(page, base_url: str) -> str:
@@ -225,3 +246,184 @@ async def test_dao_tab_shows_live_tallies(client, page):
     await until_live(page, "/chain", f"dao:{proposal_id}")
     assert (await rest_vote(client, alice, proposal_id, vote_body(alice.wallet, proposal_id, "Yes")))[0] == 201
     await expect(row).to_contain_text("yes 1", timeout=10_000)
+
+
+# --- the DataPod page -----------------------------------------------------------------------------
+
+async def published_pod(client) -> tuple[dict, dict]:
+    """A verified seller and their uploaded, published DataPod (the CSV test dataset: schema and sample)."""
+    from tests.test_marketplace import auth, upload
+
+    seller = await register_seller(client)
+    pod = await upload(client, seller)
+    response = await client.post(f"/api/v1/datapods/{pod['id']}/publish", headers=auth(seller))
+    assert response.status == 200, await response.text()
+    return seller, pod
+
+
+async def bought(client, db, buyer: dict, seller: dict, pod: dict) -> str:
+    """A completed purchase of the pod by the buyer, through the real API and purchase job."""
+    from tests.test_purchases import buy
+
+    return await buy(client, db, buyer, uuid.UUID(buyer["user"]["id"]), uuid.UUID(seller["user"]["id"]),
+                     uuid.UUID(pod["id"]))
+
+
+async def review(client, buyer: dict, purchase_id: str, rating: int, comment: str) -> dict:
+    response = await client.post(f"/api/v1/purchases/{purchase_id}/review", json={"rating": rating, "comment": comment},
+                                 headers={"Authorization": f"Bearer {buyer['token']}"})
+    body = await response.json()
+    assert response.status == 201, body
+    return body["data"]
+
+
+async def test_datapod_page_shows_the_dataset_and_counts_viewers_live(client, page, second_page):
+    seller, pod = await published_pod(client)
+    base_url = server_url(client)
+    await sign_up(page, base_url)
+    await page.locator(f'#datapods [data-key="{pod["id"]}"]').get_by_role("link", name="City weather").click()
+
+    view = page.locator("#datapod-view")
+    await expect(view.get_by_role("heading", name="City weather", level=2)).to_be_visible()
+    assert page.url.endswith(f"#datapod/{pod['id']}")
+    await expect(page.locator("#market-list")).to_be_hidden()
+    await expect(page.locator("#datapod-description")).to_have_text("Daily weather for two cities")
+    await expect(page.locator("#datapod-category")).to_have_text("climate")
+    await expect(page.locator("#datapod-price")).to_have_text("1.500000000 SUI")
+    await expect(page.locator("#datapod-seller")).to_have_text(seller["user"]["username"])
+    await expect(page.locator("#datapod-rating")).to_have_text("No reviews yet")
+    await expect(page.locator("#datapod-sold")).to_have_text("0")
+    await expect(page.locator("#datapod-rows")).to_have_text("25 rows, 5 columns (csv)")
+    schema = page.locator("#datapod-schema tbody tr")
+    await expect(schema).to_have_count(5)
+    await expect(schema.nth(2)).to_have_text("temp_cnumber1")
+    await expect(page.locator("#datapod-sample thead th")).to_have_text(["date", "city", "temp_c", "rainy", "note"])
+    sample = page.locator("#datapod-sample tbody tr")
+    await expect(sample).to_have_count(10)
+    await expect(sample.first.locator("td")).to_have_text(["2026-10-01", "Lima", "1.5", "true", "a, b"])
+    await expect(page.locator("#datapod-viewers")).to_have_text("1 viewing")
+
+    # A second user opens the same page by its address: both count two viewers.
+    await sign_up(second_page, base_url)
+    await second_page.goto(f"{base_url}/#datapod/{pod['id']}")
+    await expect(second_page.get_by_role("heading", name="City weather", level=2)).to_be_visible()
+    await expect(second_page.locator("#datapod-viewers")).to_have_text("2 viewing")
+    await expect(page.locator("#datapod-viewers")).to_have_text("2 viewing")
+
+    # Going back leaves the channel: the other page drops to one viewer.
+    await page.get_by_role("button", name="← Back to the marketplace").click()
+    await expect(page.locator("#market-list")).to_be_visible()
+    await expect(view).to_be_hidden()
+    await expect(second_page.locator("#datapod-viewers")).to_have_text("1 viewing")
+
+    # A reload on the detail route reopens the same DataPod (and still counts one viewer).
+    await second_page.reload()
+    await expect(second_page.get_by_role("heading", name="City weather", level=2)).to_be_visible()
+    await expect(second_page.locator("#datapod-sample tbody tr")).to_have_count(10)
+    await expect(second_page.locator("#datapod-viewers")).to_have_text("1 viewing")
+    await until_live(second_page, "/marketplace", f"datapod:{pod['id']}")
+
+
+async def test_sales_and_reviews_arrive_live_on_an_open_datapod_page(aiohttp_client, fast, db, page):  # noqa: F811
+    client = await aiohttp_client(create_app(fast))
+    seller, pod = await published_pod(client)
+    base_url = server_url(client)
+    await sign_up(page, base_url)
+    await page.goto(f"{base_url}/#datapod/{pod['id']}")
+    await expect(page.locator("#datapod-rating")).to_have_text("No reviews yet")
+    await until_live(page, "/marketplace", f"datapod:{pod['id']}")
+
+    first, second = await register(client), await register(client)
+    purchase = await bought(client, db, first, seller, pod)
+    await expect(page.locator("#datapod-sold")).to_have_text("1", timeout=10_000)
+    await review(client, first, purchase, 4, "clean data")
+    await expect(page.locator("#datapod-rating")).to_have_text("4.00 / 5 from 1 review", timeout=10_000)
+    reviews = page.locator("#reviews li")
+    await expect(reviews).to_have_count(1)
+    await expect(reviews.first).to_contain_text(first["user"]["username"])
+    await expect(reviews.first).to_contain_text("clean data")
+    await expect(reviews.first.get_by_role("img", name="4 out of 5")).to_be_visible()
+
+    purchase = await bought(client, db, second, seller, pod)
+    await review(client, second, purchase, 1, "mostly empty")
+    await expect(page.locator("#datapod-rating")).to_have_text("2.50 / 5 from 2 reviews", timeout=10_000)
+    await expect(page.locator("#datapod-sold")).to_have_text("2")
+    await expect(reviews).to_have_count(2)
+    await expect(reviews.first).to_contain_text("mostly empty")   # the newest on top
+    await expect(reviews.nth(1)).to_contain_text("clean data")
+
+    # The seller's new price shows without a reload too.
+    from tests.test_marketplace import auth
+    response = await client.patch(f"/api/v1/datapods/{pod['id']}", json={"price_sui": "2.25"}, headers=auth(seller))
+    assert response.status == 200
+    await expect(page.locator("#datapod-price")).to_have_text("2.250000000 SUI", timeout=10_000)
+
+
+async def signed_in_buyer(page, base_url: str, db) -> dict:
+    """Sign up in the page; the account as the API helpers take it (token and id)."""
+    username = await sign_up(page, base_url)
+    return {"token": await page.evaluate("sessionStorage.getItem('hub.token')"),
+            "user": {"id": str(await db.fetchval("SELECT id FROM users WHERE username = $1", username))}}
+
+
+async def test_a_buyer_reviews_from_the_page_and_sees_the_servers_refusal(aiohttp_client, fast, db, page,  # noqa: F811
+                                                                          second_page):
+    client = await aiohttp_client(create_app(fast))
+    seller, pod = await published_pod(client)
+    base_url = server_url(client)
+    buyer = await signed_in_buyer(page, base_url, db)
+    await page.goto(f"{base_url}/#datapod/{pod['id']}")
+    form = page.locator("#review-form")
+    await expect(page.locator("#datapod-rating")).to_have_text("No reviews yet")
+    await expect(form).to_be_hidden()  # no purchase, no form
+
+    purchase = await bought(client, db, buyer, seller, pod)
+    await expect(form).to_be_visible(timeout=10_000)  # the purchase completed while the page was open
+    await form.get_by_label("Rating").select_option("5")
+    await form.get_by_label("Comment").fill("exactly what I needed")
+    await form.get_by_role("button", name="Post review").click()
+    await expect(page.locator("#review-status")).to_have_text("Thank you: your review is posted.")
+    await expect(form).to_be_hidden()
+    await expect(page.locator("#reviews li").first).to_contain_text("exactly what I needed")
+    await expect(page.locator("#datapod-rating")).to_have_text("5.00 / 5 from 1 review", timeout=10_000)
+    assert await db.fetchval("SELECT rating FROM reviews WHERE purchase_id = $1", uuid.UUID(purchase)) == 5
+    await page.reload()
+    await expect(page.locator("#review-status")).to_have_text("You reviewed this DataPod.")
+    await expect(form).to_be_hidden()
+
+    # Another buyer's form is open, but their review was posted elsewhere meanwhile: the server refuses.
+    other = await signed_in_buyer(second_page, base_url, db)
+    purchase = await bought(client, db, other, seller, pod)
+    await second_page.goto(f"{base_url}/#datapod/{pod['id']}")
+    other_form = second_page.locator("#review-form")
+    await expect(other_form).to_be_visible()
+    await review(client, other, purchase, 2, "posted from another tab")
+    await other_form.get_by_role("button", name="Post review").click()
+    await expect(second_page.locator("#review-error")).to_have_text(
+        "Your review was not posted: this purchase is already reviewed")
+    assert await db.fetchval("SELECT count(*) FROM reviews WHERE purchase_id = $1", uuid.UUID(purchase)) == 1
+    await expect(second_page.locator("#datapod-rating")).to_have_text("3.50 / 5 from 2 reviews", timeout=10_000)
+
+
+async def test_datapod_reviews_come_in_pages_with_more(client, db, page):
+    seller, pod = await published_pod(client)
+    pod_id = uuid.UUID(pod["id"])
+    # Twelve past reviews, one a minute (a review needs a completed purchase of its own buyer).
+    for i in range(12):
+        buyer_id = uuid.UUID((await register(client))["user"]["id"])
+        purchase_id = await db.fetchval(
+            """INSERT INTO purchases (buyer_id, datapod_id, payment_tx_digest, amount_sui, status)
+               VALUES ($1, $2, $3, 1.5, 'completed') RETURNING id""", buyer_id, pod_id, f"digest-{i}")
+        await db.execute("""INSERT INTO reviews (purchase_id, buyer_id, datapod_id, rating, comment, created_at)
+                            VALUES ($1, $2, $3, $4, $5, now() - make_interval(mins => $6))""",
+                         purchase_id, buyer_id, pod_id, 1 + i % 5, f"review {i}", 12 - i)
+    base_url = server_url(client)
+    await sign_up(page, base_url)
+    await page.goto(f"{base_url}/#datapod/{pod['id']}")
+    await expect(page.locator("#datapod-rating")).to_have_text("2.75 / 5 from 12 reviews")
+    comments = page.locator("#reviews li .comment")
+    await expect(comments).to_have_text([f"review {i}" for i in range(11, 1, -1)])  # the newest ten
+    more = page.get_by_role("button", name="More reviews")
+    await more.click()
+    await expect(comments).to_have_text([f"review {i}" for i in range(11, -1, -1)])
+    await expect(more).to_be_hidden()
