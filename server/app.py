@@ -36,6 +36,7 @@ from server.bus import (HistoryStore, MemoryHistory, MemoryPresence, PresenceTra
 from server.context import AUTH, MASTER_KEY, METRICS, POOL, REALTIME, REDIS, REDIS_HEALTH, SETTINGS, SIO
 from server.embedded import database_dsn
 from server.dao import dao_ctx
+from server.demo_game import demo_game_ctx
 from server.games import games_ctx
 from server.errors import NotFound
 from server.fanout import create_client_manager
@@ -161,6 +162,7 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(purchase_jobs_ctx)
     app.cleanup_ctx.append(games_ctx)
     app.cleanup_ctx.append(dao_ctx)
+    app.cleanup_ctx.append(demo_game_ctx)
     app[METRICS].watch_pool(lambda: app.get(POOL))
 
     sio = create_socket_server(settings, app[METRICS])

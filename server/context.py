@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from server.blobs import BlobStore
     from server.games import GameService
     from server.bus import RedisHealth
+    from server.demo_game import DemoGamePlayer
     from server.metrics import Metrics
     from server.payments import ChainVerifier
     from server.purchase_jobs import PurchaseWorker
@@ -38,3 +39,4 @@ PAYMENT_VERIFIER: web.AppKey["ChainVerifier"] = web.AppKey("payment_verifier")
 PURCHASE_WORKER: web.AppKey["PurchaseWorker"] = web.AppKey("purchase_worker")
 BLOCK_PRODUCER: web.AppKey["BlockProducer"] = web.AppKey("block_producer")
 GAMES: web.AppKey["GameService"] = web.AppKey("games")
+DEMO_GAME_PLAYER: web.AppKey["DemoGamePlayer"] = web.AppKey("demo_game_player")

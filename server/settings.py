@@ -145,6 +145,8 @@ class Settings:
     game_server_event_rate: float = 2000.0
     game_server_event_burst: int = 4000
     dao_sweep_interval: float = 5.0
+    # The demo game player (server/demo_game.py): seconds between its rewards; 0 turns it off.
+    demo_game_interval: float = 3.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -217,6 +219,7 @@ class Settings:
             game_server_event_rate=_float(env, "GAME_SERVER_EVENT_RATE", defaults.game_server_event_rate),
             game_server_event_burst=_int(env, "GAME_SERVER_EVENT_BURST", defaults.game_server_event_burst),
             dao_sweep_interval=_float(env, "DAO_SWEEP_INTERVAL", defaults.dao_sweep_interval),
+            demo_game_interval=_float(env, "DEMO_GAME_INTERVAL", defaults.demo_game_interval),
         )
 
     @property
