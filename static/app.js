@@ -765,10 +765,16 @@ async function watchGame(game) {
       if (row) row.textContent = `${count} watching`;
     },
     onEvent(event) {
+      const session = $("#games").querySelector(`[data-key="${game.game_id}"] .session`);
       if (event.type === "leaderboard_changed") showLeaderboard(event.data);
       else if (event.type === "reward_earned") {
         upsert($("#game-rewards"), event.id, element("li", {},
           `${event.data.player_wallet ?? event.data.user_id} earned ${event.data.value ?? ""} (${event.data.reward_type ?? "reward"})`));
+        if (session) session.textContent = ` · session ${event.data.session_id} playing, ${event.data.session_total} earned`;
+      } else if (event.type === "session_started" && session) {
+        session.textContent = ` · session ${event.data.session_id} playing`;
+      } else if (event.type === "session_ended" && session) {
+        session.textContent = ` · session ${event.data.session_id} ${event.data.status}, ${event.data.rewards_earned} earned`;
       }
     },
   });
@@ -777,7 +783,8 @@ async function watchGame(game) {
 async function watchGames() {
   const data = await api("GET", "/api/v1/games").catch(() => ({ games: [] }));
   $("#games").replaceChildren(...data.games.map((game) => {
-    const row = element("li", { dataset: { key: String(game.game_id) } }, `${game.name} `, element("span", { class: "watchers" }));
+    const row = element("li", { dataset: { key: String(game.game_id) } }, `${game.name} `, element("span", { class: "watchers" }),
+      element("span", { class: "session" }));
     return row;
   }));
   if (data.games.length) await watchGame(data.games[0]);

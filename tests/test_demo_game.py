@@ -5,9 +5,11 @@ across processes, and the demo game's token."""
 from __future__ import annotations
 
 import asyncio
+import re
 from decimal import Decimal
 
 import pytest
+from playwright.async_api import expect
 
 from db.demo import DEMO_USERS, load_if_empty
 from server import games
@@ -16,6 +18,7 @@ from server.context import DEMO_GAME_PLAYER, GAMES
 from server.demo_game import demo_token
 from server.secrets import load_or_create_secret
 from tests.helpers import server_url, wait_until
+from tests.test_browser import browser, page, sign_up  # noqa: F401 - browser and page are fixtures
 from tests.test_games import bearer, received
 
 FAST = {"demo_data_on_first_start": True, "demo_game_interval": 0.05, "game_leaderboard_interval": 0.1}
@@ -175,3 +178,14 @@ async def test_the_demo_game_token_is_derived_and_an_owner_rotation_wins(aiohttp
     assert await db.fetchval("SELECT token_hash FROM games WHERE game_id = $1", game_id) == games.token_digest(alice_token)
     assert player.leading  # still leading, waiting: the loop goes on
 
+
+async def test_the_games_tab_shows_the_demo_playing(aiohttp_client, settings, db, page):
+    client = await aiohttp_client(create_app(settings.replace(**{**FAST, "demo_game_interval": 0.2})))
+    game_id = await demo_game_id(db)
+    await sign_up(page, server_url(client))
+    await page.click("nav >> text=Games")
+    row = page.locator(f'#games [data-key="{game_id}"]')
+    await expect(row).to_contain_text("Block Runner")
+    await expect(row.locator(".session")).to_contain_text("playing", timeout=10_000)
+    await expect(page.locator("#game-rewards li").first).to_contain_text("earned", timeout=10_000)
+    await expect(page.locator("#leaderboard li").first).to_contain_text(re.compile("alice|bob|carol"), timeout=10_000)
