@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from typing import AsyncIterator
+
 import asyncpg
 
 from server import jsonutil
@@ -18,3 +21,22 @@ async def create_pool(dsn: str, max_size: int) -> asyncpg.Pool:
     """Open the pool; fails fast when the database does not answer."""
     return await asyncpg.create_pool(dsn, min_size=1, max_size=max_size, init=init_connection,
                                      command_timeout=30, timeout=10)
+
+
+@contextlib.asynccontextmanager
+async def leadership(pool: asyncpg.Pool, lock_key: int) -> AsyncIterator[asyncpg.Connection | None]:
+    """A pooled connection holding advisory lock `lock_key`, or None while another process holds it.
+
+    Only one process across the cluster leads a singleton job (the block producer, the outbox
+    relay, the demo game); the lock lives as long as the connection, so a dead leader's is freed.
+    """
+    async with pool.acquire() as conn:
+        if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", lock_key):
+            yield None
+            return
+        try:
+            yield conn
+        finally:
+            # Releasing the connection also drops the lock (the pool resets it); this is prompter.
+            with contextlib.suppress(Exception):
+                await conn.execute("SELECT pg_advisory_unlock($1)", lock_key)

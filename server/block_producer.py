@@ -9,7 +9,6 @@ chain_settings row, so even two sealers could not fork the chain: `previous_hash
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 import uuid
 from decimal import Decimal
@@ -20,6 +19,7 @@ import structlog
 from aiohttp import web
 
 from db import chain as queries
+from db.pool import leadership
 from server.chain import SealConfig, Sealed, seal_block
 from server.context import BLOCK_PRODUCER, POOL, REDIS_HEALTH, SETTINGS
 from server.settings import Settings
@@ -62,8 +62,8 @@ class BlockProducer:
         """Lead or stand by until cancelled; errors propagate to the caller's restart loop."""
         interval = self.settings.block_interval_seconds
         while True:
-            async with self.pool.acquire() as conn:
-                if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", PRODUCER_LOCK_KEY):
+            async with leadership(self.pool, PRODUCER_LOCK_KEY) as conn:
+                if conn is None:
                     await asyncio.sleep(interval)
                     continue
                 self.leading = True
@@ -78,9 +78,6 @@ class BlockProducer:
                         next_at = max(next_at + interval, time.monotonic())
                 finally:
                     self.leading = False
-                    # Releasing the connection also drops the lock; this just makes it prompt.
-                    with contextlib.suppress(Exception):
-                        await conn.execute("SELECT pg_advisory_unlock($1)", PRODUCER_LOCK_KEY)
 
 
 async def block_producer_ctx(app: web.Application) -> AsyncIterator[None]:

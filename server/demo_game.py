@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
-import contextlib
 import dataclasses
 import hashlib
 import hmac
@@ -36,6 +35,7 @@ from aiohttp import web
 from db import demo_game as queries
 from db import games as game_queries
 from db.demo import DEMO_USERS
+from db.pool import leadership
 from server import games
 from server.context import DEMO_GAME_PLAYER, GAMES, MASTER_KEY, POOL, REDIS_HEALTH, SETTINGS
 from server.errors import Conflict, ErrorCode, HubError, RateLimited, Unauthorized
@@ -94,8 +94,8 @@ class DemoGamePlayer:
     async def run(self) -> None:
         """Lead or stand by until cancelled; errors of the lock's connection go to the restart loop."""
         while True:
-            async with self.app[POOL].acquire() as conn:
-                if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", DEMO_LOCK_KEY):
+            async with leadership(self.app[POOL], DEMO_LOCK_KEY) as conn:
+                if conn is None:
                     await asyncio.sleep(self.interval)
                     continue
                 self.leading = True
@@ -104,9 +104,6 @@ class DemoGamePlayer:
                     await self._lead(conn)
                 finally:
                     self.leading = False
-                    # Releasing the connection also drops the lock; this just makes it prompt.
-                    with contextlib.suppress(Exception):
-                        await conn.execute("SELECT pg_advisory_unlock($1)", DEMO_LOCK_KEY)
 
     async def _lead(self, lock_conn: asyncpg.Connection) -> None:
         self._play, self._turn = None, None

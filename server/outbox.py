@@ -16,6 +16,7 @@ import asyncpg
 import structlog
 
 from db import outbox
+from db.pool import leadership
 from server.aio import wait_event
 
 log = structlog.get_logger(__name__)
@@ -40,8 +41,8 @@ async def run_relay(pool: asyncpg.Pool, publish_many: PublishMany, *, batch: int
                     poll_interval: float = 1.0, on_relayed: Callable[[int], None] | None = None) -> None:
     """Relay forever (until cancelled): lead when the lock is free, else stand by."""
     while True:
-        async with pool.acquire() as conn:
-            if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", RELAY_LOCK_KEY):
+        async with leadership(pool, RELAY_LOCK_KEY) as conn:
+            if conn is None:
                 await asyncio.sleep(poll_interval)
                 continue
             log.info("outbox_relay_leading")
@@ -63,7 +64,5 @@ async def run_relay(pool: asyncpg.Pool, publish_many: PublishMany, *, batch: int
                     # The poll also catches notifications lost while reconnecting.
                     await wait_event(wake, poll_interval)
             finally:
-                # The pool's reset on release also drops the lock; this just makes it prompt.
                 with contextlib.suppress(Exception):
                     await conn.remove_listener(outbox.NOTIFY_CHANNEL, on_notify)
-                    await conn.execute("SELECT pg_advisory_unlock($1)", RELAY_LOCK_KEY)
