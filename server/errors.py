@@ -114,6 +114,9 @@ def error_from_exception(exc: BaseException) -> HubError:
         return NotFound("a referenced record does not exist", field=_constraint_field(exc))
     if isinstance(exc, asyncpg.CheckViolationError):
         return InvalidPayload("a value is out of its allowed range", field=_constraint_field(exc))
+    if isinstance(exc, (asyncpg.CharacterNotInRepertoireError, asyncpg.UntranslatableCharacterError)):
+        # Input no schema saw (a query string, a form field) with a NUL the database cannot store.
+        return InvalidPayload("text must not contain NUL characters")
     if isinstance(exc, (asyncpg.PostgresConnectionError, asyncpg.CannotConnectNowError,
                         ConnectionError, OSError)):
         return Unavailable("a backing service is unavailable, retry shortly")

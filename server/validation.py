@@ -18,8 +18,31 @@ def compile_schema(schema: dict[str, Any]) -> Draft202012Validator:
     return Draft202012Validator(schema, format_checker=_FORMATS)
 
 
+def _nul_path(value: Any, path: str = "") -> str | None:
+    """The path of the first string (or key) holding a NUL character, which PostgreSQL cannot store."""
+    if isinstance(value, str):
+        return path if "\x00" in value else None
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            inner_path = f"{path}.{key}" if path else str(key)
+            if "\x00" in str(key):
+                return inner_path
+            found = _nul_path(inner, inner_path)
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for index, inner in enumerate(value):
+            found = _nul_path(inner, f"{path}.{index}" if path else str(index))
+            if found is not None:
+                return found
+    return None
+
+
 def validate(validator: Draft202012Validator, payload: Any) -> Any:
     """Return the payload if it matches, else raise InvalidPayload naming the first bad field."""
+    nul_at = _nul_path(payload)
+    if nul_at is not None:
+        raise InvalidPayload("text must not contain NUL characters", field=nul_at or None)
     error = jsonschema.exceptions.best_match(validator.iter_errors(payload))
     if error is None:
         return payload

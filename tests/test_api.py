@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.helpers import register
+from tests.helpers import register, server_url
 
 
 @pytest.mark.parametrize("body, field", [
@@ -31,6 +31,24 @@ async def test_malformed_json_and_non_object_bodies(client, db):
     assert response.status == 400 and (await response.json())["error"]["code"] == "invalid_payload"
     response = await client.post("/api/v1/auth/login", json=["login", "password"])
     assert response.status == 400 and (await response.json())["error"]["code"] == "invalid_payload"
+
+
+async def test_nul_characters_are_refused_not_a_server_error(client, db, sockets):
+    # PostgreSQL text cannot hold NUL: a schema-checked body names the field, anything else
+    # (a query string) still gets invalid_payload instead of an internal error.
+    account = await register(client)
+    headers = {"Authorization": f"Bearer {account['token']}"}
+    response = await client.post("/api/v1/conversations", json={"title": "a\x00b"}, headers=headers)
+    assert response.status == 400
+    assert (await response.json())["error"] == {"code": "invalid_payload", "field": "title",
+                                                "message": "text must not contain NUL characters"}
+    response = await client.get("/api/v1/datapods", params={"q": "a\x00b"})
+    assert response.status == 400 and (await response.json())["error"]["code"] == "invalid_payload"
+    sock = sockets()
+    await sock.connect(server_url(client), "/assistant", token=account["token"])
+    reply = await sock.call("/assistant", "create_conversation", {"title": "x", "extra\x00": 1})
+    assert reply["ok"] is False and reply["error"]["code"] == "invalid_payload"
+    assert await db.fetchval("SELECT count(*) FROM ai_conversations") == 0
 
 
 async def test_unknown_route_and_method_get_the_envelope(client):
