@@ -18,7 +18,7 @@ from server.context import POOL, SETTINGS
 from server.errors import InvalidPayload, NotFound
 from server.namespace import Ctx, HubNamespace, command
 from server.realtime import ChannelAccess, ChannelRule, publish
-from server.rest import endpoint, int_query, ok_response
+from server.rest import endpoint, int_query, ok_response, path_int
 from server.validation import UUID, obj, string
 
 log = structlog.get_logger(__name__)
@@ -186,9 +186,9 @@ async def handle_blocks(request: web.Request) -> web.Response:
 @endpoint()
 async def handle_block(request: web.Request) -> web.Response:
     """One block by height, with its transactions."""
-    height = int(request.match_info["height"])
+    height = path_int(request, "height", "no block at that height", minimum=0)
     async with request.app[POOL].acquire() as conn:
-        block = await queries.get_block(conn, height) if height < 2**31 else None
+        block = await queries.get_block(conn, height)
         if block is None:
             raise NotFound("no block at that height", field="height")
         txs = (await queries.block_transactions(conn, [height]))[height]
@@ -218,10 +218,7 @@ async def handle_create_pool(request: web.Request, identity: Identity, body: dic
 
 
 def _pool_id(request: web.Request) -> int:
-    raw = request.match_info["pool_id"]
-    if not raw.isdigit() or int(raw) >= 2**31:
-        raise NotFound("no such reward pool", field="pool_id")
-    return int(raw)
+    return path_int(request, "pool_id", "no such reward pool", minimum=0)
 
 
 @routes.patch("/api/v1/admin/reward-pools/{pool_id}")

@@ -16,8 +16,8 @@ from server import dao as service
 from server import wallets
 from server.auth import Identity
 from server.context import POOL
-from server.errors import InvalidPayload, NotFound
-from server.rest import endpoint, int_query, ok_response
+from server.errors import InvalidPayload
+from server.rest import endpoint, int_query, ok_response, path_int
 from server.validation import obj, string
 
 routes = web.RouteTableDef()
@@ -62,10 +62,7 @@ async def get(app: web.Application, proposal_id: int, with_votes: bool = False) 
 
 
 def _proposal_id(request: web.Request) -> int:
-    raw = request.match_info["proposal_id"]
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_ID:
-        raise NotFound("no such proposal", field="proposal_id")
-    return int(raw)
+    return path_int(request, "proposal_id", "no such proposal")
 
 
 

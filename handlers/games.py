@@ -23,7 +23,7 @@ from server.context import AUTH, GAMES, POOL, SETTINGS
 from server.errors import Forbidden, HubError, InvalidPayload, NotFound, Unauthorized
 from server.namespace import Ctx, HubNamespace, command, refusal
 from server.realtime import ChannelRule, own_user
-from server.rest import current_identity, endpoint, ok_response, read_json
+from server.rest import current_identity, endpoint, ok_response, path_int, read_json
 from server.validation import compile_schema, obj, string, validate
 
 log = structlog.get_logger(__name__)
@@ -139,16 +139,13 @@ async def report(app: web.Application, caller: service.GameCaller, session_id: i
 def _int_param(raw: str | None, name: str, *, default: int, maximum: int = MAX_INT) -> int:
     if raw is None or raw == "":
         return default
-    if not raw.isdigit() or int(raw) > maximum:
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 10) or int(raw) > maximum:
         raise InvalidPayload(f"'{name}' must be an integer between 0 and {maximum}", field=name)
     return int(raw)
 
 
 def _path_id(request: web.Request, name: str, what: str) -> int:
-    raw = request.match_info[name]
-    if not raw.isdigit() or not 0 < int(raw) <= MAX_INT:
-        raise NotFound(f"no such {what}", field=name)
-    return int(raw)
+    return path_int(request, name, f"no such {what}")
 
 
 def _share(raw: Any) -> Decimal:

@@ -18,8 +18,8 @@ from server import kyc as service
 from server.auth import Identity
 from server.context import BLOBS, MASTER_KEY, POOL, SETTINGS
 from server.datasets import CHUNK_BYTES
-from server.errors import InvalidPayload, NotFound, PayloadTooLarge
-from server.rest import endpoint, int_query, ok_response
+from server.errors import InvalidPayload, PayloadTooLarge
+from server.rest import endpoint, int_query, ok_response, path_int
 from server.validation import compile_schema, obj, string, validate
 
 log = structlog.get_logger(__name__)
@@ -37,10 +37,7 @@ _SUBMIT = compile_schema(SUBMIT_SCHEMA)
 
 
 def _kyc_id(request: web.Request) -> int:
-    raw = request.match_info["kyc_id"]
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_ID:
-        raise NotFound("no such KYC submission", field="kyc_id")
-    return int(raw)
+    return path_int(request, "kyc_id", "no such KYC submission")
 
 
 async def _read_submission(request: web.Request) -> tuple[dict[str, Any], bytes]:

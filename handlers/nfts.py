@@ -14,8 +14,8 @@ from handlers.chain import ADDRESS, AMOUNT
 from server import nfts as service
 from server.auth import Identity
 from server.context import POOL
-from server.errors import InvalidPayload, NotFound
-from server.rest import endpoint, int_query, ok_response
+from server.errors import InvalidPayload
+from server.rest import endpoint, int_query, ok_response, path_int
 from server.validation import compile_schema, obj, string, validate
 
 routes = web.RouteTableDef()
@@ -39,10 +39,7 @@ _ADDRESS = compile_schema(ADDRESS)
 
 
 def _path_id(request: web.Request, name: str, what: str) -> int:
-    raw = request.match_info[name]
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_ID:
-        raise NotFound(f"no such {what}", field=name)
-    return int(raw)
+    return path_int(request, name, f"no such {what}")
 
 
 def _wallet_query(request: web.Request, name: str) -> str | None:

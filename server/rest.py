@@ -94,6 +94,18 @@ async def read_json(request: web.Request) -> Any:
         raise InvalidPayload("the body is not valid JSON") from exc
 
 
+MAX_INTEGER_ID = 2**31 - 1  # PostgreSQL INTEGER
+
+
+def path_int(request: web.Request, name: str, missing: str, *, minimum: int = 1) -> int:
+    """An INTEGER id from the URL path; NotFound(`missing`) for anything else, never a server error."""
+    raw = request.match_info[name]
+    # ASCII digits of bounded length first: int() refuses 4,300+ digits and accepts other scripts.
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 10) or not minimum <= int(raw) <= MAX_INTEGER_ID:
+        raise NotFound(missing, field=name)
+    return int(raw)
+
+
 def int_query(request: web.Request, name: str, *, minimum: int, maximum: int | None = None) -> int | None:
     """An optional integer query parameter within bounds; InvalidPayload naming it otherwise."""
     raw = request.query.get(name)

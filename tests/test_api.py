@@ -51,6 +51,19 @@ async def test_nul_characters_are_refused_not_a_server_error(client, db, sockets
     assert await db.fetchval("SELECT count(*) FROM ai_conversations") == 0
 
 
+@pytest.mark.parametrize("path", ["/api/v1/proposals/{id}", "/api/v1/games/{id}", "/api/v1/nfts/{id}",
+                                  "/api/v1/blocks/{id}", "/api/v1/game-sessions/{id}",
+                                  "/api/v1/nft-listings/{id}/cancel"])
+@pytest.mark.parametrize("raw_id", ["9" * 5000, "\u00b2", "2147483648"])
+async def test_an_unusable_path_id_is_not_found(client, path, raw_id):
+    # int() refuses 4,300+ digits and "²".isdigit() is true: neither may become a server error.
+    account = await register(client)
+    method = "POST" if path.endswith("/cancel") else "GET"
+    response = await client.request(method, path.format(id=raw_id),
+                                    headers={"Authorization": f"Bearer {account['token']}"})
+    assert response.status == 404 and (await response.json())["error"]["code"] == "not_found"
+
+
 async def test_unknown_route_and_method_get_the_envelope(client):
     response = await client.get("/api/v1/no-such-thing")
     body = await response.json()
