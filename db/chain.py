@@ -14,14 +14,21 @@ from typing import Any
 
 import asyncpg
 
+from server.wallets import AMOUNT_QUANTUM
+
 
 def _iso(value: dt.datetime | None) -> str | None:
     return value.isoformat() if value is not None else None
 
 
+def money(value: Decimal) -> str:
+    """A KVP amount as text with exactly 8 decimals ("0.00000000", never "0E-8")."""
+    return f"{Decimal(value).quantize(AMOUNT_QUANTUM):f}"
+
+
 def amount_text(value: Decimal | None) -> str | None:
-    """A KVP amount as plain text with 8 decimals ("0.00000000", never "0E-8")."""
-    return None if value is None else format(Decimal(value).quantize(Decimal("0.00000001")), "f")
+    """`money` for a nullable column."""
+    return None if value is None else money(value)
 
 
 # --- wallets ----------------------------------------------------------------------------------

@@ -14,17 +14,15 @@ from typing import Any, Iterable
 
 import asyncpg
 
+from db.chain import money
+from server.wallets import AMOUNT_QUANTUM
+
 
 ACTIVE = "Active"
 ENDED = "Ended"
 TIMED_OUT = "TimedOut"
 REWARD_REASON = "game_reward"
-QUANTUM = Decimal("0.00000001")
-
-
-def money(value: Decimal) -> str:
-    """A KVP amount as text with exactly 8 decimals (how amounts travel in events and acks)."""
-    return f"{Decimal(value).quantize(QUANTUM):f}"
+QUANTUM = AMOUNT_QUANTUM
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -18,6 +18,7 @@ import asyncpg
 import structlog
 
 from db import chain as queries
+from db.chain import money
 from db import games as game_queries
 from db import outbox
 from server import wallets
@@ -31,11 +32,6 @@ MINING_CHANNEL = "chain:mining"
 BLOCK_VERSION = 1
 ZERO = Decimal(0)
 FAUCET_REASON = "demo_faucet"
-
-
-def money(value: Decimal) -> str:
-    """A KVP amount as text with exactly 8 decimals (what headers and balance records hold)."""
-    return f"{Decimal(value).quantize(wallets.AMOUNT_QUANTUM):f}"
 
 
 # --- wallets and transfers --------------------------------------------------------------------
