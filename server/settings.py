@@ -201,6 +201,7 @@ class Settings:
             event_rate=_int(env, "EVENT_RATE", int(defaults.event_rate)),
             event_burst=_int(env, "EVENT_BURST", defaults.event_burst),
             block_producer=_bool(env, "BLOCK_PRODUCER", True),
+            shutdown_timeout=_float(env, "SHUTDOWN_TIMEOUT", defaults.shutdown_timeout),
             block_interval_seconds=_float(env, "BLOCK_INTERVAL", defaults.block_interval_seconds),
             pow_difficulty=_int(env, "POW_DIFFICULTY", defaults.pow_difficulty),
             block_reward=_amount(env, "BLOCK_REWARD"),
