@@ -17,11 +17,11 @@ from aiohttp import web
 
 from db import assistant as assistant_db
 from server import jsonutil
-from server.assistant import Generation, conversation_channel, user_channel
+from server.assistant import Generation, conversation_channel
 from server.context import ASSISTANT, POOL, REALTIME, SETTINGS
 from server.errors import Conflict, Forbidden, InvalidPayload, NotFound, PayloadTooLarge, RateLimited
 from server.namespace import Ctx, HubNamespace, command
-from server.realtime import FIRST_ID, ChannelAccess, ChannelRule, own_user, publish
+from server.realtime import FIRST_ID, ChannelAccess, ChannelRule, own_user, publish, user_channel
 from server.rest import endpoint, ok_response
 from server.validation import UUID, obj, string
 

@@ -28,7 +28,7 @@ from server.crypto import unwrap_key
 from server.errors import Conflict, ErrorCode, Forbidden, HubError, InvalidPayload, NotFound, Unavailable
 from server.namespace import Ctx, HubNamespace, command
 from server.purchase_jobs import refund_purchase, release_escrow
-from server.realtime import ChannelRule, own_user
+from server.realtime import ChannelRule, own_user, user_channel
 from server.rest import endpoint, ok_response, query_payload
 from server.validation import UUID, compile_schema, obj, string
 
@@ -82,7 +82,7 @@ async def start_purchase(app: web.Application, buyer_id: uuid.UUID, datapod_id: 
             raise Conflict("you already bought this DataPod (or the purchase is in progress)", field="datapod_id")
         await queries.enqueue_job(conn, purchase_id)
         purchase = await queries.get_purchase(conn, purchase_id)
-        await outbox.enqueue(conn, f"user:{buyer_id}", "purchase_progressed", {
+        await outbox.enqueue(conn, user_channel(buyer_id), "purchase_progressed", {
             "purchase_id": str(purchase_id), "datapod_id": str(datapod_id), "status": "pending_payment",
             "step": "payment_pending", "percent": 0})
     log.info("purchase_started", purchase_id=str(purchase_id), datapod_id=str(datapod_id))

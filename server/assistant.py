@@ -32,7 +32,7 @@ from aiohttp import web
 from db import assistant as db
 from server.context import ASSISTANT, POOL, SETTINGS
 from server.llm import ChatModel, ModelError, classify, estimate_messages, estimate_tokens
-from server.realtime import publish
+from server.realtime import publish, user_channel
 from server.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -51,10 +51,6 @@ SYSTEM_PROMPT = (
 
 def conversation_channel(conversation_id: uuid.UUID | str) -> str:
     return f"conversation:{conversation_id}"
-
-
-def user_channel(user_id: uuid.UUID | str) -> str:
-    return f"user:{user_id}"
 
 
 def auto_title(text: str) -> str:

@@ -30,6 +30,7 @@ from db import outbox
 from server.blobs import BlobStore
 from server.crypto import decrypt_dataset, encrypt_dataset, unwrap_key, wrap_key
 from server.errors import Conflict, ErrorCode, Forbidden, HubError, InvalidPayload, KycRequired, NotFound, Unavailable
+from server.realtime import user_channel
 
 log = structlog.get_logger(__name__)
 
@@ -48,11 +49,6 @@ class DocumentUnreadable(HubError):
     """A stored document does not decrypt (tampered, or another key): reported, never served."""
 
     code = ErrorCode.INTERNAL_ERROR
-
-
-def user_channel(user_id: uuid.UUID) -> str:
-    """The channel that tells a user about their KYC status."""
-    return f"user:{user_id}"
 
 
 def media_type_of(head: bytes) -> str:

@@ -29,6 +29,7 @@ from server import delivery
 from server.aio import wait_event
 from server.crypto import unwrap_key
 from server.payments import ChainVerifier, Outcome, PaymentClaim
+from server.realtime import user_channel
 from server.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -43,11 +44,6 @@ ESCROW_SWEEP_SECONDS = 5.0
 
 class LostLease(Exception):
     """Another worker owns the job now (our lease expired); stop without touching it."""
-
-
-def user_channel(user_id: uuid.UUID | str) -> str:
-    """A user's private channel."""
-    return f"user:{user_id}"
 
 
 async def progressed(conn: asyncpg.Connection, purchase: queries.Purchase, status: str, step: str,

@@ -68,6 +68,11 @@ async def signed_in(access: ChannelAccess) -> bool:
     return access.identity is not None
 
 
+def user_channel(user_id: uuid.UUID | str) -> str:
+    """A user's private channel (`own_user` lets only that user watch it)."""
+    return f"user:{user_id}"
+
+
 async def own_user(access: ChannelAccess) -> bool:
     """`user:{user_id}` channels: only that user."""
     return access.identity is not None and str(access.identity.user_id) == access.params.get("user_id")
