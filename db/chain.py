@@ -14,11 +14,9 @@ from typing import Any
 
 import asyncpg
 
+from server.jsonutil import iso
 from server.wallets import AMOUNT_QUANTUM
 
-
-def _iso(value: dt.datetime | None) -> str | None:
-    return value.isoformat() if value is not None else None
 
 
 def money(value: Decimal) -> str:
@@ -111,7 +109,7 @@ class Transaction:
         return {"hash": self.hash, "sender": self.sender, "receiver": self.receiver, "amount": amount_text(self.amount),
                 "nonce": self.nonce, "signature": self.signature, "public_key": self.public_key,
                 "status": self.status, "error": self.error, "height": self.height,
-                "created_at": _iso(self.created_at), "confirmed_at": _iso(self.confirmed_at)}
+                "created_at": iso(self.created_at), "confirmed_at": iso(self.confirmed_at)}
 
 
 _TX_COLUMNS = """transaction_id AS id, transaction_hash AS hash, sender, receiver, amount, nonce, signature,
@@ -219,14 +217,14 @@ class Block:
         """The API's and the feeds' view."""
         data = self.data or {}
         return {"height": self.height, "hash": self.hash, "previous_hash": self.previous_hash,
-                "timestamp": _iso(self.timestamp), "nonce": self.nonce, "difficulty": data.get("difficulty"),
+                "timestamp": iso(self.timestamp), "nonce": self.nonce, "difficulty": data.get("difficulty"),
                 "tx_count": len(self.tx_hashes), "transactions": self.tx_hashes,
                 "miner": data.get("miner"), "miner_id": str(self.miner_id) if self.miner_id else None,
                 "reward": amount_text(self.reward or Decimal(0)), "burned": self.burned,
                 "total_blocks": self.total_blocks, "active_blocks": self.active_blocks,
                 "inactive_blocks": self.inactive_blocks, "burned_blocks": self.burned_blocks,
-                "remaining_blocks": self.remaining_blocks, "halving_schedule": _iso(self.halving_schedule),
-                "next_halving_time": _iso(self.next_halving_time), "last_burn_time": _iso(self.last_burn_time),
+                "remaining_blocks": self.remaining_blocks, "halving_schedule": iso(self.halving_schedule),
+                "next_halving_time": iso(self.next_halving_time), "last_burn_time": iso(self.last_burn_time),
                 "burned_block_ids": [int(i) for i in self.burned_block_ids]}
 
 
@@ -361,7 +359,7 @@ class RewardPool:
         return {"id": self.id, "name": self.name, "total_tokens": amount_text(self.total_tokens),
                 "allocated_tokens": amount_text(self.allocated_tokens),
                 "remaining_tokens": amount_text(self.remaining),
-                "created_at": _iso(self.created_at)}
+                "created_at": iso(self.created_at)}
 
 
 _POOL_COLUMNS = "pool_id AS id, pool_name AS name, total_tokens, allocated_tokens, created_at"
@@ -447,7 +445,7 @@ class Allocation:
                 "allocated_amount": amount_text(self.allocated_amount),
                 "remaining_amount": amount_text(self.remaining_amount),
                 "total_reward": amount_text(self.total_reward), "reward_amount": amount_text(self.reward_amount),
-                "timestamp": _iso(self.timestamp)}
+                "timestamp": iso(self.timestamp)}
 
 
 async def insert_allocation(conn: asyncpg.Connection, user_id: uuid.UUID, pool_id: int, amount: Decimal) -> Allocation:

@@ -13,9 +13,8 @@ from typing import Any
 
 import asyncpg
 
+from server.jsonutil import iso
 
-def _iso(value: dt.datetime | None) -> str | None:
-    return value.isoformat() if value is not None else None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -52,8 +51,8 @@ class Proposal:
         return {"id": self.id, "title": self.title, "description": self.description,
                 "creator_wallet": self.creator_wallet,
                 "creator_id": str(self.creator_id) if self.creator_id else None, "status": self.status,
-                "deadline": _iso(self.deadline), "result": self.result, "tally": self.tally.to_public(),
-                "created_at": _iso(self.created_at), "closed_at": _iso(self.closed_at)}
+                "deadline": iso(self.deadline), "result": self.result, "tally": self.tally.to_public(),
+                "created_at": iso(self.created_at), "closed_at": iso(self.closed_at)}
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -81,7 +80,7 @@ class Vote:
         """The API's view."""
         return {"id": self.id, "proposal_id": self.proposal_id, "voter": self.voter_wallet,
                 "voter_id": str(self.voter_id) if self.voter_id else None, "choice": self.choice,
-                "signature": self.signature, "timestamp": _iso(self.timestamp)}
+                "signature": self.signature, "timestamp": iso(self.timestamp)}
 
 
 _PROPOSAL_COLUMNS = """p.proposal_id AS id, p.title, p.description, p.creator_wallet, p.creator_id, p.status,

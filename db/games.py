@@ -15,6 +15,7 @@ from typing import Any, Iterable
 import asyncpg
 
 from db.chain import money
+from server.jsonutil import iso
 from server.wallets import AMOUNT_QUANTUM
 
 
@@ -74,7 +75,7 @@ class GameSession:
         return {"session_id": self.session_id, "game_id": self.game_id,
                 "user_id": str(self.user_id) if self.user_id else None, "player_wallet": self.player_wallet,
                 "status": self.status, "started_at": self.session_start.isoformat(),
-                "ended_at": self.session_end.isoformat() if self.session_end else None,
+                "ended_at": iso(self.session_end),
                 "rewards_earned": money(self.rewards_earned), "reward_count": self.reward_count,
                 "last_activity_at": self.last_activity_at.isoformat()}
 

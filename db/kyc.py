@@ -16,11 +16,10 @@ from typing import Any
 
 import asyncpg
 
+from server.jsonutil import iso
+
 PENDING, APPROVED, REJECTED = "Pending", "Approved", "Rejected"
 
-
-def _iso(value: dt.datetime | None) -> str | None:
-    return value.isoformat() if value is not None else None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -43,8 +42,8 @@ class Submission:
         """The API's view (its owner's and the administrators')."""
         return {"id": self.id, "user": {"id": str(self.user_id), "username": self.username},
                 "document_type": self.document_type, "media_type": self.media_type, "size": self.size,
-                "status": self.status, "submitted_at": _iso(self.submitted_at), "reviewed_by": self.reviewed_by,
-                "decided_at": _iso(self.decided_at), "remarks": self.remarks}
+                "status": self.status, "submitted_at": iso(self.submitted_at), "reviewed_by": self.reviewed_by,
+                "decided_at": iso(self.decided_at), "remarks": self.remarks}
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

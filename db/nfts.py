@@ -15,12 +15,10 @@ from typing import Any
 import asyncpg
 
 from db.chain import amount_text
+from server.jsonutil import iso
 
 AVAILABLE, SOLD, CANCELLED = "Available", "Sold", "Cancelled"
 
-
-def _iso(value: dt.datetime | None) -> str | None:
-    return value.isoformat() if value is not None else None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -36,7 +34,7 @@ class Nft:
     def to_public(self) -> dict[str, Any]:
         """The API's view."""
         return {"id": self.id, "owner_wallet": self.owner_wallet, "metadata": self.metadata,
-                "game_id": self.game_id, "created_at": _iso(self.created_at)}
+                "game_id": self.game_id, "created_at": iso(self.created_at)}
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -56,7 +54,7 @@ class Listing:
         """The API's view."""
         return {"id": self.id, "nft_id": self.nft_id, "seller_wallet": self.seller_wallet,
                 "buyer_wallet": self.buyer_wallet, "price": amount_text(self.price), "status": self.status,
-                "created_at": _iso(self.created_at), "nft": self.nft.to_public()}
+                "created_at": iso(self.created_at), "nft": self.nft.to_public()}
 
 
 _NFT_COLUMNS = "n.nft_id AS id, n.owner_wallet, n.metadata, n.game_id, n.created_at"

@@ -14,6 +14,9 @@ from typing import Any
 
 import asyncpg
 
+from server.jsonutil import iso
+
+
 JOBS_NOTIFY_CHANNEL = "hub_purchase_jobs"
 ACTIVE_STATUSES = ("pending_payment", "processing", "completed")
 
@@ -65,7 +68,7 @@ class Purchase:
                 "amount_sui": self.amount_sui, "status": self.status, "escrow_status": self.escrow_status,
                 "step": self.step, "key_ready": self.decryption_key is not None, "reviewed": self.reviewed,
                 "created_at": self.created_at.isoformat(),
-                "completed_at": self.completed_at.isoformat() if self.completed_at else None}
+                "completed_at": iso(self.completed_at)}
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

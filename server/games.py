@@ -30,6 +30,7 @@ from server.auth import Identity
 from server.context import GAMES, POOL, REDIS, REDIS_HEALTH, SETTINGS
 from server.errors import (Conflict, ErrorCode, Forbidden, HubError, InvalidPayload, NotFound, RateLimited, Unauthorized,
                            Unavailable, error_from_exception)
+from server.jsonutil import iso
 from server.realtime import publish
 from server.settings import Settings
 
@@ -114,7 +115,7 @@ def session_ended_event(session: queries.GameSession) -> dict[str, Any]:
     return {"session_id": session.session_id, "game_id": session.game_id,
             "user_id": str(session.user_id) if session.user_id else None, "status": session.status,
             "rewards_earned": queries.money(session.rewards_earned), "reward_count": session.reward_count,
-            "ended_at": session.session_end.isoformat() if session.session_end else None}
+            "ended_at": iso(session.session_end)}
 
 
 async def start_session(app: web.Application, user_id: uuid.UUID, game_id: int) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from decimal import Decimal
 from typing import Any
 
@@ -31,3 +32,8 @@ def dumpb(value: Any) -> bytes:
 def loads(raw: str | bytes, **_ignored: Any) -> Any:
     """Parse JSON text."""
     return orjson.loads(raw)
+
+
+def iso(value: dt.datetime | None) -> str | None:
+    """A timestamp as ISO 8601 text for a JSON view; None stays None."""
+    return value.isoformat() if value is not None else None

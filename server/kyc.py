@@ -30,6 +30,7 @@ from db import outbox
 from server.blobs import BlobStore
 from server.crypto import decrypt_dataset, encrypt_dataset, unwrap_key, wrap_key
 from server.errors import Conflict, ErrorCode, Forbidden, HubError, InvalidPayload, KycRequired, NotFound, Unavailable
+from server.jsonutil import iso
 from server.realtime import user_channel
 
 log = structlog.get_logger(__name__)
@@ -75,7 +76,7 @@ async def require_verified(conn: asyncpg.Connection, user_id: uuid.UUID) -> None
 async def _announce(conn: asyncpg.Connection, submission: queries.Submission) -> None:
     await outbox.enqueue(conn, user_channel(submission.user_id), STATUS_CHANGED, {
         "kyc_status": submission.status, "kyc_id": submission.id, "remarks": submission.remarks,
-        "decided_at": submission.decided_at.isoformat() if submission.decided_at else None})
+        "decided_at": iso(submission.decided_at)})
 
 
 async def submit(conn: asyncpg.Connection, blobs: BlobStore, master_key: bytes, user_id: uuid.UUID, *,
