@@ -18,9 +18,9 @@ import asyncpg
 import structlog
 
 from db import chain as queries
-from db.chain import money
 from db import games as game_queries
 from db import outbox
+from db.chain import money
 from server import wallets
 from server.errors import Conflict, Forbidden, InvalidPayload, NotFound, RateLimited
 
@@ -62,6 +62,14 @@ async def wallet_summary(conn: asyncpg.Connection, address: str) -> dict[str, An
     return {"address": wallet.address, "public_key": wallet.public_key, "balance": money(wallet.balance),
             "pending_outgoing": money(pending), "available": money(wallet.balance - pending),
             "next_nonce": await queries.next_nonce(conn, address)}
+
+
+async def own_wallet(conn: asyncpg.Connection, user_id: uuid.UUID) -> queries.WalletAccount:
+    """The caller's registered wallet; Forbidden until they register one (mint, vote, propose...)."""
+    wallet = await queries.get_user_wallet(conn, user_id)
+    if wallet is None:
+        raise Forbidden("register a wallet key first (PUT /api/v1/me/wallet)", field="wallet")
+    return wallet
 
 
 async def wallet_of_user(conn: asyncpg.Connection, user_id: uuid.UUID) -> dict[str, Any]:

@@ -22,9 +22,9 @@ from db import chain as chain_queries
 from db import dao as queries
 from db import outbox
 from server import wallets
-from server.chain import check_own_signature
+from server.chain import check_own_signature, own_wallet
 from server.context import POOL, REDIS_HEALTH, SETTINGS
-from server.errors import Conflict, Forbidden, InvalidPayload, NotFound
+from server.errors import Conflict, InvalidPayload, NotFound
 
 VOTE_DOMAIN = "KVP-VOTE-V1"
 CHOICES = ("Yes", "No", "Abstain")
@@ -89,9 +89,7 @@ async def create_proposal(conn: asyncpg.Connection, user_id: uuid.UUID, payload:
         raise InvalidPayload("the title must not be blank", field="title")
     if not description:
         raise InvalidPayload("the description must not be blank", field="description")
-    wallet = await chain_queries.get_user_wallet(conn, user_id)
-    if wallet is None:
-        raise Forbidden("register a wallet key first (PUT /api/v1/me/wallet)", field="wallet")
+    wallet = await own_wallet(conn, user_id)
     now = await conn.fetchval("SELECT now()")
     deadline = _deadline(payload, now)
     return await queries.insert_proposal(conn, title=title, description=description, creator_wallet=wallet.address,

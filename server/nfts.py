@@ -24,6 +24,7 @@ from db import nfts as queries
 from db import outbox
 from db.chain import amount_text
 from server import jsonutil, wallets
+from server.chain import own_wallet
 from server.errors import Conflict, Forbidden, InvalidPayload, NotFound, PayloadTooLarge, RateLimited
 
 CHANNEL = "market:nfts"
@@ -60,19 +61,12 @@ def parse_price(raw: str) -> Decimal:
     return price
 
 
-async def _own_wallet(conn: asyncpg.Connection, user_id: uuid.UUID) -> chain_queries.WalletAccount:
-    wallet = await chain_queries.get_user_wallet(conn, user_id)
-    if wallet is None:
-        raise Forbidden("register a wallet key first (PUT /api/v1/me/wallet)", field="wallet")
-    return wallet
-
-
 async def mint(conn: asyncpg.Connection, user_id: uuid.UUID, payload: dict[str, Any]) -> queries.Nft:
     """Mint an NFT owned by the caller's wallet; any refusal writes nothing."""
     metadata = clean_metadata(payload["metadata"])
     game_id = payload.get("game_id")
     async with conn.transaction():
-        wallet = await _own_wallet(conn, user_id)
+        wallet = await own_wallet(conn, user_id)
         if game_id is not None and not await queries.game_exists(conn, game_id):
             raise NotFound("no such game", field="game_id")
         # Serialises one user's mints across processes, so two cannot both pass the rate check.
@@ -102,7 +96,7 @@ async def create_listing(conn: asyncpg.Connection, user_id: uuid.UUID, nft_id: i
         nft = await queries.get_nft(conn, nft_id, lock=True)
         if nft is None:
             raise NotFound("no such NFT", field="nft_id")
-        wallet = await _own_wallet(conn, user_id)
+        wallet = await own_wallet(conn, user_id)
         if nft.owner_wallet != wallet.address:
             raise Forbidden("only the NFT's owner may list it", field="nft_id")
         listing_id = await queries.insert_listing(conn, nft_id, wallet.address, price)
@@ -134,7 +128,7 @@ async def buy(conn: asyncpg.Connection, user_id: uuid.UUID, listing_id: int) -> 
     """
     async with conn.transaction():
         listing = await _lock_listing(conn, listing_id)
-        buyer = await _own_wallet(conn, user_id)
+        buyer = await own_wallet(conn, user_id)
         _still_available(listing)
         if listing.seller_wallet == buyer.address:
             raise Forbidden("you cannot buy your own listing", field="listing_id")
@@ -171,7 +165,7 @@ async def cancel(conn: asyncpg.Connection, user_id: uuid.UUID, listing_id: int) 
     """Withdraw the caller's available listing."""
     async with conn.transaction():
         listing = await _lock_listing(conn, listing_id)
-        wallet = await _own_wallet(conn, user_id)
+        wallet = await own_wallet(conn, user_id)
         if listing.seller_wallet != wallet.address:
             raise Forbidden("only the seller may cancel a listing", field="listing_id")
         _still_available(listing)
