@@ -17,14 +17,13 @@ from server import wallets
 from server.auth import Identity
 from server.context import POOL
 from server.errors import InvalidPayload
-from server.rest import endpoint, int_query, ok_response, path_int
+from server.rest import MAX_INTEGER_ID, endpoint, int_query, ok_response, path_int
 from server.validation import obj, string
 
 routes = web.RouteTableDef()
 
 MAX_PAGE = 100
-MAX_ID = 2**31 - 1
-PROPOSAL_ID = {"type": "integer", "minimum": 1, "maximum": MAX_ID}
+PROPOSAL_ID = {"type": "integer", "minimum": 1, "maximum": MAX_INTEGER_ID}
 CREATE_SCHEMA = obj({
     "title": string(1, 200), "description": string(1, 5000), "deadline": string(1, 64),
     "duration_seconds": {"type": "integer", "minimum": 60, "maximum": 365 * 86400},
@@ -74,7 +73,7 @@ async def handle_list(request: web.Request) -> web.Response:
     status = request.query.get("status") or None
     if status not in (None, service.OPEN, service.CLOSED):
         raise InvalidPayload("'status' must be Open or Closed", field="status")
-    before = int_query(request, "before_id", minimum=1, maximum=MAX_ID)
+    before = int_query(request, "before_id", minimum=1, maximum=MAX_INTEGER_ID)
     limit = int_query(request, "limit", minimum=1, maximum=MAX_PAGE) or 20
     async with request.app[POOL].acquire() as conn:
         proposals = await service.list_proposals(conn, status, before, limit)

@@ -23,16 +23,15 @@ from server.context import AUTH, GAMES, POOL, SETTINGS
 from server.errors import Forbidden, HubError, InvalidPayload, NotFound, Unauthorized
 from server.namespace import Ctx, HubNamespace, command, refusal
 from server.realtime import ChannelRule, own_user
-from server.rest import current_identity, endpoint, ok_response, path_int, read_json
+from server.rest import MAX_INTEGER_ID, current_identity, endpoint, ok_response, path_int, read_json
 from server.validation import compile_schema, obj, string, validate
 
 log = structlog.get_logger(__name__)
 routes = web.RouteTableDef()
 
 MAX_PAGE = 100
-MAX_INT = 2**31 - 1
-GAME_ID = {"type": "integer", "minimum": 1, "maximum": MAX_INT}
-SESSION_ID = {"type": "integer", "minimum": 1, "maximum": MAX_INT}
+GAME_ID = {"type": "integer", "minimum": 1, "maximum": MAX_INTEGER_ID}
+SESSION_ID = {"type": "integer", "minimum": 1, "maximum": MAX_INTEGER_ID}
 AMOUNT = {"oneOf": [{"type": "string", "pattern": "^[0-9]{1,12}(\\.[0-9]{1,8})?$"},
                     {"type": "integer", "minimum": 0, "maximum": 999_999_999_999}]}
 SHARE = {"oneOf": [{"type": "string", "pattern": "^(0(\\.[0-9]{1,8})?|1(\\.0{1,8})?)$"},
@@ -136,7 +135,7 @@ async def report(app: web.Application, caller: service.GameCaller, session_id: i
 
 # --- REST: games -------------------------------------------------------------------------------
 
-def _int_param(raw: str | None, name: str, *, default: int, maximum: int = MAX_INT) -> int:
+def _int_param(raw: str | None, name: str, *, default: int, maximum: int = MAX_INTEGER_ID) -> int:
     if raw is None or raw == "":
         return default
     if not (raw.isascii() and raw.isdigit() and len(raw) <= 10) or int(raw) > maximum:

@@ -19,14 +19,13 @@ from server.auth import Identity
 from server.context import BLOBS, MASTER_KEY, POOL, SETTINGS
 from server.datasets import CHUNK_BYTES
 from server.errors import InvalidPayload, PayloadTooLarge
-from server.rest import endpoint, int_query, ok_response, path_int
+from server.rest import MAX_INTEGER_ID, endpoint, int_query, ok_response, path_int
 from server.validation import compile_schema, obj, string, validate
 
 log = structlog.get_logger(__name__)
 routes = web.RouteTableDef()
 
 MAX_PAGE = 100
-MAX_ID = 2**31 - 1
 STATUSES = (service.PENDING, service.APPROVED, service.REJECTED)
 SUBMIT_SCHEMA = obj({"document_type": {"type": "string", "enum": list(service.DOCUMENT_TYPES)}},
                     required=("document_type",))
@@ -100,7 +99,7 @@ async def handle_list(request: web.Request, identity: Identity) -> web.Response:
     status = request.query.get("status") or service.PENDING
     if status not in STATUSES:
         raise InvalidPayload(f"'status' must be one of {', '.join(STATUSES)}", field="status")
-    after = int_query(request, "after_id", minimum=0, maximum=MAX_ID)
+    after = int_query(request, "after_id", minimum=0, maximum=MAX_INTEGER_ID)
     limit = int_query(request, "limit", minimum=1, maximum=MAX_PAGE) or 20
     async with request.app[POOL].acquire() as conn:
         found = await queries.list_by_status(conn, status, after, limit)

@@ -12,18 +12,17 @@ from db import infra
 from handlers.storage import Resource, add_resource, text, update_schema
 from server.auth import Identity
 from server.context import POOL
-from server.rest import endpoint, ok_response
+from server.rest import MAX_INTEGER_ID, endpoint, ok_response
 from server.validation import obj, string
 
 routes = web.RouteTableDef()
 
 NETWORK = "/api/v1/network"
-MAX_INT = 2**31 - 1
 # Lower-case only: domain_name is UNIQUE as written, so one spelling per name.
 DOMAIN = string(3, 253, pattern="^([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\\.)+[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 IP_ADDRESS = {"anyOf": [{"type": "string", "maxLength": 45, "format": "ipv4"},
                         {"type": "string", "maxLength": 45, "format": "ipv6"}, {"type": "null"}]}
-AMOUNT = {"type": "integer", "minimum": 0, "maximum": MAX_INT}
+AMOUNT = {"type": "integer", "minimum": 0, "maximum": MAX_INTEGER_ID}
 
 CHANNEL_FIELDS = {"access_point": text()}
 DNS_FIELDS = {"domain_name": DOMAIN, "ip_address": IP_ADDRESS}

@@ -15,15 +15,14 @@ from server import nfts as service
 from server.auth import Identity
 from server.context import POOL
 from server.errors import InvalidPayload
-from server.rest import endpoint, int_query, ok_response, path_int
+from server.rest import MAX_INTEGER_ID, endpoint, int_query, ok_response, path_int
 from server.validation import compile_schema, obj, string, validate
 
 routes = web.RouteTableDef()
 
 MAX_PAGE = 100
 DEFAULT_PAGE = 20
-MAX_ID = 2**31 - 1
-ID = {"type": "integer", "minimum": 1, "maximum": MAX_ID}
+ID = {"type": "integer", "minimum": 1, "maximum": MAX_INTEGER_ID}
 ATTRIBUTE = obj({"trait_type": string(1, 50),
                  "value": {"anyOf": [string(0, 200), {"type": "number"}, {"type": "boolean"}]}},
                 required=("trait_type", "value"))
@@ -53,7 +52,7 @@ def _wallet_query(request: web.Request, name: str) -> str | None:
 
 
 def _page(request: web.Request) -> tuple[int | None, int]:
-    return (int_query(request, "before_id", minimum=1, maximum=MAX_ID),
+    return (int_query(request, "before_id", minimum=1, maximum=MAX_INTEGER_ID),
             int_query(request, "limit", minimum=1, maximum=MAX_PAGE) or DEFAULT_PAGE)
 
 

@@ -15,13 +15,12 @@ from db import infra
 from server.auth import Identity
 from server.context import POOL
 from server.errors import Conflict, NotFound
-from server.rest import endpoint, int_query, ok_response
+from server.rest import MAX_INTEGER_ID, endpoint, int_query, ok_response, path_int
 from server.validation import obj, string
 
 routes = web.RouteTableDef()
 
 MAX_PAGE = 100
-MAX_ID = 2**31 - 1
 # PostgreSQL text cannot hold NUL, and control characters have no place in paths or names.
 _PRINTABLE = "^[^\\u0000-\\u001f\\u007f]+$"
 STATUS = {"type": "string", "enum": ["active", "inactive"]}
@@ -51,12 +50,6 @@ class Resource:
     parent: tuple[str, str] | None = None  # (path parameter, noun) of the parent row
 
 
-def _path_id(raw: str | None, noun: str, field: str) -> int:
-    if raw is None or not (raw.isascii() and raw.isdigit() and len(raw) <= 10) or not 1 <= int(raw) <= MAX_ID:
-        raise NotFound(f"no such {noun}", field=field)
-    return int(raw)
-
-
 def add_resource(table_routes: web.RouteTableDef, resource: Resource) -> None:
     """Register a resource's list, create, read, update (when it has one) and delete routes."""
     table = resource.table
@@ -66,10 +59,10 @@ def add_resource(table_routes: web.RouteTableDef, resource: Resource) -> None:
         if resource.parent is None:
             return None
         param, noun = resource.parent
-        return _path_id(request.match_info.get(param), noun, param)
+        return path_int(request, param, f"no such {noun}")
 
     def row_id(request: web.Request) -> int:
-        return _path_id(request.match_info.get("id"), resource.noun, "id")
+        return path_int(request, "id", f"no such {resource.noun}")
 
     def missing_parent() -> NotFound:
         param, noun = resource.parent  # type: ignore[misc]
@@ -80,7 +73,7 @@ def add_resource(table_routes: web.RouteTableDef, resource: Resource) -> None:
     async def handle_list(request: web.Request, identity: Identity) -> web.Response:
         """The caller's rows by id (`after`, `limit` up to 100, default 20)."""
         parent_id = scope(request)
-        after = int_query(request, "after", minimum=0, maximum=MAX_ID) or 0
+        after = int_query(request, "after", minimum=0, maximum=MAX_INTEGER_ID) or 0
         limit = int_query(request, "limit", minimum=1, maximum=MAX_PAGE) or 20
         async with request.app[POOL].acquire() as conn:
             if not await infra.parent_visible(conn, table, identity.user_id, parent_id):
