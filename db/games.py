@@ -16,14 +16,12 @@ import asyncpg
 
 from db.chain import money
 from server.jsonutil import iso
-from server.wallets import AMOUNT_QUANTUM
 
 
 ACTIVE = "Active"
 ENDED = "Ended"
 TIMED_OUT = "TimedOut"
 REWARD_REASON = "game_reward"
-QUANTUM = AMOUNT_QUANTUM
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

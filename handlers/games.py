@@ -25,6 +25,7 @@ from server.namespace import Ctx, HubNamespace, command, refusal
 from server.realtime import ChannelRule, own_user
 from server.rest import MAX_INTEGER_ID, current_identity, endpoint, ok_response, path_int, read_json
 from server.validation import compile_schema, obj, string, validate
+from server.wallets import AMOUNT_QUANTUM
 
 log = structlog.get_logger(__name__)
 routes = web.RouteTableDef()
@@ -149,7 +150,7 @@ def _path_id(request: web.Request, name: str, what: str) -> int:
 
 def _share(raw: Any) -> Decimal:
     share = Decimal(raw if isinstance(raw, str) else str(raw))
-    if not 0 <= share <= 1 or share != share.quantize(queries.QUANTUM):
+    if not 0 <= share <= 1 or share != share.quantize(AMOUNT_QUANTUM):
         raise InvalidPayload("'revenue_share' is a fraction between 0 and 1 with at most 8 decimals",
                              field="revenue_share")
     return share

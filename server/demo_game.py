@@ -39,6 +39,7 @@ from db.pool import leadership
 from server import games
 from server.context import DEMO_GAME_PLAYER, GAMES, MASTER_KEY, POOL, REDIS_HEALTH, SETTINGS
 from server.errors import Conflict, ErrorCode, HubError, RateLimited, Unauthorized
+from server.wallets import AMOUNT_QUANTUM
 
 log = structlog.get_logger(__name__)
 
@@ -216,7 +217,7 @@ class DemoGamePlayer:
         in_window = sum((value for _, value in play.window), Decimal(0))
         value = min(Decimal(self.rng.randint(*REWARD_CENTS)) / 100, game.max_reward_per_event,
                     game.max_reward_per_session - play.earned, game.max_reward_per_minute - in_window)
-        value = value.quantize(game_queries.QUANTUM, rounding=ROUND_DOWN)
+        value = value.quantize(AMOUNT_QUANTUM, rounding=ROUND_DOWN)
         if value <= 0:
             return None
         return games.RewardReport(game_id=game.game_id, session_id=play.session_id, seq=play.next_seq,

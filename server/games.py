@@ -33,6 +33,7 @@ from server.errors import (Conflict, ErrorCode, Forbidden, HubError, InvalidPayl
 from server.jsonutil import iso
 from server.realtime import publish
 from server.settings import Settings
+from server.wallets import AMOUNT_QUANTUM
 
 log = structlog.get_logger(__name__)
 
@@ -226,9 +227,9 @@ def parse_value(raw: Any, field: str = "value") -> Decimal:
         raise InvalidPayload(f"'{field}' is not a number", field=field) from None
     if not value.is_finite() or value <= 0:
         raise InvalidPayload(f"'{field}' must be greater than 0", field=field)
-    if value != value.quantize(queries.QUANTUM):
+    if value != value.quantize(AMOUNT_QUANTUM):
         raise InvalidPayload(f"'{field}' has more than 8 decimals", field=field)
-    return value.quantize(queries.QUANTUM)
+    return value.quantize(AMOUNT_QUANTUM)
 
 
 def reward_ack(stored: queries.StoredReward) -> dict[str, Any]:
