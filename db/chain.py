@@ -1,4 +1,5 @@
-"""Queries of the KVP chain: wallets, transactions, blocks, mining rewards, reward pools.
+"""Queries of the KVP chain: wallets, transactions, balances and their ledger, blocks, mining rewards,
+reward pools.
 
 Each function takes the connection first; the caller owns the transaction. The rules (signature,
 balance, sealing order) live in server/chain.py.
@@ -185,6 +186,26 @@ async def add_balance(conn: asyncpg.Connection, user_id: uuid.UUID, delta: Decim
     """Move a user's balance by `delta` (the CHECK keeps it >= 0); returns the new balance."""
     return await conn.fetchval(
         "UPDATE users SET total_balance = total_balance + $2 WHERE id = $1 RETURNING total_balance", user_id, delta)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LedgerEntry:
+    """A balance change to book."""
+
+    user_id: uuid.UUID
+    delta: Decimal
+    balance_after: Decimal
+    reason: str
+    reference: str
+
+
+async def insert_ledger(conn: asyncpg.Connection, entries: list[LedgerEntry]) -> None:
+    """Book balance changes (every balance change has its row); a (reason, reference) booked before raises UniqueViolationError."""
+    await conn.execute(
+        """INSERT INTO balance_ledger (user_id, delta, balance_after, reason, reference)
+           SELECT * FROM unnest($1::uuid[], $2::numeric[], $3::numeric[], $4::text[], $5::text[])""",
+        [e.user_id for e in entries], [e.delta for e in entries], [e.balance_after for e in entries],
+        [e.reason for e in entries], [e.reference for e in entries])
 
 
 # --- blocks -----------------------------------------------------------------------------------

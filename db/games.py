@@ -1,4 +1,4 @@
-"""Queries on games, game sessions, game rewards and the balance ledger.
+"""Queries on games, game sessions and game rewards (their ledger rows: db/chain.py).
 
 Each function takes the connection first so the caller owns the transaction. The reward
 functions work on whole batches (arrays through `unnest`) so one transaction books many rewards.
@@ -120,17 +120,6 @@ class NewReward:
     session_id: int
     seq: int
     session_total: Decimal
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class LedgerEntry:
-    """A balance change to book."""
-
-    user_id: uuid.UUID
-    delta: Decimal
-    balance_after: Decimal
-    reason: str
-    reference: str
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -357,16 +346,7 @@ async def credit_users(conn: asyncpg.Connection, credits: dict[uuid.UUID, Decima
     return {row["id"]: row["total_balance"] for row in rows}
 
 
-async def insert_ledger(conn: asyncpg.Connection, entries: list[LedgerEntry]) -> None:
-    """Book balance changes; a (reason, reference) booked before raises UniqueViolationError."""
-    await conn.execute(
-        """INSERT INTO balance_ledger (user_id, delta, balance_after, reason, reference)
-           SELECT * FROM unnest($1::uuid[], $2::numeric[], $3::numeric[], $4::text[], $5::text[])""",
-        [e.user_id for e in entries], [e.delta for e in entries], [e.balance_after for e in entries],
-        [e.reason for e in entries], [e.reference for e in entries])
-
-
-# --- leaderboards and the ledger ---------------------------------------------------------------
+# --- leaderboards ------------------------------------------------------------------------------
 
 async def leaderboard(conn: asyncpg.Connection, game_id: int, since: dt.datetime | None,
                       limit: int) -> list[LeaderboardEntry]:
@@ -385,8 +365,3 @@ async def leaderboard(conn: asyncpg.Connection, game_id: int, since: dt.datetime
                WHERE r.game_id = $1 AND r.created_at >= $2 GROUP BY s.user_id, u.username
                ORDER BY total DESC, u.username LIMIT $3""", game_id, since, limit)
     return [LeaderboardEntry(**dict(row)) for row in rows]
-
-
-async def ledger_total(conn: asyncpg.Connection, user_id: uuid.UUID) -> Decimal:
-    """The sum of a user's ledger rows."""
-    return await conn.fetchval("SELECT coalesce(sum(delta), 0) FROM balance_ledger WHERE user_id = $1", user_id)

@@ -18,7 +18,6 @@ import asyncpg
 import structlog
 
 from db import chain as queries
-from db import games as game_queries
 from db import outbox
 from db.chain import money
 from server import wallets
@@ -92,7 +91,7 @@ async def claim_faucet(conn: asyncpg.Connection, user_id: uuid.UUID, amount: Dec
         try:
             # (reason, reference) is unique: the day's second claim, even a concurrent one, fails
             # here and the transaction takes its credit back.
-            await game_queries.insert_ledger(conn, [game_queries.LedgerEntry(
+            await queries.insert_ledger(conn, [queries.LedgerEntry(
                 user_id, amount, balance, FAUCET_REASON, f"{user_id}:{now.date().isoformat()}")])
         except asyncpg.UniqueViolationError:
             tomorrow = dt.datetime.combine(now.date() + dt.timedelta(days=1), dt.time(), dt.timezone.utc)

@@ -24,6 +24,7 @@ import asyncpg
 import structlog
 from aiohttp import web
 
+from db import chain as chain_queries
 from db import games as queries
 from db import outbox
 from server.auth import Identity
@@ -345,13 +346,13 @@ async def book_rewards(conn: asyncpg.Connection,
             for reward in stored:
                 session = sessions[reward.session_id]
                 running[session.user_id] += reward.reward_value
-                entries.append(queries.LedgerEntry(
+                entries.append(chain_queries.LedgerEntry(
                     user_id=session.user_id, delta=reward.reward_value, balance_after=running[session.user_id],
                     reason=queries.REWARD_REASON, reference=str(reward.reward_id)))
                 data = reward_event(session, reward)
                 events += [(game_channel(session.game_id), "reward_earned", data),
                            (session_channel(session.session_id), "reward_earned", data)]
-            await queries.insert_ledger(conn, entries)
+            await chain_queries.insert_ledger(conn, entries)
             await outbox.enqueue_many(conn, events)
     results: list[dict[str, Any] | HubError] = []
     for outcome in outcomes:

@@ -19,7 +19,6 @@ from typing import Any
 import asyncpg
 
 from db import chain as chain_queries
-from db import games as ledger
 from db import nfts as queries
 from db import outbox
 from db.chain import amount_text
@@ -151,10 +150,10 @@ async def buy(conn: asyncpg.Connection, user_id: uuid.UUID, listing_id: int) -> 
             buyer_balance = await chain_queries.add_balance(conn, buyer.user_id, -price)
             seller_balance = await chain_queries.add_balance(conn, seller.user_id, price)
             # UNIQUE (reason, reference) books each side of a listing's sale once, whatever happens above.
-            await ledger.insert_ledger(conn, [
-                ledger.LedgerEntry(user_id=buyer.user_id, delta=-price, balance_after=buyer_balance,
+            await chain_queries.insert_ledger(conn, [
+                chain_queries.LedgerEntry(user_id=buyer.user_id, delta=-price, balance_after=buyer_balance,
                                    reason=PURCHASE_REASON, reference=str(listing_id)),
-                ledger.LedgerEntry(user_id=seller.user_id, delta=price, balance_after=seller_balance,
+                chain_queries.LedgerEntry(user_id=seller.user_id, delta=price, balance_after=seller_balance,
                                    reason=SALE_REASON, reference=str(listing_id))])
         sold = await queries.get_listing(conn, listing_id)
         await outbox.enqueue(conn, CHANNEL, NFT_SOLD, sold.to_public())  # type: ignore[union-attr]
