@@ -39,6 +39,7 @@ from server.dao import dao_ctx
 from server.demo_game import demo_game_ctx
 from server.games import games_ctx
 from server.errors import NotFound
+from server.engine import SocketServer
 from server.fanout import create_client_manager
 from server.health import routes as health_routes
 from server.metrics import Metrics
@@ -135,7 +136,7 @@ def create_socket_server(settings: Settings, metrics: Metrics) -> socketio.Async
         settings.redis_url, channel=settings.redis_prefix + "socketio",
         on_overflow=lambda namespace: metrics.slow_consumers.labels(namespace).inc())
     cors: list[str] | str = list(settings.cors_origins) or []
-    return socketio.AsyncServer(
+    return SocketServer(
         async_mode="aiohttp", client_manager=manager, json=jsonutil, cors_allowed_origins=cors,
         # The hard cap sits above our own limit so a moderately oversized payload gets a clear
         # payload_too_large ack from the dispatcher instead of a dropped connection.

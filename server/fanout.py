@@ -2,34 +2,23 @@
 
 python-socketio's `AsyncManager.emit` encodes a broadcast once but then creates one asyncio task per
 recipient; each task puts the packet on python-engineio's per-socket queue, whose writer task wakes
-up, encodes the packet again (and permessage-deflate compresses it, per socket) and writes it. The
-managers here keep that path for what it is good at (callbacks, polling clients, a busy writer) and
-deliver everything else in one synchronous loop:
+up, encodes the packet again and writes it. The managers here deliver in one synchronous loop:
 
 - the Socket.IO packet, the Engine.IO packet and the websocket frame (text, plus one binary frame per
   attachment) are encoded once per broadcast and the same bytes object goes to every recipient;
-- a websocket recipient whose Engine.IO writer is idle (nothing queued, the writer parked on the
-  queue) gets the frame written straight onto its transport, at the end of the loop iteration: the
-  frames of every broadcast made in one iteration go out in one write per socket, so a server that
-  falls behind makes fewer, larger writes instead of queueing. When the writer has packets queued or
-  is in the middle of sending, the broadcast joins the same queue instead, so per-socket ordering
-  with everything the library sends (connect/ack packets, pings, single-target emits) is kept;
-- polling clients and sockets in the middle of an upgrade get a shared Engine.IO packet put on their
-  queue directly, without a task.
-
-Broadcast frames are sent uncompressed even when the connection negotiated permessage-deflate:
-RFC 7692 makes compression a per-message choice (RSV1 unset = plain message), and a plain message
-does not touch either side's deflate context, so the library's compressed frames stay valid.
-
-Unless `compression=True`, the websocket handshake declines permessage-deflate, as Node socket.io
-does by default: aiohttp would keep about 100 KiB of zlib state per connection and compress every
-library frame per recipient.
+- a recipient with an open websocket on `server.engine.LeanEngineServer` gets the frame through the
+  server's `FrameWriter`, the same path every other packet to that socket takes, so per-socket
+  order holds; the frames of every broadcast made in one loop iteration go out in one write per
+  socket;
+- polling clients, sockets in the middle of an upgrade and sockets of a plain engineio server get a
+  shared Engine.IO packet put on their queue directly, without a task;
+- emits with a callback take the library's path (every recipient needs its own ack id).
 
 Each connection's backlog is bounded: the Engine.IO queue length by `max_queued_packets`, the
-transport's unsent bytes by `max_queued_bytes`. A connection past either bound gets one last event,
-`send_queue_overflowed` {"reason": "slow_consumer", "reconnect": true} (past the bound), and is then
-closed at the transport level: socket.io clients treat that as "transport close" and reconnect on
-their own, then recover what they missed from the channel history.
+websocket transport's unsent bytes by `max_queued_bytes`. A connection past either bound gets one last
+event, `send_queue_overflowed` {"reason": "slow_consumer", "reconnect": true}, and is then closed at
+the transport level: socket.io clients treat that as "transport close" and reconnect on their own,
+then recover what they missed from the channel history.
 """
 
 from __future__ import annotations
@@ -41,9 +30,10 @@ from typing import Any, Callable
 
 import socketio
 import structlog
-from aiohttp.web import WebSocketResponse
 from engineio import packet as eio_packet
 from socketio import packet as sio_packet
+
+from server.engine import OP_CLOSE, FrameWriter, Link, packet_frame, ws_frame
 
 log = structlog.get_logger(__name__)
 
@@ -57,75 +47,10 @@ DEFAULT_MAX_QUEUED_BYTES = 1024 * 1024
 # connection is aborted (a client that never reads again would otherwise pin them forever).
 DEFAULT_CLOSE_GRACE_SECONDS = 5.0
 
-_OP_TEXT, _OP_BINARY, _OP_CLOSE = 0x1, 0x2, 0x8
 # 1013 "Try Again Later" (RFC 6455 registry): the client may reconnect at once.
 _CLOSE_TRY_AGAIN_LATER = 1013
 
 OverflowHook = Callable[[str], None]
-
-
-def ws_frame(payload: bytes, opcode: int) -> bytes:
-    """One unmasked, final websocket frame (RFC 6455 §5.2) as a server sends it."""
-    first = 0x80 | opcode
-    size = len(payload)
-    if size < 126:
-        header = struct.pack("!BB", first, size)
-    elif size < 65536:
-        header = struct.pack("!BBH", first, 126, size)
-    else:
-        header = struct.pack("!BBQ", first, 127, size)
-    return header + payload
-
-
-class _Link:
-    """The aiohttp websocket writer behind one Engine.IO socket, and frames waiting for the flush."""
-
-    __slots__ = ("sock", "writer", "transport", "protocol", "pending", "namespace")
-
-    def __init__(self, sock: Any, response: Any) -> None:
-        self.sock = sock
-        self.writer = response._writer
-        self.transport = self.writer.transport
-        self.protocol = self.writer.protocol
-        self.pending: list[bytes] | None = None
-        self.namespace = "/"
-
-
-def _tracking_websocket(base: type, links: dict[str, _Link], compression: bool) -> type:
-    """A subclass of engineio's aiohttp WebSocket wrapper that records each socket's writer."""
-
-    class TrackingWebSocket(base):  # type: ignore[misc, valid-type]
-        async def __call__(self, environ: dict) -> Any:
-            if compression:
-                return await super().__call__(environ)
-            # engineio's driver, but declining permessage-deflate (Node socket.io's default too):
-            # aiohttp would otherwise keep ~100 KiB of zlib state per connection, compress every
-            # frame per recipient, and broadcasts go out uncompressed here anyway.
-            self._sock = WebSocketResponse(max_msg_size=self.server.max_http_buffer_size,
-                                           compress=False)
-            await self._sock.prepare(environ["aiohttp.request"])
-            self.environ = environ
-            await self.handler(self)
-            return self._sock
-
-        def __init__(self, handler: Callable, server: Any) -> None:
-            eio_socket = getattr(handler, "__self__", None)
-
-            async def tracked(ws: Any) -> None:
-                sock = getattr(ws, "_sock", None)
-                if eio_socket is None or sock is None or getattr(sock, "_writer", None) is None:
-                    return await handler(ws)
-                link = _Link(eio_socket, sock)
-                links[eio_socket.sid] = link
-                try:
-                    return await handler(ws)
-                finally:
-                    if links.get(eio_socket.sid) is link:
-                        del links[eio_socket.sid]
-
-            super().__init__(tracked, server)
-
-    return TrackingWebSocket
 
 
 class _Broadcast:
@@ -135,15 +60,10 @@ class _Broadcast:
 
     def __init__(self, sio_encoded: str | list) -> None:
         self.sio_encoded = sio_encoded if isinstance(sio_encoded, list) else [sio_encoded]
-        frames = []
-        for part in self.sio_encoded:
-            # Engine.IO over websocket: text is "4" + the Socket.IO packet; each binary attachment
-            # is its own binary frame with the raw bytes (no "4", no base64).
-            encoded = eio_packet.Packet(eio_packet.MESSAGE, part).encode()
-            if isinstance(encoded, str):
-                frames.append(ws_frame(encoded.encode(), _OP_TEXT))
-            else:
-                frames.append(ws_frame(bytes(encoded), _OP_BINARY))
+        # Engine.IO over websocket: text is "4" + the Socket.IO packet; each binary attachment is
+        # its own binary frame with the raw bytes (no "4", no base64).
+        frames = [packet_frame(eio_packet.Packet(eio_packet.MESSAGE, part))
+                  for part in self.sio_encoded]
         self.frame = frames[0] if len(frames) == 1 else b"".join(frames)
         self.size = len(self.frame)
         self._shared: dict[bool, list[eio_packet.Packet]] = {}
@@ -172,31 +92,25 @@ class FanoutMixin(socketio.AsyncManager):
     """
 
     def _setup_fanout(self, max_queued_packets: int, max_queued_bytes: int,
-                      on_overflow: OverflowHook | None, close_grace: float,
-                      compression: bool) -> None:
+                      on_overflow: OverflowHook | None, close_grace: float) -> None:
         if max_queued_packets < 1 or max_queued_bytes < 1:
             raise ValueError("max_queued_packets and max_queued_bytes must be positive")
         self.max_queued_packets = max_queued_packets
         self.max_queued_bytes = max_queued_bytes
         self.on_overflow = on_overflow
         self.close_grace = close_grace
-        self.compression = compression
-        self._links: dict[str, _Link] = {}
+        self._frames: FrameWriter | None = None
         self._evicted: weakref.WeakSet = weakref.WeakSet()
         self._background: set[asyncio.Task] = set()
-        self._dirty: list[_Link] = []
-        self._flush_scheduled = False
 
     def set_server(self, server: Any) -> None:
-        """Attach to the server and, on aiohttp, learn each Engine.IO socket's websocket writer."""
+        """Attach to the server; on a `LeanEngineServer`, share its frame writer and bound it."""
         super().set_server(server)
-        eio = server.eio
-        websocket_class = (eio._async or {}).get("websocket")
-        if eio.async_mode == "aiohttp" and websocket_class is not None:
-            # A copy: engineio's driver dict is module-global and shared by every server.
-            eio._async = {**eio._async,
-                          "websocket": _tracking_websocket(websocket_class, self._links,
-                                                           self.compression)}
+        frames = getattr(server.eio, "frames", None)
+        if isinstance(frames, FrameWriter):
+            frames.max_unsent_bytes = self.max_queued_bytes
+            frames.on_backlog = self._on_backlog
+            self._frames = frames
 
     async def emit(self, event: str, data: Any, namespace: str, room: Any = None,
                    skip_sid: Any = None, callback: Any = None, to: Any = None, **kwargs: Any) -> None:
@@ -227,8 +141,7 @@ class FanoutMixin(socketio.AsyncManager):
                  skip_sid: Any) -> int:
         skip = skip_sid if isinstance(skip_sid, (list, tuple, set, frozenset)) else (skip_sid,)
         sockets = self.server.eio.sockets
-        links = self._links
-        dirty = self._dirty
+        frames = self._frames
         frame, size = encoded.frame, encoded.size
         delivered = 0
         for sid, eio_sid in self.get_participants(namespace, room):
@@ -237,51 +150,29 @@ class FanoutMixin(socketio.AsyncManager):
             sock = sockets.get(eio_sid)
             if sock is None or sock.closing or sock.closed:
                 continue
-            link = links.get(eio_sid)
-            queue = sock.queue
-            if (link is not None and sock.upgraded and not sock.upgrading and not queue._queue
-                    and queue._getters and not link.writer._closing
-                    and not link.transport.is_closing()):
-                # The writer is parked on an empty queue, so it has written everything queued
-                # before; the frame waits for this loop iteration's flush, which runs before any
-                # writer woken later in the iteration, so this socket's order is kept.
-                if link.pending is None:
-                    link.pending = [frame]
+            link = getattr(sock, "link", None)
+            if link is not None:
+                if not link.transport.is_closing():
                     link.namespace = namespace
-                    dirty.append(link)
-                else:
-                    link.pending.append(frame)
-                delivered += 1
+                    frames.write(link, frame)
+                    delivered += 1
                 continue
-            if sock in self._evicted or (link is not None and link.transport.is_closing()):
+            if sock in self._evicted:
                 continue
+            queue = sock.queue
             backlog = queue.qsize()
-            unsent = link.transport.get_write_buffer_size() if link is not None else 0
-            if backlog >= self.max_queued_packets or unsent + backlog * size > self.max_queued_bytes:
-                self._overflow(sock, link, namespace)
+            if backlog >= self.max_queued_packets or backlog * size > self.max_queued_bytes:
+                self._overflow(sock, None, namespace)
                 continue
             for p in encoded.packets(sock.upgraded or sock.upgrading, binary):
                 queue.put_nowait(p)
             delivered += 1
-        if dirty and not self._flush_scheduled:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
         return delivered
 
-    def _flush(self) -> None:
-        """Write each socket's frames of this loop iteration in one write (one syscall)."""
-        self._flush_scheduled = False
-        dirty, self._dirty = self._dirty, []
-        max_bytes = self.max_queued_bytes
-        for link in dirty:
-            pending, link.pending = link.pending, None
-            if not pending or link.transport.is_closing():
-                continue
-            link.transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
-            if link.protocol._paused and link.transport.get_write_buffer_size() > max_bytes:
-                self._overflow(link.sock, link, link.namespace)
+    def _on_backlog(self, link: Link) -> None:
+        self._overflow(link.sock, link, link.namespace)
 
-    def _overflow(self, sock: Any, link: _Link | None, namespace: str) -> None:
+    def _overflow(self, sock: Any, link: Link | None, namespace: str) -> None:
         """Send the final event past the bound, close the connection, let the client reconnect."""
         if sock in self._evicted:
             return
@@ -297,13 +188,13 @@ class FanoutMixin(socketio.AsyncManager):
                 self.on_overflow(namespace)
             except Exception:  # noqa: BLE001 - a metrics hook must not break delivery
                 log.exception("overflow_hook_failed")
-        if link is not None and sock.upgraded and not link.transport.is_closing():
+        if link is not None and not link.transport.is_closing():
             # Behind whatever the client has not read yet, then a close frame and a TCP close that
             # flushes first; the abort bounds how long a client that never reads can pin memory.
             pending, link.pending = link.pending or [], None
             transport = link.transport
             transport.write(b"".join([*pending, final.frame, ws_frame(
-                struct.pack("!H", _CLOSE_TRY_AGAIN_LATER) + b"slow consumer", _OP_CLOSE)]))
+                struct.pack("!H", _CLOSE_TRY_AGAIN_LATER) + b"slow consumer", OP_CLOSE)]))
             transport.close()
             asyncio.get_running_loop().call_later(self.close_grace, transport.abort)
             self._track(sock.close(wait=False, abort=True, reason=SLOW_CONSUMER_REASON))
@@ -333,8 +224,7 @@ class FanoutManager(FanoutMixin):
                  on_overflow: OverflowHook | None = None,
                  close_grace: float = DEFAULT_CLOSE_GRACE_SECONDS, compression: bool = False) -> None:
         super().__init__()
-        self._setup_fanout(max_queued_packets, max_queued_bytes, on_overflow, close_grace,
-                           compression)
+        self._setup_fanout(max_queued_packets, max_queued_bytes, on_overflow, close_grace)
 
 
 class RedisFanoutManager(socketio.AsyncRedisManager, FanoutMixin):
@@ -344,11 +234,10 @@ class RedisFanoutManager(socketio.AsyncRedisManager, FanoutMixin):
                  max_queued_packets: int = DEFAULT_MAX_QUEUED_PACKETS,
                  max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES,
                  on_overflow: OverflowHook | None = None,
-                 close_grace: float = DEFAULT_CLOSE_GRACE_SECONDS, compression: bool = False,
+                 close_grace: float = DEFAULT_CLOSE_GRACE_SECONDS,
                  **redis_options: Any) -> None:
         super().__init__(url, channel=channel, **redis_options)
-        self._setup_fanout(max_queued_packets, max_queued_bytes, on_overflow, close_grace,
-                           compression)
+        self._setup_fanout(max_queued_packets, max_queued_bytes, on_overflow, close_grace)
 
 
 def create_client_manager(redis_url: str | None, *,
@@ -365,4 +254,4 @@ def create_client_manager(redis_url: str | None, *,
 
 
 __all__ = ["SEND_QUEUE_OVERFLOWED_EVENT", "SEND_QUEUE_OVERFLOWED_DATA", "FanoutManager",
-           "RedisFanoutManager", "create_client_manager", "ws_frame"]
+           "RedisFanoutManager", "create_client_manager"]
