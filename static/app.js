@@ -111,26 +111,40 @@ async function loadDatapods(form = $("#market-search")) {
 
 $("#market-search").addEventListener("submit", (event) => { event.preventDefault(); loadDatapods(event.target); });
 
+/** Merge one `market` event into the list: a publication adds a card, an unpublication removes one. */
+function applyMarketEvent(event) {
+  const data = event.data.datapod ?? event.data;
+  const id = data.id ?? data.datapod_id;
+  const existing = $("#datapods").querySelector(`[data-key="${CSS.escape(id)}"]`);
+  if (event.type === "datapod_unpublished") {
+    existing?.remove();
+    return;
+  }
+  // Only a publication adds a card: a sale or a review of a pod the list does not show stays out.
+  if (!existing && event.type !== "datapod_published") return;
+  const changes = event.type === "datapod_updated" ? data.changes : data;
+  const merged = { ...(existing?.pod ?? {}), ...changes, id };
+  const card = upsert($("#datapods"), id, datapodCard(merged), { prepend: !existing });
+  card.pod = merged;
+}
+
 async function watchMarket() {
-  await loadDatapods();
-  await hub.subscribe("/marketplace", "market", {
+  // Subscribed before the list is read, so nothing published meanwhile is missed; events that come
+  // before the list are applied after it (each is safe to apply to a list that already has it).
+  let pending = [];
+  const subscription = hub.subscribe("/marketplace", "market", {
     onGap: loadDatapods,
     onEvent(event) {
-      const data = event.data.datapod ?? event.data;
-      const id = data.id ?? data.datapod_id;
-      const existing = $("#datapods").querySelector(`[data-key="${CSS.escape(id)}"]`);
-      if (event.type === "datapod_unpublished") {
-        existing?.remove();
-        return;
-      }
-      // Only a publication adds a card: a sale or a review of a pod the list does not show stays out.
-      if (!existing && event.type !== "datapod_published") return;
-      const changes = event.type === "datapod_updated" ? data.changes : data;
-      const merged = { ...(existing?.pod ?? {}), ...changes, id };
-      const card = upsert($("#datapods"), id, datapodCard(merged), { prepend: !existing });
-      card.pod = merged;
+      if (pending) pending.push(event);
+      else applyMarketEvent(event);
     },
   });
+  subscription.catch(() => {}); // awaited below, after the list: no "unhandled" report meanwhile
+  await loadDatapods();
+  const early = pending;
+  pending = null;
+  early.forEach(applyMarketEvent);
+  await subscription;
 }
 
 // --- the DataPod page ---------------------------------------------------------------------

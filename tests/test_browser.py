@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import re
 import uuid
 from decimal import Decimal
 from pathlib import Path
@@ -98,6 +100,28 @@ async def test_sign_up_then_live_marketplace_and_chain_with_recovery(client, pag
     await expect(page.locator("#connection")).to_have_text("recovered", timeout=10_000)
     await expect(page.locator('#blocks [data-key="3"]')).to_be_visible()
     assert await page.locator("#blocks li").count() == 3
+
+
+async def test_market_list_misses_nothing_published_while_it_loads(client, page):
+    # Hold the list's REST read until an event has been published: the page must already be
+    # subscribed (it subscribes first), and the event must land in the list once it is read.
+    requested, release = asyncio.Event(), asyncio.Event()
+
+    async def hold(route):
+        requested.set()
+        await release.wait()
+        await route.continue_()
+
+    await page.route(re.compile(r"/api/v1/datapods\?"), hold)
+    await sign_up(page, server_url(client))
+    await asyncio.wait_for(requested.wait(), 10)
+    await until_live(page, "/marketplace", "market")
+    pod_id = str(uuid.uuid4())
+    await publish(client.app, "market", "datapod_published", {
+        "id": pod_id, "title": "Published during the read", "category": "climate", "price_sui": "2"})
+    release.set()
+    await expect(page.locator(f'#datapods [data-key="{pod_id}"]')).to_contain_text(
+        "Published during the read")
 
 
 async def test_wrong_password_shows_the_error(client, page):
