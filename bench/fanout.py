@@ -21,6 +21,8 @@ latency instead of silently sending later. Figures, per server:
 CPU split on the 2-core machine: the server under test is pinned to core 0 (`taskset -c 0`), the
 Node load generator and this driver to core 1, so the server never competes with its clients and
 every server gets the same single core (Python and Node both run their event loop on one thread).
+`--loadgens N` splits the clients over N load-generator processes (with `--loadgen-cpu ''` they may
+use both cores); latency percentiles come from their merged 0.1 ms histograms.
 
 The Node packages (socket.io, socket.io-client) come from bench/node/package-lock.json, installed
 with `npm ci --prefix bench/node` when bench/node/node_modules is missing.
@@ -72,11 +74,15 @@ def serve(kind: str, port: int) -> None:
     from aiohttp import web
 
     from server import jsonutil
+    from server.engine import SocketServer
     from server.fanout import create_client_manager
 
-    manager = create_client_manager(None) if kind in ("ours", "hub") else None
-    sio = socketio.AsyncServer(async_mode="aiohttp", client_manager=manager, json=jsonutil,
-                               logger=False, engineio_logger=False)
+    if kind in ("ours", "hub"):
+        server_class, manager = SocketServer, create_client_manager(None)
+    else:
+        server_class, manager = socketio.AsyncServer, None
+    sio = server_class(async_mode="aiohttp", client_manager=manager, json=jsonutil,
+                       logger=False, engineio_logger=False)
     room = ROOM
     if kind == "hub":
         # The whole publish path domain code uses: history append, event envelope, room delivery.
@@ -211,29 +217,82 @@ async def wait_port(port: int, timeout: float = 20) -> None:
             await asyncio.sleep(0.1)
 
 
-async def start_loadgen(port: int, clients: int, cpu: str | None) -> Proc:
-    gen = Proc(pinned(cpu, ["node", str(NODE_DIR / "loadgen.js"), f"http://127.0.0.1:{port}",
-                            str(clients), "100"]))
-    ready = await gen.line(timeout=120 + clients / 20)
-    assert ready["ready"] == clients, ready
-    return gen
+class LoadGen:
+    """Node load-generator processes sharing the clients; their reports are merged into one."""
+
+    def __init__(self, procs: list[Proc]) -> None:
+        self.procs = procs
+
+    @classmethod
+    async def start(cls, port: int, clients: int, cpu: str | None, processes: int = 1) -> LoadGen:
+        shares = [clients // processes + (i < clients % processes) for i in range(processes)]
+        procs = [Proc(pinned(cpu, ["node", str(NODE_DIR / "loadgen.js"), f"http://127.0.0.1:{port}",
+                                   str(share), "100"])) for share in shares]
+        gen = cls(procs)
+        try:
+            for proc, share in zip(procs, shares):
+                ready = await proc.line(timeout=120 + share / 20)
+                assert ready["ready"] == share, ready
+        except BaseException:
+            gen.stop()
+            raise
+        return gen
+
+    async def reset(self) -> None:
+        await asyncio.gather(*(p.ask({"cmd": "reset"}) for p in self.procs))
+
+    async def report(self) -> dict[str, Any]:
+        """count, p50/p99/max (ms) over every process's events, disconnects, CPU (sum of cores)."""
+        reports = await asyncio.gather(*(p.ask({"cmd": "report"}) for p in self.procs))
+        hist: dict[int, int] = {}
+        for report in reports:
+            for bucket, n in report["hist"].items():
+                hist[int(bucket)] = hist.get(int(bucket), 0) + n
+        count = sum(r["count"] for r in reports)
+        return {"count": count, "p50": percentile(hist, count, 0.5),
+                "p99": percentile(hist, count, 0.99),
+                "max": max(hist) / 10 if hist else None,
+                "disconnects": sum(r["disconnects"] for r in reports),
+                "cpu": sum(r["cpu"] for r in reports)}
+
+    async def exit(self) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.gather(*(p.ask({"cmd": "exit"}, timeout=10) for p in self.procs))
+        self.stop()
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            proc.stop()
 
 
-async def run_step(ctl: Any, gen: Proc, server: Proc, clients: int, target: int, duration: float,
+def percentile(hist: dict[int, int], count: int, share: float) -> float | None:
+    """The latency (ms, 0.1 ms buckets) below which `share` of the events arrived."""
+    if count == 0:
+        return None
+    rank = min(count - 1, int(share * count))
+    seen = 0
+    for bucket in sorted(hist):
+        seen += hist[bucket]
+        if seen > rank:
+            return bucket / 10
+    return max(hist) / 10
+
+
+async def run_step(ctl: Any, gen: LoadGen, server: Proc, clients: int, target: int, duration: float,
                    size: int) -> dict[str, Any]:
     """One rate step: broadcast for `duration` seconds, then drain and collect the figures."""
     rate = target / clients
     expected = round(rate * duration) * clients
-    await gen.ask({"cmd": "reset"})
+    await gen.reset()
     cpu0, t0 = cpu_seconds(server.pid), time.monotonic()
     await ctl.call("start", {"rate": rate, "duration": duration, "size": size}, namespace="/control",
                    timeout=duration * 20 + 60)
     emitted = time.monotonic() - t0
-    report = await gen.ask({"cmd": "report"})
+    report = await gen.report()
     deadline = time.monotonic() + DRAIN_SECONDS
     while report["count"] < expected and time.monotonic() < deadline:
         await asyncio.sleep(0.2)
-        report = await gen.ask({"cmd": "report"})
+        report = await gen.report()
     elapsed = time.monotonic() - t0
     server_cpu = (cpu_seconds(server.pid) - cpu0) / elapsed
     share = report["count"] / expected
@@ -257,7 +316,7 @@ async def throughput(kind: str, args: argparse.Namespace) -> dict[str, Any]:
     ctl = socketio.AsyncClient(reconnection=False)
     try:
         await wait_port(port)
-        gen = await start_loadgen(port, args.clients, args.loadgen_cpu)
+        gen = await LoadGen.start(port, args.clients, args.loadgen_cpu, args.loadgens)
         await ctl.connect(f"http://127.0.0.1:{port}", namespaces=["/control"],
                           transports=["websocket"], wait_timeout=10)
         await run_step(ctl, gen, server, args.clients, args.rates[0], 1.0, args.size)  # warm-up
@@ -277,9 +336,7 @@ async def throughput(kind: str, args: argparse.Namespace) -> dict[str, Any]:
         if ctl.connected:
             await ctl.disconnect()
         if gen is not None:
-            with contextlib.suppress(Exception):
-                await gen.ask({"cmd": "exit"}, timeout=5)
-            gen.stop()
+            await gen.exit()
         server.stop()
 
 
@@ -292,7 +349,7 @@ async def idle_memory(kind: str, args: argparse.Namespace) -> float:
         await wait_port(port)
         await asyncio.sleep(1)
         before = rss_bytes(server.pid)
-        gen = await start_loadgen(port, args.idle_clients, args.loadgen_cpu)
+        gen = await LoadGen.start(port, args.idle_clients, args.loadgen_cpu, args.loadgens)
         await asyncio.sleep(3)
         after = rss_bytes(server.pid)
         per = (after - before) / args.idle_clients
@@ -301,9 +358,7 @@ async def idle_memory(kind: str, args: argparse.Namespace) -> float:
         return per
     finally:
         if gen is not None:
-            with contextlib.suppress(Exception):
-                await gen.ask({"cmd": "exit"}, timeout=10)
-            gen.stop()
+            await gen.exit()
         server.stop()
 
 
@@ -403,6 +458,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="connections for the idle memory figure (default 5000; 0 skips it)")
     parser.add_argument("--server-cpu", default="0", help="core(s) for the server ('' = no pinning)")
     parser.add_argument("--loadgen-cpu", default="1", help="core(s) for the load generator")
+    parser.add_argument("--loadgens", type=int, default=1,
+                        help="load-generator processes sharing the clients (default 1)")
     parser.add_argument("--quick", action="store_true",
                         help="short steps, fewer rates, 1,000 idle connections")
     parser.add_argument("--json", help="also write the summary rows to this file")

@@ -2,7 +2,7 @@
 // transport) to one server; counts "tick" events and their latency (receive time minus the
 // scheduled time the server stamped in `ts`). Driven by JSON lines on stdin:
 //   {"cmd": "reset"}                  -> start a new measurement window
-//   {"cmd": "report"}                 -> {"count", "p50", "p99", "max", "cpu"} for the window
+//   {"cmd": "report"}                 -> {"count", "hist", "disconnects", "cpu"} for the window
 //   {"cmd": "exit"}
 "use strict";
 const { io } = require("socket.io-client");
@@ -55,9 +55,15 @@ async function main() {
   console.log(JSON.stringify({ ready: sockets.length }));
 }
 
-function percentile(sorted, p) {
-  if (sorted.length === 0) return null;
-  return sorted[Math.min(sorted.length - 1, Math.floor(p * sorted.length))];
+// Latencies in 0.1 ms buckets, {bucket: count}: the driver merges the histograms of several load
+// generator processes before it takes percentiles.
+function histogram() {
+  const hist = {};
+  for (let i = 0; i < count; i++) {
+    const bucket = Math.max(0, Math.floor(latencies[i] * 10));
+    hist[bucket] = (hist[bucket] || 0) + 1;
+  }
+  return hist;
 }
 
 readline.createInterface({ input: process.stdin }).on("line", (line) => {
@@ -68,13 +74,10 @@ readline.createInterface({ input: process.stdin }).on("line", (line) => {
     wallStart = performance.now();
     console.log(JSON.stringify({ reset: true }));
   } else if (cmd === "report") {
-    const sorted = latencies.slice(0, count).sort();
     const cpu = process.cpuUsage(cpuStart);
     const wall = performance.now() - wallStart;
     console.log(JSON.stringify({
-      count, p50: percentile(sorted, 0.5), p99: percentile(sorted, 0.99),
-      max: count ? sorted[count - 1] : null, disconnects,
-      cpu: (cpu.user + cpu.system) / 1000 / wall,
+      count, hist: histogram(), disconnects, cpu: (cpu.user + cpu.system) / 1000 / wall,
     }));
   } else if (cmd === "exit") {
     for (const s of sockets) s.disconnect();
