@@ -10,6 +10,20 @@ from typing import Any
 
 import socketio
 
+from server import jsonutil
+
+
+async def raw_socketio_websocket(session, url: str, **ws_options: Any) -> tuple[Any, str, str]:
+    """A websocket doing the Engine.IO and Socket.IO handshakes by hand: (ws, Engine.IO sid, sid)."""
+    ws = await session.ws_connect(url.replace("http", "ws", 1) + "/socket.io/?EIO=4&transport=websocket",
+                                  **ws_options)
+    opened = await ws.receive_str(timeout=5)
+    assert opened.startswith("0{"), opened
+    await ws.send_str("40")
+    connected = await ws.receive_str(timeout=5)
+    assert connected.startswith("40{"), connected
+    return ws, jsonutil.loads(opened[1:])["sid"], jsonutil.loads(connected[2:])["sid"]
+
 
 async def register(client, username: str | None = None, password: str = "correct horse battery") -> dict:
     """Register a user through the real API; returns the envelope's data (token, user)."""

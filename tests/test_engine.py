@@ -11,9 +11,9 @@ import aiohttp
 import socketio
 from aiohttp import web
 
-from server import jsonutil
 from server.engine import KEPT_ENVIRON_KEYS, LeanSocket, SocketServer
 from server.fanout import FanoutManager
+from tests.helpers import raw_socketio_websocket, wait_until
 
 # The tasks aiohttp itself keeps per open connection (its protocol loop and the request handler).
 AIOHTTP_TASKS = {"RequestHandler.start", "RequestHandler._handle_request"}
@@ -26,17 +26,6 @@ async def serve(aiohttp_server, sio: socketio.AsyncServer) -> str:
     return str(server.make_url("/")).rstrip("/")
 
 
-async def raw_client(session: aiohttp.ClientSession, url: str) -> tuple[aiohttp.ClientWebSocketResponse, str]:
-    """A websocket doing the Engine.IO and Socket.IO handshakes by hand."""
-    ws = await session.ws_connect(url.replace("http", "ws") + "/socket.io/?EIO=4&transport=websocket")
-    opened = await ws.receive_str(timeout=5)
-    assert opened.startswith("0{")
-    await ws.send_str("40")
-    connected = await ws.receive_str(timeout=5)
-    assert connected.startswith("40{")
-    return ws, jsonutil.loads(opened[1:])["sid"]
-
-
 def task_names() -> list[str]:
     return [getattr(t.get_coro(), "__qualname__", "?") for t in asyncio.all_tasks()]
 
@@ -46,10 +35,10 @@ async def idle_tasks_per_connection(aiohttp_server, sio: socketio.AsyncServer) -
     url = await serve(aiohttp_server, sio)
     before = set(task_names())
     async with aiohttp.ClientSession() as session:
-        clients = [await raw_client(session, url) for _ in range(10)]
+        clients = [await raw_socketio_websocket(session, url) for _ in range(10)]
         await asyncio.sleep(0.1)
         added = [name for name in task_names() if name not in before]
-        for ws, _ in clients:
+        for ws, _, _ in clients:
             await ws.close()
     return {name for name in added if added.count(name) >= 10}
 
@@ -73,7 +62,7 @@ async def test_open_websocket_keeps_no_queue_and_a_trimmed_environ(aiohttp_serve
 
     url = await serve(aiohttp_server, sio)
     async with aiohttp.ClientSession(headers={"X-Client-Build": "1234"}) as session:
-        ws, eio_sid = await raw_client(session, url)
+        ws, eio_sid, _ = await raw_socketio_websocket(session, url)
         sock = sio.eio.sockets[eio_sid]
         assert isinstance(sock, LeanSocket) and sock.link is not None
         assert sock._queue is None
@@ -89,7 +78,7 @@ async def test_pings_keep_a_client_and_silence_drops_it(aiohttp_server):
                        engineio_logger=False)
     url = await serve(aiohttp_server, sio)
     async with aiohttp.ClientSession() as session:
-        ws, eio_sid = await raw_client(session, url)
+        ws, eio_sid, _ = await raw_socketio_websocket(session, url)
         pings = 0
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 1.2
@@ -113,10 +102,7 @@ async def test_pings_keep_a_client_and_silence_drops_it(aiohttp_server):
             assert msg.data == "2"
         assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
 
-        async def forgotten():
-            while eio_sid in sio.eio.sockets:
-                await asyncio.sleep(0.02)
-        await asyncio.wait_for(forgotten(), 5)
+        await wait_until(lambda: eio_sid not in sio.eio.sockets, timeout=5)
 
 
 async def test_upgrade_from_polling_moves_onto_the_direct_path(aiohttp_server):
@@ -131,10 +117,7 @@ async def test_upgrade_from_polling_moves_onto_the_direct_path(aiohttp_server):
     await client.connect(url, transports=["polling", "websocket"], wait_timeout=5)
     eio_sid = sio.manager.eio_sid_from_sid(client.get_sid(), "/")
 
-    async def upgraded():
-        while sio.eio.sockets[eio_sid].link is None:
-            await asyncio.sleep(0.02)
-    await asyncio.wait_for(upgraded(), 5)
+    await wait_until(lambda: sio.eio.sockets[eio_sid].link is not None, timeout=5)
     assert client.transport() == "websocket"
     for seq in range(20):
         await sio.emit("seq", seq)
@@ -142,8 +125,5 @@ async def test_upgrade_from_polling_moves_onto_the_direct_path(aiohttp_server):
     await asyncio.wait_for(gone.wait(), 5)
     assert got == list(range(20))
 
-    async def forgotten():
-        while eio_sid in sio.eio.sockets:
-            await asyncio.sleep(0.02)
-    await asyncio.wait_for(forgotten(), 5)
+    await wait_until(lambda: eio_sid not in sio.eio.sockets, timeout=5)
     await client.disconnect()

@@ -16,6 +16,7 @@ from socketio.async_pubsub_manager import AsyncPubSubManager
 
 from server import jsonutil
 from server.engine import SocketServer
+from tests.helpers import raw_socketio_websocket
 from server.fanout import (SEND_QUEUE_OVERFLOWED_DATA, SEND_QUEUE_OVERFLOWED_EVENT, FanoutManager,
                            FanoutMixin, RedisFanoutManager, create_client_manager)
 
@@ -265,18 +266,6 @@ async def test_redis_variant_delivers_across_two_servers(aiohttp_server, redis_u
         await h.sio.shutdown()
 
 
-async def _raw_websocket(session: aiohttp.ClientSession, url: str) -> tuple[aiohttp.ClientWebSocketResponse, str]:
-    """A websocket doing the Engine.IO and Socket.IO handshakes by hand (then never reading)."""
-    ws = await session.ws_connect(url.replace("http", "ws") + "/socket.io/?EIO=4&transport=websocket",
-                                  autoping=False)
-    opened = await ws.receive_str(timeout=5)
-    assert opened.startswith("0{")
-    await ws.send_str("40")
-    connected = await ws.receive_str(timeout=5)
-    assert connected.startswith("40{")
-    return ws, jsonutil.loads(connected[2:])["sid"]
-
-
 async def test_slow_websocket_client_is_told_and_disconnected(aiohttp_server, recorders):
     overflowed: list[str] = []
     manager = FanoutManager(max_queued_bytes=256 * 1024, max_queued_packets=10_000,
@@ -285,7 +274,7 @@ async def test_slow_websocket_client_is_told_and_disconnected(aiohttp_server, re
     fast = recorders()
     await fast.connect(hub.url)
     async with aiohttp.ClientSession() as session:
-        slow, slow_sid = await _raw_websocket(session, hub.url)
+        slow, _, slow_sid = await raw_socketio_websocket(session, hub.url, autoping=False)
         assert len(hub.sio.eio.sockets) == 2
         chunk = "x" * 64 * 1024
         sent = 0
