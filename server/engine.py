@@ -7,7 +7,8 @@ of the ~30 KiB an idle connection costs. `LeanEngineServer` keeps the Engine.IO 
 upgrade from polling, ping/pong, close) and the library's API (`send`, `disconnect`, sessions, the
 queue for polling clients) and changes only how a websocket connection is run:
 
-- the request handler's task is the connection's only task, and it only reads;
+- the connection runs in aiohttp's request-handler task, which only reads; it has no task of its
+  own;
 - everything sent on the websocket, the library's packets and the fan-out manager's broadcast frames
   alike, goes through one `FrameWriter`: frames wait per connection until the end of the loop
   iteration and then go out in one `transport.write`, so a connection gets frames in the order they
