@@ -209,11 +209,11 @@ async def user_streaming(conn: asyncpg.Connection, user_id: uuid.UUID, stale_aft
 
 
 async def generations_in_last_minute(conn: asyncpg.Connection, user_id: uuid.UUID) -> tuple[int, float]:
-    """How many answers the user started in the last 60 s, and the age in seconds of the oldest."""
+    """How many answers the user started in the last 60 s, and the age in seconds of the oldest
+    (from `ai_usage`, which deleting a conversation does not touch)."""
     row = await conn.fetchrow(
-        """SELECT count(*) AS n, extract(epoch FROM now() - min(m.created_at)) AS oldest
-             FROM ai_messages m JOIN ai_conversations c ON c.id = m.conversation_id
-            WHERE c.user_id = $1 AND m.role = 'assistant' AND m.created_at > now() - interval '60 seconds'""",
+        """SELECT count(*) AS n, extract(epoch FROM now() - min(started_at)) AS oldest
+             FROM ai_usage WHERE user_id = $1 AND started_at > now() - interval '60 seconds'""",
         user_id)
     return row["n"], float(row["oldest"] or 0)
 
@@ -221,12 +221,12 @@ async def generations_in_last_minute(conn: asyncpg.Connection, user_id: uuid.UUI
 async def tokens_today(conn: asyncpg.Connection, user_id: uuid.UUID) -> tuple[int, float]:
     """Tokens the user's answers used since midnight UTC, and seconds until the next midnight."""
     row = await conn.fetchrow(
-        """SELECT coalesce(sum(m.tokens), 0) AS used,
+        """SELECT coalesce(sum(tokens), 0) AS used,
                   extract(epoch FROM date_trunc('day', now() AT TIME ZONE 'UTC') + interval '1 day'
                                      - (now() AT TIME ZONE 'UTC')) AS reset_in
-             FROM ai_messages m JOIN ai_conversations c ON c.id = m.conversation_id
-            WHERE c.user_id = $1
-              AND m.created_at >= date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'""",
+             FROM ai_usage
+            WHERE user_id = $1
+              AND started_at >= date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'""",
         user_id)
     return int(row["used"]), float(row["reset_in"])
 

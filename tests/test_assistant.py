@@ -315,6 +315,11 @@ async def test_limits_refuse_clearly(aiohttp_client, settings, sockets):
         limited = await alice.call("send_message", {"conversation_id": conversation_id, "content": "three",
                                                     "client_msg_id": "c"})
         assert limited["error"]["code"] == "rate_limited" and 50 < limited["error"]["retry_after"] <= 60
+        # Deleting the conversation gives nothing back.
+        await alice.ok("delete_conversation", {"conversation_id": conversation_id})
+        again = await alice.call("send_message", {"conversation_id": await alice.conversation(),
+                                                  "content": "four", "client_msg_id": "d"})
+        assert again["error"]["code"] == "rate_limited"
         # Someone else is not limited by Alice's use.
         bob = await sign_in(client, sockets)
         other = (await bob.send(await bob.conversation(), "hi"))["assistant_message"]["id"]
@@ -338,6 +343,11 @@ async def test_daily_token_quota(aiohttp_client, settings, sockets):
                                                     "client_msg_id": "q"})
         assert refused["error"]["code"] == "rate_limited" and "quota" in refused["error"]["message"]
         assert 0 < refused["error"]["retry_after"] <= 86400
+        # Deleting the conversation does not give its tokens back.
+        await alice.ok("delete_conversation", {"conversation_id": conversation_id})
+        again = await alice.call("send_message", {"conversation_id": await alice.conversation(),
+                                                  "content": "more", "client_msg_id": "r"})
+        assert again["error"]["code"] == "rate_limited" and "quota" in again["error"]["message"]
     finally:
         await server.close()
 
