@@ -22,13 +22,18 @@ function element(tag, attributes = {}, ...children) {
   return node;
 }
 
-function upsert(list, key, node, { prepend = true } = {}) {
+// How many entries a live feed (blocks, transactions, mining, rewards) keeps: a tab left open for a
+// day would otherwise hold every block and reward since it opened.
+const FEED_LENGTH = 100;
+
+function upsert(list, key, node, { prepend = true, keep = Infinity } = {}) {
   node.dataset.key = key;
   const existing = list.querySelector(`[data-key="${CSS.escape(key)}"]`);
   if (existing) existing.replaceWith(node);
   else if (prepend) list.prepend(node);
   else list.append(node);
   node.classList.add("new");
+  while (list.children.length > keep) (prepend ? list.lastElementChild : list.firstElementChild).remove();
   return node;
 }
 
@@ -601,19 +606,23 @@ async function watchChain() {
     onEvent(event) {
       const block = event.data;
       upsert($("#blocks"), String(block.height ?? event.id), element("li", { dataset: { height: block.height } },
-        `#${block.height} · ${String(block.hash ?? block.block_hash ?? "").slice(0, 16)}… · ${block.tx_count ?? 0} tx · reward ${block.reward ?? "?"}`));
+        `#${block.height} · ${String(block.hash ?? block.block_hash ?? "").slice(0, 16)}… · ${block.tx_count ?? 0} tx · reward ${block.reward ?? "?"}`), { keep: FEED_LENGTH });
       blockTimes.push(event.ts);
+      if (blockTimes.length > 61) blockTimes.splice(0, blockTimes.length - 61); // the chart shows 60 gaps
       drawBlockTimes();
     },
   });
   await hub.subscribe("/chain", "chain:transactions", {
     onEvent(event) {
       const tx = event.data;
-      upsert($("#transactions"), tx.hash ?? event.id, element("li", {}, `${event.type}: ${tx.hash ?? ""} ${tx.amount ?? ""}`));
+      upsert($("#transactions"), tx.hash ?? event.id, element("li", {}, `${event.type}: ${tx.hash ?? ""} ${tx.amount ?? ""}`),
+        { keep: FEED_LENGTH });
     },
   });
   await hub.subscribe("/chain", "chain:mining", {
-    onEvent(event) { upsert($("#mining"), event.id, element("li", {}, `${event.type}: ${JSON.stringify(event.data)}`)); },
+    onEvent(event) {
+      upsert($("#mining"), event.id, element("li", {}, `${event.type}: ${JSON.stringify(event.data)}`), { keep: FEED_LENGTH });
+    },
   });
 }
 
@@ -783,7 +792,7 @@ async function watchGame(game) {
       if (event.type === "leaderboard_changed") showLeaderboard(event.data);
       else if (event.type === "reward_earned") {
         upsert($("#game-rewards"), event.id, element("li", {},
-          `${event.data.player_wallet ?? event.data.user_id} earned ${event.data.value ?? ""} (${event.data.reward_type ?? "reward"})`));
+          `${event.data.player_wallet ?? event.data.user_id} earned ${event.data.value ?? ""} (${event.data.reward_type ?? "reward"})`), { keep: FEED_LENGTH });
         if (session) session.textContent = ` · session ${event.data.session_id} playing, ${event.data.session_total} earned`;
       } else if (event.type === "session_started" && session) {
         session.textContent = ` · session ${event.data.session_id} playing`;

@@ -124,6 +124,19 @@ async def test_market_list_misses_nothing_published_while_it_loads(client, page)
         "Published during the read")
 
 
+async def test_live_feeds_keep_the_newest_hundred(client, page):
+    await sign_up(page, server_url(client))
+    await page.click("nav >> text=Chain")
+    await until_live(page, "/chain", "chain:blocks")
+    for height in range(1, 106):
+        await publish(client.app, "chain:blocks", "block_added", {"height": height, "hash": "ef" * 32})
+    await expect(page.locator('#blocks [data-key="105"]')).to_be_visible()
+    assert await page.locator("#blocks li").count() == 100
+    # The oldest went: the list holds blocks 6 to 105, newest first.
+    assert await page.locator("#blocks li").first.get_attribute("data-key") == "105"
+    assert await page.locator("#blocks li").last.get_attribute("data-key") == "6"
+
+
 async def test_wrong_password_shows_the_error(client, page):
     await page.goto(server_url(client))
     await page.fill("#login-form [name=login]", "nobody")
