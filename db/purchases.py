@@ -169,15 +169,19 @@ async def get_purchase(conn: asyncpg.Connection, purchase_id: uuid.UUID) -> Purc
 
 async def list_purchases(conn: asyncpg.Connection, buyer_id: uuid.UUID, *, limit: int,
                          before: tuple[dt.datetime, uuid.UUID] | None = None,
-                         status: str | None = None) -> list[Purchase]:
-    """The buyer's purchases, newest first, keyset-paginated by (created_at, id)."""
+                         status: str | None = None,
+                         datapod_id: uuid.UUID | None = None) -> list[Purchase]:
+    """The buyer's purchases (of one DataPod, if given), newest first, keyset-paginated by
+    (created_at, id)."""
     rows = await conn.fetch(
         f"""{_PURCHASE_SELECT}
             WHERE p.buyer_id = $1
               AND ($2::timestamptz IS NULL OR (p.created_at, p.id) < ($2, $3::uuid))
               AND ($4::text IS NULL OR p.status = $4)
+              AND ($6::uuid IS NULL OR p.datapod_id = $6)
             ORDER BY p.created_at DESC, p.id DESC LIMIT $5""",
-        buyer_id, before[0] if before else None, before[1] if before else None, status, limit)
+        buyer_id, before[0] if before else None, before[1] if before else None, status, limit,
+        datapod_id)
     return [_purchase(row) for row in rows]  # type: ignore[misc]
 
 

@@ -43,7 +43,8 @@ DIGEST = string(8, 100, pattern="^[A-Za-z0-9_:-]+$")
 START_SCHEMA = obj({"datapod_id": UUID, "payment_tx_digest": DIGEST}, required=("datapod_id", "payment_tx_digest"))
 PURCHASE_ID_SCHEMA = obj({"purchase_id": UUID}, required=("purchase_id",))
 LIST_SCHEMA = {**obj({"limit": {"type": "integer", "minimum": 1, "maximum": MAX_PAGE},
-                     "cursor": string(1, 200), "status": {"enum": STATUSES}}), "type": ["object", "null"]}
+                     "cursor": string(1, 200), "status": {"enum": STATUSES}, "datapod_id": UUID}),
+               "type": ["object", "null"]}
 LIST_VALIDATOR = compile_schema(LIST_SCHEMA)
 REVIEW_SCHEMA = obj({"rating": {"type": "integer", "minimum": 1, "maximum": 5},
                      "comment": string(0, 2000)}, required=("rating",))
@@ -118,8 +119,9 @@ async def list_purchases(app: web.Application, buyer_id: uuid.UUID, params: dict
     limit = params.get("limit", DEFAULT_PAGE)
     before = _decode_cursor(params["cursor"]) if params.get("cursor") else None
     async with app[POOL].acquire() as conn:
-        found = await queries.list_purchases(conn, buyer_id, limit=limit + 1, before=before,
-                                             status=params.get("status"))
+        found = await queries.list_purchases(
+            conn, buyer_id, limit=limit + 1, before=before, status=params.get("status"),
+            datapod_id=uuid.UUID(params["datapod_id"]) if params.get("datapod_id") else None)
     page = found[:limit]
     return {"items": [purchase.to_public() for purchase in page],
             "next_cursor": _encode_cursor(page[-1]) if len(found) > limit else None}
@@ -165,7 +167,7 @@ async def handle_start_purchase(request: web.Request, identity: Identity, body: 
 @routes.get("/api/v1/purchases")
 @endpoint(auth="user")
 async def handle_list_purchases(request: web.Request, identity: Identity) -> web.Response:
-    """The caller's purchases (?limit, ?cursor, ?status)."""
+    """The caller's purchases (?limit, ?cursor, ?status, ?datapod_id)."""
     return ok_response(await list_purchases(request.app, identity.user_id, query_payload(request, LIST_VALIDATOR)))
 
 

@@ -239,10 +239,10 @@ async function ownPurchasesOf(id) {
   const found = [];
   let cursor = null;
   do {
-    const params = new URLSearchParams({ limit: "100" });
+    const params = new URLSearchParams({ limit: "100", datapod_id: id });
     if (cursor) params.set("cursor", cursor);
     const page = await api("GET", `/api/v1/purchases?${params}`);
-    found.push(...page.items.filter((purchase) => purchase.datapod_id === id));
+    found.push(...page.items);
     cursor = page.next_cursor;
   } while (cursor);
   return found;

@@ -189,6 +189,12 @@ async def test_rest_purchase_list_and_get(hub, db):
     bad = await hub.get("/api/v1/purchases?limit=1000", headers=auth(buyer))
     assert bad.status == 400
     assert (await hub.get("/api/v1/purchases")).status == 401
+    # Filtered by DataPod: this one's purchase, none of another's, and a non-uuid refused.
+    of_pod = await (await hub.get(f"/api/v1/purchases?datapod_id={pod}", headers=auth(buyer))).json()
+    assert [p["id"] for p in of_pod["data"]["items"]] == [purchase_id]
+    other = await (await hub.get(f"/api/v1/purchases?datapod_id={uuid.uuid4()}", headers=auth(buyer))).json()
+    assert other["data"]["items"] == []
+    assert (await hub.get("/api/v1/purchases?datapod_id=nope", headers=auth(buyer))).status == 400
 
 
 # --- payments that must not pass -------------------------------------------------------------------
