@@ -30,6 +30,7 @@ import structlog
 from aiohttp import web
 
 from db import assistant as db
+from server.aio import wait_event
 from server.context import ASSISTANT, POOL, SETTINGS
 from server.llm import ChatModel, ModelError, classify, estimate_messages, estimate_tokens
 from server.realtime import publish, user_channel
@@ -256,8 +257,7 @@ class Assistant:
             gen.stop_reason = reason
             if gen.task is not None:
                 gen.task.cancel()
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(asyncio.shield(gen.done.wait()), wait)
+        await wait_event(gen.done, wait)
         return True
 
     # --- the job ----------------------------------------------------------------------------
@@ -521,9 +521,10 @@ class Assistant:
         try:
             if args is None:
                 raise ValueError("arguments are not valid JSON")
-            async with self.pool.acquire() as conn:
-                result = await asyncio.wait_for(run_tool(conn, gen.user_id, name, args),
-                                                self.settings.ai_tool_timeout)
+            # asyncio.timeout, not wait_for: a stop cancelling this task as the tool's timeout
+            # fires must not be swallowed (gh-86296, see server.aio).
+            async with self.pool.acquire() as conn, asyncio.timeout(self.settings.ai_tool_timeout):
+                result = await run_tool(conn, gen.user_id, name, args)
             ok = True
         except asyncio.TimeoutError:
             result, ok = {"error": "the tool took too long"}, False

@@ -254,6 +254,25 @@ async def test_tool_call_then_answer(aiohttp_client, settings, sockets):
         await server.close()
 
 
+async def test_a_tool_past_its_timeout_is_an_error_the_model_sees(aiohttp_client, settings, sockets):
+    model, server = await scripted([
+        {"tool_calls": [{"name": "search_datapods", "arguments": {"query": "weather"}}]},
+        {"text": ["No luck."]}])
+    try:
+        # A timeout no database query can meet.
+        client = await start_app(aiohttp_client, settings, openai_base_url=str(server.make_url("/v1")),
+                                 ai_tool_timeout=1e-6)
+        alice = await sign_in(client, sockets)
+        conversation_id = await alice.conversation()
+        message_id = (await alice.send(conversation_id, "Weather?"))["assistant_message"]["id"]
+        assert (await wait_finished(alice.sock, message_id))["type"] == "message_completed"
+        returned = events(alice.sock, "tool_returned", message_id)
+        assert returned[0]["ok"] is False and returned[0]["result"] == {"error": "the tool took too long"}
+        assert "took too long" in model.requests[1]["messages"][-1]["content"]
+    finally:
+        await server.close()
+
+
 def test_tool_choice_setting_is_checked():
     assert first_tool_choice("auto") is None
     assert first_tool_choice("get_datapod") == {"type": "function", "function": {"name": "get_datapod"}}
