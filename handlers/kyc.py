@@ -10,16 +10,16 @@ from __future__ import annotations
 from typing import Any
 
 import structlog
-from aiohttp import BodyPartReader, web
+from aiohttp import web
 
 from db import kyc as queries
-from handlers.marketplace import FORM_OVERHEAD_BYTES
 from server import kyc as service
 from server.auth import Identity
 from server.context import BLOBS, MASTER_KEY, POOL, SETTINGS
 from server.datasets import CHUNK_BYTES
 from server.errors import InvalidPayload, PayloadTooLarge
-from server.rest import MAX_INTEGER_ID, endpoint, int_query, ok_response, path_int
+from server.rest import (FORM_OVERHEAD_BYTES, MAX_INTEGER_ID, endpoint, form_parts, int_query,
+                         ok_response, path_int)
 from server.validation import compile_schema, obj, string, validate
 
 log = structlog.get_logger(__name__)
@@ -44,15 +44,10 @@ async def _read_submission(request: web.Request) -> tuple[dict[str, Any], bytes]
     limit = request.app[SETTINGS].kyc_max_bytes
     if request.content_length is not None and request.content_length > limit + FORM_OVERHEAD_BYTES:
         raise PayloadTooLarge(f"the document exceeds the limit of {limit} bytes", field="file")
-    if not request.content_type.startswith("multipart/"):
-        raise InvalidPayload("send multipart/form-data with a 'file' part and 'document_type'", field="file")
-    reader = await request.multipart()
     fields: dict[str, Any] = {}
     document: bytearray | None = None
-    while (part := await reader.next()) is not None:
-        if not isinstance(part, BodyPartReader):
-            raise InvalidPayload("nested multipart bodies are not accepted", field="file")
-        name = part.name or ""
+    async for name, part in form_parts(request, SUBMIT_SCHEMA["properties"],
+                                       "a 'file' part and 'document_type'"):
         if name == "file":
             if document is not None:
                 raise InvalidPayload("send one file", field="file")
@@ -62,12 +57,10 @@ async def _read_submission(request: web.Request) -> tuple[dict[str, Any], bytes]
                 document += chunk
                 if len(document) > limit:
                     raise PayloadTooLarge(f"the document exceeds the limit of {limit} bytes", field="file")
-        elif name in SUBMIT_SCHEMA["properties"]:
+        else:
             if name in fields:
                 raise InvalidPayload(f"'{name}' is given twice", field=name)
             fields[name] = (await part.text()).strip()  # small fields: bounded by MAX_PAYLOAD_BYTES
-        else:
-            raise InvalidPayload(f"unknown field '{name}'", field=name or "file")
     if not document:
         raise InvalidPayload("'file' is required and must not be empty", field="file")
     return validate(_SUBMIT, fields), bytes(document)

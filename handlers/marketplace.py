@@ -17,7 +17,7 @@ from typing import Any, Mapping
 
 import asyncpg
 import structlog
-from aiohttp import BodyPartReader, web
+from aiohttp import web
 
 from db import datapods as datapod_queries
 from db import outbox
@@ -29,7 +29,8 @@ from server.errors import Forbidden, InvalidPayload, NotFound, PayloadTooLarge
 from server.kyc import require_verified
 from server.namespace import Ctx, HubNamespace, command
 from server.realtime import ChannelRule
-from server.rest import endpoint, ok_response, optional_identity, query_payload
+from server.rest import (FORM_OVERHEAD_BYTES, endpoint, form_parts, ok_response, optional_identity,
+                         query_payload)
 from server.validation import UUID, compile_schema, obj, string, validate
 
 log = structlog.get_logger(__name__)
@@ -38,7 +39,6 @@ routes = web.RouteTableDef()
 DATAPOD_PUBLISHED = "datapod_published"
 DATAPOD_UPDATED = "datapod_updated"
 DATAPOD_UNPUBLISHED = "datapod_unpublished"
-FORM_OVERHEAD_BYTES = 256 * 1024  # metadata fields and multipart framing around the file
 MAX_PAGE = 100
 DEFAULT_PAGE = 20
 MAX_TAGS = 20
@@ -193,18 +193,13 @@ async def _lock_own(conn: asyncpg.Connection, datapod_id: uuid.UUID,
 async def _read_upload(request: web.Request, pod_id: uuid.UUID) -> tuple[dict[str, Any], DatasetSpool, str]:
     """Stream the multipart body: the file into an encrypted spool, the other parts as metadata."""
     settings = request.app[SETTINGS]
-    if not request.content_type.startswith("multipart/"):
-        raise InvalidPayload("send multipart/form-data with a 'file' part and the metadata fields", field="file")
-    reader = await request.multipart()
     fields: dict[str, Any] = {}
     tags: list[str] = []
     spool: DatasetSpool | None = None
     fmt = ""
     try:
-        while (part := await reader.next()) is not None:
-            if not isinstance(part, BodyPartReader):
-                raise InvalidPayload("nested multipart bodies are not accepted", field="file")
-            name = part.name or ""
+        async for name, part in form_parts(request, UPLOAD_SCHEMA["properties"],
+                                           "a 'file' part and the metadata fields"):
             if name == "file":
                 if spool is not None:
                     raise InvalidPayload("send one file", field="file")
@@ -214,7 +209,7 @@ async def _read_upload(request: web.Request, pod_id: uuid.UUID) -> tuple[dict[st
                 while chunk := await part.read_chunk(CHUNK_BYTES):
                     await asyncio.to_thread(spool.write, chunk)
                 await asyncio.to_thread(spool.finish)
-            elif name in UPLOAD_SCHEMA["properties"]:
+            else:
                 value = await part.text()  # small fields: bounded by MAX_PAYLOAD_BYTES
                 if name == "tags":
                     tags.extend(tag.strip() for tag in value.split(",") if tag.strip())
@@ -222,8 +217,6 @@ async def _read_upload(request: web.Request, pod_id: uuid.UUID) -> tuple[dict[st
                     raise InvalidPayload(f"'{name}' is given twice", field=name)
                 else:
                     fields[name] = value.strip() if name != "description" else value
-            else:
-                raise InvalidPayload(f"unknown field '{name}'", field=name or "file")
         if spool is None:
             raise InvalidPayload("'file' is required", field="file")
     except BaseException:

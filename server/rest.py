@@ -5,10 +5,10 @@ from __future__ import annotations
 import functools
 import time
 import uuid
-from typing import Any, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable, Collection
 
 import structlog
-from aiohttp import web
+from aiohttp import BodyPartReader, web
 
 from server import jsonutil
 from server.auth import Identity
@@ -180,3 +180,24 @@ def endpoint(*, body: dict[str, Any] | None = None, auth: str | None = None) -> 
 def client_ip(request: web.Request) -> str | None:
     """The peer address (a proxy's X-Forwarded-For is not trusted without configuration)."""
     return request.remote
+
+
+# Room for the text fields and the multipart framing around an upload's file, on top of its limit.
+FORM_OVERHEAD_BYTES = 256 * 1024
+
+
+async def form_parts(request: web.Request, names: Collection[str],
+                     hint: str) -> AsyncIterator[tuple[str, BodyPartReader]]:
+    """The parts of a multipart/form-data upload with their names, read as they stream in; refuses
+    another content type (naming the expected parts: `hint`), nested multipart parts, and part
+    names other than "file" and `names`."""
+    if not request.content_type.startswith("multipart/"):
+        raise InvalidPayload(f"send multipart/form-data with {hint}", field="file")
+    reader = await request.multipart()
+    while (part := await reader.next()) is not None:
+        if not isinstance(part, BodyPartReader):
+            raise InvalidPayload("nested multipart bodies are not accepted", field="file")
+        name = part.name or ""
+        if name != "file" and name not in names:
+            raise InvalidPayload(f"unknown field '{name}'", field=name or "file")
+        yield name, part

@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 
 from db.demo import load_if_empty
-from handlers.marketplace import FORM_OVERHEAD_BYTES
+from server.rest import FORM_OVERHEAD_BYTES
 from server import kyc
 from server.app import create_app
 from server.blobs import LocalBlobStore
