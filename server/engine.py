@@ -81,9 +81,18 @@ class Link:
         writer = response._writer
         self.transport = writer.transport
         self.protocol = writer.protocol
-        self.pending: list[bytes] | None = None
+        # One frame is kept as bytes, several as a list: a broadcast then allocates no object the
+        # cyclic GC tracks per recipient, so fan-out alone never sets off a collection.
+        self.pending: bytes | list[bytes] | None = None
         # The namespace of the last broadcast queued here, for an eviction notice.
         self.namespace = "/"
+
+    def take_pending(self) -> bytes:
+        """The frames waiting for this iteration's write, as one buffer, and forget them."""
+        pending, self.pending = self.pending, None
+        if pending is None:
+            return b""
+        return pending if type(pending) is bytes else b"".join(pending)
 
 
 BacklogHook = Callable[[Link], None]
@@ -107,25 +116,28 @@ class FrameWriter:
 
     def write(self, link: Link, frame: bytes) -> None:
         """Queue a frame for the link; it goes out at the end of this loop iteration."""
-        if link.pending is None:
-            link.pending = [frame]
+        pending = link.pending
+        if pending is None:
+            link.pending = frame
             self._dirty.append(link)
             if not self._scheduled:
                 self._scheduled = True
                 asyncio.get_running_loop().call_soon(self.flush)
+        elif type(pending) is bytes:
+            link.pending = [pending, frame]
         else:
-            link.pending.append(frame)
+            pending.append(frame)
 
     def flush(self) -> None:
         """Write every link's queued frames in one write (one syscall) each."""
         self._scheduled = False
         dirty, self._dirty = self._dirty, []
         for link in dirty:
-            pending, link.pending = link.pending, None
+            data = link.take_pending()
             transport = link.transport
-            if not pending or transport.is_closing():
+            if not data or transport.is_closing():
                 continue
-            transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
+            transport.write(data)
             # Paused means the kernel's buffer is full too: the client is not keeping up.
             if link.protocol._paused and transport.get_write_buffer_size() > self.max_unsent_bytes:
                 self.on_backlog(link)

@@ -191,9 +191,8 @@ class FanoutMixin(socketio.AsyncManager):
         if link is not None and not link.transport.is_closing():
             # Behind whatever the client has not read yet, then a close frame and a TCP close that
             # flushes first; the abort bounds how long a client that never reads can pin memory.
-            pending, link.pending = link.pending or [], None
             transport = link.transport
-            transport.write(b"".join([*pending, final.frame, ws_frame(
+            transport.write(b"".join([link.take_pending(), final.frame, ws_frame(
                 struct.pack("!H", _CLOSE_TRY_AGAIN_LATER) + b"slow consumer", OP_CLOSE)]))
             transport.close()
             asyncio.get_running_loop().call_later(self.close_grace, transport.abort)
