@@ -309,12 +309,17 @@ async def test_a_spectator_sees_rewards_and_leaderboard_changes(client, db, sock
     for seq in range(1, 4):
         assert (await reward(server, alice_session, seq, "5"))["ok"]
     assert (await reward(server, bob_session, 1, "40"))["ok"]
-    await wait_until(lambda: len([e for e in received(spectator, "reward_earned") if e["channel"] == channel]) == 4)
-    earned = [e["data"] for e in received(spectator, "reward_earned") if e["channel"] == channel]
+
+    def on(channel_name: str) -> list[dict]:
+        return [e["data"] for e in received(spectator, "reward_earned") if e["channel"] == channel_name]
+
+    # The relay publishes the session channel's copy after the game channel's, so wait for both.
+    await wait_until(lambda: len(on(channel)) == 4 and len(on(f"session:{bob_session}")) >= 1)
+    earned = on(channel)
     assert [e["session_total"] for e in earned if e["session_id"] == alice_session] == [
         "5.00000000", "10.00000000", "15.00000000"]
     assert earned[-1]["user_id"] == bob["user"]["id"] and earned[-1]["value"] == "40.00000000"
-    assert [e["data"]["seq"] for e in received(spectator, "reward_earned") if e["channel"] == f"session:{bob_session}"] == [1]
+    assert [e["seq"] for e in on(f"session:{bob_session}")] == [1]
 
     def final_board():
         boards = [e["data"] for e in received(spectator, "leaderboard_changed")]
