@@ -188,11 +188,17 @@ class LeanSocket(AsyncSocket):
             self.send_nowait(pkt)
 
     async def close(self, wait: bool = True, abort: bool = False, reason: Any = None) -> None:
-        """Close as engineio does, and stop pinging."""
+        """Close as engineio does, stop pinging, and answer a long-poll still waiting."""
         if self._ping_timer is not None:
             self._ping_timer.cancel()
             self._ping_timer = None
+        was_open = not self.closed and not self.closing
         await super().close(wait=wait, abort=abort, reason=reason)
+        if was_open and self._queue is not None:
+            # engineio leaves a pending GET waiting for ping_interval + ping_timeout, and aiohttp
+            # does not cancel a handler whose client left: the None ends the poll now, or it
+            # would linger that long and hold graceful shutdown for its whole timeout.
+            self._queue.put_nowait(None)
 
     async def _upgrade_websocket(self, environ: dict) -> WebSocketResponse:
         """Open the websocket, complete the upgrade if polling came first, then read until it ends.

@@ -155,3 +155,26 @@ async def test_a_broadcast_allocates_nothing_the_gc_tracks_per_recipient(aiohttp
             assert await ws.receive_str(timeout=5) == '42["tick",{"n":1}]'
             assert await ws.receive_str(timeout=5) == '42["tick",{"n":2}]'
             await ws.close()
+
+
+def handler_tasks() -> int:
+    return sum(1 for t in asyncio.all_tasks()
+               if getattr(t.get_coro(), "__qualname__", "") == "RequestHandler._handle_request")
+
+
+async def test_a_polling_client_that_leaves_releases_its_long_poll(aiohttp_server):
+    # aiohttp does not cancel a handler whose client went away, so a GET left waiting for
+    # packets would linger for ping_interval + ping_timeout and hold graceful shutdown as long.
+    sio = SocketServer(async_mode="aiohttp", client_manager=FanoutManager(), logger=False,
+                       engineio_logger=False, ping_interval=20, ping_timeout=20)
+    url = await serve(aiohttp_server, sio)
+    baseline = handler_tasks()
+    client = socketio.AsyncClient(reconnection=False)
+    await client.connect(url, transports=["polling"], wait_timeout=5)
+    eio_sid = sio.manager.eio_sid_from_sid(client.get_sid(), "/")
+    await wait_until(lambda: handler_tasks() > baseline, timeout=5)  # the client's long-poll
+    # The client's disconnect returns once its pending GET is answered (or after 40 s).
+    await asyncio.wait_for(client.disconnect(), 5)
+
+    await wait_until(lambda: eio_sid not in sio.eio.sockets, timeout=5)
+    await wait_until(lambda: handler_tasks() == baseline, timeout=5)
