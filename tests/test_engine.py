@@ -1,6 +1,7 @@
 """The lean Engine.IO server (server/engine.py) over real sockets: one task per idle websocket, no
 queue kept, pings from a timer, a silent client dropped, the environ trimmed, upgrades from polling
-moving onto the direct path, server-side disconnects."""
+moving onto the direct path, server-side disconnects, broadcasts that leave the cyclic GC alone, and
+long-polls answered when their socket closes."""
 
 from __future__ import annotations
 
@@ -158,6 +159,7 @@ async def test_a_broadcast_allocates_nothing_the_gc_tracks_per_recipient(aiohttp
 
 
 def handler_tasks() -> int:
+    """How many aiohttp request handlers are running (a long-poll is one until it is answered)."""
     return sum(1 for t in asyncio.all_tasks()
                if getattr(t.get_coro(), "__qualname__", "") == "RequestHandler._handle_request")
 
