@@ -17,7 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from server.bus import EventBus, HistoryStore, MemoryHistory, RedisHistory, connect_redis  # noqa: E402
+from server.realtime.history import EventBus, HistoryStore, MemoryHistory, RedisHistory
+from server.realtime.redis import connect_redis  # noqa: E402
 
 PAYLOAD = {"datapod_id": "3f1c2a9e-0000-4000-8000-000000000000", "price": "12.500000000",
            "status": "listed", "tags": ["csv", "weather"]}

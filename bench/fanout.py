@@ -61,7 +61,7 @@ DRAIN_SECONDS = 2.0
 
 def payload(seq: int, ts: float, size: int) -> dict[str, Any]:
     """An event of `size` JSON bytes, like the Node server's."""
-    from server import jsonutil
+    from server.core import jsonutil
 
     base = len(jsonutil.dumpb({"seq": seq, "ts": ts, "pad": ""}))
     return {"seq": seq, "ts": ts, "pad": "x" * max(0, size - base)}
@@ -73,9 +73,9 @@ def serve(kind: str, port: int) -> None:
     import socketio
     from aiohttp import web
 
-    from server import jsonutil
-    from server.engine import SocketServer
-    from server.fanout import create_client_manager
+    from server.core import jsonutil
+    from server.realtime.engine import SocketServer
+    from server.realtime.fanout import create_client_manager
 
     if kind in ("ours", "hub"):
         server_class, manager = SocketServer, create_client_manager(None)
@@ -86,8 +86,9 @@ def serve(kind: str, port: int) -> None:
     room = ROOM
     if kind == "hub":
         # The whole publish path domain code uses: history append, event envelope, room delivery.
-        from server.bus import MemoryHistory, MemoryPresence
-        from server.realtime import ChannelRule, Realtime, RealtimeLimits, room_name
+        from server.realtime.history import MemoryHistory
+        from server.realtime.hub import ChannelRule, Realtime, RealtimeLimits, room_name
+        from server.realtime.presence import MemoryPresence
 
         realtime = Realtime(sio, MemoryHistory(1000, 3600), MemoryPresence(), RealtimeLimits())
         realtime.register("/", [ChannelRule(ROOM)])

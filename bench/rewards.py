@@ -46,7 +46,7 @@ import aiohttp  # noqa: E402
 import asyncpg  # noqa: E402
 import socketio  # noqa: E402
 
-from server.games import new_token  # noqa: E402
+from server.services.games import new_token  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 

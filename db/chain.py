@@ -15,20 +15,8 @@ from typing import Any
 
 import asyncpg
 
-from server.jsonutil import iso
-from server.wallets import AMOUNT_QUANTUM
-
-
-
-def money(value: Decimal) -> str:
-    """A KVP amount as text with exactly 8 decimals ("0.00000000", never "0E-8")."""
-    return f"{Decimal(value).quantize(AMOUNT_QUANTUM):f}"
-
-
-def amount_text(value: Decimal | None) -> str | None:
-    """`money` for a nullable column."""
-    return None if value is None else money(value)
-
+from server.core.jsonutil import iso
+from server.core.money import amount_text
 
 # --- wallets ----------------------------------------------------------------------------------
 

@@ -13,8 +13,7 @@ from typing import Any
 
 import asyncpg
 
-from server.jsonutil import iso
-
+from server.core.jsonutil import iso
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -13,7 +13,23 @@ from typing import Any
 
 import asyncpg
 
-from server.datasets import SealedDataset
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SealedDataset:
+    """An encrypted dataset in the blob store: everything its datapods row records."""
+
+    pod_id: uuid.UUID
+    blob_id: str
+    storage_size: int
+    file_size: int
+    file_type: str
+    data_hash: str
+    key_hash: str
+    iv_hex: str
+    wrapped_key: str
+    schema: dict[str, Any]
+    sample: list[dict[str, Any]]
+
 
 # Sort keys: the column each orders by (a whitelist: never interpolate client text into SQL).
 SORT_COLUMNS = {"newest": "d.created_at", "price": "d.price_sui", "rating": "d.average_rating",

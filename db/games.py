@@ -14,9 +14,8 @@ from typing import Any, Iterable
 
 import asyncpg
 
-from db.chain import money
-from server.jsonutil import iso
-
+from server.core.jsonutil import iso
+from server.core.money import money
 
 ACTIVE = "Active"
 ENDED = "Ended"

@@ -16,7 +16,7 @@ from typing import Any
 
 import asyncpg
 
-from server.jsonutil import iso
+from server.core.jsonutil import iso
 
 PENDING, APPROVED, REJECTED = "Pending", "Approved", "Rejected"
 

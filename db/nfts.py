@@ -14,8 +14,8 @@ from typing import Any
 
 import asyncpg
 
-from db.chain import amount_text
-from server.jsonutil import iso
+from server.core.jsonutil import iso
+from server.core.money import amount_text
 
 AVAILABLE, SOLD, CANCELLED = "Available", "Sold", "Cancelled"
 

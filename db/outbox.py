@@ -7,7 +7,7 @@ from typing import Any
 
 import asyncpg
 
-from server import jsonutil
+from server.core import jsonutil
 
 NOTIFY_CHANNEL = "hub_outbox"
 

@@ -6,8 +6,11 @@ import contextlib
 from typing import AsyncIterator
 
 import asyncpg
+from aiohttp import web
 
-from server import jsonutil
+from server.core import jsonutil
+
+POOL: web.AppKey[asyncpg.Pool] = web.AppKey("pool", asyncpg.Pool)
 
 
 async def init_connection(conn: asyncpg.Connection) -> None:

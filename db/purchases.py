@@ -14,8 +14,7 @@ from typing import Any
 
 import asyncpg
 
-from server.jsonutil import iso
-
+from server.core.jsonutil import iso
 
 JOBS_NOTIFY_CHANNEL = "hub_purchase_jobs"
 ACTIVE_STATUSES = ("pending_payment", "processing", "completed")

@@ -5,9 +5,9 @@ from __future__ import annotations
 from aiohttp import web
 
 from db import users as user_queries
-from server.auth import Identity
-from server.context import POOL
-from server.rest import endpoint, ok_response
+from db.pool import POOL
+from server.core.identity import Identity
+from server.edge.rest import endpoint, ok_response
 
 routes = web.RouteTableDef()
 

@@ -16,14 +16,15 @@ import asyncpg
 from aiohttp import web
 
 from db import assistant as assistant_db
-from server import jsonutil
-from server.assistant import Generation, conversation_channel
-from server.context import ASSISTANT, POOL, REALTIME, SETTINGS
-from server.errors import Conflict, Forbidden, InvalidPayload, NotFound, PayloadTooLarge, RateLimited
-from server.namespace import Ctx, HubNamespace, command
-from server.realtime import FIRST_ID, ChannelAccess, ChannelRule, own_user, publish, user_channel
-from server.rest import endpoint, ok_response
-from server.validation import UUID, obj, string
+from db.pool import POOL
+from server.core import jsonutil
+from server.core.errors import Conflict, Forbidden, InvalidPayload, NotFound, PayloadTooLarge, RateLimited
+from server.core.settings import SETTINGS
+from server.edge.namespace import Ctx, HubNamespace, command
+from server.edge.rest import endpoint, ok_response
+from server.edge.schemas import UUID, obj, string
+from server.realtime.hub import FIRST_ID, REALTIME, ChannelAccess, ChannelRule, own_user, publish, user_channel
+from server.services.assistant import ASSISTANT, Generation, conversation_channel
 
 MAX_CONTENT_SCHEMA_CHARS = 1_000_000  # the configurable limit (AI_MAX_INPUT_CHARS) is checked in code
 CLIENT_MSG_ID = string(1, 100)

@@ -9,12 +9,13 @@ from aiohttp import web
 
 from db import auth as auth_queries
 from db import users as user_queries
-from server.auth import Identity
-from server.context import AUTH, POOL
-from server.errors import Conflict, Unauthorized
-from server.rest import client_ip, endpoint, ok_response
-from server.validation import obj, string
-from server.zklogin import StandInAddressDeriver, new_salt
+from db.pool import POOL
+from server.adapters.zklogin import StandInAddressDeriver, new_salt
+from server.core.errors import Conflict, Unauthorized
+from server.core.identity import Identity
+from server.edge.rest import client_ip, endpoint, ok_response
+from server.edge.schemas import obj, string
+from server.services.auth import AUTH
 
 routes = web.RouteTableDef()
 address_deriver = StandInAddressDeriver()

@@ -10,16 +10,17 @@ import structlog
 from aiohttp import web
 
 from db import chain as queries
+from db.pool import POOL
 from handlers import dao as dao_handlers
-from server import chain as service
-from server import wallets
-from server.auth import Identity
-from server.context import POOL, SETTINGS
-from server.errors import InvalidPayload, NotFound
-from server.namespace import Ctx, HubNamespace, command
-from server.realtime import ChannelAccess, ChannelRule, publish
-from server.rest import endpoint, int_query, ok_response, path_int
-from server.validation import UUID, obj, string
+from server.core import wallets
+from server.core.errors import InvalidPayload, NotFound
+from server.core.identity import Identity
+from server.core.settings import SETTINGS
+from server.edge.namespace import Ctx, HubNamespace, command
+from server.edge.rest import endpoint, int_query, ok_response, path_int
+from server.edge.schemas import UUID, obj, string
+from server.realtime.hub import ChannelAccess, ChannelRule, publish
+from server.services import chain as service
 
 log = structlog.get_logger(__name__)
 routes = web.RouteTableDef()

@@ -12,13 +12,13 @@ from typing import Any
 from aiohttp import web
 
 from db import dao as queries
-from server import dao as service
-from server import wallets
-from server.auth import Identity
-from server.context import POOL
-from server.errors import InvalidPayload
-from server.rest import MAX_INTEGER_ID, endpoint, int_query, ok_response, path_int
-from server.validation import obj, string
+from db.pool import POOL
+from server.core import wallets
+from server.core.errors import InvalidPayload
+from server.core.identity import Identity
+from server.edge.rest import MAX_INTEGER_ID, endpoint, int_query, ok_response, path_int
+from server.edge.schemas import obj, string
+from server.services import dao as service
 
 routes = web.RouteTableDef()
 

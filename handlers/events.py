@@ -5,12 +5,13 @@ from __future__ import annotations
 import structlog
 from aiohttp import web
 
-from server import jsonutil
-from server.bus import Event
-from server.context import REALTIME, REDIS, SETTINGS
-from server.errors import InvalidPayload
-from server.realtime import FIRST_ID
-from server.rest import ok_response, optional_identity
+from server.core import jsonutil
+from server.core.errors import InvalidPayload
+from server.core.settings import SETTINGS
+from server.edge.rest import ok_response, optional_identity
+from server.realtime.history import Event
+from server.realtime.hub import FIRST_ID, REALTIME
+from server.realtime.redis import REDIS
 
 log = structlog.get_logger(__name__)
 routes = web.RouteTableDef()

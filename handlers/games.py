@@ -16,16 +16,19 @@ import structlog
 from aiohttp import web
 
 from db import games as queries
-from server import games as service
-from server.auth import Identity
-from server.bus import TokenBucket
-from server.context import AUTH, GAMES, POOL, SETTINGS
-from server.errors import Forbidden, HubError, InvalidPayload, NotFound, Unauthorized
-from server.namespace import Ctx, HubNamespace, command, refusal
-from server.realtime import ChannelRule, own_user
-from server.rest import MAX_INTEGER_ID, current_identity, endpoint, ok_response, path_int, read_json
-from server.validation import compile_schema, obj, string, validate
-from server.wallets import AMOUNT_QUANTUM
+from db.pool import POOL
+from server.core.errors import Forbidden, HubError, InvalidPayload, NotFound, Unauthorized
+from server.core.identity import Identity
+from server.core.money import AMOUNT_QUANTUM
+from server.core.settings import SETTINGS
+from server.edge.namespace import Ctx, HubNamespace, command, refusal
+from server.edge.rest import MAX_INTEGER_ID, current_identity, endpoint, ok_response, path_int, read_json
+from server.edge.schemas import compile_schema, obj, string, validate
+from server.realtime.hub import ChannelRule, own_user
+from server.realtime.ratelimit import TokenBucket
+from server.services import games as service
+from server.services.auth import AUTH
+from server.services.games import GAMES
 
 log = structlog.get_logger(__name__)
 routes = web.RouteTableDef()

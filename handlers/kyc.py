@@ -13,14 +13,16 @@ import structlog
 from aiohttp import web
 
 from db import kyc as queries
-from server import kyc as service
-from server.auth import Identity
-from server.context import BLOBS, MASTER_KEY, POOL, SETTINGS
-from server.datasets import CHUNK_BYTES
-from server.errors import InvalidPayload, PayloadTooLarge
-from server.rest import (FORM_OVERHEAD_BYTES, MAX_INTEGER_ID, endpoint, form_parts, int_query,
-                         ok_response, path_int)
-from server.validation import compile_schema, obj, string, validate
+from db.pool import POOL
+from server.adapters.blobs import BLOBS
+from server.core.crypto import MASTER_KEY
+from server.core.errors import InvalidPayload, PayloadTooLarge
+from server.core.identity import Identity
+from server.core.settings import SETTINGS
+from server.edge.rest import FORM_OVERHEAD_BYTES, MAX_INTEGER_ID, endpoint, form_parts, int_query, ok_response, path_int
+from server.edge.schemas import compile_schema, obj, string, validate
+from server.services import kyc as service
+from server.services.datasets import CHUNK_BYTES
 
 log = structlog.get_logger(__name__)
 routes = web.RouteTableDef()

@@ -20,25 +20,24 @@ import structlog
 from aiohttp import web
 
 from db import datapods as datapod_queries
-from db import outbox
-from server import jsonutil
-from server.auth import Identity
-from server.context import BLOBS, MASTER_KEY, POOL, SETTINGS
-from server.datasets import CHUNK_BYTES, DatasetSpool, detect_format, seal, upload_dir
-from server.errors import Forbidden, InvalidPayload, NotFound, PayloadTooLarge
-from server.kyc import require_verified
-from server.namespace import Ctx, HubNamespace, command
-from server.realtime import ChannelRule
-from server.rest import (FORM_OVERHEAD_BYTES, endpoint, form_parts, ok_response, optional_identity,
-                         query_payload)
-from server.validation import UUID, compile_schema, obj, string, validate
+from db.pool import POOL
+from server.adapters.blobs import BLOBS
+from server.core import jsonutil
+from server.core.crypto import MASTER_KEY
+from server.core.errors import Forbidden, InvalidPayload, NotFound, PayloadTooLarge
+from server.core.identity import Identity
+from server.core.settings import SETTINGS
+from server.edge.namespace import Ctx, HubNamespace, command
+from server.edge.rest import FORM_OVERHEAD_BYTES, endpoint, form_parts, ok_response, optional_identity, query_payload
+from server.edge.schemas import UUID, compile_schema, obj, string, validate
+from server.realtime.hub import ChannelRule
+from server.services.datasets import CHUNK_BYTES, DatasetSpool, detect_format, seal, upload_dir
+from server.services.kyc import require_verified
+from server.services.marketplace import DATAPOD_PUBLISHED, DATAPOD_UNPUBLISHED, DATAPOD_UPDATED, enqueue_datapod_event
 
 log = structlog.get_logger(__name__)
 routes = web.RouteTableDef()
 
-DATAPOD_PUBLISHED = "datapod_published"
-DATAPOD_UPDATED = "datapod_updated"
-DATAPOD_UNPUBLISHED = "datapod_unpublished"
 MAX_PAGE = 100
 DEFAULT_PAGE = 20
 MAX_TAGS = 20
@@ -64,24 +63,6 @@ GET_SCHEMA = obj({"datapod_id": UUID}, required=("datapod_id",))
 _UPLOAD = compile_schema(UPLOAD_SCHEMA)
 _SEARCH = compile_schema(SEARCH_SCHEMA)
 _PAGE = compile_schema(PAGE_SCHEMA)
-
-
-# --- events -----------------------------------------------------------------------------------
-
-
-def datapod_channels(datapod_id: uuid.UUID, category: str | None) -> list[str]:
-    """The channels that carry a DataPod's events: the market, its category, the pod itself."""
-    channels = ["market", f"datapod:{datapod_id}"]
-    if category:
-        channels.insert(1, f"market:category:{category}")
-    return channels
-
-
-async def enqueue_datapod_event(conn: asyncpg.Connection, datapod_id: uuid.UUID, category: str | None,
-                                type: str, data: dict[str, Any]) -> None:
-    """Queue a DataPod event on all of its channels inside the caller's transaction."""
-    for channel in datapod_channels(datapod_id, category):
-        await outbox.enqueue(conn, channel, type, data)
 
 
 # --- helpers ----------------------------------------------------------------------------------

@@ -9,11 +9,11 @@ from __future__ import annotations
 from aiohttp import web
 
 from db import infra
+from db.pool import POOL
 from handlers.storage import Resource, add_resource, text, update_schema
-from server.auth import Identity
-from server.context import POOL
-from server.rest import MAX_INTEGER_ID, endpoint, ok_response
-from server.validation import obj, string
+from server.core.identity import Identity
+from server.edge.rest import MAX_INTEGER_ID, endpoint, ok_response
+from server.edge.schemas import obj, string
 
 routes = web.RouteTableDef()
 

@@ -9,14 +9,14 @@ from __future__ import annotations
 from aiohttp import web
 
 from db import nfts as queries
-from db.chain import amount_text
+from db.pool import POOL
 from handlers.chain import ADDRESS, AMOUNT
-from server import nfts as service
-from server.auth import Identity
-from server.context import POOL
-from server.errors import InvalidPayload
-from server.rest import MAX_INTEGER_ID, endpoint, int_query, ok_response, path_int
-from server.validation import compile_schema, obj, string, validate
+from server.core.errors import InvalidPayload
+from server.core.identity import Identity
+from server.core.money import amount_text
+from server.edge.rest import MAX_INTEGER_ID, endpoint, int_query, ok_response, path_int
+from server.edge.schemas import compile_schema, obj, string, validate
+from server.services import nfts as service
 
 routes = web.RouteTableDef()
 

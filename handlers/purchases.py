@@ -21,16 +21,18 @@ from aiohttp import web
 from db import escrow as escrow_queries
 from db import outbox
 from db import purchases as queries
-from server import delivery, jsonutil
-from server.auth import Identity
-from server.context import BLOBS, MASTER_KEY, POOL
-from server.crypto import unwrap_key
-from server.errors import Conflict, ErrorCode, Forbidden, HubError, InvalidPayload, NotFound, Unavailable
-from server.namespace import Ctx, HubNamespace, command
-from server.purchase_jobs import refund_purchase, release_escrow
-from server.realtime import ChannelRule, own_user, user_channel
-from server.rest import endpoint, ok_response, query_payload
-from server.validation import UUID, compile_schema, obj, string
+from db.pool import POOL
+from server.adapters.blobs import BLOBS
+from server.core import jsonutil
+from server.core.crypto import MASTER_KEY, unwrap_key
+from server.core.errors import Conflict, ErrorCode, Forbidden, HubError, InvalidPayload, NotFound, Unavailable
+from server.core.identity import Identity
+from server.edge.namespace import Ctx, HubNamespace, command
+from server.edge.rest import endpoint, ok_response, query_payload
+from server.edge.schemas import UUID, compile_schema, obj, string
+from server.realtime.hub import ChannelRule, own_user, user_channel
+from server.services import delivery, marketplace
+from server.services.purchase_jobs import refund_purchase, release_escrow
 
 log = structlog.get_logger(__name__)
 routes = web.RouteTableDef()
@@ -296,8 +298,7 @@ async def handle_review(request: web.Request, identity: Identity, body: dict) ->
         average, count = await queries.datapod_rating(conn, purchase.datapod_id)
         event = {"datapod_id": str(purchase.datapod_id), "rating": review.rating, "average_rating": average,
                  "review_count": count}
-        for channel in ("market", f"datapod:{purchase.datapod_id}"):
-            await outbox.enqueue(conn, channel, "review_added", event)
+        await marketplace.enqueue_datapod_event(conn, purchase.datapod_id, None, marketplace.REVIEW_ADDED, event)
     return ok_response({**review.to_public(), "average_rating": average}, status=201)
 
 

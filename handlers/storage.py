@@ -12,11 +12,11 @@ from typing import Any
 from aiohttp import web
 
 from db import infra
-from server.auth import Identity
-from server.context import POOL
-from server.errors import Conflict, NotFound
-from server.rest import MAX_INTEGER_ID, endpoint, int_query, ok_response, path_int
-from server.validation import obj, string
+from db.pool import POOL
+from server.core.errors import Conflict, NotFound
+from server.core.identity import Identity
+from server.edge.rest import MAX_INTEGER_ID, endpoint, int_query, ok_response, path_int
+from server.edge.schemas import obj, string
 
 routes = web.RouteTableDef()
 

@@ -12,7 +12,8 @@ import structlog
 from aiohttp import web
 
 import handlers
-from db.pool import create_pool
+from db import migrate
+from db.pool import POOL, create_pool
 from handlers import admin as admin_handlers
 from handlers import assistant as assistant_handlers
 from handlers import auth as auth_handlers
@@ -22,33 +23,35 @@ from handlers import events as events_handlers
 from handlers import games as games_handlers
 from handlers import kyc as kyc_handlers
 from handlers import marketplace as marketplace_handlers
-from handlers import nfts as nft_handlers
 from handlers import network as network_handlers
+from handlers import nfts as nft_handlers
 from handlers import purchases as purchase_handlers
 from handlers import storage as storage_handlers
-from server import jsonutil, migrate
-from server.assistant import assistant_ctx
-from server.auth import AuthService
-from server.blobs import blobs_ctx
-from server.block_producer import block_producer_ctx
-from server.bus import (HistoryStore, MemoryHistory, MemoryPresence, PresenceTracker, RedisHealth,
-                        RedisHistory, RedisPresence, connect_redis, heartbeat_loop)
-from server.context import AUTH, MASTER_KEY, METRICS, POOL, REALTIME, REDIS, REDIS_HEALTH, SETTINGS, SIO
-from server.embedded import database_dsn
-from server.dao import dao_ctx
-from server.demo_game import demo_game_ctx
-from server.games import games_ctx
-from server.errors import NotFound
-from server.engine import SocketServer
-from server.fanout import create_client_manager
-from server.health import routes as health_routes
-from server.metrics import Metrics
-from server.outbox import run_relay
-from server.purchase_jobs import purchase_jobs_ctx
-from server.realtime import Realtime, RealtimeLimits
-from server.rest import error_envelopes, request_context
-from server.secrets import load_or_create_secret
-from server.settings import Settings
+from server.adapters.embedded import database_dsn
+from server.core import jsonutil
+from server.core.crypto import MASTER_KEY
+from server.core.errors import NotFound
+from server.core.metrics import METRICS, Metrics
+from server.core.secrets import load_or_create_secret
+from server.core.settings import SETTINGS, Settings
+from server.edge.health import routes as health_routes
+from server.edge.rest import error_envelopes, request_context
+from server.realtime.engine import SIO, SocketServer
+from server.realtime.fanout import create_client_manager
+from server.realtime.history import HistoryStore, MemoryHistory, RedisHistory
+from server.realtime.hub import REALTIME, Realtime, RealtimeLimits
+from server.realtime.outbox import run_relay
+from server.realtime.presence import MemoryPresence, PresenceTracker, RedisPresence, heartbeat_loop
+from server.realtime.redis import REDIS, REDIS_HEALTH, RedisHealth, connect_redis
+from server.services import demo
+from server.services.assistant import assistant_ctx
+from server.services.auth import AUTH, AuthService
+from server.services.block_producer import block_producer_ctx
+from server.services.dao import dao_ctx
+from server.services.datasets import blobs_ctx
+from server.services.demo_game import demo_game_ctx
+from server.services.games import games_ctx
+from server.services.purchase_jobs import purchase_jobs_ctx
 
 log = structlog.get_logger(__name__)
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
@@ -64,8 +67,6 @@ async def database_ctx(app: web.Application) -> AsyncIterator[None]:
         app[POOL] = await create_pool(dsn, settings.db_pool_max)
         try:
             if settings.demo_data_on_first_start:
-                from db import demo
-
                 async with app[POOL].acquire() as conn:
                     await demo.load_if_empty(conn, settings, app[MASTER_KEY])
             yield

@@ -8,7 +8,7 @@ import dataclasses
 import aiohttp
 import asyncpg
 
-from server.settings import Settings
+from server.core.settings import Settings
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -56,7 +56,7 @@ async def _http(url: str) -> str:
 
 async def run_checks(settings: Settings) -> list[CheckResult]:
     """Probe every backing service the settings select."""
-    from server.embedded import database_dsn
+    from server.adapters.embedded import database_dsn
 
     results: list[CheckResult] = []
     if settings.database_url:

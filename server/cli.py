@@ -14,8 +14,8 @@ import asyncpg
 import structlog
 from aiohttp import web
 
-from server.logging import configure_logging
-from server.settings import Settings
+from server.core.logging import configure_logging
+from server.core.settings import Settings
 
 log = structlog.get_logger("sourcenet-hub")
 
@@ -23,9 +23,9 @@ log = structlog.get_logger("sourcenet-hub")
 @contextlib.asynccontextmanager
 async def database(settings: Settings, *, migrate_first: bool = True) -> AsyncIterator[asyncpg.Connection]:
     """A connection to the configured or embedded database (started and stopped around the block)."""
+    from db import migrate
     from db.pool import init_connection
-    from server import migrate
-    from server.embedded import database_dsn
+    from server.adapters.embedded import database_dsn
 
     async with database_dsn(settings.database_url, settings.data_dir) as dsn:
         if migrate_first:
@@ -56,8 +56,8 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
     """Upgrade the database schema to head (or downgrade with --down)."""
-    from server import migrate
-    from server.embedded import database_dsn
+    from db import migrate
+    from server.adapters.embedded import database_dsn
 
     async def run() -> None:
         async with database_dsn(settings.database_url, settings.data_dir) as dsn:
@@ -73,8 +73,8 @@ def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_demo_data(settings: Settings, args: argparse.Namespace) -> int:
     """Load the demo data set (idempotent: skipped when demo users exist)."""
-    from db import demo
-    from server.secrets import load_or_create_secret
+    from server.core.secrets import load_or_create_secret
+    from server.services import demo
 
     master_key = load_or_create_secret(settings.data_dir, "master_key", settings.master_key)
 
@@ -99,7 +99,7 @@ def cmd_check(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_create_admin(settings: Settings, args: argparse.Namespace) -> int:
     """Create an administrator account (or promote an existing user)."""
-    from server.admin import create_admin
+    from server.services.admin import create_admin
 
     password = os.environ.get("ADMIN_PASSWORD") or getpass.getpass("password: ")
     if len(password) < 8:
@@ -116,7 +116,7 @@ def cmd_create_admin(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_chain(settings: Settings, args: argparse.Namespace) -> int:
     """`chain verify`: walk the KVP chain; exit 1 at the first broken link or balance mismatch."""
-    from server.chain import verify_chain
+    from server.services.chain import verify_chain
 
     async def run():
         async with database(settings) as conn:

@@ -15,8 +15,8 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
-from server import migrate
-from server.settings import Settings
+from db import migrate
+from server.core.settings import Settings
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -49,7 +49,7 @@ def pg_admin_dsn():
     if configured:
         yield configured
         return
-    from server.embedded import start_postgres
+    from server.adapters.embedded import start_postgres
 
     data_dir = Path(tempfile.mkdtemp(prefix="hub-test-pg-"))
     server = start_postgres(data_dir)

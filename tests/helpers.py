@@ -10,7 +10,7 @@ from typing import Any
 
 import socketio
 
-from server import jsonutil
+from server.core import jsonutil
 
 
 async def raw_socketio_websocket(session, url: str, **ws_options: Any) -> tuple[Any, str, str]:
@@ -38,7 +38,7 @@ async def register(client, username: str | None = None, password: str = "correct
 async def register_seller(client, username: str | None = None) -> dict:
     """Register a user whose KYC is Approved, so they may publish DataPods for sale."""
     from db import kyc as kyc_queries
-    from server.context import POOL
+    from db.pool import POOL
 
     account = await register(client, username)
     async with client.app[POOL].acquire() as conn:

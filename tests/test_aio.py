@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from server.aio import wait_event
+from server.core.aio import wait_event
 
 
 async def test_wait_event_reports_set_and_timeout():

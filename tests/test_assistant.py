@@ -17,10 +17,12 @@ import jsonschema
 import pytest
 from aiohttp.test_utils import TestServer
 
-from db.demo import load_if_empty
+from db.pool import POOL
 from server.app import create_app
-from server.assistant import TOOL_SPECS, first_tool_choice
-from server.context import MASTER_KEY, POOL, SETTINGS
+from server.core.crypto import MASTER_KEY
+from server.core.settings import SETTINGS
+from server.services.assistant import TOOL_SPECS, first_tool_choice
+from server.services.demo import load_if_empty
 from tests.helpers import SocketClient, register, server_url, wait_until
 from tests.llm_server import ScriptedModel, SlowProxy, llm_server, llm_tools_server  # noqa: F401 - fixtures
 

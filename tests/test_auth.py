@@ -11,7 +11,7 @@ import pytest
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from server.admin import create_admin
+from server.services.admin import create_admin
 from tests.helpers import register
 
 

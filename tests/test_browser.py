@@ -12,9 +12,11 @@ from pathlib import Path
 import pytest
 from playwright.async_api import async_playwright, expect
 
+from db.pool import POOL
+from server.adapters.blobs import BLOBS
 from server.app import create_app
-from server.context import BLOBS, MASTER_KEY, POOL
-from server.realtime import publish
+from server.core.crypto import MASTER_KEY
+from server.realtime.hub import publish
 from tests.helpers import register, register_seller, server_url
 from tests.llm_server import llm_server  # noqa: F401 - a fixture
 from tests.test_purchases import fast  # noqa: F401 - a fixture

@@ -10,11 +10,13 @@ from decimal import Decimal
 import pytest
 import redis.asyncio as aioredis
 
-from server import bus
-from server.bus import (BusUnavailable, Event, EventBus, InvalidArgument, Member, MemoryHistory,
-                        MemoryPresence, RedisHealth, RedisHistory, RedisPresence, TokenBucket,
-                        compare_ids, connect_redis, heartbeat_loop, parse_id)
-from server.errors import ErrorCode, error_from_exception
+from server.core.errors import ErrorCode, error_from_exception
+from server.realtime import history as history_module
+from server.realtime import redis as redis_module
+from server.realtime.history import Event, EventBus, InvalidArgument, MemoryHistory, RedisHistory, compare_ids, parse_id
+from server.realtime.presence import Member, MemoryPresence, RedisPresence, heartbeat_loop
+from server.realtime.ratelimit import TokenBucket
+from server.realtime.redis import BusUnavailable, RedisHealth, connect_redis
 from tests.helpers import free_port
 
 CHANNEL = "market"
@@ -321,7 +323,7 @@ async def test_publish_many_stores_in_order_then_delivers_each(make_history):
 
 async def test_failed_delivery_is_logged_not_raised(monkeypatch):
     recorder = _LogRecorder()
-    monkeypatch.setattr(bus, "log", recorder)
+    monkeypatch.setattr(history_module, "log", recorder)
 
     async def deliver(event):
         raise RuntimeError("socket layer broke")
@@ -427,7 +429,7 @@ def test_token_bucket_burst_refill_and_retry_after():
 
 async def test_redis_down_raises_bus_unavailable_and_logs_once(monkeypatch, redis):
     recorder = _LogRecorder()
-    monkeypatch.setattr(bus, "log", recorder)
+    monkeypatch.setattr(redis_module, "log", recorder)
     down = connect_redis(f"redis://127.0.0.1:{free_port()}/0")
     history = RedisHistory(down, "test:down:", 10, 60)
     presence = RedisPresence(down, "test:down:", 10, health=history.health)
@@ -492,7 +494,7 @@ class _Proxy:
 
 async def test_history_recovers_when_redis_returns(monkeypatch, redis, redis_url, prefix):
     recorder = _LogRecorder()
-    monkeypatch.setattr(bus, "log", recorder)
+    monkeypatch.setattr(redis_module, "log", recorder)
     target = redis.connection_pool.connection_kwargs
     proxy = _Proxy(target.get("host", "127.0.0.1"), target.get("port", 6379))
     await proxy.start()
@@ -519,7 +521,7 @@ async def test_history_recovers_when_redis_returns(monkeypatch, redis, redis_url
 
 async def test_run_with_backoff_restarts_a_failing_task(monkeypatch):
     recorder = _LogRecorder()
-    monkeypatch.setattr(bus, "log", recorder)
+    monkeypatch.setattr(redis_module, "log", recorder)
     health, attempts = RedisHealth(), []
 
     async def listener():

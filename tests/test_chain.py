@@ -14,16 +14,16 @@ from decimal import Decimal
 import pytest
 
 from db import chain as queries
-from db.demo import demo_wallet, load_if_empty
 from db import users as user_queries
-from server import wallets
+from db.pool import POOL
 from server.app import create_app
-from server.block_producer import apply_chain_settings
-from server.chain import SealConfig, claim_faucet, seal_block, verify_chain
-from server.context import BLOCK_PRODUCER, MASTER_KEY, POOL, REALTIME
-from server.realtime import FIRST_ID
+from server.core import wallets
+from server.core.crypto import MASTER_KEY
+from server.realtime.hub import FIRST_ID, REALTIME
+from server.services.block_producer import BLOCK_PRODUCER, apply_chain_settings
+from server.services.chain import SealConfig, claim_faucet, seal_block, verify_chain
+from server.services.demo import demo_wallet, load_if_empty
 from tests.helpers import register, server_url, wait_until
-
 
 # --- helpers ----------------------------------------------------------------------------------
 

@@ -9,8 +9,8 @@ import datetime as dt
 import asyncpg
 import pytest
 
-from server import wallets
-from server.dao import sign_vote, vote_message
+from server.core import wallets
+from server.services.dao import sign_vote, vote_message
 from tests.helpers import register, server_url
 from tests.test_chain import account, admin_token, call
 

@@ -11,12 +11,12 @@ from decimal import Decimal
 import pytest
 from playwright.async_api import expect
 
-from db.demo import DEMO_USERS, load_if_empty
-from server import games
 from server.app import create_app
-from server.context import DEMO_GAME_PLAYER, GAMES
-from server.demo_game import demo_token
-from server.secrets import load_or_create_secret
+from server.core.secrets import load_or_create_secret
+from server.services import games
+from server.services.demo import DEMO_USERS, load_if_empty
+from server.services.demo_game import DEMO_GAME_PLAYER, demo_token
+from server.services.games import GAMES
 from tests.helpers import server_url, wait_until
 from tests.test_browser import browser, page, sign_up  # noqa: F401 - browser and page are fixtures
 from tests.test_games import bearer, received

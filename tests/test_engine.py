@@ -1,4 +1,4 @@
-"""The lean Engine.IO server (server/engine.py) over real sockets: one task per idle websocket, no
+"""The lean Engine.IO server (server/realtime/engine.py) over real sockets: one task per idle websocket, no
 queue kept, pings from a timer, a silent client dropped, the environ trimmed, upgrades from polling
 moving onto the direct path, server-side disconnects, broadcasts that leave the cyclic GC alone, and
 long-polls answered when their socket closes."""
@@ -13,8 +13,8 @@ import aiohttp
 import socketio
 from aiohttp import web
 
-from server.engine import KEPT_ENVIRON_KEYS, LeanSocket, SocketServer
-from server.fanout import FanoutManager
+from server.realtime.engine import KEPT_ENVIRON_KEYS, LeanSocket, SocketServer
+from server.realtime.fanout import FanoutManager
 from tests.helpers import raw_socketio_websocket, wait_until
 
 # The tasks aiohttp itself keeps per open connection (its protocol loop and the request handler).

@@ -1,4 +1,4 @@
-"""The fan-out fast path (server/fanout.py) over real sockets: ordering, targeting, binary, polling,
+"""The fan-out fast path (server/realtime/fanout.py) over real sockets: ordering, targeting, binary, polling,
 Redis across two servers, and slow-consumer eviction. Correctness only, nothing is timed."""
 
 from __future__ import annotations
@@ -11,14 +11,19 @@ import aiohttp
 import pytest
 import socketio
 from aiohttp import web
-
 from socketio.async_pubsub_manager import AsyncPubSubManager
 
-from server import jsonutil
-from server.engine import SocketServer
+from server.core import jsonutil
+from server.realtime.engine import SocketServer
+from server.realtime.fanout import (
+    SEND_QUEUE_OVERFLOWED_DATA,
+    SEND_QUEUE_OVERFLOWED_EVENT,
+    FanoutManager,
+    FanoutMixin,
+    RedisFanoutManager,
+    create_client_manager,
+)
 from tests.helpers import raw_socketio_websocket
-from server.fanout import (SEND_QUEUE_OVERFLOWED_DATA, SEND_QUEUE_OVERFLOWED_EVENT, FanoutManager,
-                           FanoutMixin, RedisFanoutManager, create_client_manager)
 
 NAMESPACES = ("/", "/other")
 

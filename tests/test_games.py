@@ -11,7 +11,8 @@ import pytest
 
 from db import users as user_queries
 from server.app import create_app
-from server.context import GAMES, REALTIME
+from server.realtime.hub import REALTIME
+from server.services.games import GAMES
 from tests.helpers import SocketClient, register, server_url, wait_until
 
 POLICY = {"max_reward_per_event": "50", "max_reward_per_minute": "200", "max_reward_per_session": "500"}

@@ -54,7 +54,7 @@ async def test_readyz_reports_redis_down(aiohttp_client, settings, unused_tcp_po
 
 async def test_embedded_database_starts_migrates_and_keeps_data(aiohttp_client, tmp_path):
     """With DATABASE_URL unset the app starts its own PostgreSQL under DATA_DIR; data survives a restart."""
-    from server.settings import Settings
+    from server.core.settings import Settings
     from tests.helpers import register
 
     settings = Settings(data_dir=tmp_path, jwt_secret="j" * 40, master_key="m" * 40)
@@ -72,7 +72,7 @@ async def test_embedded_database_starts_migrates_and_keeps_data(aiohttp_client, 
 
 
 def test_dev_secrets_are_generated_once_with_private_permissions(tmp_path):
-    from server.secrets import load_or_create_secret
+    from server.core.secrets import load_or_create_secret
 
     first = load_or_create_secret(tmp_path, "jwt_secret", None)
     second = load_or_create_secret(tmp_path, "jwt_secret", None)

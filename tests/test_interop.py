@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 import pytest
 
-from server.realtime import publish
+from server.realtime.hub import publish
 from tests.helpers import register, server_url
 
 NODE_DIR = Path(__file__).parent / "node"

@@ -12,14 +12,13 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from db.demo import load_if_empty
-from server.rest import FORM_OVERHEAD_BYTES
-from server import kyc
+from server.adapters.blobs import LocalBlobStore
 from server.app import create_app
-from server.blobs import LocalBlobStore
-from server.context import MASTER_KEY
-from server.crypto import decrypt_dataset, unwrap_key
-from server.errors import InvalidPayload
+from server.core.crypto import MASTER_KEY, decrypt_dataset, unwrap_key
+from server.core.errors import InvalidPayload
+from server.edge.rest import FORM_OVERHEAD_BYTES
+from server.services import kyc
+from server.services.demo import load_if_empty
 from tests.helpers import register, server_url
 from tests.test_chain import admin_token, bearer, call
 from tests.test_marketplace import upload

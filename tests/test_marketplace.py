@@ -17,11 +17,10 @@ import pytest
 from aiohttp import web
 
 from db import datapods as datapod_queries
+from server.adapters.blobs import BLOB_ID, BLOBS, LocalBlobStore, WalrusBlobStore, blob_id_for
 from server.app import create_app
-from server.blobs import BLOB_ID, LocalBlobStore, WalrusBlobStore, blob_id_for
-from server.context import BLOBS, MASTER_KEY
-from server.crypto import decrypt_dataset, unwrap_key
-from server.errors import Unavailable
+from server.core.crypto import MASTER_KEY, decrypt_dataset, unwrap_key
+from server.core.errors import Unavailable
 from tests.helpers import SocketClient, register, register_seller, server_url, wait_until
 
 CSV_BYTES = (b"date,city,temp_c,rainy,note\n"
@@ -553,7 +552,7 @@ async def test_local_store_is_content_addressed(tmp_path):
 
 
 async def test_demo_data_is_sealed_like_uploads(client, db, settings):
-    from db import demo
+    from server.services import demo
 
     assert await demo.load_if_empty(db, settings, client.app[MASTER_KEY], client.app[BLOBS]) is True
     pods = await db.fetch("SELECT id::text, schema, data_hash FROM datapods ORDER BY title")
@@ -568,7 +567,7 @@ def test_stale_spool_files_are_swept(tmp_path):
     import os
     import time
 
-    from server.datasets import sweep_stale_uploads, upload_dir
+    from server.services.datasets import sweep_stale_uploads, upload_dir
 
     root = upload_dir(tmp_path)
     root.mkdir(parents=True)

@@ -11,7 +11,7 @@ import uuid
 import asyncpg
 import pytest
 
-from server import migrate
+from db import migrate
 from tests.conftest import with_database
 
 

@@ -277,7 +277,7 @@ async def test_cancelled_listings_cannot_be_bought(client, db, sockets):
 
 
 async def test_minting_is_rate_limited_per_user(client, db, monkeypatch):
-    from server import nfts as service
+    from server.services import nfts as service
 
     monkeypatch.setattr(service, "MINTS_PER_MINUTE", 2)
     alice, bob = await account(client), await account(client)

@@ -23,12 +23,12 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from db import purchases as queries
 from db import users as user_queries
 from db.pool import init_connection
-from server import delivery
+from server.adapters.blobs import BLOBS
+from server.adapters.payments import KvpChainVerifier, Outcome, PaymentClaim, SuiChainVerifier
 from server.app import create_app
-from server.context import BLOBS, MASTER_KEY
-from server.crypto import encrypt_dataset, wrap_key
-from server.payments import KvpChainVerifier, Outcome, PaymentClaim, SuiChainVerifier
-from server.purchase_jobs import MAX_ATTEMPTS, PurchaseWorker, refund_purchase, release_escrow
+from server.core.crypto import MASTER_KEY, encrypt_dataset, wrap_key
+from server.services import delivery
+from server.services.purchase_jobs import MAX_ATTEMPTS, PurchaseWorker, refund_purchase, release_escrow
 from tests.helpers import SocketClient, register, register_seller, server_url, wait_until
 
 DATASET = b"city,temp_c\nBerlin,7.5\nLagos,29.1\n" + b"".join(
@@ -551,7 +551,7 @@ async def outbox_steps(db, purchase_id) -> list[str]:
 
 
 async def test_a_crashed_worker_is_resumed_after_its_lease(db, pool, fast, tmp_path):
-    from server.blobs import LocalBlobStore
+    from server.adapters.blobs import LocalBlobStore
 
     master_key = b"k" * 32
     purchase_id, _ = await pending_purchase(db, master_key, LocalBlobStore(tmp_path / "blobs"))
@@ -579,7 +579,7 @@ async def test_a_crashed_worker_is_resumed_after_its_lease(db, pool, fast, tmp_p
 
 
 async def test_a_job_left_mid_way_resumes_at_its_step(db, pool, fast, tmp_path):
-    from server.blobs import LocalBlobStore
+    from server.adapters.blobs import LocalBlobStore
 
     master_key = b"k" * 32
     purchase_id, _ = await pending_purchase(db, master_key, LocalBlobStore(tmp_path / "blobs"))
@@ -597,7 +597,7 @@ async def test_a_job_left_mid_way_resumes_at_its_step(db, pool, fast, tmp_path):
 
 
 async def test_two_workers_racing_for_one_purchase_process_it_once(db, pool, fast, tmp_path):
-    from server.blobs import LocalBlobStore
+    from server.adapters.blobs import LocalBlobStore
 
     master_key = b"k" * 32
     purchase_id, pod = await pending_purchase(db, master_key, LocalBlobStore(tmp_path / "blobs"))
@@ -615,7 +615,7 @@ async def test_two_workers_racing_for_one_purchase_process_it_once(db, pool, fas
 
 
 async def test_verified_payment_then_failure_is_refunded(db, pool, fast, tmp_path):
-    from server.blobs import LocalBlobStore
+    from server.adapters.blobs import LocalBlobStore
 
     master_key = b"k" * 32
     purchase_id, pod = await pending_purchase(db, master_key, LocalBlobStore(tmp_path / "blobs"))

@@ -11,11 +11,10 @@ import asyncpg
 import pytest
 
 from db import outbox
-from db.pool import init_connection
+from db.pool import POOL, init_connection
 from server.app import create_app
-from server.context import POOL, REALTIME
-from server.errors import Unavailable
-from server.realtime import publish
+from server.core.errors import Unavailable
+from server.realtime.hub import REALTIME, publish
 from tests.helpers import SocketClient, free_port, register, server_url, wait_until
 
 

@@ -14,7 +14,7 @@ from decimal import Decimal
 import asyncpg
 import pytest
 
-from server import migrate
+from db import migrate
 
 UTC = dt.timezone.utc
 T0 = dt.datetime(2026, 1, 1, 12, 0, tzinfo=UTC)

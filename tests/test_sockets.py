@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import socketio
 
-from server.context import SIO
-from server.namespace import command
+from server.edge.namespace import command
+from server.realtime.engine import SIO
 from tests.helpers import SocketClient, register, server_url
 
 

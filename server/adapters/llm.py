@@ -1,0 +1,177 @@
+"""The chat model: any OpenAI-compatible endpoint through `openai.AsyncOpenAI`.
+
+Only this module talks to the model. It streams Chat Completions with
+`stream_options={"include_usage": True}`, retries 429 and 5xx answers and connection failures that
+happen before the first chunk (honouring `Retry-After` / `Retry-After-Ms`, with exponential backoff
+otherwise), and turns every failure into a `ModelError` with a stable `code` and `retryable` flag.
+
+The openai client retries by itself too, and honours Retry-After up to two minutes, but it cannot
+bound the total wait nor tell us what it did, so its own retries are off (`max_retries=0`).
+
+Token counts: when the endpoint sends no usage chunk (several servers ignore `include_usage`),
+`estimate_tokens` counts about 4 characters per token (OpenAI's rule of thumb for English) plus
+4 tokens per message for the chat framing; the message is then marked `tokens_estimated`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import email.utils
+import math
+import random
+import time
+from typing import Any, AsyncIterator
+
+import openai
+import structlog
+
+from server.core.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+PLACEHOLDER_API_KEY = "sk-no-key"  # local servers (llama.cpp, vLLM, Ollama) accept any key
+CHARS_PER_TOKEN = 4
+TOKENS_PER_MESSAGE = 4
+
+
+def estimate_tokens(text: str) -> int:
+    """A local token estimate: ~4 characters per token, at least 1 for non-empty text."""
+    return math.ceil(len(text) / CHARS_PER_TOKEN) if text else 0
+
+
+def estimate_messages(messages: list[dict[str, Any]]) -> int:
+    """The prompt-size estimate of a list of chat messages (content, tool calls and framing)."""
+    total = 0
+    for message in messages:
+        total += TOKENS_PER_MESSAGE + estimate_tokens(message.get("content") or "")
+        for call in message.get("tool_calls") or ():
+            function = call.get("function", {})
+            total += estimate_tokens(function.get("name", "") + function.get("arguments", ""))
+    return total
+
+
+@dataclasses.dataclass
+class ModelError(Exception):
+    """A generation failure as clients see it in `message_failed`."""
+
+    code: str
+    message: str
+    retryable: bool
+    retry_after: float | None = None
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
+
+    def to_event(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"code": self.code, "message": self.message, "retryable": self.retryable}
+        if self.retry_after is not None:
+            data["retry_after"] = round(self.retry_after, 3)
+        return data
+
+
+def retry_after_seconds(headers: Any) -> float | None:
+    """Seconds from `Retry-After-Ms` / `Retry-After` (seconds or an HTTP date); None if absent."""
+    if headers is None:
+        return None
+    for name, divisor in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
+        value = headers.get(name)
+        if value is None:
+            continue
+        try:
+            seconds = float(value) / divisor
+        except ValueError:
+            parsed = email.utils.parsedate_tz(value)
+            if parsed is None:
+                continue
+            seconds = email.utils.mktime_tz(parsed) - time.time()
+        if math.isfinite(seconds):
+            return max(0.0, seconds)
+    return None
+
+
+def classify(exc: BaseException) -> ModelError:
+    """Map an exception from the openai client to a ModelError."""
+    if isinstance(exc, ModelError):
+        return exc
+    if isinstance(exc, openai.APITimeoutError):
+        return ModelError("upstream_timeout", "the model did not answer in time", True)
+    if isinstance(exc, openai.APIConnectionError):
+        return ModelError("upstream_unreachable", "the model endpoint cannot be reached", True)
+    if isinstance(exc, openai.APIStatusError):
+        status = exc.status_code
+        retry_after = retry_after_seconds(exc.response.headers if exc.response is not None else None)
+        if status == 429:
+            return ModelError("upstream_rate_limited", "the model endpoint is rate limiting us", True, retry_after)
+        if status >= 500 or status in (408, 409):
+            return ModelError("upstream_unavailable", f"the model endpoint failed (HTTP {status})", True,
+                              retry_after)
+        if status in (401, 403):
+            return ModelError("upstream_auth", "the model endpoint refused our credentials", False)
+        if status == 404:
+            return ModelError("upstream_model_not_found", "the model endpoint does not know the model", False)
+        if status == 400 and "context" in str(exc.message).lower():
+            return ModelError("context_too_long", "the conversation does not fit the model's window", False)
+        return ModelError("upstream_rejected", f"the model endpoint rejected the request (HTTP {status})", False)
+    if isinstance(exc, openai.APIError):
+        # An error object inside the stream (a server-side failure mid-answer).
+        return ModelError("upstream_error", "the model endpoint reported an error mid-answer", True)
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+        return ModelError("generation_timeout", "the answer took too long", True)
+    return ModelError("internal_error", "the answer failed on the server", False)
+
+
+class ChatModel:
+    """A streaming chat client for one endpoint and model."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.model = settings.ai_model
+        self.max_retries = settings.ai_max_retries
+        self.retry_max_wait = settings.ai_retry_max_wait
+        self.max_output_tokens = settings.ai_max_output_tokens
+        self.client = openai.AsyncOpenAI(
+            base_url=settings.openai_base_url, api_key=settings.openai_api_key or PLACEHOLDER_API_KEY,
+            timeout=openai.Timeout(settings.ai_timeout, connect=5.0), max_retries=0)
+
+    async def close(self) -> None:
+        await self.client.close()
+
+    async def open_stream(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
+                          tool_choice: str | dict[str, Any] | None = None) -> Any:
+        """Start a streamed completion; retries what may be retried before any text was produced."""
+        kwargs: dict[str, Any] = {"model": self.model, "messages": messages, "stream": True,
+                                  "stream_options": {"include_usage": True},
+                                  "max_tokens": self.max_output_tokens}
+        if tools:
+            kwargs["tools"] = tools
+            if tool_choice is not None:
+                kwargs["tool_choice"] = tool_choice
+        attempt = 0
+        while True:
+            try:
+                return await self.client.chat.completions.create(**kwargs)
+            except Exception as exc:  # noqa: BLE001 - classified below
+                error = classify(exc)
+                if not error.retryable or error.code == "internal_error" or attempt >= self.max_retries:
+                    raise error from exc
+                delay = error.retry_after
+                if delay is None:
+                    delay = min(0.5 * 2 ** attempt, 8.0) * (1 - 0.25 * random.random())
+                elif delay > self.retry_max_wait:
+                    raise error from exc  # the client is told when to come back
+                attempt += 1
+                log.info("model_retry", code=error.code, attempt=attempt, delay=round(delay, 3))
+                await asyncio.sleep(delay)
+
+    async def stream(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
+                     tool_choice: str | dict[str, Any] | None = None) -> AsyncIterator[Any]:
+        """The chunks of one streamed completion; closing the generator closes the HTTP stream."""
+        stream = await self.open_stream(messages, tools, tool_choice)
+        try:
+            async for chunk in stream:
+                yield chunk
+        except Exception as exc:  # noqa: BLE001 - one error type for the caller
+            raise classify(exc) from exc
+        finally:
+            # On stop (cancellation) this closes the connection: the server sees the disconnect.
+            await stream.close()

@@ -1,0 +1,239 @@
+"""Settings read from environment variables (documented in README.md)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Mapping
+
+from aiohttp import web
+
+
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError as exc:
+        raise ValueError(f"{name} must be an integer, got {raw!r}") from exc
+
+
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError as exc:
+        raise ValueError(f"{name} must be a number, got {raw!r}") from exc
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = (env.get(name) or "").strip().lower()
+    if raw == "":
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{name} must be true or false, got {raw!r}")
+
+
+def _amount(env: Mapping[str, str], name: str) -> str | None:
+    raw = _optional(env, name)
+    if raw is not None:
+        try:
+            valid = Decimal(raw).is_finite() and Decimal(raw) >= 0
+        except InvalidOperation:
+            valid = False
+        if not valid:
+            raise ValueError(f"{name} must be a non-negative decimal, got {raw!r}")
+    return raw
+
+
+def _optional(env: Mapping[str, str], name: str) -> str | None:
+    value = env.get(name, "").strip()
+    return value or None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Settings:
+    """Every setting of the server; `from_env` is the only place that reads the environment."""
+
+    database_url: str | None = None
+    redis_url: str | None = None
+    redis_prefix: str = "hub:"
+    openai_base_url: str | None = None
+    openai_api_key: str | None = None
+    ai_model: str = "gpt-4o-mini"
+    ai_max_input_chars: int = 8000
+    ai_messages_per_minute: int = 20
+    ai_daily_token_quota: int = 200_000
+    ai_context_tokens: int = 8000
+    ai_max_output_tokens: int = 1024
+    ai_timeout: float = 60.0
+    ai_max_retries: int = 2
+    ai_retry_max_wait: float = 30.0
+    ai_max_tool_rounds: int = 3
+    # "auto", "required" or a tool's name: forced on the first round only (servers such as
+    # llama-cpp-python's chatml-function-calling stream tool calls only when the choice is forced).
+    ai_tool_choice: str = "auto"
+    ai_tool_timeout: float = 5.0
+    ai_generation_timeout: float = 300.0
+    ai_save_interval: float = 0.5
+    ai_stale_after: float = 30.0
+    sui_rpc_url: str | None = None
+    escrow_address: str | None = None
+    escrow_release_seconds: int = 259_200
+    payment_max_age: int = 3600
+    payment_verify_timeout: int = 600
+    purchase_workers: int = 2
+    purchase_job_lease: float = 60.0
+    purchase_poll_interval: float = 1.0
+    walrus_publisher_url: str | None = None
+    walrus_aggregator_url: str | None = None
+    walrus_epochs: int = 5
+    max_upload_bytes: int = 100 * 1024 * 1024
+    kyc_max_bytes: int = 5 * 1024 * 1024
+    jwt_secret: str | None = None
+    master_key: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8080
+    cors_origins: tuple[str, ...] = ()
+    data_dir: Path = Path(".data")
+    google_client_id: str | None = None
+    google_jwks_url: str = "https://www.googleapis.com/oauth2/v3/certs"
+    access_token_ttl: int = 3600
+    session_cache_ttl: float = 5.0
+    max_payload_bytes: int = 1_048_576
+    db_pool_max: int = 20
+    migrate_on_start: bool = True
+    demo_data_on_first_start: bool = False
+    shutdown_timeout: float = 10.0
+    history_cap: int = 1000
+    history_ttl: int = 86_400
+    presence_ttl: int = 30
+    max_channels_per_connection: int = 100
+    max_connections_per_user: int = 16
+    event_rate: float = 20.0
+    event_burst: int = 40
+    long_poll_timeout: float = 25.0
+    outbox_poll_interval: float = 1.0
+    log_format: str = "console"
+    # KVP chain. The producer is off unless turned on (tests); `from_env` turns it on for serve.
+    block_producer: bool = False
+    block_interval_seconds: float = 30.0
+    pow_difficulty: int = 12
+    block_reward: str | None = None       # None: keep chain_settings.initial_block_reward (50)
+    halving_interval: int | None = None   # None: keep chain_settings.halving_interval (1000)
+    miner_username: str | None = None
+    mining_pool: str = "mining"
+    max_block_transactions: int = 500
+    # Demo faucet (POST /api/v1/me/faucet): None means on exactly when payments use the local KVP
+    # chain (no SUI_RPC_URL), where a new user has no other way to get funds to pay with.
+    demo_faucet: bool | None = None
+    demo_faucet_amount: str = "10"
+    # Earn-to-play games (server/games.py).
+    game_session_idle_seconds: float = 300.0
+    game_leaderboard_interval: float = 2.0
+    game_leaderboard_period: str = "day"
+    game_leaderboard_size: int = 10
+    game_reward_workers: int = 4
+    game_reward_batch_max: int = 200
+    game_reward_queue_max: int = 20_000
+    game_server_event_rate: float = 2000.0
+    game_server_event_burst: int = 4000
+    dao_sweep_interval: float = 5.0
+    # The demo game player (server/demo_game.py): seconds between its rewards; 0 turns it off.
+    demo_game_interval: float = 3.0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
+        """Build settings from environment variables, falling back to the defaults above."""
+        env = os.environ if env is None else env
+        defaults = cls()
+        origins = tuple(o.strip() for o in env.get("CORS_ORIGINS", "").split(",") if o.strip())
+        return cls(
+            database_url=_optional(env, "DATABASE_URL"),
+            redis_url=_optional(env, "REDIS_URL"),
+            redis_prefix=env.get("REDIS_PREFIX") or defaults.redis_prefix,
+            openai_base_url=_optional(env, "OPENAI_BASE_URL"),
+            openai_api_key=_optional(env, "OPENAI_API_KEY"),
+            ai_model=env.get("AI_MODEL") or defaults.ai_model,
+            ai_max_input_chars=_int(env, "AI_MAX_INPUT_CHARS", defaults.ai_max_input_chars),
+            ai_messages_per_minute=_int(env, "AI_MESSAGES_PER_MINUTE", defaults.ai_messages_per_minute),
+            ai_daily_token_quota=_int(env, "AI_DAILY_TOKEN_QUOTA", defaults.ai_daily_token_quota),
+            ai_context_tokens=_int(env, "AI_CONTEXT_TOKENS", defaults.ai_context_tokens),
+            ai_max_output_tokens=_int(env, "AI_MAX_OUTPUT_TOKENS", defaults.ai_max_output_tokens),
+            ai_timeout=_int(env, "AI_TIMEOUT", int(defaults.ai_timeout)),
+            ai_max_retries=_int(env, "AI_MAX_RETRIES", defaults.ai_max_retries),
+            ai_max_tool_rounds=_int(env, "AI_MAX_TOOL_ROUNDS", defaults.ai_max_tool_rounds),
+            ai_tool_choice=env.get("AI_TOOL_CHOICE") or defaults.ai_tool_choice,
+            sui_rpc_url=_optional(env, "SUI_RPC_URL"),
+            escrow_address=_optional(env, "ESCROW_ADDRESS"),
+            escrow_release_seconds=_int(env, "ESCROW_RELEASE_SECONDS", defaults.escrow_release_seconds),
+            payment_max_age=_int(env, "PAYMENT_MAX_AGE", defaults.payment_max_age),
+            payment_verify_timeout=_int(env, "PAYMENT_VERIFY_TIMEOUT", defaults.payment_verify_timeout),
+            purchase_workers=_int(env, "PURCHASE_WORKERS", defaults.purchase_workers),
+            walrus_publisher_url=_optional(env, "WALRUS_PUBLISHER_URL"),
+            walrus_aggregator_url=_optional(env, "WALRUS_AGGREGATOR_URL"),
+            walrus_epochs=_int(env, "WALRUS_EPOCHS", defaults.walrus_epochs),
+            max_upload_bytes=_int(env, "MAX_UPLOAD_BYTES", defaults.max_upload_bytes),
+            kyc_max_bytes=_int(env, "KYC_MAX_BYTES", defaults.kyc_max_bytes),
+            jwt_secret=_optional(env, "JWT_SECRET"),
+            master_key=_optional(env, "MASTER_KEY"),
+            host=env.get("HOST") or defaults.host,
+            port=_int(env, "PORT", defaults.port),
+            cors_origins=origins,
+            data_dir=Path(env.get("DATA_DIR") or defaults.data_dir),
+            google_client_id=_optional(env, "GOOGLE_CLIENT_ID"),
+            google_jwks_url=env.get("GOOGLE_JWKS_URL") or defaults.google_jwks_url,
+            access_token_ttl=_int(env, "ACCESS_TOKEN_TTL", defaults.access_token_ttl),
+            max_payload_bytes=_int(env, "MAX_PAYLOAD_BYTES", defaults.max_payload_bytes),
+            db_pool_max=_int(env, "DB_POOL_MAX", defaults.db_pool_max),
+            log_format=env.get("LOG_FORMAT") or defaults.log_format,
+            history_cap=_int(env, "HISTORY_CAP", defaults.history_cap),
+            history_ttl=_int(env, "HISTORY_TTL", defaults.history_ttl),
+            max_channels_per_connection=_int(env, "MAX_CHANNELS_PER_CONNECTION",
+                                             defaults.max_channels_per_connection),
+            max_connections_per_user=_int(env, "MAX_CONNECTIONS_PER_USER", defaults.max_connections_per_user),
+            event_rate=_int(env, "EVENT_RATE", int(defaults.event_rate)),
+            event_burst=_int(env, "EVENT_BURST", defaults.event_burst),
+            block_producer=_bool(env, "BLOCK_PRODUCER", True),
+            shutdown_timeout=_float(env, "SHUTDOWN_TIMEOUT", defaults.shutdown_timeout),
+            block_interval_seconds=_float(env, "BLOCK_INTERVAL", defaults.block_interval_seconds),
+            pow_difficulty=_int(env, "POW_DIFFICULTY", defaults.pow_difficulty),
+            block_reward=_amount(env, "BLOCK_REWARD"),
+            halving_interval=_int(env, "HALVING_INTERVAL", 0) or None,
+            miner_username=_optional(env, "MINER_USERNAME"),
+            mining_pool=env.get("MINING_POOL") or defaults.mining_pool,
+            max_block_transactions=_int(env, "MAX_BLOCK_TRANSACTIONS", defaults.max_block_transactions),
+            demo_faucet=_bool(env, "DEMO_FAUCET", False) if _optional(env, "DEMO_FAUCET") else None,
+            demo_faucet_amount=_amount(env, "DEMO_FAUCET_AMOUNT") or defaults.demo_faucet_amount,
+            game_session_idle_seconds=_float(env, "GAME_SESSION_IDLE_SECONDS", defaults.game_session_idle_seconds),
+            game_leaderboard_interval=_float(env, "GAME_LEADERBOARD_INTERVAL", defaults.game_leaderboard_interval),
+            game_leaderboard_period=env.get("GAME_LEADERBOARD_PERIOD") or defaults.game_leaderboard_period,
+            game_leaderboard_size=_int(env, "GAME_LEADERBOARD_SIZE", defaults.game_leaderboard_size),
+            game_reward_workers=_int(env, "GAME_REWARD_WORKERS", defaults.game_reward_workers),
+            game_reward_batch_max=_int(env, "GAME_REWARD_BATCH_MAX", defaults.game_reward_batch_max),
+            game_server_event_rate=_float(env, "GAME_SERVER_EVENT_RATE", defaults.game_server_event_rate),
+            game_server_event_burst=_int(env, "GAME_SERVER_EVENT_BURST", defaults.game_server_event_burst),
+            dao_sweep_interval=_float(env, "DAO_SWEEP_INTERVAL", defaults.dao_sweep_interval),
+            demo_game_interval=_float(env, "DEMO_GAME_INTERVAL", defaults.demo_game_interval),
+        )
+
+    @property
+    def faucet_enabled(self) -> bool:
+        """Whether the demo faucet pays: DEMO_FAUCET when set, else only on the local KVP chain."""
+        enabled = self.demo_faucet if self.demo_faucet is not None else self.sui_rpc_url is None
+        return enabled and Decimal(self.demo_faucet_amount) > 0
+
+    def replace(self, **changes) -> "Settings":
+        """Return a copy with some settings changed (tests and the CLI use it)."""
+        return dataclasses.replace(self, **changes)
+
+
+SETTINGS: web.AppKey[Settings] = web.AppKey("settings", Settings)

@@ -1,0 +1,212 @@
+"""The REST edge: request ids, the error envelope, body validation, authentication decorators."""
+
+from __future__ import annotations
+
+import functools
+import time
+import uuid
+from typing import Any, AsyncIterator, Awaitable, Callable, Collection
+
+import structlog
+from aiohttp import BodyPartReader, web
+
+from db.pool import POOL
+from server.core import jsonutil
+from server.core.errors import (
+    ErrorCode,
+    Forbidden,
+    HubError,
+    InvalidPayload,
+    NotFound,
+    PayloadTooLarge,
+    error_from_exception,
+)
+from server.core.identity import Identity
+from server.core.metrics import METRICS
+from server.core.protocol import error_envelope, ok
+from server.edge.schemas import compile_schema, validate
+from server.services.auth import AUTH
+
+log = structlog.get_logger(__name__)
+
+
+def json_response(body: Any, status: int = 200, **kwargs: Any) -> web.Response:
+    """A JSON response serialised with orjson."""
+    return web.Response(body=jsonutil.dumpb(body), status=status, content_type="application/json", **kwargs)
+
+
+def ok_response(data: Any = None, status: int = 200) -> web.Response:
+    """A success envelope as a response."""
+    return json_response(ok(data), status=status)
+
+
+def error_response(error: HubError) -> web.Response:
+    """An error envelope with the code's HTTP status."""
+    headers = {}
+    if error.code is ErrorCode.RATE_LIMITED and "retry_after" in error.extra:
+        headers["Retry-After"] = str(max(1, round(error.extra["retry_after"])))
+    return json_response(error_envelope(error), status=error.code.http_status, headers=headers)
+
+
+@web.middleware
+async def request_context(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
+    """Give each request an id (echoed back), bind it to the logs, count and time it."""
+    supplied = request.headers.get("X-Request-ID", "")
+    request_id = supplied if 0 < len(supplied) <= 64 and supplied.isprintable() else uuid.uuid4().hex
+    structlog.contextvars.bind_contextvars(request_id=request_id)
+    started = time.perf_counter()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        response.headers["X-Request-ID"] = request_id
+        return response
+    finally:
+        route = request.match_info.route.resource
+        name = route.canonical if route is not None else "unmatched"
+        metrics = request.app[METRICS]
+        metrics.http_requests.labels(request.method, name, str(status)).inc()
+        metrics.http_seconds.labels(name).observe(time.perf_counter() - started)
+        structlog.contextvars.unbind_contextvars("request_id")
+
+
+@web.middleware
+async def error_envelopes(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
+    """Translate every failure into the protocol's error envelope at the edge."""
+    try:
+        return await handler(request)
+    except HubError as exc:
+        return error_response(exc)
+    except web.HTTPRequestEntityTooLarge:
+        return error_response(PayloadTooLarge("the request body is too large"))
+    except web.HTTPNotFound:
+        return error_response(NotFound(f"no route {request.method} {request.path}"))
+    except web.HTTPMethodNotAllowed:
+        return error_response(NotFound(f"{request.method} is not allowed on {request.path}"))
+    except web.HTTPException:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the edge must answer with an envelope
+        error = error_from_exception(exc)
+        if error.code is ErrorCode.INTERNAL_ERROR:
+            log.exception("request_failed", method=request.method, path=request.path)
+        return error_response(error)
+
+
+async def read_json(request: web.Request) -> Any:
+    """The request body as JSON; refuses other content and malformed JSON."""
+    if not request.can_read_body:
+        return {}
+    raw = await request.read()
+    try:
+        return jsonutil.loads(raw)
+    except ValueError as exc:
+        raise InvalidPayload("the body is not valid JSON") from exc
+
+
+MAX_INTEGER_ID = 2**31 - 1  # PostgreSQL INTEGER
+
+
+def path_int(request: web.Request, name: str, missing: str, *, minimum: int = 1) -> int:
+    """An INTEGER id from the URL path; NotFound(`missing`) for anything else, never a server error."""
+    raw = request.match_info[name]
+    # ASCII digits of bounded length first: int() refuses 4,300+ digits and accepts other scripts.
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 10) or not minimum <= int(raw) <= MAX_INTEGER_ID:
+        raise NotFound(missing, field=name)
+    return int(raw)
+
+
+def int_query(request: web.Request, name: str, *, minimum: int, maximum: int | None = None) -> int | None:
+    """An optional integer query parameter within bounds; InvalidPayload naming it otherwise."""
+    raw = request.query.get(name)
+    if raw is None or raw == "":
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        raise InvalidPayload(f"'{name}' must be an integer", field=name) from None
+    if value < minimum or (maximum is not None and value > maximum):
+        bound = f"between {minimum} and {maximum}" if maximum is not None else f"at least {minimum}"
+        raise InvalidPayload(f"'{name}' must be {bound}", field=name)
+    return value
+
+
+def query_payload(request: web.Request, validator: Any) -> dict[str, Any]:
+    """The query string as the matching socket command's payload (`limit` as an integer), validated."""
+    params: dict[str, Any] = dict(request.query)
+    if "limit" in params:
+        try:
+            params["limit"] = int(params["limit"])
+        except ValueError:
+            raise InvalidPayload("limit must be an integer", field="limit") from None
+    return validate(validator, params)
+
+
+async def current_identity(request: web.Request) -> Identity:
+    """The caller's identity from `Authorization: Bearer <token>`."""
+    header = request.headers.get("Authorization", "")
+    token = header[7:].strip() if header[:7].lower() == "bearer " else None
+    return await request.app[AUTH].authenticate(request.app[POOL], token)
+
+
+async def optional_identity(request: web.Request) -> Identity | None:
+    """The caller's identity when a token is sent (it must be valid), None for anonymous callers."""
+    if "Authorization" not in request.headers:
+        return None
+    return await current_identity(request)
+
+
+Handler = Callable[..., Awaitable[web.StreamResponse]]
+
+
+def endpoint(*, body: dict[str, Any] | None = None, auth: str | None = None) -> Callable[[Handler], Handler]:
+    """Declare a REST handler's body schema and who may call it; checks run before the handler.
+
+    auth: None (anyone), "user" (a signed-in user) or "admin". The handler receives
+    `identity=` when auth is set and `body=` when a schema is declared.
+    """
+    validator = compile_schema(body) if body is not None else None
+    if auth not in (None, "user", "admin"):
+        raise ValueError(f"unknown auth level {auth!r}")
+
+    def decorate(handler: Handler) -> Handler:
+        @functools.wraps(handler)
+        async def wrapper(request: web.Request) -> web.StreamResponse:
+            kwargs: dict[str, Any] = {}
+            if auth is not None:
+                identity = await current_identity(request)
+                if auth == "admin" and not identity.is_admin:
+                    raise Forbidden("administrators only")
+                kwargs["identity"] = identity
+            if validator is not None:
+                kwargs["body"] = validate(validator, await read_json(request))
+            return await handler(request, **kwargs)
+
+        return wrapper
+
+    return decorate
+
+
+def client_ip(request: web.Request) -> str | None:
+    """The peer address (a proxy's X-Forwarded-For is not trusted without configuration)."""
+    return request.remote
+
+
+# Room for the text fields and the multipart framing around an upload's file, on top of its limit.
+FORM_OVERHEAD_BYTES = 256 * 1024
+
+
+async def form_parts(request: web.Request, names: Collection[str],
+                     hint: str) -> AsyncIterator[tuple[str, BodyPartReader]]:
+    """The parts of a multipart/form-data upload with their names, read as they stream in; refuses
+    another content type (naming the expected parts: `hint`), nested multipart parts, and part
+    names other than "file" and `names`."""
+    if not request.content_type.startswith("multipart/"):
+        raise InvalidPayload(f"send multipart/form-data with {hint}", field="file")
+    reader = await request.multipart()
+    while (part := await reader.next()) is not None:
+        if not isinstance(part, BodyPartReader):
+            raise InvalidPayload("nested multipart bodies are not accepted", field="file")
+        name = part.name or ""
+        if name != "file" and name not in names:
+            raise InvalidPayload(f"unknown field '{name}'", field=name or "file")
+        yield name, part

@@ -1,0 +1,75 @@
+"""Payload validation with JSON Schema: handlers declare a schema, the dispatcher validates first."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jsonschema
+from jsonschema import Draft202012Validator
+
+from server.core.errors import InvalidPayload
+
+_FORMATS = Draft202012Validator.FORMAT_CHECKER
+
+
+def compile_schema(schema: dict[str, Any]) -> Draft202012Validator:
+    """Check a schema once at import time and return its validator."""
+    Draft202012Validator.check_schema(schema)
+    return Draft202012Validator(schema, format_checker=_FORMATS)
+
+
+def _nul_path(value: Any, path: str = "") -> str | None:
+    """The path of the first string (or key) holding a NUL character, which PostgreSQL cannot store."""
+    if isinstance(value, str):
+        return path if "\x00" in value else None
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            inner_path = f"{path}.{key}" if path else str(key)
+            if "\x00" in str(key):
+                return inner_path
+            found = _nul_path(inner, inner_path)
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for index, inner in enumerate(value):
+            found = _nul_path(inner, f"{path}.{index}" if path else str(index))
+            if found is not None:
+                return found
+    return None
+
+
+def validate(validator: Draft202012Validator, payload: Any) -> Any:
+    """Return the payload if it matches, else raise InvalidPayload naming the first bad field."""
+    nul_at = _nul_path(payload)
+    if nul_at is not None:
+        raise InvalidPayload("text must not contain NUL characters", field=nul_at or None)
+    error = jsonschema.exceptions.best_match(validator.iter_errors(payload))
+    if error is None:
+        return payload
+    path = ".".join(str(part) for part in error.absolute_path)
+    if error.validator == "required" and isinstance(error.instance, dict):
+        missing = next((name for name in error.validator_value if name not in error.instance), None)
+        field = f"{path}.{missing}" if path and missing else (missing or path)
+        raise InvalidPayload(f"'{missing}' is required", field=field)
+    if error.validator == "additionalProperties":
+        extra = sorted(set(error.instance) - set(error.schema.get("properties", {})))
+        name = extra[0] if extra else path
+        raise InvalidPayload(f"unknown field '{name}'", field=f"{path}.{name}" if path else name)
+    # jsonschema messages quote the offending value; keep them short and never echo long input.
+    message = error.message if len(error.message) <= 200 else error.message[:200] + "..."
+    raise InvalidPayload(message, field=path or None)
+
+
+def obj(properties: dict[str, Any], required: tuple[str, ...] = (), **extra: Any) -> dict[str, Any]:
+    """An object schema that refuses unknown fields."""
+    return {"type": "object", "properties": properties, "required": list(required),
+            "additionalProperties": False, **extra}
+
+
+def string(min_length: int = 1, max_length: int = 255, **extra: Any) -> dict[str, Any]:
+    """A bounded string schema."""
+    return {"type": "string", "minLength": min_length, "maxLength": max_length, **extra}
+
+
+UUID = {"type": "string", "format": "uuid",
+        "pattern": "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"}

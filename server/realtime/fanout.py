@@ -1,0 +1,256 @@
+"""Fast Socket.IO broadcasts: encode a packet once, write the same websocket frame to every recipient.
+
+python-socketio's `AsyncManager.emit` encodes a broadcast once but then creates one asyncio task per
+recipient; each task puts the packet on python-engineio's per-socket queue, whose writer task wakes
+up, encodes the packet again and writes it. The managers here deliver in one synchronous loop:
+
+- the Socket.IO packet, the Engine.IO packet and the websocket frame (text, plus one binary frame per
+  attachment) are encoded once per broadcast and the same bytes object goes to every recipient;
+- a recipient with an open websocket on `server.engine.LeanEngineServer` gets the frame through the
+  server's `FrameWriter`, the same path every other packet to that socket takes, so per-socket
+  order holds; the frames of every broadcast made in one loop iteration go out in one write per
+  socket;
+- polling clients, sockets in the middle of an upgrade and sockets of a plain engineio server get a
+  shared Engine.IO packet put on their queue directly, without a task;
+- emits with a callback take the library's path (every recipient needs its own ack id).
+
+Each connection's backlog is bounded: the Engine.IO queue length by `max_queued_packets`, the
+websocket transport's unsent bytes by `max_queued_bytes`. A connection past either bound gets one last
+event, `send_queue_overflowed` {"reason": "slow_consumer", "reconnect": true}, and is then closed at
+the transport level: socket.io clients treat that as "transport close" and reconnect on their own,
+then recover what they missed from the channel history.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+import weakref
+from typing import Any, Callable
+
+import socketio
+import structlog
+from engineio import packet as eio_packet
+from socketio import packet as sio_packet
+
+from server.realtime.engine import OP_CLOSE, FrameWriter, Link, packet_frame, ws_frame
+
+log = structlog.get_logger(__name__)
+
+SEND_QUEUE_OVERFLOWED_EVENT = "send_queue_overflowed"
+SEND_QUEUE_OVERFLOWED_DATA = {"reason": "slow_consumer", "reconnect": True}
+SLOW_CONSUMER_REASON = "slow consumer"
+
+DEFAULT_MAX_QUEUED_PACKETS = 1000
+DEFAULT_MAX_QUEUED_BYTES = 1024 * 1024
+# After a slow consumer is closed, how long its unsent bytes may still drain before the TCP
+# connection is aborted (a client that never reads again would otherwise pin them forever).
+DEFAULT_CLOSE_GRACE_SECONDS = 5.0
+
+# 1013 "Try Again Later" (RFC 6455 registry): the client may reconnect at once.
+_CLOSE_TRY_AGAIN_LATER = 1013
+
+OverflowHook = Callable[[str], None]
+
+
+class _Broadcast:
+    """One broadcast, encoded once: the websocket bytes and, lazily, Engine.IO packets for queues."""
+
+    __slots__ = ("sio_encoded", "frame", "size", "_shared")
+
+    def __init__(self, sio_encoded: str | list) -> None:
+        self.sio_encoded = sio_encoded if isinstance(sio_encoded, list) else [sio_encoded]
+        # Engine.IO over websocket: text is "4" + the Socket.IO packet; each binary attachment is
+        # its own binary frame with the raw bytes (no "4", no base64).
+        frames = [packet_frame(eio_packet.Packet(eio_packet.MESSAGE, part))
+                  for part in self.sio_encoded]
+        self.frame = frames[0] if len(frames) == 1 else b"".join(frames)
+        self.size = len(self.frame)
+        self._shared: dict[bool, list[eio_packet.Packet]] = {}
+
+    def packets(self, upgraded: bool, binary: bool) -> list[eio_packet.Packet]:
+        """Engine.IO packets to queue; shared by sockets of one transport kind.
+
+        engineio's Packet caches its first encoding whatever the b64 flag, so a binary packet
+        encoded for a websocket (raw) must not be reused for a polling client (base64) or the
+        other way round; text packets encode the same both ways.
+        """
+        key = upgraded or not binary
+        shared = self._shared.get(key)
+        if shared is None:
+            shared = self._shared[key] = [eio_packet.Packet(eio_packet.MESSAGE, p)
+                                          for p in self.sio_encoded]
+        return shared
+
+
+class FanoutMixin(socketio.AsyncManager):
+    """The fast emit path; placed before `AsyncManager` in the MRO of both managers.
+
+    It subclasses `AsyncManager` so that in `RedisFanoutManager(AsyncRedisManager, FanoutMixin)`
+    C3 puts it between `AsyncPubSubManager` and `AsyncManager`: the pub/sub `emit` still publishes,
+    and its `_handle_emit` (local delivery and messages from other nodes) lands here.
+    """
+
+    def _setup_fanout(self, max_queued_packets: int, max_queued_bytes: int,
+                      on_overflow: OverflowHook | None, close_grace: float) -> None:
+        if max_queued_packets < 1 or max_queued_bytes < 1:
+            raise ValueError("max_queued_packets and max_queued_bytes must be positive")
+        self.max_queued_packets = max_queued_packets
+        self.max_queued_bytes = max_queued_bytes
+        self.on_overflow = on_overflow
+        self.close_grace = close_grace
+        self._frames: FrameWriter | None = None
+        self._evicted: weakref.WeakSet = weakref.WeakSet()
+        self._background: set[asyncio.Task] = set()
+
+    def set_server(self, server: Any) -> None:
+        """Attach to the server; on a `LeanEngineServer`, share its frame writer and bound it."""
+        super().set_server(server)
+        frames = getattr(server.eio, "frames", None)
+        if isinstance(frames, FrameWriter):
+            frames.max_unsent_bytes = self.max_queued_bytes
+            frames.on_backlog = self._on_backlog
+            self._frames = frames
+
+    async def emit(self, event: str, data: Any, namespace: str, room: Any = None,
+                   skip_sid: Any = None, callback: Any = None, to: Any = None, **kwargs: Any) -> None:
+        """Emit to a sid, a room or the namespace; without a callback, through the fast path."""
+        if callback is not None:
+            # Every recipient needs its own ack id, so every packet differs: the library's path.
+            return await super().emit(event, data, namespace, room=room, skip_sid=skip_sid,
+                                      callback=callback, to=to, **kwargs)
+        room = to or room
+        if namespace not in self.rooms:
+            return
+        if isinstance(data, tuple):
+            data = list(data)
+        elif data is not None:
+            data = [data]
+        else:
+            data = []
+        self.broadcast(event, data, namespace, room, skip_sid)
+
+    def broadcast(self, event: str, args: list, namespace: str, room: Any, skip_sid: Any) -> int:
+        """Deliver an event (args as a list) to the local participants; returns how many got it."""
+        pkt = self.server.packet_class(sio_packet.EVENT, namespace=namespace, data=[event] + args)
+        encoded = _Broadcast(pkt.encode())
+        return self._deliver(encoded, pkt.packet_type == sio_packet.BINARY_EVENT, namespace, room,
+                             skip_sid)
+
+    def _deliver(self, encoded: _Broadcast, binary: bool, namespace: str, room: Any,
+                 skip_sid: Any) -> int:
+        skip = skip_sid if isinstance(skip_sid, (list, tuple, set, frozenset)) else (skip_sid,)
+        sockets = self.server.eio.sockets
+        frames = self._frames
+        frame, size = encoded.frame, encoded.size
+        delivered = 0
+        for sid, eio_sid in self.get_participants(namespace, room):
+            if sid in skip:
+                continue
+            sock = sockets.get(eio_sid)
+            if sock is None or sock.closing or sock.closed:
+                continue
+            link = getattr(sock, "link", None)
+            if link is not None:
+                if not link.transport.is_closing():
+                    link.namespace = namespace
+                    frames.write(link, frame)
+                    delivered += 1
+                continue
+            if sock in self._evicted:
+                continue
+            queue = sock.queue
+            backlog = queue.qsize()
+            if backlog >= self.max_queued_packets or backlog * size > self.max_queued_bytes:
+                self._overflow(sock, None, namespace)
+                continue
+            for p in encoded.packets(sock.upgraded or sock.upgrading, binary):
+                queue.put_nowait(p)
+            delivered += 1
+        return delivered
+
+    def _on_backlog(self, link: Link) -> None:
+        self._overflow(link.sock, link, link.namespace)
+
+    def _overflow(self, sock: Any, link: Link | None, namespace: str) -> None:
+        """Send the final event past the bound, close the connection, let the client reconnect."""
+        if sock in self._evicted:
+            return
+        self._evicted.add(sock)
+        pkt = self.server.packet_class(sio_packet.EVENT, namespace=namespace,
+                                       data=[SEND_QUEUE_OVERFLOWED_EVENT, SEND_QUEUE_OVERFLOWED_DATA])
+        final = _Broadcast(pkt.encode())
+        log.warning("send_queue_overflowed", sid=self.sid_from_eio_sid(sock.sid, namespace),
+                    namespace=namespace, queued_packets=sock.queue.qsize(),
+                    unsent_bytes=link.transport.get_write_buffer_size() if link else None)
+        if self.on_overflow is not None:
+            try:
+                self.on_overflow(namespace)
+            except Exception:  # noqa: BLE001 - a metrics hook must not break delivery
+                log.exception("overflow_hook_failed")
+        if link is not None and not link.transport.is_closing():
+            # Behind whatever the client has not read yet, then a close frame and a TCP close that
+            # flushes first; the abort bounds how long a client that never reads can pin memory.
+            transport = link.transport
+            transport.write(b"".join([link.take_pending(), final.frame, ws_frame(
+                struct.pack("!H", _CLOSE_TRY_AGAIN_LATER) + b"slow consumer", OP_CLOSE)]))
+            transport.close()
+            asyncio.get_running_loop().call_later(self.close_grace, transport.abort)
+            self._track(sock.close(wait=False, abort=True, reason=SLOW_CONSUMER_REASON))
+        else:
+            # Polling: engineio refuses polls of a closed socket, so the event and an Engine.IO
+            # CLOSE (the client reconnects on it) wait for the next poll, and the socket is closed
+            # after the grace period whether or not the client came for them.
+            for p in final.packets(False, False):
+                sock.queue.put_nowait(p)
+            sock.queue.put_nowait(eio_packet.Packet(eio_packet.CLOSE))
+            asyncio.get_running_loop().call_later(self.close_grace, self._close_later, sock)
+
+    def _close_later(self, sock: Any) -> None:
+        self._track(sock.close(wait=False, abort=True, reason=SLOW_CONSUMER_REASON))
+
+    def _track(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+
+class FanoutManager(FanoutMixin):
+    """Single-node client manager with the fast broadcast path and bounded per-connection buffering."""
+
+    def __init__(self, *, max_queued_packets: int = DEFAULT_MAX_QUEUED_PACKETS,
+                 max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES,
+                 on_overflow: OverflowHook | None = None,
+                 close_grace: float = DEFAULT_CLOSE_GRACE_SECONDS, compression: bool = False) -> None:
+        super().__init__()
+        self._setup_fanout(max_queued_packets, max_queued_bytes, on_overflow, close_grace)
+
+
+class RedisFanoutManager(socketio.AsyncRedisManager, FanoutMixin):
+    """Redis client manager (multi-node) whose local deliveries take the fast broadcast path."""
+
+    def __init__(self, url: str, *, channel: str = "socketio",
+                 max_queued_packets: int = DEFAULT_MAX_QUEUED_PACKETS,
+                 max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES,
+                 on_overflow: OverflowHook | None = None,
+                 close_grace: float = DEFAULT_CLOSE_GRACE_SECONDS,
+                 **redis_options: Any) -> None:
+        super().__init__(url, channel=channel, **redis_options)
+        self._setup_fanout(max_queued_packets, max_queued_bytes, on_overflow, close_grace)
+
+
+def create_client_manager(redis_url: str | None, *,
+                          max_queued_packets: int = DEFAULT_MAX_QUEUED_PACKETS,
+                          max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES,
+                          on_overflow: OverflowHook | None = None,
+                          channel: str = "socketio") -> socketio.AsyncManager:
+    """The fast client manager: Redis-backed when `redis_url` is set, single-node otherwise."""
+    if redis_url:
+        return RedisFanoutManager(redis_url, channel=channel, max_queued_packets=max_queued_packets,
+                                  max_queued_bytes=max_queued_bytes, on_overflow=on_overflow)
+    return FanoutManager(max_queued_packets=max_queued_packets, max_queued_bytes=max_queued_bytes,
+                         on_overflow=on_overflow)
+
+
+__all__ = ["SEND_QUEUE_OVERFLOWED_EVENT", "SEND_QUEUE_OVERFLOWED_DATA", "FanoutManager",
+           "RedisFanoutManager", "create_client_manager"]

@@ -1,0 +1,439 @@
+"""Channel history and the event bus: monotonic ids, capped history, replay with gap detection.
+
+Independent of aiohttp and Socket.IO: delivery is a callback, so the bus is testable alone.
+
+Ids are Redis stream ids "<ms>-<seq>" in both modes. They compare numerically as (ms, seq), never
+as strings ("9-0" > "10-0" as strings): use `parse_id` / `compare_ids`.
+
+Gap rule (`read_after`): a replay from `since` is complete when the history still holds every
+event that came after `since`. Each retained history knows the id of the event just before its
+oldest retained one (the newest trimmed event), or that its oldest event opened the history. So:
+
+- nothing retained (never published, expired after its TTL, memory lost on restart): gap, because
+  nothing after `since` can be vouched for; the client reloads over REST (at worst needlessly);
+- the oldest retained event opened the history: gap iff `since` is older than it (then `since`
+  comes from an earlier life of the channel, expired or lost, and what followed it is unknown);
+- otherwise: gap iff `since` is older than the newest trimmed event. A client that saw exactly
+  the newest trimmed event missed nothing, so it gets no gap; this is exact even with
+  approximate (`MAXLEN ~`) trimming, because the boundary is read from the stream, never
+  derived from the cap.
+
+`since` equal to the latest id or newer than anything retained: no events, no gap.
+Events retained after `since` are returned even when `gap` is true.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+from collections import deque
+from typing import Any, Awaitable, Callable, Protocol, runtime_checkable
+
+import redis.asyncio as aioredis
+import structlog
+
+from server.core import jsonutil
+from server.core.errors import InvalidPayload
+from server.realtime.redis import RedisHealth, redis_text
+
+log = structlog.get_logger(__name__)
+
+IdKey = tuple[int, int]
+
+_MAX_PART = 2**64 - 1  # Redis stream id parts are unsigned 64-bit
+_ID_RE = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")  # [0-9], not \d: no other Unicode digits
+_CHANNEL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@\-]{0,199}")
+_TYPE_RE = re.compile(r"[a-z][a-z0-9_]{0,63}")
+
+
+class InvalidArgument(InvalidPayload, ValueError):
+    """A malformed channel, event type, `since` offset or limit (maps to invalid_payload)."""
+
+
+# --- ids -------------------------------------------------------------------------------------
+
+
+def parse_id(value: object, *, field: str = "since") -> IdKey:
+    """Parse a stream id "<ms>-<seq>" into a comparable (ms, seq); anything else is InvalidArgument."""
+    if not isinstance(value, str):
+        raise InvalidArgument("must be a stream id like '1700000000000-0'", field=field)
+    match = _ID_RE.fullmatch(value)
+    if match is None:
+        raise InvalidArgument("must be a stream id like '1700000000000-0'", field=field)
+    ms, seq = int(match.group(1)), int(match.group(2))
+    if ms > _MAX_PART or seq > _MAX_PART:
+        raise InvalidArgument("stream id out of range", field=field)
+    return ms, seq
+
+
+def format_id(key: IdKey) -> str:
+    """The stream id text of a parsed (ms, seq)."""
+    return f"{key[0]}-{key[1]}"
+
+
+def compare_ids(a: str, b: str) -> int:
+    """-1, 0 or 1 as stream id `a` is older than, equal to or newer than `b`."""
+    ka, kb = parse_id(a, field="id"), parse_id(b, field="id")
+    return (ka > kb) - (ka < kb)
+
+
+def _next_key(key: IdKey) -> IdKey | None:
+    """The smallest id after `key`, None past the largest possible id."""
+    ms, seq = key
+    if seq < _MAX_PART:
+        return ms, seq + 1
+    return (ms + 1, 0) if ms < _MAX_PART else None
+
+
+def _gap(since: IdKey, first: IdKey | None, before_first: IdKey | None) -> bool:
+    """The gap rule of the module docstring, on parsed ids."""
+    if first is None:
+        return True
+    if before_first is None:
+        return since < first
+    return since < before_first
+
+
+def check_channel(channel: object) -> str:
+    """Return `channel` if it is a valid channel name, else raise InvalidArgument."""
+    if not isinstance(channel, str) or _CHANNEL_RE.fullmatch(channel) is None:
+        raise InvalidArgument("channel must be 1-200 characters of letters, digits and _.:@-",
+                              field="channel")
+    return channel
+
+
+def _check_type(type: object) -> str:
+    if not isinstance(type, str) or _TYPE_RE.fullmatch(type) is None:
+        raise InvalidArgument("event type must be snake_case", field="type")
+    return type
+
+
+def _check_limit(limit: object) -> int:
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+        raise InvalidArgument("limit must be a positive integer", field="limit")
+    return limit
+
+
+# --- events and history ----------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Event:
+    """One server event as it is stored, replayed and sent."""
+
+    id: str
+    channel: str
+    type: str
+    data: dict[str, Any]
+    ts: float
+
+    def to_wire(self) -> dict[str, Any]:
+        """The protocol's server event object."""
+        return {"id": self.id, "channel": self.channel, "type": self.type, "data": self.data,
+                "ts": self.ts}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ReplayResult:
+    """What a channel's history holds after an offset, and whether something was lost before it."""
+
+    events: list[Event]
+    latest_id: str | None
+    gap: bool
+
+    @property
+    def has_more(self) -> bool:
+        """True when `limit` cut the replay short: ask again from the last returned id."""
+        return bool(self.events) and self.events[-1].id != self.latest_id
+
+
+@runtime_checkable
+class HistoryStore(Protocol):
+    """Per-channel capped history that assigns each event its monotonic id."""
+
+    async def append(self, channel: str, type: str, data: dict[str, Any]) -> Event:
+        """Store an event and return it with its id."""
+        ...
+
+    async def read_after(self, channel: str, since: str | None, limit: int = 1000) -> ReplayResult:
+        """Events after `since` (oldest first, at most `limit`), the latest id and the gap flag."""
+        ...
+
+    async def latest_id(self, channel: str) -> str | None:
+        """Id of the newest retained event of the channel, None when there is none."""
+        ...
+
+    async def append_many(self, events: list[tuple[str, str, dict[str, Any]]]) -> list[Event]:
+        """Store (channel, type, data) events in order, in one round trip where the store allows."""
+        ...
+
+
+def _normalise(data: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
+    """JSON bytes and the dict as a reader will see it (Decimal -> str), the same in both modes."""
+    if not isinstance(data, dict):
+        raise InvalidArgument("event data must be an object", field="data")
+    raw = jsonutil.dumpb(data)
+    return raw, jsonutil.loads(raw)
+
+
+class _MemoryChannel:
+    __slots__ = ("entries", "before_first", "touched")
+
+    def __init__(self, cap: int, touched: float) -> None:
+        self.entries: deque[tuple[IdKey, Event]] = deque(maxlen=cap)
+        self.before_first: IdKey | None = None
+        self.touched = touched
+
+
+class MemoryHistory:
+    """Single-node history: a ring buffer per channel; channels idle longer than ttl are dropped."""
+
+    def __init__(self, cap: int, ttl_seconds: float, *, clock: Callable[[], float] = time.time,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
+        if cap < 1 or ttl_seconds <= 0:
+            raise ValueError("cap must be >= 1 and ttl_seconds > 0")
+        self.cap = cap
+        self.ttl = float(ttl_seconds)
+        self._clock = clock
+        self._monotonic = monotonic
+        self._channels: dict[str, _MemoryChannel] = {}
+        # One sequence for the whole store, so a channel dropped and recreated never reuses ids.
+        self._last: IdKey = (0, 0)
+        self._next_sweep = monotonic() + self.ttl
+
+    def _live(self, channel: str, now: float) -> _MemoryChannel | None:
+        state = self._channels.get(channel)
+        if state is not None and now - state.touched >= self.ttl:
+            del self._channels[channel]
+            return None
+        return state
+
+    def _sweep(self, now: float) -> None:
+        # Amortised over appends so channels nobody reads again do not stay in memory forever.
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + min(self.ttl, 60.0)
+        for name in [n for n, s in self._channels.items() if now - s.touched >= self.ttl]:
+            del self._channels[name]
+
+    def _new_key(self, now: float) -> IdKey:
+        ms = int(now * 1000)
+        last_ms, last_seq = self._last
+        # The clock may go backwards (NTP step): stay on the last ms and count up instead.
+        self._last = (ms, 0) if ms > last_ms else (last_ms, last_seq + 1)
+        return self._last
+
+    async def append(self, channel: str, type: str, data: dict[str, Any]) -> Event:
+        """Store an event and return it with its id."""
+        _, payload = _normalise(data)
+        now, mono = self._clock(), self._monotonic()
+        self._sweep(mono)
+        state = self._live(channel, mono)
+        if state is None:
+            state = self._channels[channel] = _MemoryChannel(self.cap, mono)
+        key = self._new_key(now)
+        event = Event(format_id(key), channel, type, payload, now)
+        if len(state.entries) == self.cap:
+            state.before_first = state.entries[0][0]
+        state.entries.append((key, event))
+        state.touched = mono
+        return event
+
+    async def append_many(self, events: list[tuple[str, str, dict[str, Any]]]) -> list[Event]:
+        """Store (channel, type, data) events in order."""
+        return [await self.append(channel, type, data) for channel, type, data in events]
+
+    async def read_after(self, channel: str, since: str | None, limit: int = 1000) -> ReplayResult:
+        """Events after `since` (oldest first, at most `limit`), the latest id and the gap flag."""
+        _check_limit(limit)
+        key = None if since is None else parse_id(since)
+        state = self._live(channel, self._monotonic())
+        latest = state.entries[-1][1].id if state else None
+        if key is None:
+            return ReplayResult([], latest, False)
+        if state is None:
+            return ReplayResult([], None, _gap(key, None, None))
+        newer: list[Event] = []
+        for entry_key, event in reversed(state.entries):
+            if entry_key <= key:
+                break
+            newer.append(event)
+        newer.reverse()
+        gap = _gap(key, state.entries[0][0], state.before_first)
+        return ReplayResult(newer[:limit], latest, gap)
+
+    async def latest_id(self, channel: str) -> str | None:
+        """Id of the newest retained event of the channel, None when there is none."""
+        state = self._live(channel, self._monotonic())
+        return state.entries[-1][1].id if state else None
+
+
+# --- Redis history ---------------------------------------------------------------------------
+
+# Each entry records the id before it ("p"), so after trimming the oldest retained entry still
+# tells which event was the newest one dropped: that makes the gap check exact. Atomic, so two
+# nodes appending at once cannot interleave between the read and the XADD.
+_APPEND_LUA = """
+local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+local prev = ''
+if last[1] then prev = last[1][1] end
+local id
+if ARGV[1] == '~' then
+  id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 't', ARGV[3], 'd', ARGV[4], 'p', prev)
+else
+  id = redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[2], '*', 't', ARGV[3], 'd', ARGV[4], 'p', prev)
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+return id
+"""
+
+# One atomic snapshot: oldest id, the id before it, newest id, and entries from ARGV[1] on.
+# Only ids of the oldest and newest entries leave Redis, not their data.
+_READ_LUA = """
+local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)
+if not first[1] then return {} end
+local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+local prev = ''
+local fields = first[1][2]
+for i = 1, #fields, 2 do
+  if fields[i] == 'p' then prev = fields[i + 1] end
+end
+local items = {}
+if ARGV[1] ~= '' then
+  items = redis.call('XRANGE', KEYS[1], ARGV[1], '+', 'COUNT', ARGV[2])
+end
+return {first[1][1], prev, last[1][1], items}
+"""
+
+
+class RedisHistory:
+    """History in one Redis Stream per channel: ids from Redis, monotonic across all nodes."""
+
+    def __init__(self, redis: aioredis.Redis, prefix: str, cap: int, ttl_seconds: float, *,
+                 health: RedisHealth | None = None, approximate: bool = True) -> None:
+        if cap < 1 or ttl_seconds <= 0:
+            raise ValueError("cap must be >= 1 and ttl_seconds > 0")
+        self.redis = redis
+        self.prefix = prefix
+        self.cap = cap
+        self.ttl = ttl_seconds
+        self.health = health or RedisHealth()
+        # `MAXLEN ~` trims whole radix nodes (cheap) and may keep up to ~100 extra entries.
+        self._trim = "~" if approximate else "="
+        self._append = redis.register_script(_APPEND_LUA)
+        self._read = redis.register_script(_READ_LUA)
+
+    def key(self, channel: str) -> str:
+        """Redis key of a channel's stream."""
+        return f"{self.prefix}stream:{channel}"
+
+    async def append(self, channel: str, type: str, data: dict[str, Any]) -> Event:
+        """Store an event and return it with the id Redis gave it; BusUnavailable if Redis is down."""
+        raw, payload = _normalise(data)
+        args = [self._trim, self.cap, type, raw, max(1, int(self.ttl * 1000))]
+        entry_id = redis_text(await self.health.call(
+            "history.append", lambda: self._append(keys=[self.key(channel)], args=args)))
+        return Event(entry_id, channel, type, payload, parse_id(entry_id, field="id")[0] / 1000)
+
+    async def append_many(self, events: list[tuple[str, str, dict[str, Any]]]) -> list[Event]:
+        """Store (channel, type, data) events in order in one pipelined round trip.
+
+        Not atomic: if Redis fails midway, some events may be stored; callers retry the batch,
+        so delivery is at least once.
+        """
+        prepared = [(channel, type, *_normalise(data)) for channel, type, data in events]
+        ttl_ms = max(1, int(self.ttl * 1000))
+
+        async def run() -> list[Any]:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for channel, type, raw, _ in prepared:
+                    await self._append(keys=[self.key(channel)], args=[self._trim, self.cap, type, raw, ttl_ms],
+                                       client=pipe)
+                return await pipe.execute()
+
+        ids = [redis_text(entry_id) for entry_id in await self.health.call("history.append_many", run)]
+        return [Event(entry_id, channel, type, payload, parse_id(entry_id, field="id")[0] / 1000)
+                for entry_id, (channel, type, _, payload) in zip(ids, prepared)]
+
+    async def _snapshot(self, channel: str, start: IdKey | None, limit: int) -> list[Any]:
+        args = ["" if start is None else format_id(start), limit]
+        return await self.health.call(
+            "history.read", lambda: self._read(keys=[self.key(channel)], args=args))
+
+    async def read_after(self, channel: str, since: str | None, limit: int = 1000) -> ReplayResult:
+        """Events after `since` (oldest first, at most `limit`), the latest id and the gap flag."""
+        _check_limit(limit)
+        key = None if since is None else parse_id(since)
+        start = None if key is None else _next_key(key)
+        reply = await self._snapshot(channel, start, limit)
+        if not reply:
+            return ReplayResult([], None, key is not None and _gap(key, None, None))
+        first, before, latest, items = redis_text(reply[0]), redis_text(reply[1]), redis_text(reply[2]), reply[3]
+        if key is None:
+            return ReplayResult([], latest, False)
+        events = [self._event(channel, item) for item in items]
+        before_key = parse_id(before, field="id") if before else None
+        return ReplayResult(events, latest, _gap(key, parse_id(first, field="id"), before_key))
+
+    async def latest_id(self, channel: str) -> str | None:
+        """Id of the newest retained event of the channel, None when there is none."""
+        reply = await self._snapshot(channel, None, 1)
+        return redis_text(reply[2]) if reply else None
+
+    @staticmethod
+    def _event(channel: str, item: list[Any]) -> Event:
+        entry_id, flat = redis_text(item[0]), item[1]
+        fields = {redis_text(flat[i]): flat[i + 1] for i in range(0, len(flat), 2)}
+        return Event(entry_id, channel, redis_text(fields["t"]), jsonutil.loads(fields["d"]),
+                     parse_id(entry_id, field="id")[0] / 1000)
+
+
+# --- the bus ---------------------------------------------------------------------------------
+
+
+class EventBus:
+    """Publishes events (history first, then delivery) and replays a channel's history."""
+
+    def __init__(self, history: HistoryStore, deliver: Callable[[Event], Awaitable[None]]) -> None:
+        self.history = history
+        self._deliver = deliver
+
+    async def publish(self, channel: str, type: str, data: dict[str, Any]) -> Event:
+        """The one way domain code emits an event: append to history, then deliver to the room.
+
+        Raises BusUnavailable when history cannot be written (nothing was delivered then). A
+        delivery failure is logged, not raised: the event is already in history, clients recover
+        it on reconnect, and a retry by the caller would duplicate it under a new id.
+        """
+        check_channel(channel)
+        _check_type(type)
+        event = await self.history.append(channel, type, data)
+        try:
+            await self._deliver(event)
+        except Exception:
+            log.exception("bus_deliver_failed", channel=channel, type=type, id=event.id)
+        return event
+
+    async def publish_many(self, events: list[tuple[str, str, dict[str, Any]]]) -> list[Event]:
+        """Publish (channel, type, data) events in order: history in one round trip, then delivery."""
+        for channel, type, _ in events:
+            check_channel(channel)
+            _check_type(type)
+        stored = await self.history.append_many(events)
+        for event in stored:
+            try:
+                await self._deliver(event)
+            except Exception:
+                log.exception("bus_deliver_failed", channel=event.channel, type=event.type, id=event.id)
+        return stored
+
+    async def replay(self, channel: str, since: str | None, limit: int = 1000) -> ReplayResult:
+        """What a subscriber missed after `since`; InvalidArgument (a ValueError) if malformed."""
+        check_channel(channel)
+        return await self.history.read_after(channel, since, limit)
+
+    async def latest_id(self, channel: str) -> str | None:
+        """Id of the channel's newest event, None when it has none."""
+        check_channel(channel)
+        return await self.history.latest_id(channel)

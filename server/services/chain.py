@@ -1,0 +1,422 @@
+"""KVP chain rules: signed transfers, sealing blocks (balances, rewards, events), verification, pools.
+
+Balances live in `users.total_balance`. A submitted transfer reserves its amount (pending
+transactions count against the sender's balance), and sealing moves the balances in the same
+database transaction that appends the block, records the reward and queues the events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime as dt
+import uuid
+from decimal import Decimal
+from typing import Any
+
+import asyncpg
+import structlog
+
+from db import chain as queries
+from db import outbox
+from server.core import wallets
+from server.core.errors import Conflict, Forbidden, InvalidPayload, NotFound, RateLimited
+from server.core.money import money
+
+log = structlog.get_logger(__name__)
+
+BLOCKS_CHANNEL = "chain:blocks"
+TRANSACTIONS_CHANNEL = "chain:transactions"
+MINING_CHANNEL = "chain:mining"
+BLOCK_VERSION = 1
+ZERO = Decimal(0)
+FAUCET_REASON = "demo_faucet"
+
+
+# --- wallets and transfers --------------------------------------------------------------------
+
+async def register_wallet(conn: asyncpg.Connection, user_id: uuid.UUID, public_key: str) -> dict[str, Any]:
+    """Register the user's Ed25519 public key (once); returns the wallet."""
+    public_key = public_key.lower()
+    try:
+        wallets.parse_public_key(public_key)
+    except ValueError as exc:
+        raise InvalidPayload(str(exc), field="public_key") from None
+    address = wallets.address_of(public_key)
+    try:
+        stored = await queries.set_wallet(conn, user_id, public_key, address)
+    except asyncpg.UniqueViolationError:
+        raise Conflict("that key is registered to another account", field="public_key") from None
+    if stored is None:
+        raise Conflict("your account already has another wallet key; it cannot be changed", field="public_key")
+    return {"address": address, "public_key": public_key}
+
+
+async def wallet_summary(conn: asyncpg.Connection, address: str) -> dict[str, Any]:
+    """Balance, reserved amount and next free nonce of a wallet."""
+    wallet = await queries.get_wallet(conn, address)
+    if wallet is None:
+        raise NotFound("no wallet has that address", field="address")
+    pending = await queries.pending_outgoing(conn, address)
+    return {"address": wallet.address, "public_key": wallet.public_key, "balance": money(wallet.balance),
+            "pending_outgoing": money(pending), "available": money(wallet.balance - pending),
+            "next_nonce": await queries.next_nonce(conn, address)}
+
+
+async def own_wallet(conn: asyncpg.Connection, user_id: uuid.UUID) -> queries.WalletAccount:
+    """The caller's registered wallet; Forbidden until they register one (mint, vote, propose...)."""
+    wallet = await queries.get_user_wallet(conn, user_id)
+    if wallet is None:
+        raise Forbidden("register a wallet key first (PUT /api/v1/me/wallet)", field="wallet")
+    return wallet
+
+
+async def wallet_of_user(conn: asyncpg.Connection, user_id: uuid.UUID) -> dict[str, Any]:
+    """A user's wallet address (public, as on every transaction), e.g. the seller's to pay."""
+    wallet = await queries.get_user_wallet(conn, user_id)
+    if wallet is None:
+        raise NotFound("this user has not registered a wallet yet, so they cannot be paid", field="user_id")
+    return {"user_id": str(user_id), "address": wallet.address}
+
+
+async def claim_faucet(conn: asyncpg.Connection, user_id: uuid.UUID, amount: Decimal,
+                       now: dt.datetime | None = None) -> dict[str, Any]:
+    """Credit demo funds to the caller's wallet, at most once per user per UTC day."""
+    now = now or dt.datetime.now(dt.timezone.utc)
+    async with conn.transaction():
+        wallet = await queries.get_user_wallet(conn, user_id)
+        if wallet is None:
+            raise Conflict("register a wallet first (PUT /api/v1/me/wallet)", field="wallet")
+        balance = await queries.add_balance(conn, user_id, amount)
+        try:
+            # (reason, reference) is unique: the day's second claim, even a concurrent one, fails
+            # here and the transaction takes its credit back.
+            await queries.insert_ledger(conn, [queries.LedgerEntry(
+                user_id, amount, balance, FAUCET_REASON, f"{user_id}:{now.date().isoformat()}")])
+        except asyncpg.UniqueViolationError:
+            tomorrow = dt.datetime.combine(now.date() + dt.timedelta(days=1), dt.time(), dt.timezone.utc)
+            raise RateLimited("the demo faucet pays once a day; try again tomorrow (UTC)",
+                              retry_after=(tomorrow - now).total_seconds()) from None
+    log.info("faucet_paid", user_id=str(user_id), amount=money(amount))
+    return {"address": wallet.address, "credited": money(amount), "balance": money(balance)}
+
+
+def check_own_signature(wallet: queries.WalletAccount | None, user_id: uuid.UUID, message: bytes, signature: str, *,
+                        role: str, action: str) -> None:
+    """The wallet exists, is the caller's and signed `message`; else the error naming `role` (sender, voter)."""
+    if wallet is None:
+        raise NotFound(f"no wallet is registered with the {role} address", field=role)
+    if wallet.user_id != user_id:
+        raise Forbidden(f"you can only {action} your own wallet", field=role)
+    if not wallets.verify_signature(wallet.public_key, message, signature):
+        raise InvalidPayload(f"the signature does not verify against the {role}'s registered key",
+                             field="signature")
+
+
+async def submit_transaction(conn: asyncpg.Connection, user_id: uuid.UUID, payload: dict) -> queries.Transaction:
+    """Verify a signed transfer and record it as pending; any refusal writes nothing."""
+    sender, receiver, nonce = payload["sender"], payload["receiver"], payload["nonce"]
+    signature = payload["signature"].lower()
+    try:
+        amount_text = wallets.canonical_amount(payload["amount"])
+    except wallets.AmountError as exc:
+        raise InvalidPayload(str(exc), field="amount") from None
+    if sender == receiver:
+        raise InvalidPayload("the receiver must differ from the sender", field="receiver")
+    amount = Decimal(amount_text)
+    message = wallets.transaction_message(sender, receiver, amount_text, nonce)
+    tx_hash = wallets.transaction_hash(sender, receiver, amount_text, nonce)
+    async with conn.transaction():
+        # The sender's row lock serialises its submissions, so two transfers cannot both spend
+        # the same balance (the second sees the first as pending).
+        wallet = await queries.get_wallet(conn, sender, lock=True)
+        check_own_signature(wallet, user_id, message, signature, role="sender", action="send from")
+        duplicate = await queries.transaction_exists(conn, tx_hash, sender, nonce)
+        if duplicate == "hash":
+            raise Conflict(f"transaction {tx_hash} was already submitted", field="signature")
+        if duplicate is not None:
+            raise Conflict(f"nonce {nonce} was already used by this wallet", field="nonce")
+        target = await queries.get_wallet(conn, receiver)
+        if target is None:
+            raise NotFound("no wallet is registered with the receiver address", field="receiver")
+        available = wallet.balance - await queries.pending_outgoing(conn, sender)
+        if amount > available:
+            raise Conflict(f"insufficient balance: {money(max(available, ZERO))} KVP available", field="amount")
+        return await queries.insert_pending(conn, tx_hash=tx_hash, sender=wallet, receiver=target, amount=amount,
+                                            nonce=nonce, signature=signature, submitted_by=user_id)
+
+
+def pending_event(tx: queries.Transaction) -> dict[str, Any]:
+    """`transaction_pending` data."""
+    return {"hash": tx.hash, "sender": tx.sender, "receiver": tx.receiver, "amount": money(tx.amount),
+            "nonce": tx.nonce}
+
+
+# --- sealing ----------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SealConfig:
+    """What the producer needs to seal a block."""
+
+    difficulty: int = 8
+    miner_username: str | None = None
+    mining_pool: str = "mining"
+    max_transactions: int = 500
+    producer: str = ""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Sealed:
+    """A sealed block and what went into it."""
+
+    block: queries.Block
+    confirmed: list[queries.Transaction]
+    rejected: list[tuple[queries.Transaction, str]]
+    reward: Decimal
+
+
+async def seal_block(conn: asyncpg.Connection, config: SealConfig) -> Sealed:
+    """Seal the pending transactions into the next block, in one database transaction."""
+    async with conn.transaction():
+        chain = await queries.lock_chain_settings(conn)   # one sealer at a time, even without the lock
+        last = await queries.tip(conn)
+        height = (last["height"] if last else 0) + 1
+        previous_hash = last["hash"] if last else None
+        now = dt.datetime.now(dt.timezone.utc)
+        if last is not None and now <= last["timestamp"]:
+            now = last["timestamp"] + dt.timedelta(microseconds=1)   # block times never go back
+        pending = await queries.lock_pending(conn, config.max_transactions)
+        miner = await queries.get_miner(conn, config.miner_username) if config.miner_username else None
+        if config.miner_username and miner is None:
+            log.warning("miner_not_found", username=config.miner_username)
+
+        accounts: dict[uuid.UUID, str] = {}
+        for tx in pending:
+            if tx.sender_id is not None:
+                accounts[tx.sender_id] = tx.sender  # type: ignore[assignment]
+            if tx.receiver_id is not None:
+                accounts[tx.receiver_id] = tx.receiver  # type: ignore[assignment]
+        if miner is not None:
+            accounts[miner.user_id] = miner.account
+        before = await queries.lock_balances(conn, sorted(accounts))
+        after = dict(before)
+
+        confirmed: list[queries.Transaction] = []
+        rejected: list[tuple[queries.Transaction, str]] = []
+        for tx in pending:
+            if tx.sender_id not in after or tx.receiver_id not in after:
+                rejected.append((tx, "the sender's or receiver's account no longer exists"))
+            elif after[tx.sender_id] < tx.amount:
+                # Reserved at submission, so this only happens when the balance was spent off-chain.
+                rejected.append((tx, "insufficient balance when sealed"))
+            else:
+                after[tx.sender_id] -= tx.amount
+                after[tx.receiver_id] += tx.amount
+                confirmed.append(tx)
+
+        reward, pool = ZERO, None
+        if miner is not None and miner.user_id in after:
+            scheduled = await queries.scheduled_reward(conn, height)
+            pool = await queries.lock_pool_by_name(conn, config.mining_pool)
+            if pool is None:
+                log.warning("mining_pool_missing", pool=config.mining_pool)
+            else:
+                reward = max(min(scheduled, pool.remaining), ZERO)
+            after[miner.user_id] += reward
+
+        touched = {tx.sender_id for tx in confirmed} | {tx.receiver_id for tx in confirmed}
+        if reward > 0 and miner is not None:
+            touched.add(miner.user_id)
+        balances = {accounts[uid]: {"before": money(before[uid]), "after": money(after[uid])}
+                    for uid in sorted(touched, key=str)}  # type: ignore[arg-type]
+        header = wallets.BlockHeader(
+            height=height, previous_hash=previous_hash, timestamp=now, miner=miner.account if miner else "",
+            reward=money(reward), difficulty=config.difficulty,
+            state_hash=wallets.state_hash({account: b["after"] for account, b in balances.items()}),
+            tx_hashes=tuple(tx.hash for tx in confirmed))
+        nonce, block_hash = await asyncio.to_thread(wallets.mine, header)
+
+        for uid in touched:
+            await queries.add_balance(conn, uid, after[uid] - before[uid])  # type: ignore[index,arg-type]
+        data = {"version": BLOCK_VERSION, "difficulty": config.difficulty, "miner": header.miner,
+                "reward": header.reward, "state_hash": header.state_hash, "balances": balances,
+                "rejected": [tx.hash for tx, _ in rejected], "producer": config.producer}
+        await queries.insert_block(conn, height=height, block_hash=block_hash, previous_hash=previous_hash,
+                                   timestamp=now, nonce=nonce, data=data, tx_hashes=list(header.tx_hashes),
+                                   miner_id=miner.user_id if miner else None)
+        if confirmed:
+            await queries.confirm(conn, [tx.id for tx in confirmed], height, now)
+        for tx, reason in rejected:
+            await queries.reject(conn, tx.id, reason)
+        pool_remaining = None
+        if reward > 0 and miner is not None and pool is not None:
+            drawn = await queries.draw(conn, pool.id, reward)
+            pool_remaining = drawn.remaining if drawn else None
+            await queries.insert_mining_reward(conn, miner=miner, height=height, pool_id=pool.id, amount=reward)
+        block = await queries.get_block(conn, height)
+        assert block is not None
+        await _enqueue_sealed(conn, block, confirmed, rejected, miner, reward, pool, pool_remaining,
+                              chain["halving_interval"])
+    log.info("block_sealed", height=height, txs=len(confirmed), rejected=len(rejected), reward=str(reward))
+    return Sealed(block, confirmed, rejected, reward)
+
+
+async def _enqueue_sealed(conn: asyncpg.Connection, block: queries.Block, confirmed: list[queries.Transaction],
+                          rejected: list[tuple[queries.Transaction, str]], miner: queries.MinerAccount | None,
+                          reward: Decimal, pool: queries.RewardPool | None, pool_remaining: Decimal | None,
+                          halving_interval: int) -> None:
+    # Lossless events: queued in the sealing transaction, published by the relay after commit.
+    public = block.to_public()
+    await outbox.enqueue(conn, BLOCKS_CHANNEL, "block_added", {
+        key: public[key] for key in ("height", "hash", "previous_hash", "timestamp", "tx_count", "miner",
+                                     "miner_id", "reward", "difficulty", "total_blocks", "burned_blocks",
+                                     "next_halving_time")})
+    for tx in confirmed:
+        await outbox.enqueue(conn, TRANSACTIONS_CHANNEL, "transaction_confirmed", {
+            "hash": tx.hash, "height": block.height, "block_hash": block.hash, "sender": tx.sender,
+            "receiver": tx.receiver, "amount": money(tx.amount)})
+    for tx, reason in rejected:
+        await outbox.enqueue(conn, TRANSACTIONS_CHANNEL, "transaction_rejected", {
+            "hash": tx.hash, "sender": tx.sender, "reason": reason})
+    if reward > 0 and miner is not None:
+        await outbox.enqueue(conn, MINING_CHANNEL, "mining_rewarded", {
+            "height": block.height, "block_hash": block.hash, "miner": miner.account,
+            "miner_id": str(miner.user_id), "reward": money(reward), "device_type": miner.device_type,
+            "pool_id": pool.id if pool else None,
+            "pool_remaining": money(pool_remaining) if pool_remaining is not None else None})
+    if block.height == 1 or block.height % halving_interval == 0:
+        next_height = (block.height // halving_interval + 1) * halving_interval
+        await outbox.enqueue(conn, MINING_CHANNEL, "halving_scheduled", {
+            "height": block.height, "halved": block.height % halving_interval == 0,
+            "reward": money(await queries.scheduled_reward(conn, block.height)),
+            "next_halving_height": next_height,
+            "next_reward": money(await queries.scheduled_reward(conn, next_height)),
+            "next_halving_time": public["next_halving_time"], "halving_interval": halving_interval})
+
+
+async def burn_blocks_of(conn: asyncpg.Connection, miner_id: uuid.UUID) -> dict[str, Any]:
+    """Burn a miner's blocks (the plan: a removed miner's blocks are burned); queues `blocks_burned`."""
+    async with conn.transaction():
+        burned = await queries.burn_miner_blocks(conn, miner_id)
+        latest = await queries.get_block(conn, await queries.tip_height(conn))
+        result = {"miner_id": str(miner_id), "block_ids": burned,
+                  "burned_blocks": latest.burned_blocks if latest else 0,
+                  "burned_block_ids": [int(i) for i in latest.burned_block_ids] if latest else [],
+                  "last_burn_time": latest.to_public()["last_burn_time"] if latest else None}
+        if burned:
+            await outbox.enqueue(conn, BLOCKS_CHANNEL, "blocks_burned", result)
+    return result
+
+
+# --- verification -----------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class VerifyReport:
+    """The outcome of a chain walk: ok, or the first problem found."""
+
+    ok: bool
+    blocks: int
+    problem: str | None = None
+    height: int | None = None
+
+
+async def verify_chain(conn: asyncpg.Connection, batch: int = 500) -> VerifyReport:
+    """Walk the chain from genesis; report the first broken link, altered record or balance mismatch."""
+    previous: queries.Block | None = None
+    checked = 0
+    async with conn.transaction(isolation="repeatable_read", readonly=True):
+        while True:
+            blocks = await queries.blocks_after(conn, previous.height if previous else 0, batch)
+            if not blocks:
+                return VerifyReport(True, checked)
+            heights = [block.height for block in blocks]
+            txs = await queries.block_transactions(conn, heights)
+            rewards = await queries.mining_rewards_by_block(conn, heights)
+            for block in blocks:
+                problem = check_block(block, previous, txs[block.height], rewards.get(block.height, []))
+                if problem is not None:
+                    return VerifyReport(False, checked, f"block {block.height}: {problem}", block.height)
+                previous = block
+                checked += 1
+
+
+def check_block(block: queries.Block, previous: queries.Block | None, txs: list[queries.Transaction],
+                rewards: list[Decimal]) -> str | None:
+    """The first thing wrong with a block given its predecessor, or None."""
+    expected = previous.height + 1 if previous else 1
+    if block.height != expected:
+        return f"height gap: expected {expected}"
+    if block.previous_hash != (previous.hash if previous else None):
+        return "broken link: previous_hash does not match the hash of the block before it"
+    if previous is not None and block.timestamp < previous.timestamp:
+        return "timestamp earlier than the block before it"
+    data = block.data if isinstance(block.data, dict) else {}
+    if data.get("version") != BLOCK_VERSION:
+        return "not a sealed KVP block (no header data)"
+    by_hash = {tx.hash: tx for tx in txs}
+    if sorted(by_hash) != sorted(block.tx_hashes) or len(txs) != len(block.tx_hashes):
+        return "its transaction list disagrees with the transactions table"
+    flows: dict[str, Decimal] = {}
+    for tx_hash in block.tx_hashes:
+        tx = by_hash[tx_hash]
+        if tx.nonce is None or tx.sender is None or tx.receiver is None or tx.public_key is None:
+            return f"transaction {tx_hash} lacks its signed fields"
+        try:
+            recomputed = wallets.transaction_hash(tx.sender, tx.receiver, tx.amount, tx.nonce)
+        except wallets.AmountError:
+            recomputed = ""
+        if recomputed != tx_hash:
+            return f"transaction {tx_hash} was altered (its hash does not match its fields)"
+        if wallets.address_of(tx.public_key) != tx.sender or not wallets.verify_signature(
+                tx.public_key, wallets.transaction_message(tx.sender, tx.receiver, tx.amount, tx.nonce),
+                tx.signature or ""):
+            return f"transaction {tx_hash} is not signed by its sender"
+        if tx.status != "confirmed":
+            return f"transaction {tx_hash} is in the block but marked {tx.status}"
+        flows[tx.sender] = flows.get(tx.sender, ZERO) - tx.amount
+        flows[tx.receiver] = flows.get(tx.receiver, ZERO) + tx.amount
+    try:
+        reward = Decimal(data["reward"])
+        balances = {account: (Decimal(b["before"]), Decimal(b["after"])) for account, b in data["balances"].items()}
+        header = wallets.BlockHeader(
+            height=block.height, previous_hash=block.previous_hash, timestamp=block.timestamp,
+            miner=data["miner"], reward=data["reward"], difficulty=int(data["difficulty"]),
+            state_hash=data["state_hash"], tx_hashes=tuple(block.tx_hashes))
+    except (KeyError, TypeError, ValueError, ArithmeticError):
+        return "its header data is malformed"
+    if block.nonce is None or header.hash_with(block.nonce) != block.hash:
+        return "block_hash does not match its contents"
+    if not wallets.meets_difficulty(block.hash, header.difficulty):
+        return f"proof of work below difficulty {header.difficulty}"
+    if wallets.state_hash({account: b["after"] for account, b in data["balances"].items()}) != header.state_hash:
+        return "its balance record was altered (state_hash mismatch)"
+    if reward > 0:
+        flows[header.miner] = flows.get(header.miner, ZERO) + reward
+    for account in sorted(set(flows) | set(balances)):
+        flow = flows.get(account, ZERO)
+        before, after = balances.get(account, (None, None))
+        if before is None or after is None or before + flow != after:
+            return f"balance mismatch for {account}: recorded {before} -> {after}, transfers and reward move {flow}"
+    if (reward > 0 and rewards != [reward]) or (reward == 0 and any(amount != 0 for amount in rewards)):
+        return f"mining reward record {[str(r) for r in rewards]} differs from the block's reward {reward}"
+    return None
+
+
+# --- reward pools -----------------------------------------------------------------------------
+
+async def allocate(conn: asyncpg.Connection, pool_id: int, user_id: uuid.UUID, amount: Decimal) -> queries.Allocation:
+    """Grant pool tokens to a user: drawn from the pool and credited in one transaction."""
+    async with conn.transaction():
+        try:
+            pool = await queries.draw(conn, pool_id, amount)
+        except asyncpg.CheckViolationError:
+            # reward_pools_allocation_check: concurrent grants serialise on the pool row, and the
+            # one that would pass total_tokens fails here, in the database.
+            raise Conflict(f"the pool has fewer than {money(amount)} tokens left", field="amount") from None
+        if pool is None:
+            raise NotFound("no such reward pool", field="pool_id")
+        if await queries.lock_balances(conn, [user_id]) == {}:
+            raise NotFound("no such user", field="user_id")
+        allocation = await queries.insert_allocation(conn, user_id, pool_id, amount)
+        await queries.add_balance(conn, user_id, amount)
+        return allocation

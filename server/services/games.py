@@ -1,0 +1,564 @@
+"""Earn-to-play rules: game tokens, sessions, batched reward ingest, leaderboards, idle sweeps.
+
+Rewards are minted balance, so every one is booked exactly once: it is keyed by
+`(session_id, seq)`, checked against the game's policy while its session row is locked, and
+written with the session's new total, the player's balance change and a ledger row in one
+transaction (with its `reward_earned` events in the outbox). Reports are queued and booked in
+batches: under load one transaction books many of them, so throughput does not stop at one
+transaction per reward; a single report is simply a batch of one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime as dt
+import hashlib
+import secrets
+import time
+import uuid
+from decimal import Decimal
+from typing import Any, AsyncIterator, Callable, Iterable
+
+import asyncpg
+import structlog
+from aiohttp import web
+
+from db import chain as chain_queries
+from db import games as queries
+from db import outbox
+from db.pool import POOL
+from server.core.errors import (
+    Conflict,
+    ErrorCode,
+    Forbidden,
+    HubError,
+    InvalidPayload,
+    NotFound,
+    RateLimited,
+    Unauthorized,
+    Unavailable,
+    error_from_exception,
+)
+from server.core.identity import Identity
+from server.core.jsonutil import iso
+from server.core.money import AMOUNT_QUANTUM
+from server.core.settings import SETTINGS, Settings
+from server.realtime.hub import publish
+from server.realtime.redis import REDIS, REDIS_HEALTH
+
+log = structlog.get_logger(__name__)
+
+TOKEN_PREFIX = "kvpg_"
+MINUTE = 60.0
+PERIODS: dict[str, float | None] = {"hour": 3600.0, "day": 86_400.0, "week": 604_800.0, "all": None}
+SWEEP_BATCH = 500
+
+
+def game_channel(game_id: int) -> str:
+    """The public channel of a game."""
+    return f"game:{game_id}"
+
+
+def session_channel(session_id: int) -> str:
+    """The channel of one session (its player and spectators)."""
+    return f"session:{session_id}"
+
+
+# --- game tokens -------------------------------------------------------------------------------
+
+def new_token() -> tuple[str, str]:
+    """A fresh game token and the digest that is stored instead of it."""
+    token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+    return token, token_digest(token)
+
+
+def token_digest(token: str) -> str:
+    """SHA-256 of a game token, hex (the token has 256 random bits, so no salt or slow hash is needed)."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class GameCaller:
+    """A game server, authenticated by its game's token."""
+
+    game_id: int
+
+
+Caller = Identity | GameCaller
+
+
+class GameTokens:
+    """Checks game tokens; known ones are cached briefly (a rotated token stops within the TTL)."""
+
+    def __init__(self, ttl: float, max_entries: int = 10_000) -> None:
+        self._ttl = ttl
+        self._max = max_entries
+        self._entries: dict[str, tuple[float, int]] = {}
+
+    async def authenticate(self, pool: asyncpg.Pool, token: Any) -> GameCaller:
+        """The game a token belongs to; Unauthorized for anything else."""
+        if not isinstance(token, str) or not token.startswith(TOKEN_PREFIX) or len(token) > 200:
+            raise Unauthorized("the game token is invalid")
+        digest = token_digest(token)
+        entry = self._entries.get(digest)
+        if entry is not None and entry[0] > time.monotonic():
+            return GameCaller(entry[1])
+        async with pool.acquire() as conn:
+            game = await queries.game_by_token_hash(conn, digest)
+        if game is None:
+            self._entries.pop(digest, None)
+            raise Unauthorized("the game token is invalid")
+        if len(self._entries) >= self._max:
+            self._entries.clear()
+        self._entries[digest] = (time.monotonic() + self._ttl, game.game_id)
+        return GameCaller(game.game_id)
+
+    def forget_game(self, game_id: int) -> None:
+        """Drop a game's cached tokens at once (rotation on this node)."""
+        for digest, (_, cached) in list(self._entries.items()):
+            if cached == game_id:
+                del self._entries[digest]
+
+
+# --- sessions ----------------------------------------------------------------------------------
+
+def session_ended_event(session: queries.GameSession) -> dict[str, Any]:
+    """The data of `session_ended`."""
+    return {"session_id": session.session_id, "game_id": session.game_id,
+            "user_id": str(session.user_id) if session.user_id else None, "status": session.status,
+            "rewards_earned": queries.money(session.rewards_earned), "reward_count": session.reward_count,
+            "ended_at": iso(session.session_end)}
+
+
+async def start_session(app: web.Application, user_id: uuid.UUID, game_id: int) -> dict[str, Any]:
+    """Open the player's session of a game, or return the one already running (`resumed`)."""
+    async with app[POOL].acquire() as conn:
+        async with conn.transaction():
+            game = await queries.get_game(conn, game_id)
+            if game is None:
+                raise NotFound("no such game", field="game_id")
+            if game.status != "active":
+                raise Conflict(f"the game is {game.status}, not active", field="game_id")
+            wallet = await queries.player_wallet(conn, user_id)
+            if wallet is None:
+                raise Unauthorized("the account no longer exists")
+            session = await queries.start_session(conn, game_id, user_id, wallet)
+        if session is None:
+            running = await queries.active_session(conn, game_id, user_id)
+            if running is None:  # it ended between the two statements
+                raise Conflict("your previous session is closing; start again", field="game_id")
+            return {**running.to_public(), "resumed": True}
+    try:
+        await publish(app, game_channel(game_id), "session_started", {
+            "session_id": session.session_id, "game_id": game_id, "user_id": str(user_id),
+            "player_wallet": session.player_wallet, "started_at": session.session_start.isoformat()})
+    except Exception:  # noqa: BLE001 - the session exists; the announcement is best effort
+        log.warning("session_started_not_published", session_id=session.session_id, exc_info=True)
+    log.info("game_session_started", session_id=session.session_id, game_id=game_id)
+    return {**session.to_public(), "resumed": False}
+
+
+def _may_act_on(caller: Caller, session: queries.GameSession) -> bool:
+    if isinstance(caller, GameCaller):
+        return caller.game_id == session.game_id
+    return caller.is_admin or caller.user_id == session.user_id
+
+
+async def end_session(app: web.Application, caller: Caller, session_id: int) -> dict[str, Any]:
+    """End a session (its player, its game's server or an admin); ending an ended one changes nothing."""
+    async with app[POOL].acquire() as conn, conn.transaction():
+        session = await queries.get_session(conn, session_id, lock=True)
+        if session is None:
+            raise NotFound("no such session", field="session_id")
+        if not _may_act_on(caller, session):
+            raise Forbidden("only the session's player or its game server may end it", field="session_id")
+        if session.status != queries.ACTIVE:
+            return session.to_public()
+        ended = await queries.close_session(conn, session_id, queries.ENDED)
+        assert ended is not None  # the row is locked and was active
+        data = session_ended_event(ended)
+        await outbox.enqueue_many(conn, [(game_channel(ended.game_id), "session_ended", data),
+                                            (session_channel(session_id), "session_ended", data)])
+    log.info("game_session_ended", session_id=session_id)
+    return ended.to_public()
+
+
+async def heartbeat(app: web.Application, caller: Caller, session_id: int) -> dict[str, Any]:
+    """Keep an active session from timing out while nothing is rewarded."""
+    async with app[POOL].acquire() as conn:
+        session = await queries.get_session(conn, session_id)
+        if session is None:
+            raise NotFound("no such session", field="session_id")
+        if not _may_act_on(caller, session):
+            raise Forbidden("only the session's player or its game server may keep it alive", field="session_id")
+        touched = await queries.touch_session(conn, session_id)
+    if touched is None:
+        raise Conflict(f"the session is {session.status}", field="session_id")
+    return touched.to_public()
+
+
+async def sweep_idle(pool: asyncpg.Pool, idle_seconds: float) -> int:
+    """Time out sessions idle for `idle_seconds` (their events in the same transaction); how many."""
+    total = 0
+    while True:
+        async with pool.acquire() as conn, conn.transaction():
+            timed_out = await queries.time_out_idle(conn, idle_seconds, SWEEP_BATCH)
+            events = []
+            for session in timed_out:
+                data = session_ended_event(session)
+                events += [(game_channel(session.game_id), "session_ended", data),
+                           (session_channel(session.session_id), "session_ended", data)]
+            if events:
+                await outbox.enqueue_many(conn, events)
+        total += len(timed_out)
+        if len(timed_out) < SWEEP_BATCH:
+            if total:
+                log.info("game_sessions_timed_out", count=total)
+            return total
+
+
+# --- reward ingest -----------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RewardReport:
+    """One reward reported by a game server."""
+
+    game_id: int
+    session_id: int
+    seq: int
+    reward_type: str
+    value: Decimal
+
+
+def parse_value(raw: Any, field: str = "value") -> Decimal:
+    """A reward or policy amount from a payload (a decimal string or an integer), > 0, 8 decimals."""
+    try:
+        value = Decimal(raw if isinstance(raw, str) else str(raw))
+    except ArithmeticError:
+        raise InvalidPayload(f"'{field}' is not a number", field=field) from None
+    if not value.is_finite() or value <= 0:
+        raise InvalidPayload(f"'{field}' must be greater than 0", field=field)
+    if value != value.quantize(AMOUNT_QUANTUM):
+        raise InvalidPayload(f"'{field}' has more than 8 decimals", field=field)
+    return value.quantize(AMOUNT_QUANTUM)
+
+
+def reward_ack(stored: queries.StoredReward) -> dict[str, Any]:
+    """The ack of a booked reward; a replay of the same report gets exactly this again."""
+    return {"session_id": stored.session_id, "seq": stored.seq, "reward_id": stored.reward_id,
+            "reward_type": stored.reward_type, "value": queries.money(stored.reward_value),
+            "session_total": queries.money(stored.session_total), "created_at": stored.created_at.isoformat()}
+
+
+def _policy_error(error: HubError, policy: str, limit: Decimal) -> HubError:
+    error.extra.update(policy=policy, limit=queries.money(limit))
+    return error
+
+
+def decide(batch: list[RewardReport], sessions: dict[int, queries.SessionForReward],
+           existing: dict[tuple[int, int], queries.StoredReward],
+           windows: dict[int, tuple[Decimal, dt.datetime]], now: dt.datetime,
+           ) -> tuple[list[HubError | queries.StoredReward | tuple[int, int]], dict[tuple[int, int], queries.NewReward]]:
+    """Apply the policy to a batch in order: per report an error, a stored reward (replay) or the
+    key of a reward accepted now; and the accepted rewards to write."""
+    totals = {sid: s.rewards_earned for sid, s in sessions.items()}
+    window = {sid: windows.get(sid, (Decimal(0), now))[0] for sid in sessions}
+    accepted: dict[tuple[int, int], queries.NewReward] = {}
+    outcomes: list[HubError | queries.StoredReward | tuple[int, int]] = []
+    for report in batch:
+        outcomes.append(_decide_one(report, sessions, existing, windows, now, totals, window, accepted))
+    return outcomes, accepted
+
+
+def _decide_one(report: RewardReport, sessions: dict[int, queries.SessionForReward],
+                existing: dict[tuple[int, int], queries.StoredReward],
+                windows: dict[int, tuple[Decimal, dt.datetime]], now: dt.datetime,
+                totals: dict[int, Decimal], window: dict[int, Decimal],
+                accepted: dict[tuple[int, int], queries.NewReward]) -> HubError | queries.StoredReward | tuple[int, int]:
+    session = sessions.get(report.session_id)
+    if session is None:
+        return NotFound("no such session", field="session_id")
+    if session.game_id != report.game_id:
+        return Forbidden("the session belongs to another game", field="session_id")
+    key = (report.session_id, report.seq)
+    earlier = existing.get(key) or accepted.get(key)
+    if earlier is not None:
+        value = earlier.reward_value if isinstance(earlier, queries.StoredReward) else earlier.value
+        if earlier.reward_type != report.reward_type or value != report.value:
+            return Conflict(f"seq {report.seq} was already reported with another reward", field="seq")
+        return earlier if isinstance(earlier, queries.StoredReward) else key
+    if session.status != queries.ACTIVE:
+        return Conflict(f"the session is {session.status}", field="session_id")
+    if session.game_status != "active":
+        return Forbidden(f"the game is {session.game_status}, not active", field="session_id")
+    if session.reward_types and report.reward_type not in session.reward_types:
+        return _policy_error(InvalidPayload(f"this game does not reward '{report.reward_type}'",
+                                            field="reward_type"), "reward_types", Decimal(0))
+    if report.value > session.max_reward_per_event:
+        return _policy_error(InvalidPayload(
+            f"the reward exceeds the game's maximum per event ({queries.money(session.max_reward_per_event)})",
+            field="value"), "max_reward_per_event", session.max_reward_per_event)
+    total = totals[report.session_id] + report.value
+    if total > session.max_reward_per_session:
+        return _policy_error(Conflict(
+            f"the session would exceed the game's maximum per session "
+            f"({queries.money(session.max_reward_per_session)}); start a new session", field="value"),
+            "max_reward_per_session", session.max_reward_per_session)
+    in_window = window[report.session_id] + report.value
+    if in_window > session.max_reward_per_minute:
+        oldest = windows.get(report.session_id, (Decimal(0), now))[1]
+        retry_after = max(0.1, MINUTE - (now - oldest).total_seconds())
+        return _policy_error(RateLimited(
+            f"the session would exceed the game's maximum per minute "
+            f"({queries.money(session.max_reward_per_minute)})", retry_after=retry_after),
+            "max_reward_per_minute", session.max_reward_per_minute)
+    totals[report.session_id] = total
+    window[report.session_id] = in_window
+    accepted[key] = queries.NewReward(
+        game_id=session.game_id, player_wallet=session.player_wallet, reward_type=report.reward_type,
+        value=report.value, session_id=session.session_id, seq=report.seq, session_total=total)
+    return key
+
+
+def reward_event(session: queries.SessionForReward, stored: queries.StoredReward) -> dict[str, Any]:
+    """The data of `reward_earned`."""
+    return {**reward_ack(stored), "game_id": session.game_id, "user_id": str(session.user_id),
+            "player_wallet": session.player_wallet}
+
+
+async def book_rewards(conn: asyncpg.Connection,
+                       batch: list[RewardReport]) -> tuple[list[dict[str, Any] | HubError], int]:
+    """Book a batch of reports in one transaction: per report its ack or its error, and how many
+    rewards were new (the rest were replays or refused)."""
+    async with conn.transaction():
+        sessions = await queries.lock_sessions_for_rewards(conn, (r.session_id for r in batch))
+        keys = {(r.session_id, r.seq) for r in batch if r.session_id in sessions}
+        existing = await queries.find_rewards(conn, keys) if keys else {}
+        fresh = {r.session_id for r in batch if (r.session_id, r.seq) not in existing and r.session_id in sessions}
+        windows = await queries.minute_windows(conn, fresh) if fresh else {}
+        now = await conn.fetchval("SELECT now()")
+        outcomes, accepted = decide(batch, sessions, existing, windows, now)
+        booked: dict[tuple[int, int], queries.StoredReward] = {}
+        if accepted:
+            stored = await queries.insert_rewards(conn, list(accepted.values()))
+            booked = {(s.session_id, s.seq): s for s in stored}
+            session_totals: dict[int, tuple[Decimal, int]] = {}
+            credits: dict[uuid.UUID, Decimal] = {}
+            for reward in accepted.values():
+                _, count = session_totals.get(reward.session_id, (Decimal(0), 0))
+                session_totals[reward.session_id] = (reward.session_total, count + 1)
+                user_id = sessions[reward.session_id].user_id
+                credits[user_id] = credits.get(user_id, Decimal(0)) + reward.value
+            await queries.add_session_totals(conn, session_totals)
+            balances = await queries.credit_users(conn, credits)
+            running = {user_id: balances[user_id] - credits[user_id] for user_id in credits}
+            entries, events = [], []
+            for reward in stored:
+                session = sessions[reward.session_id]
+                running[session.user_id] += reward.reward_value
+                entries.append(chain_queries.LedgerEntry(
+                    user_id=session.user_id, delta=reward.reward_value, balance_after=running[session.user_id],
+                    reason=queries.REWARD_REASON, reference=str(reward.reward_id)))
+                data = reward_event(session, reward)
+                events += [(game_channel(session.game_id), "reward_earned", data),
+                           (session_channel(session.session_id), "reward_earned", data)]
+            await chain_queries.insert_ledger(conn, entries)
+            await outbox.enqueue_many(conn, events)
+    results: list[dict[str, Any] | HubError] = []
+    for outcome in outcomes:
+        if isinstance(outcome, HubError):
+            results.append(outcome)
+        elif isinstance(outcome, queries.StoredReward):
+            results.append(reward_ack(outcome))
+        else:
+            results.append(reward_ack(booked[outcome]))
+    return results, len(accepted)
+
+
+@dataclasses.dataclass(slots=True)
+class _Pending:
+    report: RewardReport
+    future: asyncio.Future
+
+
+class RewardIngest:
+    """A queue of reward reports booked by a few workers, each taking whatever has piled up."""
+
+    def __init__(self, pool: asyncpg.Pool, *, batch_max: int, queue_max: int,
+                 on_booked: Callable[[set[int]], None] | None = None) -> None:
+        self.pool = pool
+        self.batch_max = batch_max
+        self.queue_max = queue_max
+        self.on_booked = on_booked
+        self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self.batches = 0
+        self.booked = 0  # new rewards, not replays
+
+    async def submit(self, report: RewardReport) -> dict[str, Any]:
+        """Queue a report and wait for its ack; raises its HubError when refused."""
+        if self._queue.qsize() >= self.queue_max:
+            raise RateLimited("the server is busy booking rewards; retry shortly", retry_after=0.5)
+        future = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Pending(report, future))
+        return await future
+
+    async def run_worker(self) -> None:
+        """Book batches until cancelled."""
+        while True:
+            batch = [await self._queue.get()]
+            # No waiting for company: whatever queued while the last batch was written goes now.
+            while len(batch) < self.batch_max and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            try:
+                await self._process(batch)
+            except asyncio.CancelledError:
+                for pending in batch:
+                    if not pending.future.done():
+                        pending.future.set_exception(Unavailable("the server is stopping; retry"))
+                raise
+
+    async def _process(self, batch: list[_Pending]) -> None:
+        try:
+            async with self.pool.acquire() as conn:
+                results, new = await book_rewards(conn, [p.report for p in batch])
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - one bad report must not fail its neighbours
+            if len(batch) > 1:
+                log.warning("reward_batch_failed_retrying_one_by_one", size=len(batch), error=type(exc).__name__)
+                for pending in batch:
+                    await self._process([pending])
+                return
+            error = error_from_exception(exc)
+            if error.code is ErrorCode.INTERNAL_ERROR:
+                log.exception("reward_booking_failed")
+            if not batch[0].future.done():
+                batch[0].future.set_exception(error)
+            return
+        self.batches += 1
+        self.booked += new
+        games = {p.report.game_id for p, r in zip(batch, results) if not isinstance(r, HubError)} if new else set()
+        for pending, result in zip(batch, results):
+            if pending.future.done():  # the caller went away
+                continue
+            if isinstance(result, HubError):
+                pending.future.set_exception(result)
+            else:
+                pending.future.set_result(result)
+        if games and self.on_booked is not None:
+            self.on_booked(games)
+
+    def fail_pending(self) -> None:
+        """Refuse what is still queued (shutdown)."""
+        while not self._queue.empty():
+            pending = self._queue.get_nowait()
+            if not pending.future.done():
+                pending.future.set_exception(Unavailable("the server is stopping; retry"))
+
+
+# --- leaderboards ------------------------------------------------------------------------------
+
+def period_start(period: str, now: dt.datetime | None = None) -> dt.datetime | None:
+    """Where a leaderboard period starts (None: all time)."""
+    seconds = PERIODS[period]
+    if seconds is None:
+        return None
+    return (now or dt.datetime.now(dt.timezone.utc)) - dt.timedelta(seconds=seconds)
+
+
+async def leaderboard(conn: asyncpg.Connection, game_id: int, period: str, limit: int) -> dict[str, Any]:
+    """A game's top players over a period."""
+    entries = await queries.leaderboard(conn, game_id, period_start(period), limit)
+    return {"game_id": game_id, "period": period,
+            "entries": [{"rank": rank, "user_id": str(e.user_id), "username": e.username, "total": queries.money(e.total)}
+                        for rank, e in enumerate(entries, start=1)]}
+
+
+class Leaderboards:
+    """Publishes `leaderboard_changed` for games that got rewards, at most once per interval.
+
+    With Redis, a short-lived key makes that at most once per interval across all processes; a
+    process that loses the race keeps the game marked and tries again next round.
+    """
+
+    def __init__(self, app: web.Application, *, interval: float, period: str, size: int) -> None:
+        self.app = app
+        self.interval = interval
+        self.period = period
+        self.size = size
+        self.dirty: set[int] = set()
+        self._last: dict[int, list] = {}
+
+    def mark(self, game_ids: Iterable[int]) -> None:
+        """Note that these games' standings may have changed."""
+        self.dirty.update(game_ids)
+
+    async def run(self) -> None:
+        """Flush every interval until cancelled."""
+        while True:
+            await asyncio.sleep(self.interval)
+            await self.flush()
+
+    async def flush(self) -> None:
+        """Publish the leaderboards of the marked games this process may publish now."""
+        for game_id in list(self.dirty):
+            if not await self._claim(game_id):
+                continue
+            self.dirty.discard(game_id)
+            async with self.app[POOL].acquire() as conn:
+                board = await leaderboard(conn, game_id, self.period, self.size)
+            if board["entries"] == self._last.get(game_id):
+                continue
+            self._last[game_id] = board["entries"]
+            await publish(self.app, game_channel(game_id), "leaderboard_changed", board)
+
+    async def _claim(self, game_id: int) -> bool:
+        redis = self.app[REDIS]
+        if redis is None:
+            return True
+        key = f"{self.app[SETTINGS].redis_prefix}game_leaderboard:{game_id}"
+        try:
+            return bool(await redis.set(key, "1", nx=True, px=max(1, int(self.interval * 1000))))
+        except Exception:  # noqa: BLE001 - without Redis, publishing fails anyway; try next round
+            return False
+
+
+# --- wiring ------------------------------------------------------------------------------------
+
+class GameService:
+    """What the /games handlers use: token checks, the reward queue, the leaderboards."""
+
+    def __init__(self, app: web.Application, settings: Settings) -> None:
+        self.tokens = GameTokens(settings.session_cache_ttl)
+        self.leaderboards = Leaderboards(app, interval=settings.game_leaderboard_interval,
+                                         period=settings.game_leaderboard_period, size=settings.game_leaderboard_size)
+        self.ingest = RewardIngest(app[POOL], batch_max=settings.game_reward_batch_max,
+                                   queue_max=settings.game_reward_queue_max, on_booked=self.leaderboards.mark)
+
+
+GAMES: web.AppKey[GameService] = web.AppKey("games", GameService)
+
+
+async def games_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The reward workers, the leaderboard publisher and the idle-session sweeper."""
+    settings = app[SETTINGS]
+    service = app[GAMES] = GameService(app, settings)
+    health = app[REDIS_HEALTH]
+    idle = settings.game_session_idle_seconds
+    sweep_every = min(max(idle / 4, 0.05), 30.0)
+
+    async def sweeper() -> None:
+        while True:
+            await asyncio.sleep(sweep_every)
+            await sweep_idle(app[POOL], idle)
+
+    tasks = [asyncio.create_task(health.run_with_backoff(service.ingest.run_worker, f"reward_worker_{n}"))
+             for n in range(settings.game_reward_workers)]
+    tasks.append(asyncio.create_task(health.run_with_backoff(service.leaderboards.run, "game_leaderboards")))
+    tasks.append(asyncio.create_task(health.run_with_backoff(sweeper, "game_session_sweeper")))
+    yield
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    service.ingest.fail_pending()

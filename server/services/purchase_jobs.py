@@ -1,0 +1,327 @@
+"""The durable purchase job: verify the payment, wrap the key for the buyer, hold escrow, complete.
+
+A job is a `purchase_jobs` row. Workers (several per process, any number of processes) lease one
+with `FOR UPDATE SKIP LOCKED` and run its steps; each step commits its state change, its next
+step and its events (through the outbox) in one transaction that first re-checks the lease, so a
+step is applied once even if a stalled worker's lease was taken over. A worker that dies leaves
+its lease to expire (PURCHASE_JOB_LEASE) and the job resumes at its recorded step.
+
+Money rules: a purchase is `failed` when its payment was never verified; once verified, any
+failure refunds it (escrow `refunded`, purchase `refunded`). Every transition is a compare-and-set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import hashlib
+import uuid
+from typing import Any
+
+import asyncpg
+import structlog
+from aiohttp import web
+
+from db import escrow as escrow_queries
+from db import outbox
+from db import purchases as queries
+from db.pool import POOL
+from server.adapters.payments import PAYMENT_VERIFIER, ChainVerifier, Outcome, PaymentClaim, make_verifier
+from server.core.aio import wait_event
+from server.core.crypto import MASTER_KEY, unwrap_key
+from server.core.settings import SETTINGS, Settings
+from server.realtime.hub import user_channel
+from server.services import delivery, marketplace
+
+log = structlog.get_logger(__name__)
+
+STEPS = ("verify", "wrap", "hold", "complete")
+PROGRESS = {  # event step -> percent
+    "payment_verifying": 10, "payment_verified": 30, "key_wrapping": 55, "escrow_holding": 80, "completed": 100,
+}
+MAX_ATTEMPTS = 8
+ESCROW_SWEEP_SECONDS = 5.0
+
+
+class LostLease(Exception):
+    """Another worker owns the job now (our lease expired); stop without touching it."""
+
+
+async def progressed(conn: asyncpg.Connection, purchase: queries.Purchase, status: str, step: str,
+                     percent: int | None = None, reason: str | None = None) -> None:
+    """purchase_progressed on the buyer's channel, committed with the state change."""
+    data: dict[str, Any] = {"purchase_id": str(purchase.id), "datapod_id": str(purchase.datapod_id),
+                            "status": status, "step": step,
+                            "percent": PROGRESS.get(step, 100) if percent is None else percent}
+    if reason:
+        data["reason"] = reason
+    await outbox.enqueue(conn, user_channel(purchase.buyer_id), "purchase_progressed", data)
+
+
+async def escrow_event(conn: asyncpg.Connection, escrow: escrow_queries.Escrow, type: str, reason: str) -> None:
+    """escrow_released / escrow_refunded to both parties."""
+    for user_id in (escrow.buyer_id, escrow.seller_id):
+        await outbox.enqueue(conn, user_channel(user_id), type, escrow.event(reason))
+
+
+async def release_escrow(conn: asyncpg.Connection, purchase_id: uuid.UUID, reason: str) -> escrow_queries.Escrow | None:
+    """holding -> released (buyer confirmed, or the window passed); None if it was not holding."""
+    released = await escrow_queries.release(conn, purchase_id)
+    if released is not None:
+        await escrow_event(conn, released, "escrow_released", reason)
+    return released
+
+
+async def refund_purchase(conn: asyncpg.Connection, purchase_id: uuid.UUID,
+                          reason: str) -> escrow_queries.Escrow | None:
+    """Refund a paid purchase whose escrow still holds the money: escrow and purchase become refunded.
+
+    None when the escrow was not holding (already released or refunded, or never opened).
+    """
+    purchase = await queries.lock_purchase(conn, purchase_id)
+    if purchase is None:
+        return None
+    refunded = await escrow_queries.refund(conn, purchase_id)
+    if refunded is None:
+        return None
+    await queries.set_status(conn, purchase_id, ("processing", "completed"), "refunded")
+    await queries.finish_job(conn, purchase_id)  # a job at its last step must not complete it
+    await escrow_event(conn, refunded, "escrow_refunded", reason)
+    await progressed(conn, purchase, "refunded", "refunded", 100, reason)
+    return refunded
+
+
+class PurchaseWorker:
+    """Runs purchase jobs from PostgreSQL; `run` loops until cancelled, `run_once` does one job."""
+
+    def __init__(self, pool: asyncpg.Pool, verifier: ChainVerifier, master_key: bytes, settings: Settings,
+                 *, worker_id: str | None = None) -> None:
+        self.pool = pool
+        self.verifier = verifier
+        self.master_key = master_key
+        self.settings = settings
+        self.worker_id = worker_id or uuid.uuid4().hex
+        self.lease = settings.purchase_job_lease
+        self._wake = asyncio.Event()
+
+    # --- loop -------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Process jobs with PURCHASE_WORKERS tasks, woken by NOTIFY or every poll interval."""
+        def wake(*_: Any) -> None:
+            self._wake.set()
+
+        async with self.pool.acquire() as conn:
+            await conn.add_listener(queries.JOBS_NOTIFY_CHANNEL, wake)
+            tasks = [asyncio.create_task(self._loop(n)) for n in range(max(1, self.settings.purchase_workers))]
+            tasks.append(asyncio.create_task(self._sweep_loop()))
+            try:
+                await asyncio.gather(*tasks)
+            finally:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                with contextlib.suppress(Exception):
+                    await conn.remove_listener(queries.JOBS_NOTIFY_CHANNEL, wake)
+
+    async def _loop(self, n: int) -> None:
+        while True:
+            try:
+                if await self.run_once():
+                    continue
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - a database hiccup must not kill the worker
+                log.exception("purchase_worker_error", worker=self.worker_id, task=n)
+                await asyncio.sleep(self.settings.purchase_poll_interval)
+            self._wake.clear()
+            await wait_event(self._wake, self.settings.purchase_poll_interval)
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            try:
+                await self.release_due_escrows()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001
+                log.exception("escrow_sweep_failed")
+            await asyncio.sleep(min(ESCROW_SWEEP_SECONDS, max(0.2, self.settings.escrow_release_seconds / 2)))
+
+    async def release_due_escrows(self) -> int:
+        """Release escrows of completed purchases older than ESCROW_RELEASE_SECONDS; returns how many."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            released = await escrow_queries.release_due(conn, self.settings.escrow_release_seconds)
+            for escrow in released:
+                await escrow_event(conn, escrow, "escrow_released", "release_window_passed")
+        return len(released)
+
+    async def run_once(self, purchase_id: uuid.UUID | None = None) -> bool:
+        """Claim one runnable job (optionally a given one) and run it as far as it goes."""
+        async with self.pool.acquire() as conn:
+            job = await queries.claim_job(conn, self.worker_id, self.lease, purchase_id)
+        if job is None:
+            return False
+        log.info("purchase_job_claimed", purchase_id=str(job.purchase_id), step=job.step, attempts=job.attempts)
+        step: str | None = job.step
+        try:
+            while step is not None:
+                step = await getattr(self, f"_step_{step}")(job.purchase_id, step)
+        except LostLease:
+            log.warning("purchase_job_lease_lost", purchase_id=str(job.purchase_id), step=step)
+        except Exception as exc:  # noqa: BLE001 - retried with backoff, then failed (refunded if paid)
+            log.exception("purchase_job_step_failed", purchase_id=str(job.purchase_id), step=step)
+            await self._retry_or_fail(job, step or job.step, f"{type(exc).__name__}: {exc}")
+        return True
+
+    # --- steps ------------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _step(self, purchase_id: uuid.UUID, step: str):
+        """A transaction that holds our lease on the job at `step` (LostLease otherwise)."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            if not await queries.hold_job(conn, purchase_id, self.worker_id, step, self.lease):
+                raise LostLease(str(purchase_id))
+            purchase = await queries.get_purchase(conn, purchase_id)
+            if purchase is None:
+                raise LostLease(str(purchase_id))  # deleted with its DataPod: the job went with it
+            yield conn, purchase
+
+    async def _step_verify(self, purchase_id: uuid.UUID, step: str) -> str | None:
+        async with self._step(purchase_id, step) as (conn, purchase):
+            if await queries.set_status(conn, purchase_id, ("pending_payment",), "processing"):
+                await progressed(conn, purchase, "processing", "payment_verifying")
+            addresses = await queries.sui_addresses(conn, purchase.buyer_id, purchase.seller_id)
+        claim = PaymentClaim(
+            digest=purchase.payment_tx_digest, buyer_id=purchase.buyer_id,
+            buyer_sui_address=addresses.get(purchase.buyer_id), seller_id=purchase.seller_id,
+            seller_sui_address=addresses.get(purchase.seller_id), price_sui=purchase.amount_sui,
+            started_at=purchase.created_at)
+        verdict = await self.verifier.verify(claim)
+        log.info("payment_verdict", purchase_id=str(purchase_id), outcome=verdict.outcome.value, reason=verdict.reason)
+        if verdict.outcome is Outcome.PENDING:
+            waited = (dt.datetime.now(dt.timezone.utc) - purchase.created_at).total_seconds()
+            if waited >= self.settings.payment_verify_timeout:
+                await self._fail(purchase_id, step, f"payment not confirmed in time: {verdict.reason}")
+                return None
+            async with self.pool.acquire() as conn:
+                attempts = await conn.fetchval("SELECT attempts FROM purchase_jobs WHERE purchase_id = $1", purchase_id)
+                await queries.retry_job(conn, purchase_id, self.worker_id, _backoff(attempts or 1), verdict.reason)
+            return None
+        if verdict.outcome is Outcome.REJECTED:
+            await self._fail(purchase_id, step, verdict.reason)
+            return None
+        async with self._step(purchase_id, step) as (conn, purchase):
+            recorded = await queries.record_receipt(
+                conn, digest=purchase.payment_tx_digest, purchase_id=purchase_id, chain=verdict.chain,
+                sender=verdict.sender, receiver=verdict.receiver, amount_sui=verdict.amount_sui or purchase.amount_sui)
+            if recorded:
+                await queries.advance_job(conn, purchase_id, "wrap")
+                await progressed(conn, purchase, "processing", "payment_verified")
+                return "wrap"
+        await self._fail(purchase_id, step, "this payment already paid for another purchase")
+        return None
+
+    async def _step_wrap(self, purchase_id: uuid.UUID, step: str) -> str:
+        async with self.pool.acquire() as conn:
+            purchase = await queries.get_purchase(conn, purchase_id)
+            if purchase is None:
+                raise LostLease(str(purchase_id))
+            pod = await queries.get_pod(conn, purchase.datapod_id)
+            public_key = await queries.get_x25519_key(conn, purchase.buyer_id)
+        assert pod is not None
+        dataset_key = unwrap_key(self.master_key, pod.wrapped_key, str(pod.id).encode())
+        if hashlib.sha256(dataset_key).hexdigest() != pod.encryption_key_hash:
+            raise ValueError("the DataPod's key does not match its encryption_key_hash")
+        if public_key is not None:
+            wrapped = delivery.envelope_json(delivery.seal_for_buyer(
+                dataset_key, bytes(public_key), purchase_id=purchase_id, datapod_id=pod.id,
+                dataset_nonce_hex=pod.encryption_iv, blob_id=pod.walrus_blob_id, data_hash=pod.data_hash))
+        else:
+            wrapped = delivery.seal_for_server(self.master_key, dataset_key, purchase_id)
+        async with self._step(purchase_id, step) as (conn, purchase):
+            if not await queries.set_key(conn, purchase_id, decryption_key=wrapped, decryption_iv=pod.encryption_iv,
+                                         encrypted_blob_id=pod.walrus_blob_id):
+                raise LostLease(f"{purchase_id} left processing")
+            await queries.advance_job(conn, purchase_id, "hold")
+            await progressed(conn, purchase, "processing", "key_wrapping")
+        return "hold"
+
+    async def _step_hold(self, purchase_id: uuid.UUID, step: str) -> str:
+        async with self._step(purchase_id, step) as (conn, purchase):
+            await escrow_queries.hold(conn, purchase_id, purchase.seller_id, purchase.amount_sui)
+            await queries.advance_job(conn, purchase_id, "complete")
+            await progressed(conn, purchase, "processing", "escrow_holding")
+        return "complete"
+
+    async def _step_complete(self, purchase_id: uuid.UUID, step: str) -> None:
+        async with self._step(purchase_id, step) as (conn, purchase):
+            await queries.finish_job(conn, purchase_id)
+            if not await queries.set_status(conn, purchase_id, ("processing",), "completed"):
+                return None  # refunded meanwhile by an admin: nothing to complete
+            await progressed(conn, purchase, "completed", "completed")
+            await outbox.enqueue(conn, user_channel(purchase.seller_id), "sale_completed", {
+                "purchase_id": str(purchase_id), "datapod_id": str(purchase.datapod_id),
+                "datapod_title": purchase.datapod_title, "amount_sui": purchase.amount_sui})
+            sold = {"datapod_id": str(purchase.datapod_id),
+                    "purchase_count": await queries.purchase_count(conn, purchase.datapod_id)}
+            await marketplace.enqueue_datapod_event(conn, purchase.datapod_id, None, marketplace.DATAPOD_SOLD, sold)
+        log.info("purchase_completed", purchase_id=str(purchase_id))
+        return None
+
+    # --- failure ----------------------------------------------------------------------------
+
+    async def _fail(self, purchase_id: uuid.UUID, step: str, reason: str) -> None:
+        """End the job: `failed` if the payment was never verified, else refunded through escrow."""
+        async with self._step(purchase_id, step) as (conn, purchase):
+            await queries.finish_job(conn, purchase_id)
+            paid = await queries.receipt_for(conn, purchase_id, purchase.payment_tx_digest)
+            if not paid:
+                if await queries.set_status(conn, purchase_id, ("pending_payment", "processing"), "failed"):
+                    await progressed(conn, purchase, "failed", "failed", 100, reason)
+            else:
+                refunded = (await escrow_queries.refund(conn, purchase_id)
+                            or await escrow_queries.hold(conn, purchase_id, purchase.seller_id,
+                                                         purchase.amount_sui, status="refunded"))
+                if await queries.set_status(conn, purchase_id, ("pending_payment", "processing"), "refunded"):
+                    if refunded is not None:
+                        await escrow_event(conn, refunded, "escrow_refunded", reason)
+                    await progressed(conn, purchase, "refunded", "refunded", 100, reason)
+        log.info("purchase_failed", purchase_id=str(purchase_id), reason=reason)
+
+    async def _retry_or_fail(self, job: queries.Job, step: str, error: str) -> None:
+        try:
+            async with self.pool.acquire() as conn:
+                attempts = await conn.fetchval(
+                    "SELECT attempts FROM purchase_jobs WHERE purchase_id = $1 AND locked_by = $2",
+                    job.purchase_id, self.worker_id)
+                if attempts is None:
+                    return
+                if attempts < MAX_ATTEMPTS:
+                    await queries.retry_job(conn, job.purchase_id, self.worker_id, _backoff(attempts), error)
+                    return
+            await self._fail(job.purchase_id, step, "the purchase could not be processed")
+        except LostLease:
+            pass
+
+
+PURCHASE_WORKER: web.AppKey[PurchaseWorker] = web.AppKey("purchase_worker", PurchaseWorker)
+
+
+def _backoff(attempts: int) -> float:
+    """0.5 s, 1 s, 2 s ... capped at 30 s."""
+    return min(30.0, 0.5 * 2 ** max(0, attempts - 1))
+
+
+async def purchase_jobs_ctx(app: Any) -> Any:
+    """An aiohttp cleanup context: the payment verifier and the purchase worker of this process."""
+    if app.get(PAYMENT_VERIFIER) is None:
+        app[PAYMENT_VERIFIER] = make_verifier(app[SETTINGS], app[POOL])
+    worker = app[PURCHASE_WORKER] = PurchaseWorker(app[POOL], app[PAYMENT_VERIFIER], app[MASTER_KEY], app[SETTINGS])
+    task = asyncio.create_task(worker.run())
+    yield
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    close = getattr(getattr(app[PAYMENT_VERIFIER], "client", None), "close", None)
+    if close is not None:
+        close()
