@@ -1,1 +1,1 @@
-"""server package."""
+"""The SourceNet Hub server: the composition root (app, cli, checks) and its layers (docs/architecture.md)."""

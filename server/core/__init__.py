@@ -1,1 +1,1 @@
-"""x"""
+"""Settings, errors, json, money, crypto, wallets, identity, logging, metrics: imports nothing else of the project."""

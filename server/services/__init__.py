@@ -1,1 +1,1 @@
-"""x"""
+"""Domain rules, one module per domain word: they own transactions, events and channel names."""
