@@ -43,3 +43,13 @@ async def leadership(pool: asyncpg.Pool, lock_key: int) -> AsyncIterator[asyncpg
             # Releasing the connection also drops the lock (the pool resets it); this is prompter.
             with contextlib.suppress(Exception):
                 await conn.execute("SELECT pg_advisory_unlock($1)", lock_key)
+
+
+async def ping(conn: asyncpg.Connection) -> None:
+    """A round trip that proves the database answers."""
+    await conn.fetchval("SELECT 1")
+
+
+async def server_version(conn: asyncpg.Connection) -> str:
+    """The PostgreSQL server's version number, e.g. "16.4"."""
+    return (await conn.fetchval("SHOW server_version")).split()[0]

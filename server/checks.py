@@ -8,6 +8,7 @@ import dataclasses
 import aiohttp
 import asyncpg
 
+from db.pool import server_version
 from server.core.settings import Settings
 
 
@@ -32,7 +33,7 @@ async def _probe(name: str, mode: str, probe) -> CheckResult:
 async def _postgres(dsn: str) -> str:
     conn = await asyncpg.connect(dsn, timeout=5)
     try:
-        return (await conn.fetchval("SHOW server_version")).split()[0]
+        return await server_version(conn)
     finally:
         await conn.close()
 

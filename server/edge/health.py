@@ -6,7 +6,7 @@ import asyncio
 
 from aiohttp import web
 
-from db.pool import POOL
+from db.pool import POOL, ping
 from server.core.metrics import METRICS
 from server.edge.rest import json_response
 from server.realtime.redis import REDIS, REDIS_HEALTH
@@ -31,7 +31,7 @@ async def _check(name: str, probe) -> tuple[str, str]:
 
 async def _database_probe(request: web.Request) -> None:
     async with request.app[POOL].acquire(timeout=CHECK_TIMEOUT) as conn:
-        await conn.fetchval("SELECT 1")
+        await ping(conn)
 
 
 async def _redis_probe(request: web.Request) -> None:

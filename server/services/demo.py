@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from db import chain as chain_queries
 from db import datapods as datapod_queries
+from db import demo as demo_queries
 from db import kyc as kyc_queries
 from db import users as user_queries
 from server.adapters.blobs import BlobStore, create_blob_store
@@ -105,20 +106,18 @@ async def _load(conn: asyncpg.Connection, settings: Settings, master_key: bytes,
                 await chain_queries.set_wallet(conn, users[username].id, wallet.public_key, wallet.address)
         for dataset in demo_datasets():
             pod_id = uuid.uuid5(uuid.NAMESPACE_URL, f"sourcenet-demo:{dataset['title']}")
-            # Sealed exactly as seller uploads are (server/datasets.py): same profile, same encryption.
+            # Sealed exactly as seller uploads are (server/services/datasets.py): same profile, same encryption.
             sealed = await seal_chunks([_csv(dataset["header"], dataset["rows"])], fmt=CSV, pod_id=pod_id,
                                        blobs=blobs, master_key=master_key, tmp_dir=upload_dir(settings.data_dir))
             await datapod_queries.insert_datapod(
                 conn, sealed, seller_id=users[dataset["seller"]].id, title=dataset["title"],
                 description=dataset["description"], category=dataset["category"], price_sui=dataset["price"],
                 tags=[], published=True)
-        await conn.execute(
-            "INSERT INTO reward_pools (pool_name, total_tokens, allocated_tokens) VALUES ('mining', 1000000, 0), ('gaming', 250000, 0)")
-        await conn.execute(
-            # No token is stored: its owner alice gets one with POST /api/v1/games/{id}/token.
-            "INSERT INTO games (name, developer_wallet, revenue_share, owner_id) VALUES ('Block Runner', $1, 0.15, $2)",
-            "kvp1demo" + hashlib.sha256(b"block-runner").hexdigest()[:32], users["alice"].id)
-        await conn.execute(
-            """INSERT INTO proposals (title, description, creator_wallet, status)
-               VALUES ('Lower the marketplace fee to 1%', 'Reduce the platform fee on DataPod sales from 2% to 1% for one quarter.', $1, 'Open')""",
-            demo_wallet("alice").address)
+        await demo_queries.insert_reward_pools(conn)
+        # No token is stored: its owner alice gets one with POST /api/v1/games/{id}/token.
+        await demo_queries.insert_game(conn, name="Block Runner", owner_id=users["alice"].id,
+                                       developer_wallet="kvp1demo" + hashlib.sha256(b"block-runner").hexdigest()[:32])
+        await demo_queries.insert_open_proposal(
+            conn, title="Lower the marketplace fee to 1%",
+            description="Reduce the platform fee on DataPod sales from 2% to 1% for one quarter.",
+            creator_wallet=demo_wallet("alice").address)
