@@ -7,6 +7,8 @@ Messages form a tree (`parent_id`); a conversation's branch is the path from the
 
 from __future__ import annotations
 
+import dataclasses
+import datetime as dt
 import uuid
 from typing import Any
 
@@ -18,29 +20,83 @@ MESSAGE_COLUMNS = ("id, conversation_id, parent_id, role, content, status, model
                    "client_msg_id, seq, created_at, updated_at")
 
 
-def conversation_dict(row: asyncpg.Record) -> dict[str, Any]:
-    """A conversation as the protocol shows it."""
-    return {"id": str(row["id"]), "title": row["title"], "total_tokens": row["total_tokens"],
-            "current_leaf_id": str(row["current_leaf_id"]) if row["current_leaf_id"] else None,
-            "created_at": row["created_at"].isoformat(), "updated_at": row["updated_at"].isoformat()}
+@dataclasses.dataclass(frozen=True, slots=True)
+class Conversation:
+    """One user's conversation; its current branch ends at `current_leaf_id`."""
+
+    id: uuid.UUID
+    user_id: uuid.UUID
+    title: str | None
+    total_tokens: int
+    current_leaf_id: uuid.UUID | None
+    created_at: dt.datetime
+    updated_at: dt.datetime
+
+    def to_public(self) -> dict[str, Any]:
+        """The conversation as the protocol shows it."""
+        return {"id": str(self.id), "title": self.title, "total_tokens": self.total_tokens,
+                "current_leaf_id": str(self.current_leaf_id) if self.current_leaf_id else None,
+                "created_at": self.created_at.isoformat(), "updated_at": self.updated_at.isoformat()}
 
 
-def message_dict(row: asyncpg.Record) -> dict[str, Any]:
-    """A message as the protocol shows it."""
-    usage = None
-    if row["role"] == "assistant" and row["tokens"] is not None:
-        usage = {"prompt_tokens": row["prompt_tokens"], "completion_tokens": row["completion_tokens"],
-                 "total_tokens": row["tokens"], "estimated": row["tokens_estimated"]}
-    out = {"id": str(row["id"]), "conversation_id": str(row["conversation_id"]),
-           "parent_id": str(row["parent_id"]) if row["parent_id"] else None,
-           "role": row["role"], "content": row["content"], "status": row["status"],
-           "model": row["model"], "finish_reason": row["finish_reason"], "usage": usage,
-           "tool_calls": row["tool_calls"], "error": row["error"],
-           "client_msg_id": row["client_msg_id"], "seq": row["seq"],
-           "created_at": row["created_at"].isoformat()}
-    if "sibling_ids" in row.keys():
-        out["sibling_ids"] = [str(s) for s in row["sibling_ids"]]
-    return out
+@dataclasses.dataclass(frozen=True, slots=True)
+class Message:
+    """A user's message or an answer (`role`), one node of its conversation's tree."""
+
+    id: uuid.UUID
+    conversation_id: uuid.UUID
+    parent_id: uuid.UUID | None
+    role: str
+    content: str
+    status: str
+    model: str | None
+    finish_reason: str | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    tokens: int | None
+    tokens_estimated: bool
+    tool_calls: list[dict[str, Any]] | None
+    error: dict[str, Any] | None
+    client_msg_id: str | None
+    seq: int
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    user_id: uuid.UUID | None = None  # the conversation's owner (read by `get_message` only)
+    sibling_ids: list[uuid.UUID] | None = None  # the versions at its place (read by `branch` only)
+
+    def to_public(self) -> dict[str, Any]:
+        """The message as the protocol shows it."""
+        usage = None
+        if self.role == "assistant" and self.tokens is not None:
+            usage = {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                     "total_tokens": self.tokens, "estimated": self.tokens_estimated}
+        out = {"id": str(self.id), "conversation_id": str(self.conversation_id),
+               "parent_id": str(self.parent_id) if self.parent_id else None,
+               "role": self.role, "content": self.content, "status": self.status,
+               "model": self.model, "finish_reason": self.finish_reason, "usage": usage,
+               "tool_calls": self.tool_calls, "error": self.error,
+               "client_msg_id": self.client_msg_id, "seq": self.seq,
+               "created_at": self.created_at.isoformat()}
+        if self.sibling_ids is not None:
+            out["sibling_ids"] = [str(s) for s in self.sibling_ids]
+        return out
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class InterruptedAnswer:
+    """An answer the sweep marked interrupted (its job's process stopped saving it)."""
+
+    id: uuid.UUID
+    conversation_id: uuid.UUID
+    seq: int
+
+
+def _conversation(row: asyncpg.Record | None) -> Conversation | None:
+    return Conversation(**row) if row is not None else None
+
+
+def _message(row: asyncpg.Record | None) -> Message | None:
+    return Message(**row) if row is not None else None
 
 
 # --- conversations --------------------------------------------------------------------------------
@@ -50,32 +106,34 @@ async def conversation_owner(conn: asyncpg.Connection, conversation_id: uuid.UUI
     return await conn.fetchval("SELECT user_id FROM ai_conversations WHERE id = $1", conversation_id)
 
 
-async def create_conversation(conn: asyncpg.Connection, user_id: uuid.UUID, title: str | None) -> asyncpg.Record:
-    return await conn.fetchrow(
+async def create_conversation(conn: asyncpg.Connection, user_id: uuid.UUID, title: str | None) -> Conversation:
+    return Conversation(**await conn.fetchrow(
         f"INSERT INTO ai_conversations (user_id, title) VALUES ($1, $2) RETURNING {CONVERSATION_COLUMNS}",
-        user_id, title)
+        user_id, title))
 
 
 async def get_conversation(conn: asyncpg.Connection, conversation_id: uuid.UUID, *,
-                           for_update: bool = False) -> asyncpg.Record | None:
+                           for_update: bool = False) -> Conversation | None:
     lock = " FOR UPDATE" if for_update else ""
-    return await conn.fetchrow(
-        f"SELECT {CONVERSATION_COLUMNS} FROM ai_conversations WHERE id = $1{lock}", conversation_id)
+    return _conversation(await conn.fetchrow(
+        f"SELECT {CONVERSATION_COLUMNS} FROM ai_conversations WHERE id = $1{lock}", conversation_id))
 
 
 async def list_conversations(conn: asyncpg.Connection, user_id: uuid.UUID, limit: int,
-                             before: Any | None) -> list[asyncpg.Record]:
+                             before: Any | None) -> list[Conversation]:
     """The user's conversations, most recently active first (keyset on updated_at)."""
-    return await conn.fetch(
+    rows = await conn.fetch(
         f"""SELECT {CONVERSATION_COLUMNS} FROM ai_conversations
              WHERE user_id = $1 AND ($2::timestamptz IS NULL OR updated_at < $2)
              ORDER BY updated_at DESC, id DESC LIMIT $3""", user_id, before, limit)
+    return [Conversation(**row) for row in rows]
 
 
-async def rename_conversation(conn: asyncpg.Connection, conversation_id: uuid.UUID, title: str) -> asyncpg.Record:
-    return await conn.fetchrow(
+async def rename_conversation(conn: asyncpg.Connection, conversation_id: uuid.UUID,
+                              title: str) -> Conversation | None:
+    return _conversation(await conn.fetchrow(
         f"UPDATE ai_conversations SET title = $2 WHERE id = $1 RETURNING {CONVERSATION_COLUMNS}",
-        conversation_id, title)
+        conversation_id, title))
 
 
 async def set_title_if_unset(conn: asyncpg.Connection, conversation_id: uuid.UUID, title: str) -> bool:
@@ -97,11 +155,11 @@ async def set_leaf(conn: asyncpg.Connection, conversation_id: uuid.UUID, leaf_id
 
 # --- messages -------------------------------------------------------------------------------------
 
-async def branch(conn: asyncpg.Connection, leaf_id: uuid.UUID | None) -> list[asyncpg.Record]:
+async def branch(conn: asyncpg.Connection, leaf_id: uuid.UUID | None) -> list[Message]:
     """The messages from the root to `leaf_id`, oldest first, each with its siblings' ids."""
     if leaf_id is None:
         return []
-    return await conn.fetch(
+    rows = await conn.fetch(
         f"""WITH RECURSIVE path AS (
                 SELECT m.*, 0 AS depth FROM ai_messages m WHERE m.id = $1
                 UNION ALL
@@ -113,28 +171,29 @@ async def branch(conn: asyncpg.Connection, leaf_id: uuid.UUID | None) -> list[as
                             AND s.parent_id IS NOT DISTINCT FROM p.parent_id
                           ORDER BY s.created_at, s.id) AS sibling_ids
               FROM path p ORDER BY p.depth DESC""", leaf_id)
+    return [Message(**row) for row in rows]
 
 
-async def get_message(conn: asyncpg.Connection, message_id: uuid.UUID) -> asyncpg.Record | None:
+async def get_message(conn: asyncpg.Connection, message_id: uuid.UUID) -> Message | None:
     """A message with its conversation's owner (`user_id`)."""
-    return await conn.fetchrow(
+    return _message(await conn.fetchrow(
         f"""SELECT {', '.join('m.' + c for c in MESSAGE_COLUMNS.split(', '))}, c.user_id
               FROM ai_messages m JOIN ai_conversations c ON c.id = m.conversation_id
-             WHERE m.id = $1""", message_id)
+             WHERE m.id = $1""", message_id))
 
 
 async def by_client_msg_id(conn: asyncpg.Connection, conversation_id: uuid.UUID,
-                           client_msg_id: str) -> asyncpg.Record | None:
-    return await conn.fetchrow(
+                           client_msg_id: str) -> Message | None:
+    return _message(await conn.fetchrow(
         f"SELECT {MESSAGE_COLUMNS} FROM ai_messages WHERE conversation_id = $1 AND client_msg_id = $2",
-        conversation_id, client_msg_id)
+        conversation_id, client_msg_id))
 
 
-async def first_reply(conn: asyncpg.Connection, message_id: uuid.UUID) -> asyncpg.Record | None:
+async def first_reply(conn: asyncpg.Connection, message_id: uuid.UUID) -> Message | None:
     """The first assistant answer to a user message (what a resent send_message returns)."""
-    return await conn.fetchrow(
+    return _message(await conn.fetchrow(
         f"""SELECT {MESSAGE_COLUMNS} FROM ai_messages WHERE parent_id = $1 AND role = 'assistant'
-             ORDER BY created_at, id LIMIT 1""", message_id)
+             ORDER BY created_at, id LIMIT 1""", message_id))
 
 
 async def newest_leaf_under(conn: asyncpg.Connection, message_id: uuid.UUID) -> uuid.UUID:
@@ -152,11 +211,11 @@ async def newest_leaf_under(conn: asyncpg.Connection, message_id: uuid.UUID) -> 
 
 async def insert_message(conn: asyncpg.Connection, *, conversation_id: uuid.UUID, parent_id: uuid.UUID | None,
                          role: str, content: str, status: str = "complete", model: str | None = None,
-                         client_msg_id: str | None = None) -> asyncpg.Record:
-    return await conn.fetchrow(
+                         client_msg_id: str | None = None) -> Message:
+    return Message(**await conn.fetchrow(
         f"""INSERT INTO ai_messages (conversation_id, parent_id, role, content, status, model, client_msg_id)
             VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING {MESSAGE_COLUMNS}""",
-        conversation_id, parent_id, role, content, status, model, client_msg_id)
+        conversation_id, parent_id, role, content, status, model, client_msg_id))
 
 
 async def save_partial(conn: asyncpg.Connection, message_id: uuid.UUID, content: str, seq: int) -> bool | None:
@@ -169,16 +228,16 @@ async def save_partial(conn: asyncpg.Connection, message_id: uuid.UUID, content:
 
 async def finish_message(conn: asyncpg.Connection, message_id: uuid.UUID, *, status: str, content: str, seq: int,
                          finish_reason: str | None, prompt_tokens: int | None, completion_tokens: int | None,
-                         estimated: bool, tool_calls: list | None, error: dict | None) -> asyncpg.Record | None:
+                         estimated: bool, tool_calls: list | None, error: dict | None) -> Message | None:
     """Record a generation's final state (only while it is still streaming)."""
     total = None if prompt_tokens is None and completion_tokens is None else (prompt_tokens or 0) + (completion_tokens or 0)
-    return await conn.fetchrow(
+    return _message(await conn.fetchrow(
         f"""UPDATE ai_messages SET status = $2, content = $3, seq = $4, finish_reason = $5,
                    prompt_tokens = $6, completion_tokens = $7, tokens = $8, tokens_estimated = $9,
                    tool_calls = $10, error = $11
              WHERE id = $1 AND status = 'streaming' RETURNING {MESSAGE_COLUMNS}""",
         message_id, status, content, seq, finish_reason, prompt_tokens, completion_tokens, total, estimated,
-        tool_calls, error)
+        tool_calls, error))
 
 
 async def request_stop(conn: asyncpg.Connection, message_id: uuid.UUID) -> bool:
@@ -189,15 +248,21 @@ async def request_stop(conn: asyncpg.Connection, message_id: uuid.UUID) -> bool:
 
 
 async def interrupt_abandoned(conn: asyncpg.Connection, stale_after: float,
-                              running_here: list[uuid.UUID]) -> list[asyncpg.Record]:
+                              running_here: list[uuid.UUID]) -> list[InterruptedAnswer]:
     """Mark streaming answers whose job stopped saving (its process died) as interrupted; the
     jobs of the calling process are alive whatever their last save says."""
-    return await conn.fetch(
+    rows = await conn.fetch(
         """UPDATE ai_messages SET status = 'interrupted', finish_reason = 'interrupted',
                   error = '{"code": "interrupted", "retryable": true}'::jsonb
             WHERE status = 'streaming' AND updated_at < now() - make_interval(secs => $1)
               AND NOT (id = ANY($2::uuid[]))
         RETURNING id, conversation_id, seq""", stale_after, running_here)
+    return [InterruptedAnswer(**row) for row in rows]
+
+
+async def lock_user_starts(conn: asyncpg.Connection, user_id: uuid.UUID) -> None:
+    """Serialise one user's answer starts across processes until the transaction ends."""
+    await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 7341))", str(user_id))
 
 
 async def user_streaming(conn: asyncpg.Connection, user_id: uuid.UUID, stale_after: float) -> uuid.UUID | None:

@@ -2,7 +2,7 @@
 reward pools.
 
 Each function takes the connection first; the caller owns the transaction. The rules (signature,
-balance, sealing order) live in server/chain.py.
+balance, sealing order) live in server/services/chain.py.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Queries of the DAO: proposals, signed votes, tallies.
 
 Each function takes the connection first; the caller owns the transaction. The rules (signature,
-deadline, one vote per wallet, results) live in server/dao.py.
+deadline, one vote per wallet, results) live in server/services/dao.py.
 """
 
 from __future__ import annotations
@@ -175,3 +175,4 @@ async def close(conn: asyncpg.Connection, proposal_id: int, result: str) -> dt.d
     return await conn.fetchval(
         """UPDATE proposals SET status = 'Closed', result = $2, closed_at = now()
             WHERE proposal_id = $1 AND status = 'Open' RETURNING closed_at""", proposal_id, result)
+

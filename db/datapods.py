@@ -87,8 +87,8 @@ class Datapod(DatapodSummary):
     def to_public(self) -> dict[str, Any]:
         """The JSON view of one pod: the listing fields plus schema, sample, hashes and review count."""
         view = DatapodSummary.to_public(self)
-        view.update({"review_count": self.review_count, "data_hash": self.data_hash, "walrus_blob_id": self.walrus_blob_id,
-                     "walrus_storage_size": self.walrus_storage_size,
+        view.update({"review_count": self.review_count, "data_hash": self.data_hash,
+                     "walrus_blob_id": self.walrus_blob_id, "walrus_storage_size": self.walrus_storage_size,
                      "encryption_key_hash": self.encryption_key_hash,
                      "schema": self.schema, "sample_data": self.sample_data})
         return view

@@ -1,4 +1,4 @@
-"""Queries of the demo game player (server/demo_game.py): its game, its players, its game token."""
+"""Queries of the demo game player (server/services/demo_game.py): its game, its players, its game token."""
 
 from __future__ import annotations
 

@@ -275,6 +275,7 @@ async def session_rewards(conn: asyncpg.Connection, session_id: int, limit: int)
 
 # --- reward batches ----------------------------------------------------------------------------
 
+
 async def lock_sessions_for_rewards(conn: asyncpg.Connection, session_ids: Iterable[int]) -> dict[int, SessionForReward]:
     """Lock the sessions (in id order, so concurrent batches cannot deadlock) with their policies."""
     rows = await conn.fetch(

@@ -4,7 +4,7 @@ Each function takes the connection first; the caller owns the transaction. The d
 part of the work in triggers (migrations/versions/0001_initial_schema.py):
 `verify_kyc_automatically()` checks every new Pending submission and `apply_kyc_approval()`
 applies an administrator's decision to the submission and its user. The rules (one pending
-submission per user, a decision once) live in server/kyc.py.
+submission per user, a decision once) live in server/services/kyc.py.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import asyncpg
 from server.core.jsonutil import iso
 
 PENDING, APPROVED, REJECTED = "Pending", "Approved", "Rejected"
-
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

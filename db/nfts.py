@@ -1,7 +1,7 @@
 """Queries of NFTs and their marketplace listings (`nfts`, `marketplace`).
 
 Each function takes the connection first; the caller owns the transaction. The rules (who may
-mint, list, buy or cancel, and how money moves) live in server/nfts.py.
+mint, list, buy or cancel, and how money moves) live in server/services/nfts.py.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 from typing import AsyncIterator
 
 import asyncpg
@@ -53,3 +54,8 @@ async def ping(conn: asyncpg.Connection) -> None:
 async def server_version(conn: asyncpg.Connection) -> str:
     """The PostgreSQL server's version number, e.g. "16.4"."""
     return (await conn.fetchval("SHOW server_version")).split()[0]
+
+
+async def now(conn: asyncpg.Connection) -> dt.datetime:
+    """The database's clock (the transaction's start inside one): deadlines and reward windows use it."""
+    return await conn.fetchval("SELECT now()")

@@ -288,6 +288,13 @@ async def retry_job(conn: asyncpg.Connection, purchase_id: uuid.UUID, worker_id:
         purchase_id, worker_id, delay, error[:1000])
 
 
+async def job_attempts(conn: asyncpg.Connection, purchase_id: uuid.UUID, worker_id: str | None = None) -> int | None:
+    """How many times the job was claimed; None when there is no job (or, given a worker, not its lease)."""
+    return await conn.fetchval(
+        "SELECT attempts FROM purchase_jobs WHERE purchase_id = $1 AND ($2::text IS NULL OR locked_by = $2)",
+        purchase_id, worker_id)
+
+
 async def finish_job(conn: asyncpg.Connection, purchase_id: uuid.UUID) -> None:
     """Forget a job that reached its end."""
     await conn.execute("DELETE FROM purchase_jobs WHERE purchase_id = $1", purchase_id)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from db import users as user_queries
 from db.pool import POOL
 from server.core.identity import Identity
 from server.edge.rest import endpoint, ok_response
+from server.services.admin import platform_stats
 
 routes = web.RouteTableDef()
 
@@ -16,5 +16,4 @@ routes = web.RouteTableDef()
 @endpoint(auth="admin")
 async def handle_stats(request: web.Request, identity: Identity) -> web.Response:
     """Platform counters: users, KYC by status, reward pool tokens."""
-    async with request.app[POOL].acquire() as conn:
-        return ok_response(await user_queries.admin_stats(conn))
+    return ok_response(await platform_stats(request.app[POOL]))

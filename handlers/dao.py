@@ -1,7 +1,7 @@
-"""The DAO's REST routes and the work behind its /chain commands: proposals, signed votes, results.
+"""The DAO's /chain commands and REST routes: proposals, signed votes, results.
 
-The socket commands (`create_proposal`, `cast_vote`, `get_proposal`) and the `dao:{proposal_id}`
-channel are declared on ChainNamespace (handlers/chain.py) and call the functions here.
+The /chain namespace is the chain's: handlers/__init__.py composes it from ChainCommands
+(handlers/chain.py) and DaoCommands (here).
 """
 
 from __future__ import annotations
@@ -11,32 +11,39 @@ from typing import Any
 
 from aiohttp import web
 
-from db import dao as queries
 from db.pool import POOL
-from server.core import wallets
 from server.core.errors import InvalidPayload
 from server.core.identity import Identity
-from server.edge.rest import MAX_INTEGER_ID, endpoint, int_query, ok_response, path_int
-from server.edge.schemas import obj, string
+from server.edge.namespace import Ctx, command
+from server.edge.rest import endpoint, int_query, ok_response, path_int
+from server.edge.schemas import (
+    DEFAULT_PAGE,
+    INTEGER_ID,
+    KVP_ADDRESS,
+    KVP_SIGNATURE,
+    MAX_INTEGER_ID,
+    MAX_PAGE,
+    obj,
+    string,
+)
+from server.realtime.hub import ChannelRule
 from server.services import dao as service
 
 routes = web.RouteTableDef()
 
-MAX_PAGE = 100
-PROPOSAL_ID = {"type": "integer", "minimum": 1, "maximum": MAX_INTEGER_ID}
 CREATE_SCHEMA = obj({
     "title": string(1, 200), "description": string(1, 5000), "deadline": string(1, 64),
     "duration_seconds": {"type": "integer", "minimum": 60, "maximum": 365 * 86400},
 }, required=("title", "description"))
 _VOTE_FIELDS = {
-    "voter": string(44, 44, pattern=wallets.ADDRESS_RE.pattern),
+    "voter": KVP_ADDRESS,
     "choice": {"type": "string", "enum": list(service.CHOICES)},
-    "signature": string(128, 128, pattern=wallets.SIGNATURE_RE.pattern),
+    "signature": KVP_SIGNATURE,
 }
 VOTE_BODY_SCHEMA = obj(_VOTE_FIELDS, required=("voter", "choice", "signature"))
-VOTE_SCHEMA = obj({"proposal_id": PROPOSAL_ID, **_VOTE_FIELDS},
+VOTE_SCHEMA = obj({"proposal_id": INTEGER_ID, **_VOTE_FIELDS},
                   required=("proposal_id", "voter", "choice", "signature"))
-GET_SCHEMA = obj({"proposal_id": PROPOSAL_ID, "votes": {"type": "boolean"}}, required=("proposal_id",))
+GET_SCHEMA = obj({"proposal_id": INTEGER_ID, "votes": {"type": "boolean"}}, required=("proposal_id",))
 
 
 async def create(app: web.Application, user_id: uuid.UUID, payload: dict) -> dict[str, Any]:
@@ -54,16 +61,33 @@ async def vote(app: web.Application, user_id: uuid.UUID, payload: dict) -> dict[
 async def get(app: web.Application, proposal_id: int, with_votes: bool = False) -> dict[str, Any]:
     """A proposal with its tally (closed first when past its deadline), optionally with every signed vote."""
     async with app[POOL].acquire() as conn:
-        data = (await service.get_proposal(conn, proposal_id)).to_public()
-        if with_votes:
-            data["votes"] = [v.to_public() for v in await queries.list_votes(conn, proposal_id)]
-    return data
+        return await service.proposal_view(conn, proposal_id, with_votes)
+
+
+class DaoCommands:
+    """The DAO's commands and live tallies on /chain (anyone may watch a proposal)."""
+
+    app: web.Application
+    channels = (ChannelRule(service.PROPOSAL_CHANNEL),)
+
+    @command(CREATE_SCHEMA)
+    async def on_create_proposal(self, ctx: Ctx, payload: dict) -> dict:
+        """Open a DAO proposal (the caller needs a registered wallet); acked with the proposal."""
+        return await create(self.app, ctx.user_id, payload)
+
+    @command(VOTE_SCHEMA)
+    async def on_cast_vote(self, ctx: Ctx, payload: dict) -> dict:
+        """Cast a vote signed by the caller's wallet key; acked with the vote and the new tally."""
+        return await vote(self.app, ctx.user_id, payload)
+
+    @command(GET_SCHEMA, user=False)
+    async def on_get_proposal(self, ctx: Ctx, payload: dict) -> dict:
+        """A proposal with its tally (and result once closed); `votes: true` adds the signed votes."""
+        return await get(self.app, payload["proposal_id"], payload.get("votes", False))
 
 
 def _proposal_id(request: web.Request) -> int:
     return path_int(request, "proposal_id", "no such proposal")
-
-
 
 
 @routes.get("/api/v1/proposals")
@@ -74,7 +98,7 @@ async def handle_list(request: web.Request) -> web.Response:
     if status not in (None, service.OPEN, service.CLOSED):
         raise InvalidPayload("'status' must be Open or Closed", field="status")
     before = int_query(request, "before_id", minimum=1, maximum=MAX_INTEGER_ID)
-    limit = int_query(request, "limit", minimum=1, maximum=MAX_PAGE) or 20
+    limit = int_query(request, "limit", minimum=1, maximum=MAX_PAGE) or DEFAULT_PAGE
     async with request.app[POOL].acquire() as conn:
         proposals = await service.list_proposals(conn, status, before, limit)
     next_before = proposals[-1].id if len(proposals) == limit and proposals[-1].id > 1 else None

@@ -15,16 +15,24 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from db import games as queries
 from db.pool import POOL
-from server.core.errors import Forbidden, HubError, InvalidPayload, NotFound, Unauthorized
+from server.core.errors import Forbidden, HubError, InvalidPayload, Unauthorized
 from server.core.identity import Identity
 from server.core.money import AMOUNT_QUANTUM
 from server.core.settings import SETTINGS
 from server.edge.namespace import Ctx, HubNamespace, command, refusal
-from server.edge.rest import MAX_INTEGER_ID, current_identity, endpoint, ok_response, path_int, read_json
-from server.edge.schemas import compile_schema, obj, string, validate
-from server.realtime.hub import ChannelRule, own_user
+from server.edge.rest import current_identity, endpoint, ok_response, path_int, read_json
+from server.edge.schemas import (
+    INTEGER_ID,
+    KVP_AMOUNT,
+    MAX_INTEGER_ID,
+    MAX_PAGE,
+    compile_schema,
+    obj,
+    string,
+    validate,
+)
+from server.realtime.hub import USER_CHANNEL, ChannelRule, own_user
 from server.realtime.ratelimit import TokenBucket
 from server.services import games as service
 from server.services.auth import AUTH
@@ -33,11 +41,7 @@ from server.services.games import GAMES
 log = structlog.get_logger(__name__)
 routes = web.RouteTableDef()
 
-MAX_PAGE = 100
-GAME_ID = {"type": "integer", "minimum": 1, "maximum": MAX_INTEGER_ID}
-SESSION_ID = {"type": "integer", "minimum": 1, "maximum": MAX_INTEGER_ID}
-AMOUNT = {"oneOf": [{"type": "string", "pattern": "^[0-9]{1,12}(\\.[0-9]{1,8})?$"},
-                    {"type": "integer", "minimum": 0, "maximum": 999_999_999_999}]}
+AMOUNT = {"oneOf": [KVP_AMOUNT, {"type": "integer", "minimum": 0, "maximum": 999_999_999_999}]}
 SHARE = {"oneOf": [{"type": "string", "pattern": "^(0(\\.[0-9]{1,8})?|1(\\.0{1,8})?)$"},
                    {"type": "number", "minimum": 0, "maximum": 1}]}
 REWARD_TYPE = string(1, 50, pattern="^[A-Za-z0-9_.:-]+$")
@@ -49,16 +53,14 @@ CREATE_GAME_SCHEMA = obj({"name": string(1, 100), "developer_wallet": WALLET, "r
                          required=("name", "developer_wallet", "revenue_share"))
 UPDATE_GAME_SCHEMA = obj({"name": string(1, 100), "developer_wallet": WALLET, "revenue_share": SHARE,
                           "policy": POLICY, "reward_types": REWARD_TYPES,
-                          "status": {"enum": ["pending", "active", "suspended"]}})
-START_SCHEMA = obj({"game_id": GAME_ID}, required=("game_id",))
-SESSION_SCHEMA = obj({"session_id": SESSION_ID}, required=("session_id",))
+                          "status": {"enum": list(service.GAME_STATUSES)}})
+START_SCHEMA = obj({"game_id": INTEGER_ID}, required=("game_id",))
+SESSION_SCHEMA = obj({"session_id": INTEGER_ID}, required=("session_id",))
 REWARD_FIELDS = {"seq": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1}, "reward_type": REWARD_TYPE,
                  "value": AMOUNT}
-REPORT_SCHEMA = obj({"session_id": SESSION_ID, **REWARD_FIELDS},
+REPORT_SCHEMA = obj({"session_id": INTEGER_ID, **REWARD_FIELDS},
                     required=("session_id", "seq", "reward_type", "value"))
 REST_REPORT_VALIDATOR = compile_schema(obj(REWARD_FIELDS, required=("seq", "reward_type", "value")))
-DEFAULT_POLICY = {"max_reward_per_event": Decimal(100), "max_reward_per_minute": Decimal(1000),
-                  "max_reward_per_session": Decimal(10_000)}
 
 
 class GamesNamespace(HubNamespace):
@@ -67,9 +69,9 @@ class GamesNamespace(HubNamespace):
     name = "/games"
     allow_anonymous = True
     channels = (
-        ChannelRule("game:{game_id}", presence=True),
-        ChannelRule("session:{session_id}", presence=True),
-        ChannelRule("user:{user_id}", own_user),
+        ChannelRule(service.GAME_CHANNEL, presence=True),
+        ChannelRule(service.SESSION_CHANNEL, presence=True),
+        ChannelRule(USER_CHANNEL, own_user),
     )
 
     async def on_connect(self, sid: str, environ: dict, auth: Any = None) -> None:
@@ -116,7 +118,7 @@ class GamesNamespace(HubNamespace):
     async def on_report_reward(self, ctx: Ctx, payload: dict) -> dict:
         """A game server reports a reward; acked with the session's running total (replays: same ack)."""
         caller = await self._game_server(ctx)
-        return await report(self.app, caller, payload["session_id"], payload)
+        return await service.report_reward(self.app, caller, payload["session_id"], payload)
 
     @command(SESSION_SCHEMA, user=False)
     async def on_heartbeat_session(self, ctx: Ctx, payload: dict) -> dict:
@@ -129,16 +131,10 @@ class GamesNamespace(HubNamespace):
         return await service.end_session(self.app, await self._caller(ctx), payload["session_id"])
 
 
-async def report(app: web.Application, caller: service.GameCaller, session_id: int, payload: dict) -> dict:
-    """Queue one reward report for booking and wait for its ack."""
-    value = service.parse_value(payload["value"])
-    return await app[GAMES].ingest.submit(service.RewardReport(
-        game_id=caller.game_id, session_id=session_id, seq=payload["seq"],
-        reward_type=payload["reward_type"], value=value))
-
-
 # --- REST: games -------------------------------------------------------------------------------
 
+# Not edge.rest.int_query, which answers differently: this refuses signs, spaces and non-ASCII
+# digits too, and its one error message names the whole range ("between 0 and ...").
 def _int_param(raw: str | None, name: str, *, default: int, maximum: int = MAX_INTEGER_ID) -> int:
     if raw is None or raw == "":
         return default
@@ -163,26 +159,15 @@ def _policy(body: dict) -> dict[str, Decimal]:
     return {name: service.parse_value(raw, name) for name, raw in (body.get("policy") or {}).items()}
 
 
-async def _game_or_404(conn, game_id: int) -> queries.Game:
-    game = await queries.get_game(conn, game_id)
-    if game is None:
-        raise NotFound("no such game", field="game_id")
-    return game
-
-
 @routes.post("/api/v1/games")
 @endpoint(body=CREATE_GAME_SCHEMA, auth="user")
 async def handle_create_game(request: web.Request, identity: Identity, body: dict) -> web.Response:
     """Register a game; its token is in this answer only. A developer's game waits for an admin."""
-    policy = {**DEFAULT_POLICY, **_policy(body)}
-    token, digest = service.new_token()
+    policy = _policy(body)
     async with request.app[POOL].acquire() as conn:
-        game = await queries.create_game(
-            conn, name=body["name"], developer_wallet=body["developer_wallet"],
-            revenue_share=_share(body["revenue_share"]), owner_id=identity.user_id,
-            status="active" if identity.is_admin else "pending", token_hash=digest,
-            reward_types=body.get("reward_types"), **policy)
-    log.info("game_registered", game_id=game.game_id, status=game.status)
+        game, token = await service.register_game(
+            conn, identity, name=body["name"], developer_wallet=body["developer_wallet"],
+            revenue_share=_share(body["revenue_share"]), policy=policy, reward_types=body.get("reward_types"))
     return ok_response({"game": game.to_public(), "game_token": token}, status=201)
 
 
@@ -191,12 +176,12 @@ async def handle_create_game(request: web.Request, identity: Identity, body: dic
 async def handle_list_games(request: web.Request) -> web.Response:
     """Games by id (`status`, `after` and `limit` up to 100 optional)."""
     status = request.query.get("status") or None
-    if status not in (None, "pending", "active", "suspended"):
+    if status not in (None, *service.GAME_STATUSES):
         raise InvalidPayload("'status' is pending, active or suspended", field="status")
     limit = max(1, _int_param(request.query.get("limit"), "limit", default=20, maximum=MAX_PAGE))
     after = _int_param(request.query.get("after"), "after", default=0)
     async with request.app[POOL].acquire() as conn:
-        games = await queries.list_games(conn, status=status, after_id=after, limit=limit)
+        games = await service.list_games(conn, status, after, limit)
     return ok_response({"games": [game.to_public() for game in games],
                         "next_after": games[-1].game_id if len(games) == limit else None})
 
@@ -206,7 +191,7 @@ async def handle_list_games(request: web.Request) -> web.Response:
 async def handle_get_game(request: web.Request) -> web.Response:
     """One game with its policy."""
     async with request.app[POOL].acquire() as conn:
-        game = await _game_or_404(conn, _path_id(request, "game_id", "game"))
+        game = await service.get_game(conn, _path_id(request, "game_id", "game"))
     return ok_response(game.to_public())
 
 
@@ -220,9 +205,7 @@ async def handle_update_game(request: web.Request, identity: Identity, body: dic
         changes["revenue_share"] = _share(body["revenue_share"])
     changes.update(_policy(body))
     async with request.app[POOL].acquire() as conn:
-        game = await queries.update_game(conn, _path_id(request, "game_id", "game"), changes)
-    if game is None:
-        raise NotFound("no such game", field="game_id")
+        game = await service.update_game(conn, _path_id(request, "game_id", "game"), changes)
     return ok_response(game.to_public())
 
 
@@ -231,13 +214,7 @@ async def handle_update_game(request: web.Request, identity: Identity, body: dic
 async def handle_rotate_token(request: web.Request, identity: Identity) -> web.Response:
     """Issue a new game token (its owner or an admin); the old one stops working."""
     game_id = _path_id(request, "game_id", "game")
-    token, digest = service.new_token()
-    async with request.app[POOL].acquire() as conn, conn.transaction():
-        game = await _game_or_404(conn, game_id)
-        if game.owner_id != identity.user_id and not identity.is_admin:
-            raise Forbidden("only the game's owner or an admin may rotate its token")
-        await queries.set_token_hash(conn, game_id, digest)
-    request.app[GAMES].tokens.forget_game(game_id)
+    token = await service.rotate_token(request.app, identity, game_id)
     return ok_response({"game_id": game_id, "game_token": token}, status=201)
 
 
@@ -250,8 +227,7 @@ async def handle_leaderboard(request: web.Request) -> web.Response:
         raise InvalidPayload("'period' is hour, day, week or all", field="period")
     limit = max(1, _int_param(request.query.get("limit"), "limit", default=10, maximum=MAX_PAGE))
     async with request.app[POOL].acquire() as conn:
-        game = await _game_or_404(conn, _path_id(request, "game_id", "game"))
-        return ok_response(await service.leaderboard(conn, game.game_id, period, limit))
+        return ok_response(await service.game_leaderboard(conn, _path_id(request, "game_id", "game"), period, limit))
 
 
 # --- REST: sessions ----------------------------------------------------------------------------
@@ -279,11 +255,7 @@ async def handle_get_session(request: web.Request) -> web.Response:
     session_id = _path_id(request, "session_id", "session")
     limit = max(1, _int_param(request.query.get("rewards"), "rewards", default=20, maximum=MAX_PAGE))
     async with request.app[POOL].acquire() as conn:
-        session = await queries.get_session(conn, session_id)
-        if session is None:
-            raise NotFound("no such session", field="session_id")
-        rewards = await queries.session_rewards(conn, session_id, limit)
-    return ok_response({**session.to_public(), "rewards": [service.reward_ack(r) for r in rewards]})
+        return ok_response(await service.session_with_rewards(conn, session_id, limit))
 
 
 @routes.post("/api/v1/game-sessions/{session_id}/rewards")
@@ -295,7 +267,8 @@ async def handle_report_reward(request: web.Request) -> web.Response:
         raise Forbidden("only the game's server reports rewards (Authorization: Game <token>)")
     # Validated after the caller is known, so a stranger learns nothing from validation errors.
     body = validate(REST_REPORT_VALIDATOR, await read_json(request))
-    return ok_response(await report(request.app, caller, _path_id(request, "session_id", "session"), body))
+    session_id = _path_id(request, "session_id", "session")
+    return ok_response(await service.report_reward(request.app, caller, session_id, body))
 
 
 @routes.post("/api/v1/game-sessions/{session_id}/heartbeat")

@@ -2,32 +2,28 @@
 list submissions, read a document and approve or reject it.
 
 The user hears of every change of their status on `user:{user_id}` (`kyc_status_changed`,
-queued through the outbox by server/kyc.py).
+queued through the outbox by server/services/kyc.py).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import structlog
 from aiohttp import web
 
-from db import kyc as queries
 from db.pool import POOL
 from server.adapters.blobs import BLOBS
 from server.core.crypto import MASTER_KEY
 from server.core.errors import InvalidPayload, PayloadTooLarge
 from server.core.identity import Identity
 from server.core.settings import SETTINGS
-from server.edge.rest import FORM_OVERHEAD_BYTES, MAX_INTEGER_ID, endpoint, form_parts, int_query, ok_response, path_int
-from server.edge.schemas import compile_schema, obj, string, validate
+from server.edge.rest import FORM_OVERHEAD_BYTES, endpoint, form_parts, int_query, ok_response, path_int
+from server.edge.schemas import DEFAULT_PAGE, MAX_INTEGER_ID, MAX_PAGE, compile_schema, obj, string, validate
 from server.services import kyc as service
 from server.services.datasets import CHUNK_BYTES
 
-log = structlog.get_logger(__name__)
 routes = web.RouteTableDef()
 
-MAX_PAGE = 100
 STATUSES = (service.PENDING, service.APPROVED, service.REJECTED)
 SUBMIT_SCHEMA = obj({"document_type": {"type": "string", "enum": list(service.DOCUMENT_TYPES)}},
                     required=("document_type",))
@@ -95,11 +91,9 @@ async def handle_list(request: web.Request, identity: Identity) -> web.Response:
     if status not in STATUSES:
         raise InvalidPayload(f"'status' must be one of {', '.join(STATUSES)}", field="status")
     after = int_query(request, "after_id", minimum=0, maximum=MAX_INTEGER_ID)
-    limit = int_query(request, "limit", minimum=1, maximum=MAX_PAGE) or 20
+    limit = int_query(request, "limit", minimum=1, maximum=MAX_PAGE) or DEFAULT_PAGE
     async with request.app[POOL].acquire() as conn:
-        found = await queries.list_by_status(conn, status, after, limit)
-    next_after = found[-1].id if len(found) == limit else None
-    return ok_response({"submissions": [s.to_public() for s in found], "next_after_id": next_after})
+        return ok_response(await service.list_submissions(conn, status, after, limit))
 
 
 @routes.get("/api/v1/admin/kyc/{kyc_id}/document")
@@ -108,8 +102,8 @@ async def handle_document(request: web.Request, identity: Identity) -> web.Respo
     """A submission's document, decrypted and authenticated, as an attachment (every read is logged)."""
     kyc_id = _kyc_id(request)
     async with request.app[POOL].acquire() as conn:
-        media_type, document = await service.read_document(conn, request.app[BLOBS], request.app[MASTER_KEY], kyc_id)
-    log.info("kyc_document_read", kyc_id=kyc_id, admin_user_id=str(identity.user_id), size=len(document))
+        media_type, document = await service.read_document(conn, request.app[BLOBS], request.app[MASTER_KEY], kyc_id,
+                                                           admin_user_id=identity.user_id)
     return web.Response(body=document, content_type=media_type, headers={
         "Content-Disposition": f'attachment; filename="kyc-{kyc_id}.{service.EXTENSIONS[media_type]}"',
         "Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"})

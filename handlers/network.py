@@ -1,7 +1,7 @@
 """Network REST routes: the caller's channels, bandwidth usage records and gateways, the DNS
 records administrators manage, and the totals the bandwidth and gateway triggers keep.
 
-The routes are the generic resources of handlers/storage.py; docs/protocol.md lists them.
+The routes are generic resources (server/edge/resources.py); docs/protocol.md lists them.
 """
 
 from __future__ import annotations
@@ -10,10 +10,11 @@ from aiohttp import web
 
 from db import infra
 from db.pool import POOL
-from handlers.storage import Resource, add_resource, text, update_schema
 from server.core.identity import Identity
-from server.edge.rest import MAX_INTEGER_ID, endpoint, ok_response
-from server.edge.schemas import obj, string
+from server.edge.resources import Resource, add_resource
+from server.edge.rest import endpoint, ok_response
+from server.edge.schemas import MAX_INTEGER_ID, obj, string, text, update_schema
+from server.services.resources import Collection, network_usage
 
 routes = web.RouteTableDef()
 
@@ -28,14 +29,14 @@ CHANNEL_FIELDS = {"access_point": text()}
 DNS_FIELDS = {"domain_name": DOMAIN, "ip_address": IP_ADDRESS}
 
 RESOURCES = (
-    Resource(NETWORK + "/channels", "channels", "channel", infra.CHANNEL,
+    Resource(NETWORK + "/channels", Collection(infra.CHANNEL, "channels", "channel"),
              create=obj(CHANNEL_FIELDS, required=("access_point",)), update=update_schema(CHANNEL_FIELDS)),
-    Resource(NETWORK + "/dns", "records", "dns record", infra.DNS,
+    Resource(NETWORK + "/dns", Collection(infra.DNS, "records", "dns record"),
              create=obj(DNS_FIELDS, required=("domain_name",)), update=update_schema(DNS_FIELDS), writer="admin"),
     # Usage records and gateways are facts the triggers total on insert and delete; they are not edited.
-    Resource(NETWORK + "/bandwidth", "records", "bandwidth record", infra.BANDWIDTH,
+    Resource(NETWORK + "/bandwidth", Collection(infra.BANDWIDTH, "records", "bandwidth record"),
              create=obj({"bandwidth_limit": AMOUNT, "usage": AMOUNT}, required=("bandwidth_limit", "usage"))),
-    Resource(NETWORK + "/gateways", "gateways", "gateway", infra.GATEWAY,
+    Resource(NETWORK + "/gateways", Collection(infra.GATEWAY, "gateways", "gateway"),
              create=obj({"share_point": text()}, required=("share_point",))),
 )
 
@@ -44,9 +45,7 @@ RESOURCES = (
 @endpoint(auth="user")
 async def handle_usage(request: web.Request, identity: Identity) -> web.Response:
     """The caller's bandwidth totals and gateway share, as the triggers keep them (null when none)."""
-    async with request.app[POOL].acquire() as conn:
-        status = await infra.utility_status(conn, identity.user_id)
-    return ok_response({"bandwidth": status.get("bandwidth"), "gateway": status.get("gateway")})
+    return ok_response(await network_usage(request.app[POOL], identity.user_id))
 
 
 for _resource in RESOURCES:

@@ -1,6 +1,6 @@
 """The REST routes of NFTs and the NFT marketplace: mint, browse, list, buy, cancel.
 
-The rules live in server/nfts.py; live events go on `market:nfts` (declared on
+The rules live in server/services/nfts.py; live events go on `market:nfts` (declared on
 MarketplaceNamespace, handlers/marketplace.py).
 """
 
@@ -8,21 +8,27 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from db import nfts as queries
 from db.pool import POOL
-from handlers.chain import ADDRESS, AMOUNT
 from server.core.errors import InvalidPayload
 from server.core.identity import Identity
 from server.core.money import amount_text
-from server.edge.rest import MAX_INTEGER_ID, endpoint, int_query, ok_response, path_int
-from server.edge.schemas import compile_schema, obj, string, validate
+from server.edge.rest import endpoint, int_query, ok_response, path_int
+from server.edge.schemas import (
+    DEFAULT_PAGE,
+    INTEGER_ID,
+    KVP_ADDRESS,
+    KVP_AMOUNT,
+    MAX_INTEGER_ID,
+    MAX_PAGE,
+    compile_schema,
+    obj,
+    string,
+    validate,
+)
 from server.services import nfts as service
 
 routes = web.RouteTableDef()
 
-MAX_PAGE = 100
-DEFAULT_PAGE = 20
-ID = {"type": "integer", "minimum": 1, "maximum": MAX_INTEGER_ID}
 ATTRIBUTE = obj({"trait_type": string(1, 50),
                  "value": {"anyOf": [string(0, 200), {"type": "number"}, {"type": "boolean"}]}},
                 required=("trait_type", "value"))
@@ -32,9 +38,9 @@ METADATA_SCHEMA = obj({
     "image": string(1, 2048, pattern=r"^(https?|ipfs)://\S+$"),
     "attributes": {"type": "array", "items": ATTRIBUTE, "maxItems": 50},
 }, required=("name",))
-MINT_SCHEMA = obj({"metadata": METADATA_SCHEMA, "game_id": ID}, required=("metadata",))
-LIST_SCHEMA = obj({"nft_id": ID, "price": AMOUNT}, required=("nft_id", "price"))
-_ADDRESS = compile_schema(ADDRESS)
+MINT_SCHEMA = obj({"metadata": METADATA_SCHEMA, "game_id": INTEGER_ID}, required=("metadata",))
+LIST_SCHEMA = obj({"nft_id": INTEGER_ID, "price": KVP_AMOUNT}, required=("nft_id", "price"))
+_ADDRESS = compile_schema(KVP_ADDRESS)
 
 
 def _path_id(request: web.Request, name: str, what: str) -> int:
@@ -76,8 +82,9 @@ async def handle_list_nfts(request: web.Request) -> web.Response:
     owner = _wallet_query(request, "owner")
     before, limit = _page(request)
     async with request.app[POOL].acquire() as conn:
-        nfts = await queries.list_nfts(conn, owner, before, limit)
-    return ok_response({"nfts": [n.to_public() for n in nfts], "next_before_id": _next_before([n.id for n in nfts], limit)})
+        nfts = await service.list_nfts(conn, owner, before, limit)
+    return ok_response({"nfts": [n.to_public() for n in nfts],
+                        "next_before_id": _next_before([n.id for n in nfts], limit)})
 
 
 @routes.get("/api/v1/nfts/{nft_id}")
@@ -95,7 +102,7 @@ async def handle_list_listings(request: web.Request) -> web.Response:
     seller = _wallet_query(request, "seller")
     before, limit = _page(request)
     async with request.app[POOL].acquire() as conn:
-        listings = await queries.list_available(conn, seller, before, limit)
+        listings = await service.list_listings(conn, seller, before, limit)
     return ok_response({"listings": [item.to_public() for item in listings],
                         "next_before_id": _next_before([item.id for item in listings], limit)})
 

@@ -28,7 +28,8 @@ from server.adapters.payments import KvpChainVerifier, Outcome, PaymentClaim, Su
 from server.app import create_app
 from server.core.crypto import MASTER_KEY, encrypt_dataset, wrap_key
 from server.services import delivery
-from server.services.purchase_jobs import MAX_ATTEMPTS, PurchaseWorker, refund_purchase, release_escrow
+from server.services.purchase_jobs import MAX_ATTEMPTS, PurchaseWorker
+from server.services.purchases import refund_purchase, release_escrow
 from tests.helpers import SocketClient, register, register_seller, server_url, wait_until
 
 DATASET = b"city,temp_c\nBerlin,7.5\nLagos,29.1\n" + b"".join(

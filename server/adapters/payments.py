@@ -21,6 +21,8 @@ import asyncpg
 import structlog
 from aiohttp import web
 
+from db import payments as payment_queries
+
 log = structlog.get_logger(__name__)
 
 MIST_PER_SUI = 10**9
@@ -109,36 +111,27 @@ class KvpChainVerifier:
     async def verify(self, claim: PaymentClaim) -> Verdict:
         """Check the claim against the transactions table."""
         async with self.pool.acquire() as conn:
-            # to_jsonb(...) ->> reads columns that later chain migrations add (status, wallet_address)
-            # without failing on a schema that lacks them.
-            row = await conn.fetchrow(
-                """SELECT t.block_id, t.sender, t.receiver, t.amount, t.created_at, t.sender_id, t.receiver_id,
-                          to_jsonb(t) ->> 'status' AS status,
-                          (SELECT to_jsonb(u) ->> 'wallet_address' FROM users u WHERE u.id = $2) AS buyer_wallet,
-                          (SELECT to_jsonb(u) ->> 'wallet_address' FROM users u WHERE u.id = $3) AS seller_wallet
-                     FROM transactions t WHERE t.transaction_hash = $1""",
-                claim.digest, claim.buyer_id, claim.seller_id)
-        if row is None:
+            payment = await payment_queries.find_payment(conn, claim.digest, claim.buyer_id, claim.seller_id)
+        if payment is None:
             return Verdict.pending(self.chain, "no transaction with that hash (yet)")
-        status = row["status"]
-        if status == "rejected":
+        if payment.status == "rejected":
             return Verdict.rejected(self.chain, "the transaction was rejected by the chain")
-        if status == "pending" or (status is None and row["block_id"] is None):
+        if payment.status == "pending" or (payment.status is None and payment.block_id is None):
             return Verdict.pending(self.chain, "the transaction is not confirmed yet")
-        common = {"chain": self.chain, "sender": row["sender"], "receiver": row["receiver"],
-                  "amount_sui": row["amount"]}
-        from_buyer = row["sender_id"] == claim.buyer_id or (
-            row["buyer_wallet"] is not None and row["sender"] == row["buyer_wallet"])
+        common = {"chain": self.chain, "sender": payment.sender, "receiver": payment.receiver,
+                  "amount_sui": payment.amount}
+        from_buyer = payment.sender_id == claim.buyer_id or (
+            payment.buyer_wallet is not None and payment.sender == payment.buyer_wallet)
         if not from_buyer:
             return Verdict(Outcome.REJECTED, "the transaction was not sent by the buyer", **common)
-        to_seller = row["receiver_id"] == claim.seller_id or (
-            row["seller_wallet"] is not None and row["receiver"] == row["seller_wallet"])
-        to_escrow = self.escrow_address is not None and row["receiver"] == self.escrow_address
+        to_seller = payment.receiver_id == claim.seller_id or (
+            payment.seller_wallet is not None and payment.receiver == payment.seller_wallet)
+        to_escrow = self.escrow_address is not None and payment.receiver == self.escrow_address
         if not (to_seller or to_escrow):
             return Verdict(Outcome.REJECTED, "the transaction does not pay the seller or the escrow", **common)
-        if row["amount"] is None or row["amount"] < claim.price_sui:
+        if payment.amount is None or payment.amount < claim.price_sui:
             return Verdict(Outcome.REJECTED, "the amount is below the price", **common)
-        if _too_old(row["created_at"], claim, self.max_age):
+        if _too_old(payment.created_at, claim, self.max_age):
             return Verdict(Outcome.REJECTED, "the transaction is older than the purchase allows", **common)
         return Verdict(Outcome.VERIFIED, "", **common)
 

@@ -136,7 +136,7 @@ class Settings:
     # chain (no SUI_RPC_URL), where a new user has no other way to get funds to pay with.
     demo_faucet: bool | None = None
     demo_faucet_amount: str = "10"
-    # Earn-to-play games (server/games.py).
+    # Earn-to-play games (server/services/games.py).
     game_session_idle_seconds: float = 300.0
     game_leaderboard_interval: float = 2.0
     game_leaderboard_period: str = "day"
@@ -147,7 +147,7 @@ class Settings:
     game_server_event_rate: float = 2000.0
     game_server_event_burst: int = 4000
     dao_sweep_interval: float = 5.0
-    # The demo game player (server/demo_game.py): seconds between its rewards; 0 turns it off.
+    # The demo game player (server/services/demo_game.py): seconds between its rewards; 0 turns it off.
     demo_game_interval: float = 3.0
 
     @classmethod

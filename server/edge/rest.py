@@ -24,7 +24,7 @@ from server.core.errors import (
 from server.core.identity import Identity
 from server.core.metrics import METRICS
 from server.core.protocol import error_envelope, ok
-from server.edge.schemas import compile_schema, validate
+from server.edge.schemas import MAX_INTEGER_ID, compile_schema, validate
 from server.services.auth import AUTH
 
 log = structlog.get_logger(__name__)
@@ -103,7 +103,6 @@ async def read_json(request: web.Request) -> Any:
         raise InvalidPayload("the body is not valid JSON") from exc
 
 
-MAX_INTEGER_ID = 2**31 - 1  # PostgreSQL INTEGER
 
 
 def path_int(request: web.Request, name: str, missing: str, *, minimum: int = 1) -> int:

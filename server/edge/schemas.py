@@ -7,6 +7,7 @@ from typing import Any
 import jsonschema
 from jsonschema import Draft202012Validator
 
+from server.core import wallets
 from server.core.errors import InvalidPayload
 
 _FORMATS = Draft202012Validator.FORMAT_CHECKER
@@ -73,3 +74,30 @@ def string(min_length: int = 1, max_length: int = 255, **extra: Any) -> dict[str
 
 UUID = {"type": "string", "format": "uuid",
         "pattern": "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"}
+
+# List pages: at most MAX_PAGE items each, DEFAULT_PAGE when the client gives no `limit`.
+MAX_PAGE = 100
+DEFAULT_PAGE = 20
+PAGE_LIMIT = {"type": "integer", "minimum": 1, "maximum": MAX_PAGE}
+
+# PostgreSQL text cannot hold NUL, and control characters have no place in paths or names.
+_PRINTABLE = "^[^\\u0000-\\u001f\\u007f]+$"
+
+
+def text(max_length: int = 255) -> dict[str, Any]:
+    """A bounded single-line string schema."""
+    return string(1, max_length, pattern=_PRINTABLE)
+
+
+def update_schema(properties: dict[str, Any]) -> dict[str, Any]:
+    """A PATCH body: any of these fields, at least one."""
+    return obj(properties, minProperties=1)
+
+
+# The KVP chain's words (DAO votes, NFT prices and game payloads use them too).
+MAX_INTEGER_ID = 2**31 - 1  # PostgreSQL INTEGER
+INTEGER_ID = {"type": "integer", "minimum": 1, "maximum": MAX_INTEGER_ID}
+KVP_ADDRESS = string(44, 44, pattern=wallets.ADDRESS_RE.pattern)
+KVP_AMOUNT = {"type": "string", "pattern": "^[0-9]{1,12}(\\.[0-9]{1,8})?$"}
+KVP_SIGNATURE = string(128, 128, pattern=wallets.SIGNATURE_RE.pattern)
+TX_HASH = string(64, 64, pattern="^[0-9a-f]{64}$")

@@ -70,9 +70,12 @@ async def signed_in(access: ChannelAccess) -> bool:
     return access.identity is not None
 
 
+USER_CHANNEL = "user:{user_id}"
+
+
 def user_channel(user_id: uuid.UUID | str) -> str:
     """A user's private channel (`own_user` lets only that user watch it)."""
-    return f"user:{user_id}"
+    return USER_CHANNEL.format(user_id=user_id)
 
 
 async def own_user(access: ChannelAccess) -> bool:

@@ -1,6 +1,9 @@
-"""Administrator accounts (the seed's `admin` table, linked to a user so one login serves both)."""
+"""Administrators: their accounts (the seed's `admin` table, linked to a user so one login serves
+both) and the platform counters they see."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import asyncpg
 from argon2 import PasswordHasher
@@ -23,3 +26,9 @@ async def create_admin(conn: asyncpg.Connection, *, username: str, email: str, p
                                                    email=user.email, password_hash=password_hash)
     verb = "created" if created else "promoted"
     return f"{verb} administrator {user.username} (admin_id {admin_id}, user {user.id})"
+
+
+async def platform_stats(pool: asyncpg.Pool) -> dict[str, Any]:
+    """Platform counters: users, KYC by status, reward pool tokens."""
+    async with pool.acquire() as conn:
+        return await user_queries.admin_stats(conn)

@@ -1,11 +1,20 @@
-"""Assistant generations: server-side jobs keyed by the assistant message, not by a socket.
+"""The AI assistant: what a user may do with their own conversations, and the jobs that answer.
 
-A job streams the answer (from the model, or composed from the marketplace in retrieval-only
-mode), publishes `message_delta {message_id, seq, text}` events straight to the conversation's
-channel (not through the outbox: the final state is persisted in `ai_messages`, and a client that
-missed deltas asks `resume_stream`), saves the partial text every half second (which is also the
-job's heartbeat, and how it learns of a stop requested on another process), and records the
-final state: complete, stopped, failed or interrupted.
+Commands (the /assistant namespace and its REST routes call these): conversations are created,
+listed, read, renamed and deleted only by their owner (`forbidden` otherwise). Messages form a
+tree; `send_message`, `edit_message` and `regenerate` each start an answer through one
+admit-and-start transaction (ownership, idempotency on `client_msg_id`, the per-user limits, the
+new rows), then let the caller watch the conversation before the job starts, so it misses no
+event. The conversation list's events (`conversation_created`, `conversation_titled`,
+`conversation_deleted`) go to the owner's user channel.
+
+Jobs are server-side and keyed by the assistant message, not by a socket. A job streams the
+answer (from the model, or composed from the marketplace in retrieval-only mode), publishes
+`message_delta {message_id, seq, text}` events straight to the conversation's channel (not
+through the outbox: the final state is persisted in `ai_messages`, and a client that missed
+deltas asks `resume_stream`), saves the partial text every half second (which is also the job's
+heartbeat, and how it learns of a stop requested on another process), and records the final
+state: complete, stopped, failed or interrupted.
 
 Jobs live in `Assistant.jobs` on the process that started them. On shutdown they are cancelled
 and marked interrupted. Rows left `streaming` by a process that died are marked interrupted at
@@ -18,11 +27,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import datetime
 import json
 import re
 import time
 import uuid
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import asyncpg
 import jsonschema
@@ -33,8 +43,9 @@ from db import assistant as db
 from db.pool import POOL
 from server.adapters.llm import ChatModel, ModelError, classify, estimate_messages, estimate_tokens
 from server.core.aio import wait_event
+from server.core.errors import Conflict, Forbidden, InvalidPayload, NotFound, PayloadTooLarge, RateLimited
 from server.core.settings import SETTINGS, Settings
-from server.realtime.hub import publish, user_channel
+from server.realtime.hub import FIRST_ID, REALTIME, ChannelAccess, publish, user_channel
 
 log = structlog.get_logger(__name__)
 
@@ -49,9 +60,28 @@ SYSTEM_PROMPT = (
     "(search_datapods, get_datapod, compare_datapods, list_categories, my_purchases); never invent "
     "datasets, prices, ratings or columns. Name DataPods by title and id. Be brief.")
 
+CONVERSATION_CHANNEL = "conversation:{conversation_id}"  # an answer's events; only the owner may watch
+
+# On the owner's user channel (and, for a title, the conversation's channel too):
+CONVERSATION_CREATED = "conversation_created"
+CONVERSATION_TITLED = "conversation_titled"
+CONVERSATION_DELETED = "conversation_deleted"
+# An answer's events, on its conversation's channel:
+MESSAGE_STARTED = "message_started"
+CONTEXT_TRIMMED = "context_trimmed"
+MESSAGE_DELTA = "message_delta"
+TOOL_CALLED = "tool_called"
+TOOL_RETURNED = "tool_returned"
+MESSAGE_COMPLETED = "message_completed"
+MESSAGE_FAILED = "message_failed"
+FINAL_EVENTS = (MESSAGE_COMPLETED, MESSAGE_FAILED)  # the events that end an answer's stream
+# The REST stream's first event (the send's ack); it is written to that stream only, never published.
+MESSAGE_ACCEPTED = "message_accepted"
+
 
 def conversation_channel(conversation_id: uuid.UUID | str) -> str:
-    return f"conversation:{conversation_id}"
+    """A conversation's channel: its answers' events and its automatic title."""
+    return CONVERSATION_CHANNEL.format(conversation_id=conversation_id)
 
 
 def auto_title(text: str) -> str:
@@ -211,8 +241,8 @@ class Assistant:
         async with self.pool.acquire() as conn:
             rows = await db.interrupt_abandoned(conn, stale_after, list(self.jobs))
         for row in rows:
-            await self._publish(conversation_channel(row["conversation_id"]), "message_failed", {
-                "message_id": str(row["id"]), "status": "interrupted", "seq": row["seq"], "code": "interrupted",
+            await self._publish(conversation_channel(row.conversation_id), MESSAGE_FAILED, {
+                "message_id": str(row.id), "status": "interrupted", "seq": row.seq, "code": "interrupted",
                 "message": "the server that was writing this answer stopped", "retryable": True})
         if rows:
             log.info("assistant_interrupted_abandoned", count=len(rows))
@@ -260,6 +290,12 @@ class Assistant:
         await wait_event(gen.done, wait)
         return True
 
+    async def drop_conversation(self, conversation_id: uuid.UUID) -> None:
+        """Stop this process's jobs in a deleted conversation; their rows are gone, nothing is saved."""
+        for gen in list(self.jobs.values()):
+            if gen.conversation_id == conversation_id:
+                await self.stop(gen.message_id, reason="gone")
+
     # --- the job ----------------------------------------------------------------------------
 
     async def _publish(self, channel: str, type: str, data: dict[str, Any]) -> None:
@@ -284,8 +320,8 @@ class Assistant:
         if not text:
             return
         gen.deltas.append(text)
-        await self._gen_event(gen, "message_delta",
-                            {"message_id": str(gen.message_id), "seq": gen.seq, "text": text})
+        await self._gen_event(gen, MESSAGE_DELTA,
+                              {"message_id": str(gen.message_id), "seq": gen.seq, "text": text})
 
     async def _saver(self, gen: Generation) -> None:
         """Save the partial text periodically; it is also the heartbeat and the stop mailbox."""
@@ -309,7 +345,7 @@ class Assistant:
         error: ModelError | None = None
         status = "complete"
         try:
-            await self._gen_event(gen, "message_started", {
+            await self._gen_event(gen, MESSAGE_STARTED, {
                 "message_id": str(gen.message_id), "conversation_id": str(gen.conversation_id),
                 "parent_id": str(gen.parent_id), "model": self.model_name,
                 "mode": "model" if self.model else "retrieval_only", "user_message": gen.user_message})
@@ -380,15 +416,15 @@ class Assistant:
             return  # deleted meanwhile, or already finalised
         base = {"message_id": str(gen.message_id), "status": status, "seq": gen.seq}
         if status in ("complete", "stopped"):
-            await self._gen_event(gen, "message_completed", {
+            await self._gen_event(gen, MESSAGE_COMPLETED, {
                 **base, "finish_reason": gen.finish_reason, "usage": gen.usage() if has_usage else None})
         else:
             assert error is not None
-            await self._gen_event(gen, "message_failed", {**base, **error.to_event()})
+            await self._gen_event(gen, MESSAGE_FAILED, {**base, **error.to_event()})
         if titled:
             data = {"conversation_id": str(gen.conversation_id), "title": titled, "auto": True}
-            await self._gen_event(gen, "conversation_titled", data)
-            await self._publish(user_channel(gen.user_id), "conversation_titled", data)
+            await self._gen_event(gen, CONVERSATION_TITLED, data)
+            await self._publish(user_channel(gen.user_id), CONVERSATION_TITLED, data)
         log.info("assistant_generation_finished", message_id=str(gen.message_id), status=status,
                  seq=gen.seq, code=error.code if error else None)
 
@@ -401,16 +437,16 @@ class Assistant:
             rows = await db.branch(conn, gen.parent_id)
         units: list[list[dict[str, Any]]] = []
         for row in rows:
-            if row["role"] == "user":
-                units.append([{"role": "user", "content": row["content"]}])
-            elif row["role"] == "assistant" and row["content"] and row["status"] != "streaming":
+            if row.role == "user":
+                units.append([{"role": "user", "content": row.content}])
+            elif row.role == "assistant" and row.content and row.status != "streaming":
                 unit: list[dict[str, Any]] = []
-                for call in row["tool_calls"] or ():
+                for call in row.tool_calls or ():
                     unit.append({"role": "assistant", "content": "", "tool_calls": [{
                         "id": call["id"], "type": "function",
                         "function": {"name": call["name"], "arguments": call["arguments"]}}]})
                     unit.append({"role": "tool", "tool_call_id": call["id"], "content": call["result"]})
-                unit.append({"role": "assistant", "content": row["content"]})
+                unit.append({"role": "assistant", "content": row.content})
                 units.append(unit)
         system = [{"role": "system", "content": SYSTEM_PROMPT}]
         budget = self.settings.ai_context_tokens - self.settings.ai_max_output_tokens - estimate_messages(system)
@@ -436,7 +472,7 @@ class Assistant:
         assert self.model is not None
         messages, dropped = await self.context(gen)
         if dropped:
-            await self._gen_event(gen, "context_trimmed", {
+            await self._gen_event(gen, CONTEXT_TRIMMED, {
                 "message_id": str(gen.message_id), "dropped_messages": dropped,
                 "budget_tokens": self.settings.ai_context_tokens})
         rounds = self.settings.ai_max_tool_rounds
@@ -514,7 +550,7 @@ class Assistant:
                 raise ValueError("arguments must be a JSON object")
         except ValueError:
             args = None
-        await self._gen_event(gen, "tool_called", {
+        await self._gen_event(gen, TOOL_CALLED, {
             "message_id": str(gen.message_id), "call_id": call_id, "name": name,
             "arguments": args if args is not None else arguments})
         started = time.perf_counter()
@@ -530,7 +566,7 @@ class Assistant:
             result, ok = {"error": "the tool took too long"}, False
         except ValueError as exc:
             result, ok = {"error": str(exc)}, False
-        await self._gen_event(gen, "tool_returned", {
+        await self._gen_event(gen, TOOL_RETURNED, {
             "message_id": str(gen.message_id), "call_id": call_id, "name": name, "ok": ok,
             "datapod_ids": datapod_ids(result), "result": result,
             "duration_ms": round((time.perf_counter() - started) * 1000, 1)})
@@ -544,7 +580,7 @@ class Assistant:
         if not question:
             async with self.pool.acquire() as conn:
                 parent = await db.get_message(conn, gen.parent_id)
-            question = parent["content"] if parent else ""
+            question = parent.content if parent else ""
         call_id = f"call_{gen.message_id.hex[:8]}_0"
         arguments = json.dumps({"query": question[:500], "limit": 5})
         found, _ = await self._call_tool(gen, call_id, "search_datapods", arguments)
@@ -576,6 +612,345 @@ def _compose(pods: list[dict[str, Any]], question: str) -> str:
 def _chunks(text: str) -> list[str]:
     """Split composed text into word-sized deltas, as a model would stream it."""
     return re.findall(r"\S+\s*|\s+", text)
+
+
+# --- who may see what ----------------------------------------------------------------------------
+
+def parse_uuid(value: str, field: str) -> uuid.UUID:
+    """An id from the client (REST paths are not schema-checked); InvalidPayload naming `field` otherwise."""
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise InvalidPayload(f"{field} must be a UUID", field=field) from None
+
+
+async def own_conversation(access: ChannelAccess) -> bool:
+    """`conversation:{conversation_id}` channels: only the conversation's owner."""
+    if access.identity is None:
+        return False
+    try:
+        conversation_id = uuid.UUID(access.params["conversation_id"])
+    except ValueError:
+        return False
+    async with access.app[POOL].acquire() as conn:
+        owner = await db.conversation_owner(conn, conversation_id)
+    return owner == access.identity.user_id
+
+
+async def _owned_conversation(conn: asyncpg.Connection, user_id: uuid.UUID, conversation_id: uuid.UUID, *,
+                              for_update: bool = False) -> db.Conversation:
+    row = await db.get_conversation(conn, conversation_id, for_update=for_update)
+    if row is None:
+        raise NotFound("no such conversation", field="conversation_id")
+    if row.user_id != user_id:
+        raise Forbidden("this conversation is not yours", field="conversation_id")
+    return row
+
+
+async def _owned_message(conn: asyncpg.Connection, user_id: uuid.UUID, message_id: uuid.UUID) -> db.Message:
+    row = await db.get_message(conn, message_id)
+    if row is None:
+        raise NotFound("no such message", field="message_id")
+    if row.user_id != user_id:
+        raise Forbidden("this message is not yours", field="message_id")
+    return row
+
+
+# --- conversations --------------------------------------------------------------------------------
+
+async def create_conversation(app: web.Application, user_id: uuid.UUID, title: str | None) -> dict[str, Any]:
+    """A new, empty conversation, announced on the owner's user channel."""
+    async with app[POOL].acquire() as conn:
+        row = await db.create_conversation(conn, user_id, title)
+    conversation = row.to_public()
+    await publish(app, user_channel(user_id), CONVERSATION_CREATED, {"conversation": conversation})
+    return {"conversation": conversation}
+
+
+async def list_conversations(app: web.Application, user_id: uuid.UUID, limit: int,
+                             before: str | None) -> dict[str, Any]:
+    """The user's conversations, most recently active first; `before` (ISO 8601) pages."""
+    try:
+        since = datetime.datetime.fromisoformat(before) if before else None
+    except ValueError:
+        raise InvalidPayload("before must be an ISO 8601 timestamp", field="before") from None
+    async with app[POOL].acquire() as conn:
+        rows = await db.list_conversations(conn, user_id, limit, since)
+    items = [row.to_public() for row in rows]
+    return {"conversations": items, "next_before": items[-1]["updated_at"] if len(items) == limit else None}
+
+
+async def get_conversation(app: web.Application, user_id: uuid.UUID, conversation_id: str) -> dict[str, Any]:
+    """The user's conversation and the messages of its current branch, oldest first."""
+    conversation_uuid = parse_uuid(conversation_id, "conversation_id")
+    async with app[POOL].acquire() as conn:
+        row = await _owned_conversation(conn, user_id, conversation_uuid)
+        messages = await db.branch(conn, row.current_leaf_id)
+    return {"conversation": row.to_public(), "messages": [m.to_public() for m in messages]}
+
+
+async def rename_conversation(app: web.Application, user_id: uuid.UUID, conversation_id: str,
+                              title: str) -> dict[str, Any]:
+    """Give the user's conversation a title (whitespace collapsed), announced on both channels."""
+    title = " ".join(title.split())
+    if not title:
+        raise InvalidPayload("the title is empty", field="title")
+    conversation_uuid = parse_uuid(conversation_id, "conversation_id")
+    async with app[POOL].acquire() as conn:
+        await _owned_conversation(conn, user_id, conversation_uuid)
+        row = await db.rename_conversation(conn, conversation_uuid, title)
+    data = {"conversation_id": conversation_id, "title": title, "auto": False}
+    await publish(app, conversation_channel(row.id), CONVERSATION_TITLED, data)
+    await publish(app, user_channel(user_id), CONVERSATION_TITLED, data)
+    return {"conversation": row.to_public()}
+
+
+async def delete_conversation(app: web.Application, user_id: uuid.UUID, conversation_id: str) -> dict[str, Any]:
+    """Delete the user's conversation and its messages; a running answer in it is dropped."""
+    conversation_uuid = parse_uuid(conversation_id, "conversation_id")
+    async with app[POOL].acquire() as conn:
+        await _owned_conversation(conn, user_id, conversation_uuid)
+        await db.delete_conversation(conn, conversation_uuid)
+    await app[ASSISTANT].drop_conversation(conversation_uuid)
+    await publish(app, user_channel(user_id), CONVERSATION_DELETED, {"conversation_id": conversation_id})
+    return {"conversation_id": conversation_id}
+
+
+# --- starting an answer ---------------------------------------------------------------------------
+
+Watch = Callable[[Generation], Awaitable[None]]
+"""Called with a new answer after its rows commit and before its job starts: the caller subscribes
+to the conversation's channel (or listens on this process), so it misses no event."""
+
+Locate = Callable[[asyncpg.Connection], Awaitable[tuple[db.Conversation, uuid.UUID | None]]]
+"""Inside the start's transaction: the user's conversation, locked, and the parent of the new message."""
+
+
+def check_content(settings: Settings, content: str) -> None:
+    """A user message's text: within AI_MAX_INPUT_CHARS and not blank."""
+    limit = settings.ai_max_input_chars
+    if len(content) > limit:
+        raise PayloadTooLarge(f"a message may hold at most {limit} characters", field="content")
+    if not content.strip():
+        raise InvalidPayload("the message is empty", field="content")
+
+
+async def admit(settings: Settings, conn: asyncpg.Connection, user_id: uuid.UUID) -> None:
+    """The per-user limits of starting an answer; call inside the transaction that starts it."""
+    # Two starts of one user, even on two processes, must not both pass the checks.
+    await db.lock_user_starts(conn, user_id)
+    running = await db.user_streaming(conn, user_id, settings.ai_stale_after)
+    if running is not None:
+        raise Conflict("an answer is still being written; stop it or wait for it to finish",
+                       field="message_id", message_id=str(running))
+    count, oldest = await db.generations_in_last_minute(conn, user_id)
+    if count >= settings.ai_messages_per_minute:
+        raise RateLimited(f"at most {settings.ai_messages_per_minute} messages per minute",
+                          retry_after=max(0.1, 60.0 - oldest))
+    used, reset_in = await db.tokens_today(conn, user_id)
+    if used >= settings.ai_daily_token_quota:
+        raise RateLimited(f"the daily quota of {settings.ai_daily_token_quota} tokens is used up "
+                          "(it resets at midnight UTC)", retry_after=reset_in)
+
+
+async def _admit_and_start(app: web.Application, user_id: uuid.UUID, locate: Locate, watch: Watch, *,
+                           content: str | None = None, client_msg_id: str | None = None) -> dict[str, Any]:
+    """The one transaction that starts an answer, then the job.
+
+    In the transaction: `locate` the conversation; a resend of `client_msg_id` returns the first
+    send's messages and starts nothing; `admit`; the user's message (`content`; none when
+    regenerating) under the located parent; the streaming answer under it, made the current leaf.
+    After the commit: `watch`, then the job.
+    """
+    assistant = app[ASSISTANT]
+    user_message: db.Message | None = None
+    async with app[POOL].acquire() as conn:
+        async with conn.transaction():
+            conversation, parent_id = await locate(conn)
+            if client_msg_id:
+                existing = await db.by_client_msg_id(conn, conversation.id, client_msg_id)
+                if existing is not None:
+                    reply = await db.first_reply(conn, existing.id)
+                    return {"user_message": existing.to_public(),
+                            "assistant_message": reply.to_public() if reply else None, "duplicate": True}
+            await admit(app[SETTINGS], conn, user_id)
+            if content is not None:
+                user_message = await db.insert_message(
+                    conn, conversation_id=conversation.id, parent_id=parent_id, role="user", content=content,
+                    client_msg_id=client_msg_id)
+                parent_id = user_message.id
+            answer = await db.insert_message(
+                conn, conversation_id=conversation.id, parent_id=parent_id, role="assistant", content="",
+                status="streaming", model=assistant.model_name)
+            await db.set_leaf(conn, conversation.id, answer.id)
+    gen = Generation(message_id=answer.id, conversation_id=conversation.id, user_id=user_id,
+                     parent_id=parent_id, user_message=user_message.to_public() if user_message else None)
+    await watch(gen)
+    assistant.start(gen)
+    if user_message is None:
+        return {"assistant_message": answer.to_public()}
+    return {"user_message": user_message.to_public(), "assistant_message": answer.to_public(),
+            "duplicate": False}
+
+
+async def send_message(app: web.Application, user_id: uuid.UUID, conversation_id: str, content: str,
+                       client_msg_id: str, watch: Watch) -> dict[str, Any]:
+    """Add the user's message to the current branch and start its answer (idempotent on client_msg_id)."""
+    check_content(app[SETTINGS], content)
+    conversation_uuid = parse_uuid(conversation_id, "conversation_id")
+
+    async def after_current_leaf(conn: asyncpg.Connection) -> tuple[db.Conversation, uuid.UUID | None]:
+        conversation = await _owned_conversation(conn, user_id, conversation_uuid, for_update=True)
+        return conversation, conversation.current_leaf_id
+
+    return await _admit_and_start(app, user_id, after_current_leaf, watch, content=content,
+                                  client_msg_id=client_msg_id)
+
+
+async def edit_message(app: web.Application, user_id: uuid.UUID, message_id: str, content: str,
+                       client_msg_id: str | None, watch: Watch) -> dict[str, Any]:
+    """Fork: a new version of one of the user's messages (its sibling) and a new answer, made current."""
+    check_content(app[SETTINGS], content)
+    message_uuid = parse_uuid(message_id, "message_id")
+
+    async def beside_original(conn: asyncpg.Connection) -> tuple[db.Conversation, uuid.UUID | None]:
+        original = await _owned_message(conn, user_id, message_uuid)
+        if original.role != "user":
+            raise InvalidPayload("only the user's own messages can be edited", field="message_id")
+        conversation = await _owned_conversation(conn, user_id, original.conversation_id, for_update=True)
+        return conversation, original.parent_id
+
+    return await _admit_and_start(app, user_id, beside_original, watch, content=content,
+                                  client_msg_id=client_msg_id)
+
+
+async def regenerate(app: web.Application, user_id: uuid.UUID, message_id: str, watch: Watch) -> dict[str, Any]:
+    """A new answer to the same user message (a sibling of the given answer), made current."""
+    message_uuid = parse_uuid(message_id, "message_id")
+
+    async def beside_previous(conn: asyncpg.Connection) -> tuple[db.Conversation, uuid.UUID | None]:
+        previous = await _owned_message(conn, user_id, message_uuid)
+        if previous.role != "assistant" or previous.parent_id is None:
+            raise InvalidPayload("only an answer can be regenerated", field="message_id")
+        if previous.status == "streaming":
+            raise Conflict("this answer is still being written", field="message_id")
+        conversation = await _owned_conversation(conn, user_id, previous.conversation_id, for_update=True)
+        return conversation, previous.parent_id
+
+    return await _admit_and_start(app, user_id, beside_previous, watch)
+
+
+class AnswerListener:
+    """A reader of one answer's events on this process (the REST stream); pass `watch` to a start."""
+
+    def __init__(self) -> None:
+        self.events: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue()
+        self.gen: Generation | None = None
+
+    @property
+    def started(self) -> bool:
+        """Whether the start began an answer (False for a resend)."""
+        return self.gen is not None
+
+    async def watch(self, gen: Generation) -> None:
+        """Listen to the answer's events from its first one on."""
+        self.gen = gen
+        gen.listeners.append(self.events)
+
+    def close(self) -> None:
+        """Stop listening; the answer goes on."""
+        if self.gen is not None:
+            self.gen.listeners.remove(self.events)
+
+    async def final_answer(self, app: web.Application) -> dict[str, Any]:
+        """Wait for the answer to end and return it as saved."""
+        assert self.gen is not None
+        await self.gen.done.wait()
+        async with app[POOL].acquire() as conn:
+            final = await db.get_message(conn, self.gen.message_id)
+        return final.to_public()
+
+
+# --- branches and running answers -----------------------------------------------------------------
+
+async def switch_branch(app: web.Application, user_id: uuid.UUID, message_id: str) -> dict[str, Any]:
+    """Make the branch through the user's message current (down to its newest leaf)."""
+    message_uuid = parse_uuid(message_id, "message_id")
+    async with app[POOL].acquire() as conn:
+        async with conn.transaction():
+            message = await _owned_message(conn, user_id, message_uuid)
+            conversation = await _owned_conversation(conn, user_id, message.conversation_id, for_update=True)
+            leaf = await db.newest_leaf_under(conn, message.id)
+            await db.set_leaf(conn, conversation.id, leaf)
+            row = await db.get_conversation(conn, conversation.id)
+            messages = await db.branch(conn, leaf)
+    return {"conversation": row.to_public(), "messages": [m.to_public() for m in messages]}
+
+
+async def stop_generation(app: web.Application, user_id: uuid.UUID, message_id: str) -> dict[str, Any]:
+    """Stop the user's answer: at once on the process running it, else at its job's next save."""
+    message_uuid = parse_uuid(message_id, "message_id")
+    async with app[POOL].acquire() as conn:
+        message = await _owned_message(conn, user_id, message_uuid)
+    if message.role != "assistant":
+        raise InvalidPayload("only an answer can be stopped", field="message_id")
+    if message.status != "streaming":
+        return {"message_id": message_id, "status": message.status}
+    stopped_here = await app[ASSISTANT].stop(message.id)
+    async with app[POOL].acquire() as conn:
+        if not stopped_here:
+            await db.request_stop(conn, message.id)
+            return {"message_id": message_id, "status": "stopping"}
+        row = await db.get_message(conn, message.id)
+    return {"message_id": message_id, "status": row.status if row else "stopped"}
+
+
+async def resume_stream(app: web.Application, user_id: uuid.UUID, message_id: str, after_seq: int,
+                        join: Callable[[str], Awaitable[None]]) -> dict[str, Any]:
+    """What the caller missed of the user's answer after delta `after_seq`; `join`s its channel first.
+
+    `reset: false`: `deltas` continue exactly after `after_seq`. `reset: true`: the text is
+    `content` (the answer up to `content_seq`, or `seq` once it ended), then `deltas`.
+    """
+    message_uuid = parse_uuid(message_id, "message_id")
+    async with app[POOL].acquire() as conn:
+        message = await _owned_message(conn, user_id, message_uuid)
+    if message.role != "assistant":
+        raise InvalidPayload("only an answer has a stream", field="message_id")
+    await join(conversation_channel(message.conversation_id))
+    base = {"message_id": message_id}
+    gen = app[ASSISTANT].local(message_uuid)
+    if gen is not None:  # this process writes it: the whole stream is in memory
+        return {**base, "status": "streaming", "seq": gen.seq, "reset": False,
+                "deltas": [{"seq": n, "text": gen.deltas[n - 1]} for n in range(after_seq + 1, gen.seq + 1)]}
+    async with app[POOL].acquire() as conn:
+        message = await db.get_message(conn, message_uuid)  # re-read after joining
+    saved_seq, content = message.seq, message.content
+    if message.status != "streaming":
+        final = {**base, "status": message.status, "finish_reason": message.finish_reason,
+                 "error": message.error, "seq": saved_seq, "deltas": []}
+        if after_seq >= saved_seq:
+            return {**final, "reset": False}
+        return {**final, "reset": True, "content": content}
+    # Another process writes it: the saved text plus the deltas the channel history holds.
+    history = await _history_deltas(app, message)
+    start = after_seq if after_seq >= saved_seq else saved_seq
+    run: list[dict[str, Any]] = []
+    while start + len(run) + 1 in history:
+        n = start + len(run) + 1
+        run.append({"seq": n, "text": history[n]})
+    if start == after_seq:
+        return {**base, "status": "streaming", "seq": start + len(run), "reset": False, "deltas": run}
+    return {**base, "status": "streaming", "seq": start + len(run), "reset": True, "content": content,
+            "content_seq": saved_seq, "deltas": run}
+
+
+async def _history_deltas(app: web.Application, message: db.Message) -> dict[int, str]:
+    """The deltas of one answer that the conversation channel's history still holds."""
+    replay = await app[REALTIME].replay(conversation_channel(message.conversation_id), FIRST_ID)
+    wanted = str(message.id)
+    return {event.data["seq"]: event.data["text"] for event in replay.events
+            if event.type == MESSAGE_DELTA and event.data.get("message_id") == wanted}
 
 
 # --- app wiring -----------------------------------------------------------------------------------

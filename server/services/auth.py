@@ -1,10 +1,13 @@
-"""Authentication: argon2 passwords, JWT access tokens bound to a session row, Google ID tokens."""
+"""Accounts and authentication: registration, argon2 passwords, JWT access tokens bound to a
+session row, Google sign-in (with the zkLogin salt and Sui address chosen here, never by the client)."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import hashlib
+import re
 import secrets
 import time
 import uuid
@@ -19,13 +22,34 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
 from db import auth as auth_queries
-from server.core.errors import Unauthorized, Unavailable
+from db import users as user_queries
+from server.adapters.zklogin import StandInAddressDeriver, new_salt
+from server.core.errors import Conflict, Unauthorized, Unavailable
 from server.core.identity import Identity
 
 log = structlog.get_logger(__name__)
 
 GOOGLE_ISSUERS = ("accounts.google.com", "https://accounts.google.com")
 JWT_ALGORITHM = "HS256"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SignedIn:
+    """A new session's access token and its account."""
+
+    token: str
+    expires_at: dt.datetime
+    user: user_queries.User
+
+    def to_public(self) -> dict[str, Any]:
+        """The JSON answer of a sign-in."""
+        return {"token": self.token, "token_type": "Bearer", "expires_at": self.expires_at.isoformat(),
+                "user": self.user.to_public()}
+
+
+def _device_text(device_info: str | None) -> str | None:
+    """A client's User-Agent as sessions and registrations store it: at most 500 characters, None when absent."""
+    return (device_info or "")[:500] or None
 
 
 def token_digest(token: str) -> str:
@@ -96,8 +120,19 @@ class GoogleKeys:
         self._fetched_at = time.monotonic()
 
 
+async def _free_username(conn: asyncpg.Connection, email: str) -> str:
+    """A username not yet taken, made from the email's local part."""
+    base = re.sub(r"[^A-Za-z0-9_.-]", "", email.split("@")[0])[:40] or "user"
+    base = base if len(base) >= 3 else f"{base}_user"
+    candidate, suffix = base, 1
+    while await user_queries.username_taken(conn, candidate):
+        suffix += 1
+        candidate = f"{base}{suffix}"
+    return candidate
+
+
 class AuthService:
-    """Password hashing, token issue and check, session revocation, Google sign-in."""
+    """Registration, login, logout and Google sign-in; password hashing, token issue and check."""
 
     def __init__(self, *, jwt_secret: bytes, access_token_ttl: int, session_cache_ttl: float,
                  google_client_id: str | None, google_jwks_url: str) -> None:
@@ -107,6 +142,7 @@ class AuthService:
         self.sessions = SessionCache(session_cache_ttl)
         self._google_client_id = google_client_id
         self._google_keys = GoogleKeys(google_jwks_url)
+        self._addresses = StandInAddressDeriver()
 
     async def hash_password(self, password: str) -> str:
         """argon2id hash, computed off the event loop (it is deliberately slow)."""
@@ -136,10 +172,70 @@ class AuthService:
         nonce = secrets.token_urlsafe(16)
         session_id = await auth_queries.create_session(
             conn, user_id=user_id, token_hash=token_digest(nonce), ip_address=ip_address,
-            device_info=(device_info or "")[:500] or None, expires_at=expires_at)
+            device_info=_device_text(device_info), expires_at=expires_at)
         claims = {"sub": str(user_id), "sid": session_id, "jti": nonce,
                   "iat": int(time.time()), "exp": int(expires_at.timestamp())}
         return jwt.encode(claims, self._secret, algorithm=JWT_ALGORITHM), expires_at
+
+    async def _sign_in(self, conn: asyncpg.Connection, user: user_queries.User, ip_address: str | None,
+                       device_info: str | None) -> SignedIn:
+        token, expires_at = await self.start_session(conn, user.id, ip_address=ip_address, device_info=device_info)
+        return SignedIn(token, expires_at, user)
+
+    async def register(self, pool: asyncpg.Pool, *, username: str, email: str, password: str, name: str | None,
+                       ip_address: str | None, device_info: str | None) -> SignedIn:
+        """Create an account with an argon2 password hash and sign it in; Conflict for a taken username or email."""
+        password_hash = await self.hash_password(password)
+        async with pool.acquire() as conn, conn.transaction():
+            try:
+                user = await user_queries.create_user(conn, username=username, email=email.lower(),
+                                                      password_hash=password_hash, name=name)
+            except asyncpg.UniqueViolationError as exc:
+                field = "username" if "username" in (exc.constraint_name or "") else "email"
+                raise Conflict(f"that {field} is already registered", field=field) from None
+            await auth_queries.record_registration(conn, user.id, ip_address, _device_text(device_info))
+            return await self._sign_in(conn, user, ip_address, device_info)
+
+    async def login(self, pool: asyncpg.Pool, login: str, password: str, *, ip_address: str | None,
+                    device_info: str | None) -> SignedIn:
+        """Check a username-or-email and password and start a session; Unauthorized, the same for both, otherwise."""
+        async with pool.acquire() as conn:
+            credentials = await user_queries.get_credentials(conn, login)
+            password_hash = credentials.password_hash if credentials else None
+            if not await self.verify_password(password_hash, password) or credentials is None:
+                raise Unauthorized("wrong username or password")
+            if self.needs_rehash(password_hash):  # type: ignore[arg-type]
+                await user_queries.set_password_hash(conn, credentials.user_id, await self.hash_password(password))
+            user = await user_queries.get_user(conn, credentials.user_id)
+            return await self._sign_in(conn, user, ip_address, device_info)  # type: ignore[arg-type]
+
+    async def logout(self, pool: asyncpg.Pool, session_id: int) -> None:
+        """End a session: its tokens stop working at once."""
+        async with pool.acquire() as conn:
+            await self.end_session(conn, session_id)
+
+    async def sign_in_with_google(self, pool: asyncpg.Pool, id_token: str, *, ip_address: str | None,
+                                  device_info: str | None) -> SignedIn:
+        """Sign in with a Google ID token: its subject's account, else its email's (now linked), else a new one."""
+        claims = await self.verify_google_token(id_token)
+        sub, email = claims["sub"], (claims.get("email") or f"{claims['sub']}@google.invalid").lower()
+        aud = claims["aud"] if isinstance(claims["aud"], str) else claims["aud"][0]
+        async with pool.acquire() as conn, conn.transaction():
+            user = await user_queries.get_user_by_google_id(conn, sub)
+            if user is None:
+                salt = new_salt()
+                address = self._addresses.address(iss=claims["iss"], sub=sub, aud=aud, salt=salt)
+                existing = await user_queries.get_user_by_email(conn, email)
+                if existing is not None:
+                    # A verified Google email proves ownership of the address the account was made with.
+                    user = await user_queries.link_google(conn, existing.id, google_id=sub, salt=salt,
+                                                          sui_address=address)
+                else:
+                    user = await user_queries.create_user(
+                        conn, username=await _free_username(conn, email), email=email, password_hash=None,
+                        name=claims.get("name"), google_id=sub, salt=salt, sui_address=address)
+                    await auth_queries.record_registration(conn, user.id, ip_address, _device_text(device_info))
+            return await self._sign_in(conn, user, ip_address, device_info)
 
     async def authenticate(self, pool: asyncpg.Pool, token: str | None) -> Identity:
         """Check a token's signature, expiry and session; raise Unauthorized otherwise."""
@@ -197,3 +293,12 @@ class AuthService:
 
 
 AUTH: web.AppKey[AuthService] = web.AppKey("auth", AuthService)
+
+
+async def get_account(pool: asyncpg.Pool, user_id: uuid.UUID) -> user_queries.User:
+    """A signed-in user's account; Unauthorized when it no longer exists."""
+    async with pool.acquire() as conn:
+        user = await user_queries.get_user(conn, user_id)
+    if user is None:
+        raise Unauthorized("the account no longer exists")
+    return user

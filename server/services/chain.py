@@ -16,18 +16,30 @@ from typing import Any
 
 import asyncpg
 import structlog
+from aiohttp import web
 
 from db import chain as queries
 from db import outbox
+from db.pool import POOL
 from server.core import wallets
 from server.core.errors import Conflict, Forbidden, InvalidPayload, NotFound, RateLimited
 from server.core.money import money
+from server.realtime.hub import publish
 
 log = structlog.get_logger(__name__)
 
 BLOCKS_CHANNEL = "chain:blocks"
 TRANSACTIONS_CHANNEL = "chain:transactions"
 MINING_CHANNEL = "chain:mining"
+
+BLOCK_ADDED = "block_added"
+BLOCKS_BURNED = "blocks_burned"
+TRANSACTION_PENDING = "transaction_pending"
+TRANSACTION_CONFIRMED = "transaction_confirmed"
+TRANSACTION_REJECTED = "transaction_rejected"
+MINING_REWARDED = "mining_rewarded"
+HALVING_SCHEDULED = "halving_scheduled"
+
 BLOCK_VERSION = 1
 ZERO = Decimal(0)
 FAUCET_REASON = "demo_faucet"
@@ -113,7 +125,18 @@ def check_own_signature(wallet: queries.WalletAccount | None, user_id: uuid.UUID
                              field="signature")
 
 
-async def submit_transaction(conn: asyncpg.Connection, user_id: uuid.UUID, payload: dict) -> queries.Transaction:
+async def submit_transaction(app: web.Application, user_id: uuid.UUID, payload: dict) -> queries.Transaction:
+    """Verify and record a signed transfer, then announce it (not critical: the block confirms it)."""
+    async with app[POOL].acquire() as conn:
+        tx = await record_transfer(conn, user_id, payload)
+    try:
+        await publish(app, TRANSACTIONS_CHANNEL, TRANSACTION_PENDING, pending_event(tx))
+    except Exception:  # noqa: BLE001 - the transaction is recorded; the feed is best effort
+        log.warning("transaction_pending_not_published", hash=tx.hash, exc_info=True)
+    return tx
+
+
+async def record_transfer(conn: asyncpg.Connection, user_id: uuid.UUID, payload: dict) -> queries.Transaction:
     """Verify a signed transfer and record it as pending; any refusal writes nothing."""
     sender, receiver, nonce = payload["sender"], payload["receiver"], payload["nonce"]
     signature = payload["signature"].lower()
@@ -150,6 +173,43 @@ def pending_event(tx: queries.Transaction) -> dict[str, Any]:
     """`transaction_pending` data."""
     return {"hash": tx.hash, "sender": tx.sender, "receiver": tx.receiver, "amount": money(tx.amount),
             "nonce": tx.nonce}
+
+
+async def get_transaction(conn: asyncpg.Connection, tx_hash: str) -> queries.Transaction:
+    """A transaction by hash (any case), with its status and block height once sealed."""
+    tx = await queries.get_transaction(conn, tx_hash.lower())
+    if tx is None:
+        raise NotFound("no transaction has that hash", field="hash")
+    return tx
+
+
+# --- reading blocks ---------------------------------------------------------------------------
+
+async def blocks_since(conn: asyncpg.Connection, since_height: int, limit: int) -> dict[str, Any]:
+    """The blocks after a height (oldest first, at most `limit`), and the chain's tip."""
+    blocks = await queries.blocks_after(conn, since_height, limit + 1)
+    latest = await queries.tip_height(conn)
+    return {"blocks": [block.to_public() for block in blocks[:limit]], "has_more": len(blocks) > limit,
+            "latest_height": latest}
+
+
+async def blocks_before(conn: asyncpg.Connection, before_height: int | None, limit: int) -> dict[str, Any]:
+    """A page of blocks newest first, below `before_height` when given, with the cursor of the next page."""
+    blocks = await queries.list_blocks(conn, before_height, limit)
+    latest = await queries.tip_height(conn)
+    next_before = blocks[-1].height if len(blocks) == limit and blocks[-1].height > 1 else None
+    return {"blocks": [block.to_public() for block in blocks], "latest_height": latest,
+            "next_before_height": next_before}
+
+
+async def block_with_transactions(conn: asyncpg.Connection, height: int) -> dict[str, Any]:
+    """One block by height, with its transactions in block order."""
+    block = await queries.get_block(conn, height)
+    if block is None:
+        raise NotFound("no block at that height", field="height")
+    txs = (await queries.block_transactions(conn, [height]))[height]
+    by_hash = {tx.hash: tx.to_public() for tx in txs}
+    return {**block.to_public(), "transaction_details": [by_hash[h] for h in block.tx_hashes if h in by_hash]}
 
 
 # --- sealing ----------------------------------------------------------------------------------
@@ -267,26 +327,26 @@ async def _enqueue_sealed(conn: asyncpg.Connection, block: queries.Block, confir
                           halving_interval: int) -> None:
     # Lossless events: queued in the sealing transaction, published by the relay after commit.
     public = block.to_public()
-    await outbox.enqueue(conn, BLOCKS_CHANNEL, "block_added", {
+    await outbox.enqueue(conn, BLOCKS_CHANNEL, BLOCK_ADDED, {
         key: public[key] for key in ("height", "hash", "previous_hash", "timestamp", "tx_count", "miner",
                                      "miner_id", "reward", "difficulty", "total_blocks", "burned_blocks",
                                      "next_halving_time")})
     for tx in confirmed:
-        await outbox.enqueue(conn, TRANSACTIONS_CHANNEL, "transaction_confirmed", {
+        await outbox.enqueue(conn, TRANSACTIONS_CHANNEL, TRANSACTION_CONFIRMED, {
             "hash": tx.hash, "height": block.height, "block_hash": block.hash, "sender": tx.sender,
             "receiver": tx.receiver, "amount": money(tx.amount)})
     for tx, reason in rejected:
-        await outbox.enqueue(conn, TRANSACTIONS_CHANNEL, "transaction_rejected", {
+        await outbox.enqueue(conn, TRANSACTIONS_CHANNEL, TRANSACTION_REJECTED, {
             "hash": tx.hash, "sender": tx.sender, "reason": reason})
     if reward > 0 and miner is not None:
-        await outbox.enqueue(conn, MINING_CHANNEL, "mining_rewarded", {
+        await outbox.enqueue(conn, MINING_CHANNEL, MINING_REWARDED, {
             "height": block.height, "block_hash": block.hash, "miner": miner.account,
             "miner_id": str(miner.user_id), "reward": money(reward), "device_type": miner.device_type,
             "pool_id": pool.id if pool else None,
             "pool_remaining": money(pool_remaining) if pool_remaining is not None else None})
     if block.height == 1 or block.height % halving_interval == 0:
         next_height = (block.height // halving_interval + 1) * halving_interval
-        await outbox.enqueue(conn, MINING_CHANNEL, "halving_scheduled", {
+        await outbox.enqueue(conn, MINING_CHANNEL, HALVING_SCHEDULED, {
             "height": block.height, "halved": block.height % halving_interval == 0,
             "reward": money(await queries.scheduled_reward(conn, block.height)),
             "next_halving_height": next_height,
@@ -304,7 +364,7 @@ async def burn_blocks_of(conn: asyncpg.Connection, miner_id: uuid.UUID) -> dict[
                   "burned_block_ids": [int(i) for i in latest.burned_block_ids] if latest else [],
                   "last_burn_time": latest.to_public()["last_burn_time"] if latest else None}
         if burned:
-            await outbox.enqueue(conn, BLOCKS_CHANNEL, "blocks_burned", result)
+            await outbox.enqueue(conn, BLOCKS_CHANNEL, BLOCKS_BURNED, result)
     return result
 
 
@@ -403,6 +463,24 @@ def check_block(block: queries.Block, previous: queries.Block | None, txs: list[
 
 
 # --- reward pools -----------------------------------------------------------------------------
+
+async def list_pools(conn: asyncpg.Connection) -> list[queries.RewardPool]:
+    """Every reward pool, by id."""
+    return await queries.list_pools(conn)
+
+
+async def create_pool(conn: asyncpg.Connection, name: str, total_tokens: Decimal) -> queries.RewardPool:
+    """A new reward pool (names are unique: a taken one is a conflict)."""
+    return await queries.create_pool(conn, name, total_tokens)
+
+
+async def adjust_pool(conn: asyncpg.Connection, pool_id: int, delta: Decimal) -> queries.RewardPool:
+    """Add tokens to a pool, or remove unallocated ones with a negative delta."""
+    pool = await queries.add_tokens(conn, pool_id, delta)
+    if pool is None:
+        raise NotFound("no such reward pool", field="pool_id")
+    return pool
+
 
 async def allocate(conn: asyncpg.Connection, pool_id: int, user_id: uuid.UUID, amount: Decimal) -> queries.Allocation:
     """Grant pool tokens to a user: drawn from the pool and credited in one transaction."""

@@ -22,6 +22,7 @@ from db import chain as chain_queries
 from db import dao as queries
 from db import outbox
 from db.pool import POOL
+from db.pool import now as database_now
 from server.core import wallets
 from server.core.errors import Conflict, InvalidPayload, NotFound
 from server.core.settings import SETTINGS
@@ -36,10 +37,14 @@ MIN_DURATION = dt.timedelta(seconds=60)
 MAX_DURATION = dt.timedelta(days=365)
 CLOSE_BATCH = 100
 
+PROPOSAL_CHANNEL = "dao:{proposal_id}"
+TALLY_CHANGED = "tally_changed"
+PROPOSAL_CLOSED = "proposal_closed"
 
-def channel(proposal_id: int) -> str:
+
+def proposal_channel(proposal_id: int) -> str:
     """The channel of a proposal's live tally and closing."""
-    return f"dao:{proposal_id}"
+    return PROPOSAL_CHANNEL.format(proposal_id=proposal_id)
 
 
 def vote_message(proposal_id: int, choice: str, voter: str) -> bytes:
@@ -92,8 +97,7 @@ async def create_proposal(conn: asyncpg.Connection, user_id: uuid.UUID, payload:
     if not description:
         raise InvalidPayload("the description must not be blank", field="description")
     wallet = await own_wallet(conn, user_id)
-    now = await conn.fetchval("SELECT now()")
-    deadline = _deadline(payload, now)
+    deadline = _deadline(payload, await database_now(conn))
     return await queries.insert_proposal(conn, title=title, description=description, creator_wallet=wallet.address,
                                          creator_id=user_id, deadline=deadline)
 
@@ -104,7 +108,7 @@ async def _close_locked(conn: asyncpg.Connection, proposal_id: int) -> None:
     result = result_of(tally)
     closed_at = await queries.close(conn, proposal_id, result)
     if closed_at is not None:
-        await outbox.enqueue(conn, channel(proposal_id), "proposal_closed",
+        await outbox.enqueue(conn, proposal_channel(proposal_id), PROPOSAL_CLOSED,
                              {**tally_event(proposal_id, tally), "result": result, "closed_at": closed_at.isoformat()})
 
 
@@ -159,10 +163,19 @@ async def get_proposal(conn: asyncpg.Connection, proposal_id: int) -> queries.Pr
     proposal = await queries.get_proposal(conn, proposal_id)
     if proposal is None:
         raise NotFound("no such proposal", field="proposal_id")
-    if proposal.status == OPEN and proposal.deadline <= await conn.fetchval("SELECT now()"):
+    if proposal.status == OPEN and proposal.deadline <= await database_now(conn):
         await close_if_expired(conn, proposal_id)
         proposal = await queries.get_proposal(conn, proposal_id)
     return proposal  # type: ignore[return-value]
+
+
+async def proposal_view(conn: asyncpg.Connection, proposal_id: int, with_votes: bool = False) -> dict[str, Any]:
+    """A proposal's public view with its tally (closed first when past its deadline), optionally with every
+    signed vote."""
+    data = (await get_proposal(conn, proposal_id)).to_public()
+    if with_votes:
+        data["votes"] = [vote.to_public() for vote in await queries.list_votes(conn, proposal_id)]
+    return data
 
 
 async def list_proposals(conn: asyncpg.Connection, status: str | None, before_id: int | None,
@@ -196,7 +209,7 @@ async def cast_vote(conn: asyncpg.Connection, user_id: uuid.UUID, payload: dict[
             if vote is None:
                 raise Conflict("this wallet has already voted on the proposal", field="voter")
             tally = await queries.tally(conn, proposal_id)
-            await outbox.enqueue(conn, channel(proposal_id), "tally_changed", tally_event(proposal_id, tally))
+            await outbox.enqueue(conn, proposal_channel(proposal_id), TALLY_CHANGED, tally_event(proposal_id, tally))
     if expired:
         raise Conflict("the proposal is closed: its deadline has passed", field="proposal_id")
     return {**vote.to_public(), "tally": tally.to_public()}

@@ -34,7 +34,7 @@ from aiohttp import web
 
 from db import demo_game as queries
 from db import games as game_queries
-from db.pool import POOL, leadership
+from db.pool import POOL, leadership, ping
 from server.core.crypto import MASTER_KEY
 from server.core.errors import Conflict, ErrorCode, HubError, RateLimited, Unauthorized
 from server.core.money import AMOUNT_QUANTUM
@@ -47,7 +47,7 @@ from server.services.games import GAMES
 log = structlog.get_logger(__name__)
 
 DEMO_LOCK_KEY = 0x4855_4230_6465_6D6F  # "HUB0demo": a fixed key no other lock uses
-DEMO_GAME = "Block Runner"  # registered by db/demo.py, owned by its first user
+DEMO_GAME = "Block Runner"  # registered by server/services/demo.py, owned by its first user
 REWARD_TYPES = ("coin", "gem", "distance")  # used when the game allows any type
 REWARDS_PER_SESSION = (4, 8)
 REWARD_CENTS = (25, 500)  # 0.25 .. 5.00 KVP a reward, capped further by the game's policy
@@ -114,7 +114,7 @@ class DemoGamePlayer:
         while True:
             await asyncio.sleep(self.interval)
             # The lock lives on this connection: a dead one must end the lead, not be ignored.
-            await lock_conn.execute("SELECT 1")
+            await ping(lock_conn)
             try:
                 await self.step()
             except asyncio.CancelledError:

@@ -28,6 +28,7 @@ from db import chain as chain_queries
 from db import games as queries
 from db import outbox
 from db.pool import POOL
+from db.pool import now as database_now
 from server.core.errors import (
     Conflict,
     ErrorCode,
@@ -53,16 +54,26 @@ TOKEN_PREFIX = "kvpg_"
 MINUTE = 60.0
 PERIODS: dict[str, float | None] = {"hour": 3600.0, "day": 86_400.0, "week": 604_800.0, "all": None}
 SWEEP_BATCH = 500
+GAME_STATUSES = ("pending", "active", "suspended")
+DEFAULT_POLICY = {"max_reward_per_event": Decimal(100), "max_reward_per_minute": Decimal(1000),
+                  "max_reward_per_session": Decimal(10_000)}
+
+GAME_CHANNEL = "game:{game_id}"
+SESSION_CHANNEL = "session:{session_id}"
+SESSION_STARTED = "session_started"
+SESSION_ENDED = "session_ended"
+REWARD_EARNED = "reward_earned"
+LEADERBOARD_CHANGED = "leaderboard_changed"
 
 
 def game_channel(game_id: int) -> str:
     """The public channel of a game."""
-    return f"game:{game_id}"
+    return GAME_CHANNEL.format(game_id=game_id)
 
 
 def session_channel(session_id: int) -> str:
     """The channel of one session (its player and spectators)."""
-    return f"session:{session_id}"
+    return SESSION_CHANNEL.format(session_id=session_id)
 
 
 # --- game tokens -------------------------------------------------------------------------------
@@ -121,6 +132,55 @@ class GameTokens:
                 del self._entries[digest]
 
 
+# --- games -------------------------------------------------------------------------------------
+
+async def register_game(conn: asyncpg.Connection, owner: Identity, *, name: str, developer_wallet: str,
+                        revenue_share: Decimal, policy: dict[str, Decimal],
+                        reward_types: list[str] | None) -> tuple[queries.Game, str]:
+    """Register a game (an admin's is active at once, a developer's waits for an admin) with the
+    default policy where `policy` is silent; the game and its token, which is shown only now."""
+    token, digest = new_token()
+    game = await queries.create_game(
+        conn, name=name, developer_wallet=developer_wallet, revenue_share=revenue_share, owner_id=owner.user_id,
+        status="active" if owner.is_admin else "pending", token_hash=digest, reward_types=reward_types,
+        **{**DEFAULT_POLICY, **policy})
+    log.info("game_registered", game_id=game.game_id, status=game.status)
+    return game, token
+
+
+async def get_game(conn: asyncpg.Connection, game_id: int) -> queries.Game:
+    """One game with its policy."""
+    game = await queries.get_game(conn, game_id)
+    if game is None:
+        raise NotFound("no such game", field="game_id")
+    return game
+
+
+async def list_games(conn: asyncpg.Connection, status: str | None, after_id: int, limit: int) -> list[queries.Game]:
+    """Games by id after `after_id`, optionally of one status."""
+    return await queries.list_games(conn, status=status, after_id=after_id, limit=limit)
+
+
+async def update_game(conn: asyncpg.Connection, game_id: int, changes: dict[str, Any]) -> queries.Game:
+    """Change some of a game's columns (admins: activate, suspend, policy, revenue share)."""
+    game = await queries.update_game(conn, game_id, changes)
+    if game is None:
+        raise NotFound("no such game", field="game_id")
+    return game
+
+
+async def rotate_token(app: web.Application, caller: Identity, game_id: int) -> str:
+    """Issue a new token for a game (its owner or an admin); the old one stops working."""
+    token, digest = new_token()
+    async with app[POOL].acquire() as conn, conn.transaction():
+        game = await get_game(conn, game_id)
+        if game.owner_id != caller.user_id and not caller.is_admin:
+            raise Forbidden("only the game's owner or an admin may rotate its token")
+        await queries.set_token_hash(conn, game_id, digest)
+    app[GAMES].tokens.forget_game(game_id)
+    return token
+
+
 # --- sessions ----------------------------------------------------------------------------------
 
 def session_ended_event(session: queries.GameSession) -> dict[str, Any]:
@@ -150,7 +210,7 @@ async def start_session(app: web.Application, user_id: uuid.UUID, game_id: int) 
                 raise Conflict("your previous session is closing; start again", field="game_id")
             return {**running.to_public(), "resumed": True}
     try:
-        await publish(app, game_channel(game_id), "session_started", {
+        await publish(app, game_channel(game_id), SESSION_STARTED, {
             "session_id": session.session_id, "game_id": game_id, "user_id": str(user_id),
             "player_wallet": session.player_wallet, "started_at": session.session_start.isoformat()})
     except Exception:  # noqa: BLE001 - the session exists; the announcement is best effort
@@ -178,8 +238,8 @@ async def end_session(app: web.Application, caller: Caller, session_id: int) -> 
         ended = await queries.close_session(conn, session_id, queries.ENDED)
         assert ended is not None  # the row is locked and was active
         data = session_ended_event(ended)
-        await outbox.enqueue_many(conn, [(game_channel(ended.game_id), "session_ended", data),
-                                            (session_channel(session_id), "session_ended", data)])
+        await outbox.enqueue_many(conn, [(game_channel(ended.game_id), SESSION_ENDED, data),
+                                            (session_channel(session_id), SESSION_ENDED, data)])
     log.info("game_session_ended", session_id=session_id)
     return ended.to_public()
 
@@ -198,6 +258,15 @@ async def heartbeat(app: web.Application, caller: Caller, session_id: int) -> di
     return touched.to_public()
 
 
+async def session_with_rewards(conn: asyncpg.Connection, session_id: int, limit: int) -> dict[str, Any]:
+    """A session with its latest rewards, newest first (public, as its channel is)."""
+    session = await queries.get_session(conn, session_id)
+    if session is None:
+        raise NotFound("no such session", field="session_id")
+    rewards = await queries.session_rewards(conn, session_id, limit)
+    return {**session.to_public(), "rewards": [reward_ack(r) for r in rewards]}
+
+
 async def sweep_idle(pool: asyncpg.Pool, idle_seconds: float) -> int:
     """Time out sessions idle for `idle_seconds` (their events in the same transaction); how many."""
     total = 0
@@ -207,8 +276,8 @@ async def sweep_idle(pool: asyncpg.Pool, idle_seconds: float) -> int:
             events = []
             for session in timed_out:
                 data = session_ended_event(session)
-                events += [(game_channel(session.game_id), "session_ended", data),
-                           (session_channel(session.session_id), "session_ended", data)]
+                events += [(game_channel(session.game_id), SESSION_ENDED, data),
+                           (session_channel(session.session_id), SESSION_ENDED, data)]
             if events:
                 await outbox.enqueue_many(conn, events)
         total += len(timed_out)
@@ -337,7 +406,7 @@ async def book_rewards(conn: asyncpg.Connection,
         existing = await queries.find_rewards(conn, keys) if keys else {}
         fresh = {r.session_id for r in batch if (r.session_id, r.seq) not in existing and r.session_id in sessions}
         windows = await queries.minute_windows(conn, fresh) if fresh else {}
-        now = await conn.fetchval("SELECT now()")
+        now = await database_now(conn)
         outcomes, accepted = decide(batch, sessions, existing, windows, now)
         booked: dict[tuple[int, int], queries.StoredReward] = {}
         if accepted:
@@ -361,8 +430,8 @@ async def book_rewards(conn: asyncpg.Connection,
                     user_id=session.user_id, delta=reward.reward_value, balance_after=running[session.user_id],
                     reason=queries.REWARD_REASON, reference=str(reward.reward_id)))
                 data = reward_event(session, reward)
-                events += [(game_channel(session.game_id), "reward_earned", data),
-                           (session_channel(session.session_id), "reward_earned", data)]
+                events += [(game_channel(session.game_id), REWARD_EARNED, data),
+                           (session_channel(session.session_id), REWARD_EARNED, data)]
             await chain_queries.insert_ledger(conn, entries)
             await outbox.enqueue_many(conn, events)
     results: list[dict[str, Any] | HubError] = []
@@ -374,6 +443,14 @@ async def book_rewards(conn: asyncpg.Connection,
         else:
             results.append(reward_ack(booked[outcome]))
     return results, len(accepted)
+
+
+async def report_reward(app: web.Application, caller: GameCaller, session_id: int,
+                        payload: dict[str, Any]) -> dict[str, Any]:
+    """Queue a game server's reward report for booking and wait for its ack."""
+    return await app[GAMES].ingest.submit(RewardReport(
+        game_id=caller.game_id, session_id=session_id, seq=payload["seq"], reward_type=payload["reward_type"],
+        value=parse_value(payload["value"])))
 
 
 @dataclasses.dataclass(slots=True)
@@ -475,6 +552,12 @@ async def leaderboard(conn: asyncpg.Connection, game_id: int, period: str, limit
                         for rank, e in enumerate(entries, start=1)]}
 
 
+async def game_leaderboard(conn: asyncpg.Connection, game_id: int, period: str, limit: int) -> dict[str, Any]:
+    """A registered game's top players over a period."""
+    await get_game(conn, game_id)
+    return await leaderboard(conn, game_id, period, limit)
+
+
 class Leaderboards:
     """Publishes `leaderboard_changed` for games that got rewards, at most once per interval.
 
@@ -511,7 +594,7 @@ class Leaderboards:
             if board["entries"] == self._last.get(game_id):
                 continue
             self._last[game_id] = board["entries"]
-            await publish(self.app, game_channel(game_id), "leaderboard_changed", board)
+            await publish(self.app, game_channel(game_id), LEADERBOARD_CHANGED, board)
 
     async def _claim(self, game_id: int) -> bool:
         redis = self.app[REDIS]

@@ -150,9 +150,16 @@ async def own_status(conn: asyncpg.Connection, user_id: uuid.UUID) -> dict[str, 
             "submissions": [submission.to_public() for submission in submissions]}
 
 
-async def read_document(conn: asyncpg.Connection, blobs: BlobStore, master_key: bytes,
-                        kyc_id: int) -> tuple[str, bytes]:
-    """A submission's document, decrypted and authenticated: (media type, bytes)."""
+async def list_submissions(conn: asyncpg.Connection, status: str, after_id: int | None, limit: int) -> dict[str, Any]:
+    """Submissions of one status, oldest first (a review queue), and the id the next page starts after."""
+    found = await queries.list_by_status(conn, status, after_id, limit)
+    next_after = found[-1].id if len(found) == limit else None
+    return {"submissions": [submission.to_public() for submission in found], "next_after_id": next_after}
+
+
+async def read_document(conn: asyncpg.Connection, blobs: BlobStore, master_key: bytes, kyc_id: int, *,
+                        admin_user_id: uuid.UUID) -> tuple[str, bytes]:
+    """A submission's document, decrypted and authenticated, for an administrator (every read is logged)."""
     stored = await queries.get_document(conn, kyc_id)
     if stored is None:
         raise NotFound("no such KYC submission", field="kyc_id")
@@ -169,4 +176,6 @@ async def read_document(conn: asyncpg.Connection, blobs: BlobStore, master_key: 
     except (InvalidTag, ValueError) as exc:
         log.error("kyc_document_unreadable", kyc_id=kyc_id, error=type(exc).__name__)
         raise DocumentUnreadable("the stored document failed its integrity check; it was not served") from None
-    return stored.media_type or media_type_of(document), document
+    media_type = stored.media_type or media_type_of(document)
+    log.info("kyc_document_read", kyc_id=kyc_id, admin_user_id=str(admin_user_id), size=len(document))
+    return media_type, document

@@ -1,13 +1,35 @@
-"""The marketplace's rules: DataPods, their channels and the events that tell browsers of changes."""
+"""The marketplace's rules: DataPods, their channels and the events that tell browsers of changes.
+
+A seller uploads a dataset as a draft DataPod (sealed by server/services/datasets.py), publishes
+it once their KYC is Approved, changes it, and withdraws it. Live events (`datapod_published`,
+`datapod_updated`, `datapod_unpublished`) go on `market`, `market:category:<category>` and
+`datapod:<id>` through the outbox, in the same transaction as the change they announce, so a
+committed change is always announced. Drafts are visible to their seller only.
+"""
 
 from __future__ import annotations
 
+import base64
+import binascii
+import dataclasses
+import datetime as dt
 import uuid
-from typing import Any
+from decimal import Decimal, InvalidOperation
+from typing import Any, Mapping
 
 import asyncpg
+import structlog
 
+from db import datapods as queries
 from db import outbox
+from server.adapters.blobs import BlobStore
+from server.core import jsonutil
+from server.core.errors import Forbidden, InvalidPayload, NotFound
+from server.core.identity import Identity
+from server.services.datasets import DatasetSpool, seal
+from server.services.kyc import require_verified
+
+log = structlog.get_logger(__name__)
 
 MARKET_CHANNEL = "market"
 DATAPOD_CHANNEL = "datapod:{datapod_id}"
@@ -18,6 +40,11 @@ DATAPOD_UPDATED = "datapod_updated"
 DATAPOD_UNPUBLISHED = "datapod_unpublished"
 DATAPOD_SOLD = "datapod_sold"
 REVIEW_ADDED = "review_added"
+
+DEFAULT_PAGE = 20
+# The search's sort keys, and the direction each takes when the client names none.
+DEFAULT_DESCENDING = {"newest": True, "price": False, "rating": True, "sales": True}
+SORTS = tuple(DEFAULT_DESCENDING)
 
 
 def datapod_channel(datapod_id: uuid.UUID | str) -> str:
@@ -38,3 +65,194 @@ async def enqueue_datapod_event(conn: asyncpg.Connection, datapod_id: uuid.UUID,
     """Queue a DataPod event on all of its channels inside the caller's transaction."""
     for channel in datapod_channels(datapod_id, category):
         await outbox.enqueue(conn, channel, type, data)
+
+
+# --- payload values ---------------------------------------------------------------------------
+
+
+def parse_price(value: Any, field: str) -> Decimal:
+    """A price from a payload (text or number); InvalidPayload naming `field` unless it fits NUMERIC(20,9)."""
+    try:
+        price = Decimal(str(value))
+    except InvalidOperation:
+        raise InvalidPayload("not a price", field=field) from None
+    if not price.is_finite() or price < 0 or price.as_tuple().exponent < -9:  # type: ignore[operator]
+        raise InvalidPayload("a price is a non-negative amount with at most 9 decimals", field=field)
+    return price
+
+
+def _encode_cursor(sort: str, descending: bool, value: Any, last_id: uuid.UUID) -> str:
+    raw = jsonutil.dumpb([sort, descending, value.isoformat() if isinstance(value, dt.datetime) else str(value),
+                          str(last_id)])
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def _decode_cursor(cursor: str, sort: str, descending: bool) -> tuple[Any, uuid.UUID]:
+    """The keyset position in a cursor made for the same order; InvalidPayload otherwise."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        cursor_sort, cursor_descending, value, last_id = jsonutil.loads(raw)
+        if (cursor_sort, cursor_descending) != (sort, descending):
+            raise InvalidPayload("the cursor belongs to another sort order", field="cursor")
+        if sort == "newest":
+            position: Any = dt.datetime.fromisoformat(value)
+        elif sort == "sales":
+            position = int(value)
+        else:
+            position = Decimal(value)
+        return position, uuid.UUID(last_id)
+    except InvalidPayload:
+        raise
+    except (ValueError, TypeError, InvalidOperation, binascii.Error):
+        raise InvalidPayload("the cursor is not valid", field="cursor") from None
+
+
+def _page_size(payload: Mapping[str, Any]) -> int:
+    return payload.get("limit", DEFAULT_PAGE)
+
+
+def search_filter(payload: Mapping[str, Any], *, seller_id: uuid.UUID | None = None) -> queries.SearchFilter:
+    """A validated search payload (REST query or socket command) as a query filter."""
+    sort = payload.get("sort", "newest")
+    descending = DEFAULT_DESCENDING[sort] if "order" not in payload else payload["order"] == "desc"
+    min_price = parse_price(payload["min_price"], "min_price") if "min_price" in payload else None
+    max_price = parse_price(payload["max_price"], "max_price") if "max_price" in payload else None
+    if min_price is not None and max_price is not None and min_price > max_price:
+        raise InvalidPayload("min_price is above max_price", field="min_price")
+    after = _decode_cursor(payload["cursor"], sort, descending) if "cursor" in payload else None
+    return queries.SearchFilter(
+        category=payload["category"].lower() if "category" in payload else None, min_price=min_price,
+        max_price=max_price, q=payload.get("q"), seller_id=seller_id, published_only=seller_id is None, sort=sort,
+        descending=descending, after=after, limit=_page_size(payload) + 1)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ReviewPage:
+    """Which reviews a page holds: at most `limit`, newest first, after the keyset position `after`."""
+
+    limit: int
+    after: tuple[dt.datetime, uuid.UUID] | None
+
+
+def review_page(payload: Mapping[str, Any]) -> ReviewPage:
+    """A validated page payload (`limit`, `cursor`) of reviews; InvalidPayload for a bad cursor."""
+    after = _decode_cursor(payload["cursor"], "newest", True) if "cursor" in payload else None
+    return ReviewPage(limit=_page_size(payload), after=after)
+
+
+# --- reads ------------------------------------------------------------------------------------
+
+
+def _visible(pod: queries.DatapodSummary, identity: Identity | None) -> bool:
+    return pod.published or (identity is not None and pod.seller_id == identity.user_id)
+
+
+async def _get_visible(conn: asyncpg.Connection, datapod_id: uuid.UUID, identity: Identity | None) -> queries.Datapod:
+    pod = await queries.get_datapod(conn, datapod_id)
+    if pod is None or not _visible(pod, identity):
+        raise NotFound("no such DataPod", field="datapod_id")
+    return pod
+
+
+async def get_datapod(pool: asyncpg.Pool, datapod_id: uuid.UUID, identity: Identity | None) -> queries.Datapod:
+    """A pod the caller may see (published, or their own); NotFound otherwise."""
+    async with pool.acquire() as conn:
+        return await _get_visible(conn, datapod_id, identity)
+
+
+async def search(pool: asyncpg.Pool, payload: Mapping[str, Any], *,
+                 seller_id: uuid.UUID | None = None) -> dict[str, Any]:
+    """One page of a validated search (published pods, or all of `seller_id`'s) and the next page's cursor."""
+    query = search_filter(payload, seller_id=seller_id)
+    async with pool.acquire() as conn:
+        found = await queries.search_datapods(conn, query)
+    page = found[:query.limit - 1]
+    next_cursor = None
+    if len(found) >= query.limit:
+        last = page[-1]
+        value = getattr(last, queries.SORT_FIELDS[query.sort])
+        next_cursor = _encode_cursor(query.sort, query.descending, value, last.id)
+    return {"items": [pod.to_public() for pod in page], "next_cursor": next_cursor}
+
+
+async def list_reviews(pool: asyncpg.Pool, datapod_id: uuid.UUID, identity: Identity | None,
+                       page: ReviewPage) -> dict[str, Any]:
+    """A visible DataPod's reviews, newest first, and the next page's cursor (null on the last page)."""
+    async with pool.acquire() as conn:
+        await _get_visible(conn, datapod_id, identity)
+        found = await queries.list_reviews(conn, datapod_id, after=page.after, limit=page.limit + 1)
+    reviews = found[:page.limit]
+    next_cursor = (_encode_cursor("newest", True, reviews[-1].created_at, reviews[-1].id)
+                   if len(found) > page.limit else None)
+    return {"items": [review.to_public() for review in reviews], "next_cursor": next_cursor}
+
+
+async def seller_stats(pool: asyncpg.Pool, seller_id: uuid.UUID) -> queries.SellerStats:
+    """A seller's analytics: pods, published pods, sales, revenue, average rating."""
+    async with pool.acquire() as conn:
+        return await queries.seller_stats(conn, seller_id)
+
+
+# --- changes ----------------------------------------------------------------------------------
+
+
+async def upload_datapod(pool: asyncpg.Pool, blobs: BlobStore, master_key: bytes, seller_id: uuid.UUID,
+                         spool: DatasetSpool, fmt: str, metadata: Mapping[str, Any]) -> queries.Datapod:
+    """Seal a received dataset (the spool is discarded either way) and record it as the seller's draft DataPod."""
+    try:
+        sealed = await seal(spool, fmt, blobs, master_key)
+    finally:
+        spool.discard()
+    async with pool.acquire() as conn, conn.transaction():
+        pod = await queries.insert_datapod(
+            conn, sealed, seller_id=seller_id, title=metadata["title"],
+            description=metadata.get("description") or None, category=metadata["category"].lower(),
+            price_sui=parse_price(metadata["price_sui"], "price_sui"), tags=metadata.get("tags", []))
+    log.info("datapod_uploaded", datapod_id=str(pod.id), seller_id=str(seller_id), size=sealed.file_size)
+    return pod
+
+
+async def _lock_own(conn: asyncpg.Connection, datapod_id: uuid.UUID, user_id: uuid.UUID) -> queries.DatapodAccess:
+    access = await queries.lock_datapod(conn, datapod_id)
+    mine = access is not None and access.seller_id == user_id
+    if access is None or (not access.published and not mine):
+        raise NotFound("no such DataPod", field="datapod_id")  # drafts stay invisible to others
+    if not mine:
+        raise Forbidden("only the seller may change this DataPod")
+    return access
+
+
+async def set_published(pool: asyncpg.Pool, user_id: uuid.UUID, datapod_id: uuid.UUID,
+                        published: bool) -> queries.Datapod:
+    """Publish (verified sellers only) or withdraw the seller's DataPod, and announce the change."""
+    async with pool.acquire() as conn, conn.transaction():
+        access = await _lock_own(conn, datapod_id, user_id)
+        if access.published == published:  # a retry: nothing changes, nothing is announced
+            return await queries.get_datapod(conn, datapod_id)  # type: ignore[return-value]
+        if published:
+            await require_verified(conn, user_id)  # only verified sellers offer DataPods for sale
+        pod = await queries.set_published(conn, datapod_id, published)
+        if published:
+            await enqueue_datapod_event(conn, pod.id, pod.category, DATAPOD_PUBLISHED,
+                                        queries.DatapodSummary.to_public(pod))
+        else:
+            await enqueue_datapod_event(conn, pod.id, pod.category, DATAPOD_UNPUBLISHED,
+                                        {"datapod_id": str(pod.id), "category": pod.category})
+    return pod
+
+
+async def update_datapod(pool: asyncpg.Pool, user_id: uuid.UUID, datapod_id: uuid.UUID,
+                         changes: Mapping[str, Any]) -> queries.Datapod:
+    """Change the title, description or price of the seller's DataPod; a published pod's changes are announced."""
+    price = parse_price(changes["price_sui"], "price_sui") if "price_sui" in changes else None
+    async with pool.acquire() as conn, conn.transaction():
+        access = await _lock_own(conn, datapod_id, user_id)
+        before = await queries.get_datapod(conn, datapod_id)
+        pod = await queries.update_datapod(conn, datapod_id, title=changes.get("title"),
+                                           description=changes.get("description"), price_sui=price)
+        changed = {field: getattr(pod, field) for field in ("title", "description", "price_sui")
+                   if getattr(pod, field) != getattr(before, field)}
+        if access.published and changed:  # drafts are private: nothing to announce
+            await enqueue_datapod_event(conn, pod.id, pod.category, DATAPOD_UPDATED, {
+                "datapod_id": str(pod.id), "changes": changed, "updated_at": pod.updated_at.isoformat()})
+    return pod

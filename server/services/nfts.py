@@ -88,6 +88,18 @@ async def get_nft(conn: asyncpg.Connection, nft_id: int) -> dict[str, Any]:
     return {**nft.to_public(), "listing": listing.to_public() if listing else None}
 
 
+async def list_nfts(conn: asyncpg.Connection, owner_wallet: str | None, before_id: int | None,
+                    limit: int) -> list[queries.Nft]:
+    """NFTs newest first, optionally of one owner wallet and below an id."""
+    return await queries.list_nfts(conn, owner_wallet, before_id, limit)
+
+
+async def list_listings(conn: asyncpg.Connection, seller_wallet: str | None, before_id: int | None,
+                        limit: int) -> list[queries.Listing]:
+    """Available listings newest first, optionally of one seller wallet and below an id."""
+    return await queries.list_available(conn, seller_wallet, before_id, limit)
+
+
 async def create_listing(conn: asyncpg.Connection, user_id: uuid.UUID, nft_id: int, raw_price: str) -> queries.Listing:
     """List the caller's NFT for sale; one available listing per NFT."""
     price = parse_price(raw_price)

@@ -6,8 +6,8 @@ step and its events (through the outbox) in one transaction that first re-checks
 step is applied once even if a stalled worker's lease was taken over. A worker that dies leaves
 its lease to expire (PURCHASE_JOB_LEASE) and the job resumes at its recorded step.
 
-Money rules: a purchase is `failed` when its payment was never verified; once verified, any
-failure refunds it (escrow `refunded`, purchase `refunded`). Every transition is a compare-and-set.
+This module only drives the job (lease, step order, retries with backoff, the escrow sweep); what
+each step does to the purchase, and the money rules, are in server/services/purchases.py.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import hashlib
 import uuid
 from typing import Any
 
@@ -23,73 +22,23 @@ import asyncpg
 import structlog
 from aiohttp import web
 
-from db import escrow as escrow_queries
-from db import outbox
 from db import purchases as queries
 from db.pool import POOL
-from server.adapters.payments import PAYMENT_VERIFIER, ChainVerifier, Outcome, PaymentClaim, make_verifier
+from server.adapters.payments import PAYMENT_VERIFIER, ChainVerifier, Outcome, make_verifier
 from server.core.aio import wait_event
-from server.core.crypto import MASTER_KEY, unwrap_key
+from server.core.crypto import MASTER_KEY
 from server.core.settings import SETTINGS, Settings
-from server.realtime.hub import user_channel
-from server.services import delivery, marketplace
+from server.services import purchases
 
 log = structlog.get_logger(__name__)
 
 STEPS = ("verify", "wrap", "hold", "complete")
-PROGRESS = {  # event step -> percent
-    "payment_verifying": 10, "payment_verified": 30, "key_wrapping": 55, "escrow_holding": 80, "completed": 100,
-}
 MAX_ATTEMPTS = 8
 ESCROW_SWEEP_SECONDS = 5.0
 
 
 class LostLease(Exception):
     """Another worker owns the job now (our lease expired); stop without touching it."""
-
-
-async def progressed(conn: asyncpg.Connection, purchase: queries.Purchase, status: str, step: str,
-                     percent: int | None = None, reason: str | None = None) -> None:
-    """purchase_progressed on the buyer's channel, committed with the state change."""
-    data: dict[str, Any] = {"purchase_id": str(purchase.id), "datapod_id": str(purchase.datapod_id),
-                            "status": status, "step": step,
-                            "percent": PROGRESS.get(step, 100) if percent is None else percent}
-    if reason:
-        data["reason"] = reason
-    await outbox.enqueue(conn, user_channel(purchase.buyer_id), "purchase_progressed", data)
-
-
-async def escrow_event(conn: asyncpg.Connection, escrow: escrow_queries.Escrow, type: str, reason: str) -> None:
-    """escrow_released / escrow_refunded to both parties."""
-    for user_id in (escrow.buyer_id, escrow.seller_id):
-        await outbox.enqueue(conn, user_channel(user_id), type, escrow.event(reason))
-
-
-async def release_escrow(conn: asyncpg.Connection, purchase_id: uuid.UUID, reason: str) -> escrow_queries.Escrow | None:
-    """holding -> released (buyer confirmed, or the window passed); None if it was not holding."""
-    released = await escrow_queries.release(conn, purchase_id)
-    if released is not None:
-        await escrow_event(conn, released, "escrow_released", reason)
-    return released
-
-
-async def refund_purchase(conn: asyncpg.Connection, purchase_id: uuid.UUID,
-                          reason: str) -> escrow_queries.Escrow | None:
-    """Refund a paid purchase whose escrow still holds the money: escrow and purchase become refunded.
-
-    None when the escrow was not holding (already released or refunded, or never opened).
-    """
-    purchase = await queries.lock_purchase(conn, purchase_id)
-    if purchase is None:
-        return None
-    refunded = await escrow_queries.refund(conn, purchase_id)
-    if refunded is None:
-        return None
-    await queries.set_status(conn, purchase_id, ("processing", "completed"), "refunded")
-    await queries.finish_job(conn, purchase_id)  # a job at its last step must not complete it
-    await escrow_event(conn, refunded, "escrow_refunded", reason)
-    await progressed(conn, purchase, "refunded", "refunded", 100, reason)
-    return refunded
 
 
 class PurchaseWorker:
@@ -150,11 +99,7 @@ class PurchaseWorker:
 
     async def release_due_escrows(self) -> int:
         """Release escrows of completed purchases older than ESCROW_RELEASE_SECONDS; returns how many."""
-        async with self.pool.acquire() as conn, conn.transaction():
-            released = await escrow_queries.release_due(conn, self.settings.escrow_release_seconds)
-            for escrow in released:
-                await escrow_event(conn, escrow, "escrow_released", "release_window_passed")
-        return len(released)
+        return await purchases.release_due_escrows(self.pool, self.settings.escrow_release_seconds)
 
     async def run_once(self, purchase_id: uuid.UUID | None = None) -> bool:
         """Claim one runnable job (optionally a given one) and run it as far as it goes."""
@@ -189,14 +134,7 @@ class PurchaseWorker:
 
     async def _step_verify(self, purchase_id: uuid.UUID, step: str) -> str | None:
         async with self._step(purchase_id, step) as (conn, purchase):
-            if await queries.set_status(conn, purchase_id, ("pending_payment",), "processing"):
-                await progressed(conn, purchase, "processing", "payment_verifying")
-            addresses = await queries.sui_addresses(conn, purchase.buyer_id, purchase.seller_id)
-        claim = PaymentClaim(
-            digest=purchase.payment_tx_digest, buyer_id=purchase.buyer_id,
-            buyer_sui_address=addresses.get(purchase.buyer_id), seller_id=purchase.seller_id,
-            seller_sui_address=addresses.get(purchase.seller_id), price_sui=purchase.amount_sui,
-            started_at=purchase.created_at)
+            claim = await purchases.begin_verification(conn, purchase)
         verdict = await self.verifier.verify(claim)
         log.info("payment_verdict", purchase_id=str(purchase_id), outcome=verdict.outcome.value, reason=verdict.reason)
         if verdict.outcome is Outcome.PENDING:
@@ -205,67 +143,41 @@ class PurchaseWorker:
                 await self._fail(purchase_id, step, f"payment not confirmed in time: {verdict.reason}")
                 return None
             async with self.pool.acquire() as conn:
-                attempts = await conn.fetchval("SELECT attempts FROM purchase_jobs WHERE purchase_id = $1", purchase_id)
+                attempts = await queries.job_attempts(conn, purchase_id)
                 await queries.retry_job(conn, purchase_id, self.worker_id, _backoff(attempts or 1), verdict.reason)
             return None
         if verdict.outcome is Outcome.REJECTED:
             await self._fail(purchase_id, step, verdict.reason)
             return None
         async with self._step(purchase_id, step) as (conn, purchase):
-            recorded = await queries.record_receipt(
-                conn, digest=purchase.payment_tx_digest, purchase_id=purchase_id, chain=verdict.chain,
-                sender=verdict.sender, receiver=verdict.receiver, amount_sui=verdict.amount_sui or purchase.amount_sui)
-            if recorded:
+            if await purchases.record_payment(conn, purchase, verdict):
                 await queries.advance_job(conn, purchase_id, "wrap")
-                await progressed(conn, purchase, "processing", "payment_verified")
                 return "wrap"
         await self._fail(purchase_id, step, "this payment already paid for another purchase")
         return None
 
     async def _step_wrap(self, purchase_id: uuid.UUID, step: str) -> str:
         async with self.pool.acquire() as conn:
-            purchase = await queries.get_purchase(conn, purchase_id)
-            if purchase is None:
-                raise LostLease(str(purchase_id))
-            pod = await queries.get_pod(conn, purchase.datapod_id)
-            public_key = await queries.get_x25519_key(conn, purchase.buyer_id)
-        assert pod is not None
-        dataset_key = unwrap_key(self.master_key, pod.wrapped_key, str(pod.id).encode())
-        if hashlib.sha256(dataset_key).hexdigest() != pod.encryption_key_hash:
-            raise ValueError("the DataPod's key does not match its encryption_key_hash")
-        if public_key is not None:
-            wrapped = delivery.envelope_json(delivery.seal_for_buyer(
-                dataset_key, bytes(public_key), purchase_id=purchase_id, datapod_id=pod.id,
-                dataset_nonce_hex=pod.encryption_iv, blob_id=pod.walrus_blob_id, data_hash=pod.data_hash))
-        else:
-            wrapped = delivery.seal_for_server(self.master_key, dataset_key, purchase_id)
+            sealed = await purchases.seal_key(conn, self.master_key, purchase_id)
+        if sealed is None:
+            raise LostLease(str(purchase_id))
         async with self._step(purchase_id, step) as (conn, purchase):
-            if not await queries.set_key(conn, purchase_id, decryption_key=wrapped, decryption_iv=pod.encryption_iv,
-                                         encrypted_blob_id=pod.walrus_blob_id):
+            if not await purchases.store_key(conn, purchase, sealed):
                 raise LostLease(f"{purchase_id} left processing")
             await queries.advance_job(conn, purchase_id, "hold")
-            await progressed(conn, purchase, "processing", "key_wrapping")
         return "hold"
 
     async def _step_hold(self, purchase_id: uuid.UUID, step: str) -> str:
         async with self._step(purchase_id, step) as (conn, purchase):
-            await escrow_queries.hold(conn, purchase_id, purchase.seller_id, purchase.amount_sui)
+            await purchases.hold_escrow(conn, purchase)
             await queries.advance_job(conn, purchase_id, "complete")
-            await progressed(conn, purchase, "processing", "escrow_holding")
         return "complete"
 
     async def _step_complete(self, purchase_id: uuid.UUID, step: str) -> None:
         async with self._step(purchase_id, step) as (conn, purchase):
             await queries.finish_job(conn, purchase_id)
-            if not await queries.set_status(conn, purchase_id, ("processing",), "completed"):
+            if not await purchases.complete_purchase(conn, purchase):
                 return None  # refunded meanwhile by an admin: nothing to complete
-            await progressed(conn, purchase, "completed", "completed")
-            await outbox.enqueue(conn, user_channel(purchase.seller_id), "sale_completed", {
-                "purchase_id": str(purchase_id), "datapod_id": str(purchase.datapod_id),
-                "datapod_title": purchase.datapod_title, "amount_sui": purchase.amount_sui})
-            sold = {"datapod_id": str(purchase.datapod_id),
-                    "purchase_count": await queries.purchase_count(conn, purchase.datapod_id)}
-            await marketplace.enqueue_datapod_event(conn, purchase.datapod_id, None, marketplace.DATAPOD_SOLD, sold)
         log.info("purchase_completed", purchase_id=str(purchase_id))
         return None
 
@@ -275,26 +187,13 @@ class PurchaseWorker:
         """End the job: `failed` if the payment was never verified, else refunded through escrow."""
         async with self._step(purchase_id, step) as (conn, purchase):
             await queries.finish_job(conn, purchase_id)
-            paid = await queries.receipt_for(conn, purchase_id, purchase.payment_tx_digest)
-            if not paid:
-                if await queries.set_status(conn, purchase_id, ("pending_payment", "processing"), "failed"):
-                    await progressed(conn, purchase, "failed", "failed", 100, reason)
-            else:
-                refunded = (await escrow_queries.refund(conn, purchase_id)
-                            or await escrow_queries.hold(conn, purchase_id, purchase.seller_id,
-                                                         purchase.amount_sui, status="refunded"))
-                if await queries.set_status(conn, purchase_id, ("pending_payment", "processing"), "refunded"):
-                    if refunded is not None:
-                        await escrow_event(conn, refunded, "escrow_refunded", reason)
-                    await progressed(conn, purchase, "refunded", "refunded", 100, reason)
+            await purchases.fail_purchase(conn, purchase, reason)
         log.info("purchase_failed", purchase_id=str(purchase_id), reason=reason)
 
     async def _retry_or_fail(self, job: queries.Job, step: str, error: str) -> None:
         try:
             async with self.pool.acquire() as conn:
-                attempts = await conn.fetchval(
-                    "SELECT attempts FROM purchase_jobs WHERE purchase_id = $1 AND locked_by = $2",
-                    job.purchase_id, self.worker_id)
+                attempts = await queries.job_attempts(conn, job.purchase_id, self.worker_id)
                 if attempts is None:
                     return
                 if attempts < MAX_ATTEMPTS:
