@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from db import datapods as datapod_queries
+from db import marketplace as datapod_queries
 from server.adapters.blobs import BLOB_ID, BLOBS, LocalBlobStore, WalrusBlobStore, blob_id_for
 from server.app import create_app
 from server.core.crypto import MASTER_KEY, decrypt_dataset, unwrap_key

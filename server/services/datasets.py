@@ -27,7 +27,7 @@ from typing import Any, AsyncIterator, Iterable, TextIO
 import structlog
 from aiohttp import web
 
-from db.datapods import SealedDataset
+from db.marketplace import SealedDataset
 from server.adapters.blobs import BLOBS, BlobStore, create_blob_store
 from server.core.crypto import TAG_BYTES, StreamDecryptor, StreamEncryptor, wrap_key
 from server.core.errors import InvalidPayload, PayloadTooLarge

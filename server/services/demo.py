@@ -16,9 +16,9 @@ from argon2 import PasswordHasher
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from db import chain as chain_queries
-from db import datapods as datapod_queries
 from db import demo as demo_queries
 from db import kyc as kyc_queries
+from db import marketplace as datapod_queries
 from db import users as user_queries
 from server.adapters.blobs import BlobStore, create_blob_store
 from server.core.settings import Settings

@@ -20,7 +20,7 @@ from typing import Any, Mapping
 import asyncpg
 import structlog
 
-from db import datapods as queries
+from db import marketplace as queries
 from db import outbox
 from server.adapters.blobs import BlobStore
 from server.core import jsonutil

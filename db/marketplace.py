@@ -1,4 +1,4 @@
-"""Queries on DataPods: insert, publish, update, search with keyset pages, seller analytics, reviews.
+"""Queries of the marketplace: DataPods (insert, publish, update, search with keyset pages), seller analytics, reviews.
 
 Each function takes the connection first so the caller owns the transaction.
 """
