@@ -15,13 +15,12 @@ from server.core.errors import NotFound
 from server.core.identity import Identity
 from server.edge.namespace import Ctx, HubNamespace, command
 from server.edge.rest import endpoint, ok_response, query_payload
-from server.edge.schemas import UUID, compile_schema, obj, string
+from server.edge.schemas import MAX_PAGE, UUID, compile_schema, obj, string
 from server.realtime.hub import USER_CHANNEL, ChannelRule, own_user
 from server.services import purchases as service
 
 routes = web.RouteTableDef()
 
-MAX_PAGE = 100
 # Sui digests are base58 (43-44 chars); KVP hashes hex. Both fit this, and nothing else is needed.
 DIGEST = string(8, 100, pattern="^[A-Za-z0-9_:-]+$")
 START_SCHEMA = obj({"datapod_id": UUID, "payment_tx_digest": DIGEST}, required=("datapod_id", "payment_tx_digest"))

@@ -6,6 +6,11 @@ from typing import Any
 
 from server.core.errors import HubError
 
+# List pages, on every REST route and command that pages: at most MAX_PAGE items each,
+# DEFAULT_PAGE when the client gives no `limit`.
+MAX_PAGE = 100
+DEFAULT_PAGE = 20
+
 
 def ok(data: Any = None) -> dict[str, Any]:
     """A success envelope."""

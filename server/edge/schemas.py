@@ -9,6 +9,7 @@ from jsonschema import Draft202012Validator
 
 from server.core import wallets
 from server.core.errors import InvalidPayload
+from server.core.protocol import DEFAULT_PAGE, MAX_PAGE  # noqa: F401 - the handlers' page vocabulary
 
 _FORMATS = Draft202012Validator.FORMAT_CHECKER
 
@@ -75,9 +76,6 @@ def string(min_length: int = 1, max_length: int = 255, **extra: Any) -> dict[str
 UUID = {"type": "string", "format": "uuid",
         "pattern": "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"}
 
-# List pages: at most MAX_PAGE items each, DEFAULT_PAGE when the client gives no `limit`.
-MAX_PAGE = 100
-DEFAULT_PAGE = 20
 PAGE_LIMIT = {"type": "integer", "minimum": 1, "maximum": MAX_PAGE}
 
 # PostgreSQL text cannot hold NUL, and control characters have no place in paths or names.

@@ -26,6 +26,7 @@ from server.adapters.blobs import BlobStore
 from server.core import jsonutil
 from server.core.errors import Forbidden, InvalidPayload, NotFound
 from server.core.identity import Identity
+from server.core.protocol import DEFAULT_PAGE
 from server.services.datasets import DatasetSpool, seal
 from server.services.kyc import require_verified
 
@@ -41,7 +42,6 @@ DATAPOD_UNPUBLISHED = "datapod_unpublished"
 DATAPOD_SOLD = "datapod_sold"
 REVIEW_ADDED = "review_added"
 
-DEFAULT_PAGE = 20
 # The search's sort keys, and the direction each takes when the client names none.
 DEFAULT_DESCENDING = {"newest": True, "price": False, "rating": True, "sales": True}
 SORTS = tuple(DEFAULT_DESCENDING)

@@ -37,6 +37,7 @@ from server.core import jsonutil
 from server.core.crypto import MASTER_KEY, unwrap_key
 from server.core.errors import Conflict, ErrorCode, Forbidden, HubError, InvalidPayload, NotFound, Unavailable
 from server.core.identity import Identity
+from server.core.protocol import DEFAULT_PAGE
 from server.realtime.hub import user_channel
 from server.services import delivery, marketplace
 
@@ -53,7 +54,6 @@ PROGRESS = {  # purchase_progressed step -> percent
     "payment_pending": 0, "payment_verifying": 10, "payment_verified": 30, "key_wrapping": 55,
     "escrow_holding": 80, "completed": 100,
 }
-DEFAULT_PAGE = 20
 EXTENSIONS = {"text/csv": ".csv", "application/x-ndjson": ".jsonl", "application/json": ".json",
               "application/vnd.apache.parquet": ".parquet"}
 
