@@ -261,12 +261,17 @@ async def claim_job(conn: asyncpg.Connection, worker_id: str, lease_seconds: flo
     return None if row is None else Job(**dict(row))
 
 
-async def hold_job(conn: asyncpg.Connection, purchase_id: uuid.UUID, worker_id: str, step: str,
+async def hold_job(conn: asyncpg.Connection, purchase_id: uuid.UUID, worker_id: str, step: str | None,
                    lease_seconds: float) -> bool:
-    """Lock our job row at `step` for this transaction and extend the lease; False if we lost it."""
+    """Extend our unexpired lease (at `step`, or any step when None) and lock the row; False if we lost it.
+
+    A step calls it inside its transaction before committing; the running step's heartbeat calls
+    it on its own (step None) to keep the lease while the step is busy outside the database.
+    """
     row = await conn.fetchrow(
         """UPDATE purchase_jobs SET locked_until = now() + make_interval(secs => $4)
-            WHERE purchase_id = $1 AND locked_by = $2 AND step = $3 AND locked_until >= now()
+            WHERE purchase_id = $1 AND locked_by = $2 AND ($3::text IS NULL OR step = $3)
+              AND locked_until >= now()
            RETURNING purchase_id""",
         purchase_id, worker_id, step, lease_seconds)
     return row is not None

@@ -9,8 +9,8 @@ from server.core import jsonutil
 from server.core.errors import InvalidPayload
 from server.core.settings import SETTINGS
 from server.edge.rest import ok_response, optional_identity
-from server.realtime.history import Event
-from server.realtime.hub import FIRST_ID, REALTIME
+from server.realtime.history import Event, check_epoch
+from server.realtime.hub import FIRST_ID, HISTORY_GAP_EVENT, REALTIME
 from server.realtime.redis import REDIS
 
 log = structlog.get_logger(__name__)
@@ -18,7 +18,6 @@ routes = web.RouteTableDef()
 
 CROSS_NODE_POLL_SECONDS = 1.0
 SSE_KEEPALIVE_SECONDS = 15.0
-HISTORY_GAP_EVENT = "history_gap"
 
 
 def _wait_seconds(request: web.Request) -> float:
@@ -54,10 +53,11 @@ async def handle_events(request: web.Request) -> web.Response:
     if since is None:
         result = await realtime.replay(channel, FIRST_ID)
     else:
-        result = await realtime.wait_after(channel, since, _wait_seconds(request), _poll_interval(request))
+        result = await realtime.wait_after(channel, since, _wait_seconds(request), _poll_interval(request),
+                                           check_epoch(request.query.get("epoch")))
     return ok_response({"channel": channel, "events": [event.to_wire() for event in result.events],
-                        "latest_id": result.latest_id, "history_gap": result.gap,
-                        "has_more": result.has_more})
+                        "latest_id": result.latest_id, "latest_offset": result.latest_offset,
+                        "epoch": result.epoch, "history_gap": result.gap, "has_more": result.has_more})
 
 
 def _sse(event_type: str, data: object, event_id: str | None = None) -> bytes:

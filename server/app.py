@@ -37,7 +37,7 @@ from server.core.settings import SETTINGS, Settings
 from server.edge.health import routes as health_routes
 from server.edge.rest import error_envelopes, request_context
 from server.realtime.engine import SIO, SocketServer
-from server.realtime.fanout import create_client_manager
+from server.realtime.fanout import RedisFanoutManager, create_client_manager
 from server.realtime.history import HistoryStore, MemoryHistory, RedisHistory
 from server.realtime.hub import REALTIME, Realtime, RealtimeLimits
 from server.realtime.outbox import run_relay
@@ -56,6 +56,7 @@ from server.services.purchase_jobs import purchase_jobs_ctx
 log = structlog.get_logger(__name__)
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 SERVER_SHUTDOWN_EVENT = "server_shutdown"
+LISTENER_START_SECONDS = 2.0  # a node starts degraded (not ready) rather than not at all
 
 
 async def database_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -81,9 +82,10 @@ async def database_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
     """Redis when REDIS_URL is set; single-node mode (None) otherwise."""
-    url = app[SETTINGS].redis_url
+    settings = app[SETTINGS]
     app[REDIS_HEALTH] = RedisHealth()
-    app[REDIS] = connect_redis(url) if url else None
+    app[REDIS] = connect_redis(settings.redis_url, pool_size=settings.redis_pool_size,
+                               pool_timeout=settings.redis_pool_timeout) if settings.redis_url else None
     yield
     if app[REDIS] is not None:
         await app[REDIS].aclose()
@@ -110,32 +112,51 @@ async def realtime_ctx(app: web.Application) -> AsyncIterator[None]:
     tasks = [asyncio.create_task(health.run_with_backoff(
         lambda: run_relay(app[POOL], realtime.publish_many, poll_interval=settings.outbox_poll_interval,
                           on_relayed=metrics.outbox_relayed.inc), "outbox_relay"))]
+    manager = app[SIO].manager
     if redis is not None:
         tasks.append(asyncio.create_task(heartbeat_loop(presence, node_id, settings.presence_ttl / 3)))
+        tasks.append(asyncio.create_task(realtime.watch_unstored()))
+    if isinstance(manager, RedisFanoutManager):
+        manager.on_resubscribed = realtime.resync
+        # python-socketio starts the listener on the first connection; a fresh node must hear
+        # other nodes (and be ready) before anyone connects.
+        app[SIO].manager_initialized = True
+        manager.initialize()
+        if not await manager.wait_listening(LISTENER_START_SECONDS):
+            log.warning("pubsub_listener_not_ready", waited_seconds=LISTENER_START_SECONDS)
     yield
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
+    if isinstance(manager, RedisFanoutManager):
+        await manager.close()
+
+
+# SHUTDOWN_TIMEOUT in quarters: one for the disconnect handlers (notify_shutdown), two for aiohttp's
+# wait for running requests (it waits, cancels them, then waits as long again), one for the rest.
+SHUTDOWN_STEP_SHARE = 0.25
 
 
 async def notify_shutdown(app: web.Application) -> None:
-    """Tell every client to reconnect elsewhere, then close their connections."""
+    """Tell this process's clients to reconnect elsewhere, then close their connections at once."""
     sio = app[SIO]
     for namespace in sio.namespace_handlers:
-        await sio.emit(SERVER_SHUTDOWN_EVENT, {"reconnect": True}, namespace=namespace)
-    eio_sockets = list(sio.eio.sockets.values())
-    if eio_sockets:
-        await asyncio.wait([asyncio.ensure_future(s.close(wait=False, abort=False)) for s in eio_sockets],
-                           timeout=app[SETTINGS].shutdown_timeout / 2)
+        # Delivered here and now: through Redis it would reach every node's clients, and ours only
+        # after their connections are closed.
+        await sio.emit(SERVER_SHUTDOWN_EVENT, {"reconnect": True}, namespace=namespace, ignore_queue=True)
+    # Websockets get a close frame (1001 going away) right behind the notice; left open, aiohttp
+    # would wait its whole shutdown timeout for their handlers, twice.
+    count = await sio.eio.close_all(timeout=app[SETTINGS].shutdown_timeout * SHUTDOWN_STEP_SHARE)
     await sio.shutdown()
-    log.info("sockets_closed", count=len(eio_sockets))
+    log.info("sockets_closed", count=count)
 
 
 def create_socket_server(settings: Settings, metrics: Metrics) -> socketio.AsyncServer:
     """The Socket.IO server with the fast broadcast path; with Redis, emits reach every process."""
     manager = create_client_manager(
         settings.redis_url, channel=settings.redis_prefix + "socketio",
-        on_overflow=lambda namespace: metrics.slow_consumers.labels(namespace).inc())
+        on_overflow=lambda namespace: metrics.slow_consumers.labels(namespace).inc(),
+        pool_size=settings.redis_pool_size, pool_timeout=settings.redis_pool_timeout)
     cors: list[str] | str = list(settings.cors_origins) or []
     return SocketServer(
         async_mode="aiohttp", client_manager=manager, json=jsonutil, cors_allowed_origins=cors,

@@ -40,7 +40,7 @@ async def database(settings: Settings, *, migrate_first: bool = True) -> AsyncIt
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     """Run the server until SIGTERM/SIGINT, then shut down gracefully."""
-    from server.app import create_app
+    from server.app import SHUTDOWN_STEP_SHARE, create_app
 
     settings = settings.replace(demo_data_on_first_start=not args.no_demo_data,
                                 host=args.host or settings.host, port=args.port or settings.port)
@@ -48,8 +48,9 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
              database="configured" if settings.database_url else f"embedded ({settings.data_dir}/postgres)",
              redis="configured" if settings.redis_url else "none (single node)",
              assistant="model" if settings.openai_base_url else "retrieval-only")
+    # aiohttp's shutdown_timeout is per step, and it takes two for a request still running.
     web.run_app(create_app(settings), host=settings.host, port=settings.port, print=None,
-                shutdown_timeout=settings.shutdown_timeout, access_log=None)
+                shutdown_timeout=settings.shutdown_timeout * SHUTDOWN_STEP_SHARE, access_log=None)
     log.info("stopped")
     return 0
 

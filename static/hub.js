@@ -3,6 +3,7 @@
 import { Manager } from "./vendor/socket.io.esm.min.js";
 
 const TOKEN_KEY = "hub.token";
+const FIRST_ID = "0-0"; // older than any event id
 
 export class HubError extends Error {
   constructor(error) {
@@ -82,11 +83,12 @@ export class Hub {
 
   /**
    * Watch a channel. onEvent(event) gets each event once, in order; onGap() is called when the
-   * history could not cover a disconnection (reload over REST). Returns the first ack.
+   * history could not cover what was missed (reload over REST). Returns the first ack.
    */
   async subscribe(namespace, channel, { onEvent, onGap = () => {}, onPresence = () => {} }) {
     const key = `${namespace} ${channel}`;
-    const sub = this.subscriptions.get(key) || { namespace, channel, lastId: null, handlers: [] };
+    const sub = this.subscriptions.get(key) ||
+      { namespace, channel, lastId: null, offset: null, epoch: null, handlers: [], recovering: null, held: [] };
     sub.handlers.push({ onEvent, onGap, onPresence });
     this.subscriptions.set(key, sub);
     return this.#join(sub);
@@ -97,27 +99,87 @@ export class Hub {
     await this.call(namespace, "unsubscribe", { channel });
   }
 
+  /** Subscribe from the last position: the ack carries what was missed, or history_gap. */
   async #join(sub) {
-    const payload = { channel: sub.channel };
-    if (sub.lastId) payload.since = sub.lastId;
-    let ack = await this.call(sub.namespace, "subscribe", payload);
+    const position = () => {
+      const payload = { channel: sub.channel };
+      if (sub.lastId) payload.since = sub.lastId;
+      if (sub.lastId && sub.epoch) payload.epoch = sub.epoch;
+      return payload;
+    };
+    let ack = await this.call(sub.namespace, "subscribe", position());
     if (ack.history_gap) sub.handlers.forEach((h) => h.onGap());
-    this.#deliver(sub, ack.events);
+    this.#deliver(sub, ack.events, false);
     while (ack.has_more) {
-      ack = await this.call(sub.namespace, "subscribe", { channel: sub.channel, since: sub.lastId });
-      this.#deliver(sub, ack.events);
+      ack = await this.call(sub.namespace, "subscribe", position());
+      this.#deliver(sub, ack.events, false);
     }
-    if (!sub.lastId && ack.latest_id) sub.lastId = ack.latest_id;
+    if (ack.history_gap || !sub.lastId) {
+      if (ack.latest_id) this.#moveTo(sub, ack.latest_id, ack.latest_offset, ack.epoch);
+      else this.#moveTo(sub, FIRST_ID, 0, null); // an empty channel: its first event has offset 1
+    }
     if (ack.presence !== null && ack.presence !== undefined) sub.handlers.forEach((h) => h.onPresence(ack.presence));
     sub.joined = true; // the server has the connection in the room: nothing published from now on is missed
     return ack;
   }
 
-  #deliver(sub, events) {
+  /**
+   * #join, retried while the server is briefly unable (its event bus down, a reconnect storm):
+   * giving up would leave the channel silently unwatched.
+   */
+  async #rejoin(sub) {
+    for (let attempt = 0; ; attempt++) {
+      try {
+        return await this.#join(sub);
+      } catch (error) {
+        const retryable = error instanceof HubError && (error.code === "unavailable" || error.code === "rate_limited");
+        const current = this.subscriptions.get(`${sub.namespace} ${sub.channel}`) === sub;
+        if (!retryable || !current || !this.socket(sub.namespace).connected) return null;
+        const seconds = error.retryAfter || Math.min(2 ** attempt, 10) * (0.5 + Math.random() / 2);
+        await new Promise((resolve) => setTimeout(resolve, seconds * 1000));
+      }
+    }
+  }
+
+  #moveTo(sub, id, offset, epoch) {
+    sub.lastId = id;
+    sub.offset = offset;
+    sub.epoch = epoch;
+  }
+
+  /**
+   * Resubscribe from the last position, holding live events meanwhile: an event published between
+   * the server's history read and its ack reaches us live only, so it must not be dropped.
+   */
+  #recover(sub) {
+    if (!sub.recovering) {
+      sub.recovering = this.#rejoin(sub).finally(() => {
+        sub.recovering = null;
+        const held = sub.held.splice(0);
+        this.#deliver(sub, held, true);
+      });
+    }
+    return sub.recovering;
+  }
+
+  #deliver(sub, events, live) {
     for (const event of events) {
+      if (event.id === null) {
+        // Unstored (the server's event bus was down): it has no position to keep.
+        sub.handlers.forEach((h) => h.onEvent(event));
+        continue;
+      }
       // Join-then-replay means an event can come both live and in a replay: keep the first.
       if (sub.lastId && compareIds(event.id, sub.lastId) <= 0) continue;
-      sub.lastId = event.id;
+      // A position that does not follow ours (offset jump, new epoch) means events were missed.
+      const follows = event.offset === null || sub.offset === null ||
+        (sub.epoch === null ? event.offset === 1 : event.epoch === sub.epoch && event.offset === sub.offset + 1);
+      if (live && sub.lastId && !follows) {
+        sub.held.push(event);
+        this.#recover(sub);
+        continue;
+      }
+      this.#moveTo(sub, event.id, event.offset, event.epoch);
       sub.handlers.forEach((h) => h.onEvent(event));
     }
   }
@@ -130,12 +192,20 @@ export class Hub {
       sub.handlers.forEach((h) => h.onPresence(event.data.count));
       return;
     }
-    this.#deliver(sub, [event]);
+    if (event.type === "history_gap") {
+      this.#recover(sub); // the server says events may have passed us by
+      return;
+    }
+    if (sub.recovering) {
+      sub.held.push(event);
+      return;
+    }
+    this.#deliver(sub, [event], true);
   }
 
   async #connected(namespace) {
     const rejoin = [...this.subscriptions.values()].filter((s) => s.namespace === namespace);
-    await Promise.all(rejoin.map((sub) => this.#join(sub).catch(() => {})));
+    await Promise.all(rejoin.map((sub) => this.#rejoin(sub)));
     this.onState(this.connectedBefore.has(namespace) ? "recovered" : "connected");
     this.connectedBefore.add(namespace);
   }

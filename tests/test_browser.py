@@ -16,7 +16,7 @@ from db.pool import POOL
 from server.adapters.blobs import BLOBS
 from server.app import create_app
 from server.core.crypto import MASTER_KEY
-from server.realtime.hub import publish
+from server.realtime.hub import REALTIME, publish
 from tests.helpers import register, register_seller, server_url
 from tests.llm_server import llm_server  # noqa: F401 - a fixture
 from tests.test_purchases import fast  # noqa: F401 - a fixture
@@ -102,6 +102,26 @@ async def test_sign_up_then_live_marketplace_and_chain_with_recovery(client, pag
     await expect(page.locator("#connection")).to_have_text("recovered", timeout=10_000)
     await expect(page.locator('#blocks [data-key="3"]')).to_be_visible()
     assert await page.locator("#blocks li").count() == 3
+
+
+async def test_the_page_sees_a_hole_in_the_offsets_and_fills_it(client, page):
+    await sign_up(page, server_url(client))
+    await page.click("nav >> text=Chain")
+    await until_live(page, "/chain", "chain:blocks")
+    await publish(client.app, "chain:blocks", "block_added", {"height": 1, "hash": "ab" * 32})
+    await expect(page.locator('#blocks [data-key="1"]')).to_be_visible()
+    # Stored but never delivered live, as when a node's pub/sub link drops an event: the page
+    # notices only from the next event's offset, and must fetch the missing one.
+    history = client.app[REALTIME].bus.history
+    await history.append("chain:blocks", "block_added", {"height": 2, "hash": "cd" * 32})
+    await publish(client.app, "chain:blocks", "block_added", {"height": 3, "hash": "ef" * 32})
+    await expect(page.locator('#blocks [data-key="2"]')).to_be_visible()
+    await expect(page.locator('#blocks [data-key="3"]')).to_be_visible()
+    # A hole with no later event: the server's history_gap notice makes the page resubscribe.
+    await history.append("chain:blocks", "block_added", {"height": 4, "hash": "aa" * 32})
+    await client.app[REALTIME].resync()
+    await expect(page.locator('#blocks [data-key="4"]')).to_be_visible()
+    assert await page.locator("#blocks li").count() == 4
 
 
 async def test_market_list_misses_nothing_published_while_it_loads(client, page):

@@ -92,9 +92,9 @@ def test_ids_compare_numerically_not_as_strings():
 
 
 def test_event_wire_format_is_exact_and_event_is_frozen():
-    event = Event("1-0", CHANNEL, "thing_happened", {"a": 1}, 1.5)
+    event = Event("1-0", CHANNEL, "thing_happened", {"a": 1}, 1.5, 7, "e1")
     assert event.to_wire() == {"id": "1-0", "channel": CHANNEL, "type": "thing_happened",
-                               "data": {"a": 1}, "ts": 1.5}
+                               "data": {"a": 1}, "ts": 1.5, "offset": 7, "epoch": "e1"}
     with pytest.raises(dataclasses.FrozenInstanceError):
         event.id = "2-0"  # type: ignore[misc]
 
@@ -205,6 +205,55 @@ async def test_data_is_normalised_the_same_in_both_modes(make_history):
 
 
 # --- memory history --------------------------------------------------------------------------
+
+
+async def test_offsets_grow_by_one_per_channel_in_one_epoch(make_history):
+    history = make_history()
+    first = await _append(history, 3)
+    other = await history.append("elsewhere", "thing_happened", {})
+    assert [e.offset for e in first] == [1, 2, 3] and other.offset == 1
+    assert len({e.epoch for e in first}) == 1 and other.epoch != first[0].epoch
+    replay = await history.read_after(CHANNEL, first[0].id, 10, first[0].epoch)
+    assert replay.events == first[1:] and replay.gap is False
+    assert (replay.epoch, replay.latest_offset, replay.latest_id) == (first[0].epoch, 3, first[-1].id)
+
+
+async def test_a_replay_asked_in_another_epoch_is_a_gap(make_history):
+    history = make_history()
+    first = await _append(history, 2)
+    replay = await history.read_after(CHANNEL, first[0].id, 10, "someotherepoch")
+    assert replay.gap is True and replay.events == first[1:]
+
+
+async def test_reset_opens_a_new_epoch_and_old_positions_get_a_gap(make_history):
+    history = make_history()
+    before = await _append(history, 2)
+    await history.reset(CHANNEL)
+    assert (await history.read_after(CHANNEL, before[-1].id, 10, before[-1].epoch)).gap is True
+    after = await history.append(CHANNEL, "thing_happened", {})
+    assert after.offset == 1 and after.epoch != before[-1].epoch
+    replay = await history.read_after(CHANNEL, before[-1].id, 10, before[-1].epoch)
+    assert replay.gap is True and replay.events == [after]
+
+
+async def test_redis_position_lost_without_its_stream_starts_a_clean_epoch(redis, prefix):
+    history = RedisHistory(redis, prefix, 100, 60, approximate=False)
+    before = await _append(history, 3)
+    await redis.delete(history.meta_key(CHANNEL))  # evicted, or expired apart from the stream
+    after = await history.append(CHANNEL, "thing_happened", {})
+    assert (after.offset, after.epoch != before[0].epoch) == (1, True)
+    # The old entries belong to a lost epoch: they are gone, and a client holding one sees a gap.
+    replay = await history.read_after(CHANNEL, before[0].id, 10, before[0].epoch)
+    assert replay.events == [after] and replay.gap is True
+
+
+async def test_memory_channel_expired_by_ttl_comes_back_in_a_new_epoch():
+    clock = [0.0]
+    history = MemoryHistory(10, 5, monotonic=lambda: clock[0])
+    before = await history.append(CHANNEL, "thing_happened", {})
+    clock[0] = 6.0
+    after = await history.append(CHANNEL, "thing_happened", {})
+    assert after.offset == 1 and after.epoch != before.epoch
 
 
 async def test_memory_ids_stay_monotonic_when_the_clock_goes_back():
@@ -534,3 +583,81 @@ async def test_run_with_backoff_restarts_a_failing_task(monkeypatch):
     await asyncio.wait_for(health.run_with_backoff(listener, "listener", initial=0.01), 2)
     assert len(attempts) == 3
     assert [c[1] for c in recorder.calls] == ["redis_unavailable", "background_task_failed"]
+
+
+async def test_publish_while_redis_is_down_delivers_unstored_then_resets_the_channel(redis, prefix):
+    target = redis.connection_pool.connection_kwargs
+    proxy = _Proxy(target.get("host", "127.0.0.1"), target.get("port", 6379))
+    await proxy.start()
+    client = connect_redis(f"redis://127.0.0.1:{proxy.port}/{target.get('db', 0)}")
+    delivered: list[Event] = []
+
+    async def deliver(event):
+        delivered.append(event)
+
+    bus_ = EventBus(RedisHistory(client, prefix, 100, 60), deliver)
+    try:
+        stored = await bus_.publish(CHANNEL, "thing_happened", {"n": 1})
+        await proxy.stop()
+        unstored = await bus_.publish(CHANNEL, "thing_happened", {"n": 2})
+        assert (unstored.id, unstored.offset, unstored.epoch, unstored.data) == (None, None, None, {"n": 2})
+        assert delivered == [stored, unstored] and bus_.unstored_channels == {CHANNEL}
+        with pytest.raises(BusUnavailable):
+            await bus_.reset_unstored()
+        assert bus_.unstored_channels == {CHANNEL}  # kept for the next try
+        await proxy.start()
+        assert await bus_.reset_unstored() == [CHANNEL] and not bus_.unstored_channels
+        # Whoever held the stored event's position now sees a gap, and the next event a new epoch.
+        assert (await bus_.replay(CHANNEL, stored.id, 10, stored.epoch)).gap is True
+        after = await bus_.publish(CHANNEL, "thing_happened", {"n": 3})
+        assert after.offset == 1 and after.epoch != stored.epoch
+    finally:
+        await client.aclose()
+        await proxy.stop()
+
+
+# --- the Redis connection pool ---------------------------------------------------------------
+
+
+async def test_a_small_pool_makes_a_burst_of_calls_wait_instead_of_failing(redis, redis_url, prefix):
+    name = f"pooltest-{uuid.uuid4().hex[:8]}"
+    client = connect_redis(redis_url, pool_size=2, pool_timeout=10, client_name=name)
+    history = RedisHistory(client, prefix, 1000, 60)
+    presence = RedisPresence(client, prefix, 30, health=history.health)
+    try:
+        # A reconnect storm in miniature: far more concurrent calls than connections.
+        appended, joined = await asyncio.gather(
+            asyncio.gather(*(history.append(CHANNEL, "thing_happened", {"n": n}) for n in range(100))),
+            asyncio.gather(*(presence.join(f"game:{n % 4}", Member("node", f"c{n}")) for n in range(100))))
+        assert len({event.id for event in appended}) == 100 and max(joined) == 25
+        assert [await presence.count(f"game:{n}") for n in range(4)] == [25] * 4
+        opened = [c for c in await redis.client_list() if c.get("name") == name]
+        assert 1 <= len(opened) <= 2
+        assert history.health.ok is True and history.health.saturated is False
+    finally:
+        await client.aclose()
+
+
+async def test_a_pool_wait_that_times_out_is_unavailable_but_not_an_outage(monkeypatch, redis_url, prefix):
+    recorder = _LogRecorder()
+    monkeypatch.setattr(redis_module, "log", recorder)
+    client = connect_redis(redis_url, pool_size=1, pool_timeout=0.1)
+    presence = RedisPresence(client, prefix, 30)
+    held = await client.connection_pool.get_connection()  # a long call holds the only connection
+    try:
+        with pytest.raises(BusUnavailable) as info:
+            await presence.count("game:1")
+        assert isinstance(info.value.__cause__, redis_module.PoolExhausted)
+        assert error_from_exception(info.value).code is ErrorCode.UNAVAILABLE
+        with pytest.raises(BusUnavailable):
+            await presence.count("game:1")
+        # Redis answers: health stays up, and the saturation is logged once, not as an outage.
+        assert presence.health.ok is True and presence.health.last_error is None and presence.health.saturated
+        assert recorder.events("redis_unavailable") == [] and len(recorder.events("redis_pool_exhausted")) == 1
+    finally:
+        await client.connection_pool.release(held)
+    try:
+        assert await presence.count("game:1") == 0
+        assert presence.health.saturated is False
+    finally:
+        await client.aclose()

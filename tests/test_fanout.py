@@ -4,6 +4,7 @@ Redis across two servers, and slow-consumer eviction. Correctness only, nothing 
 from __future__ import annotations
 
 import asyncio
+import socket
 import uuid
 from typing import Any
 
@@ -23,7 +24,7 @@ from server.realtime.fanout import (
     RedisFanoutManager,
     create_client_manager,
 )
-from tests.helpers import raw_socketio_websocket
+from tests.helpers import raw_socketio_websocket, wait_until
 
 NAMESPACES = ("/", "/other")
 
@@ -380,3 +381,101 @@ async def test_permessage_deflate_declined_and_library_sends_keep_order(aiohttp_
             got.append(jsonutil.loads(text[2:].lstrip("0123456789"))[1])
         assert got == list(range(30))
         await ws.close()
+
+
+
+
+# Loopback sockets buffer megabytes; a client across a network, a few dozen KiB.
+NETWORK_SOCKET_BUFFER = 64 * 1024
+
+
+def small_buffer_socket(addr_info) -> socket.socket:
+    """A client socket with a receive buffer like a real network's (set before connect)."""
+    family, type_, proto, _, _ = addr_info
+    sock = socket.socket(family, type_, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, NETWORK_SOCKET_BUFFER)
+    return sock
+
+
+
+async def test_a_client_that_falls_behind_for_a_while_gets_every_frame_in_order(aiohttp_server):
+    # While it does not read, its frames wait whole in its backlog; they go out when it reads again.
+    overflowed: list[str] = []
+    hub = await start_hub(aiohttp_server, FanoutManager(on_overflow=overflowed.append))
+    connector = aiohttp.TCPConnector(socket_factory=small_buffer_socket)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        ws, eio_sid, _ = await raw_socketio_websocket(session, hub.url, autoping=False)
+        link = hub.sio.eio.sockets[eio_sid].link
+        pad = "x" * 16 * 1024
+        sent = 0
+        while not link.backlog_bytes:
+            await hub.sio.emit("seq", {"seq": sent, "pad": pad}, room="all")
+            sent += 1
+            await asyncio.sleep(0)
+        for _ in range(20):  # more while it is held back, still within the bound
+            await hub.sio.emit("seq", {"seq": sent, "pad": pad}, room="all")
+            sent += 1
+        got = []
+        while len(got) < sent:
+            got.append(jsonutil.loads((await ws.receive_str(timeout=5))[2:])[1]["seq"])
+        await ws.close()
+    assert got == list(range(sent))
+    assert overflowed == []
+
+async def test_a_slow_reader_is_evicted_after_whole_frames_with_the_notice_and_a_close_frame(aiohttp_server):
+    # The client reads, but slower than events come. The frames it has not been sent when it is
+    # evicted are dropped: the notice takes their place, right behind whole frames, then the close
+    # frame. A client that still reads is never cut off mid-frame (only one that reads nothing for
+    # close_grace seconds), however long it takes to read what was already sent.
+    overflowed: list[str] = []
+    manager = FanoutManager(max_queued_packets=10_000, on_overflow=overflowed.append, close_grace=0.2)
+    hub = await start_hub(aiohttp_server, manager)
+    connector = aiohttp.TCPConnector(socket_factory=small_buffer_socket)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        slow, eio_sid, _ = await raw_socketio_websocket(session, hub.url, autoping=False)
+        server_socket = hub.sio.eio.sockets[eio_sid].link.transport.get_extra_info("socket")
+        server_socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, NETWORK_SOCKET_BUFFER)
+
+        async def read_slowly() -> tuple[list, aiohttp.WSMessage]:
+            events = []
+            while True:
+                msg = await slow.receive(timeout=10)
+                if msg.type != aiohttp.WSMsgType.TEXT:
+                    return events, msg
+                assert msg.data.startswith("42"), msg.data[:20]
+                events.append(jsonutil.loads(msg.data[2:]))
+                await asyncio.sleep(0.02)
+
+        reader = asyncio.create_task(read_slowly())
+        pad = "x" * 32 * 1024
+        sent = 0
+        while not overflowed:
+            await hub.sio.emit("big", {"seq": sent, "pad": pad}, room="all")
+            sent += 1
+            if sent % 8 == 0:
+                await asyncio.sleep(0)
+        events, last = await reader
+    assert events[-1] == [SEND_QUEUE_OVERFLOWED_EVENT, SEND_QUEUE_OVERFLOWED_DATA]
+    seqs = [data["seq"] for _, data in events[:-1]]
+    assert seqs == list(range(len(seqs))) and len(seqs) < sent
+    assert (last.type, last.data, last.extra) == (aiohttp.WSMsgType.CLOSE, 1013, "slow consumer")
+
+
+async def test_an_evicted_client_that_reads_nothing_is_cut_off_after_the_grace_period(aiohttp_server):
+    # Its last frames cannot be delivered whole; they must not pin the server's memory either.
+    overflowed: list[str] = []
+    manager = FanoutManager(max_queued_packets=10_000, on_overflow=overflowed.append, close_grace=0.2)
+    hub = await start_hub(aiohttp_server, manager)
+    connector = aiohttp.TCPConnector(socket_factory=small_buffer_socket)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        silent, eio_sid, _ = await raw_socketio_websocket(session, hub.url, autoping=False)
+        transport = hub.sio.eio.sockets[eio_sid].link.transport
+        pad = "x" * 32 * 1024
+        while not overflowed:
+            await hub.sio.emit("big", {"pad": pad}, room="all")
+            await asyncio.sleep(0)
+        assert transport.get_write_buffer_size() > 0
+        # Aborted: the unsent bytes are freed and the connection's handler ends.
+        await wait_until(lambda: transport.get_write_buffer_size() == 0, timeout=5)
+        await wait_until(lambda: eio_sid not in hub.sio.eio.sockets, timeout=5)
+        await silent.close()

@@ -39,7 +39,7 @@ async def test_readyz_reports_a_database_that_went_away(client, pg_admin_dsn, db
 async def test_readyz_checks_redis_when_configured(aiohttp_client, settings, redis_url):
     client = await aiohttp_client(create_app(settings.replace(redis_url=redis_url)))
     body = await (await client.get("/readyz")).json()
-    assert body["data"]["checks"] == {"database": "ok", "redis": "ok"}
+    assert body["data"]["checks"] == {"database": "ok", "redis": "ok", "redis_pubsub": "ok"}
 
 
 async def test_readyz_reports_redis_down(aiohttp_client, settings, unused_tcp_port):

@@ -45,8 +45,12 @@ def fast(settings):
 
 
 @pytest.fixture
-async def hub(aiohttp_client, fast):
-    """The real app (worker included) on this test's database."""
+async def hub(fast, aiohttp_client):
+    """The real app (worker included) on this test's database.
+
+    `fast` comes first so that the app closes before the test's database is dropped: the other
+    order left the worker failing against a dropped database for seconds after each test.
+    """
     return await aiohttp_client(create_app(fast))
 
 
@@ -504,7 +508,7 @@ async def test_escrow_transitions_happen_exactly_once_under_concurrency(hub, db,
     assert relayed_or_pending - before in (0, 2)
 
 
-async def test_escrow_is_released_after_the_window(aiohttp_client, fast, db):
+async def test_escrow_is_released_after_the_window(fast, aiohttp_client, db):
     hub = await aiohttp_client(create_app(fast.replace(escrow_release_seconds=1)))
     seller, buyer, seller_id, buyer_id, pod = await people(hub, db)
     purchase_id = uuid.UUID(await buy(hub, db, buyer, buyer_id, seller_id, pod))
@@ -551,32 +555,87 @@ async def outbox_steps(db, purchase_id) -> list[str]:
     return [r["data"]["step"] for r in rows if r["data"]["purchase_id"] == str(purchase_id)]
 
 
+def short_lease(settings):
+    """A lease a test can outlast, renewed often enough to survive a busy machine's pauses."""
+    return settings.replace(purchase_job_lease=0.8, purchase_job_heartbeat=0.2)
+
+
+async def test_a_step_longer_than_the_lease_keeps_it_by_heartbeat(db, pool, fast, tmp_path):
+    from server.adapters.blobs import LocalBlobStore
+
+    master_key = b"k" * 32
+    purchase_id, _ = await pending_purchase(db, master_key, LocalBlobStore(tmp_path / "blobs"))
+    settings = short_lease(fast)
+    kvp = KvpChainVerifier(pool)
+    slow = PurchaseWorker(pool, SlowVerifier(kvp, 3 * settings.purchase_job_lease), master_key, settings,
+                          worker_id="slow")
+    other = PurchaseWorker(pool, kvp, master_key, settings, worker_id="other")
+    task = asyncio.create_task(slow.run_once())
+
+    async def verifying():
+        return await status_of(db, purchase_id) == "processing"
+    await wait_until(verifying)
+    while not task.done():  # the verification outlasts the lease several times over
+        assert await other.run_once() is False
+        await asyncio.sleep(settings.purchase_job_heartbeat)
+    assert await task is True
+    assert await status_of(db, purchase_id) == "completed"
+    assert await outbox_steps(db, purchase_id) == ["payment_verifying", "payment_verified", "key_wrapping",
+                                                   "escrow_holding", "completed"]
+
+
 async def test_a_crashed_worker_is_resumed_after_its_lease(db, pool, fast, tmp_path):
     from server.adapters.blobs import LocalBlobStore
 
     master_key = b"k" * 32
     purchase_id, _ = await pending_purchase(db, master_key, LocalBlobStore(tmp_path / "blobs"))
-    settings = fast.replace(purchase_job_lease=0.5)
+    settings = short_lease(fast)
     kvp = KvpChainVerifier(pool)
     crashed = PurchaseWorker(pool, SlowVerifier(kvp, None), master_key, settings, worker_id="crashed")
+    survivor = PurchaseWorker(pool, kvp, master_key, settings, worker_id="survivor")
     task = asyncio.create_task(crashed.run_once())
 
     async def verifying():
         return await status_of(db, purchase_id) == "processing"
     await wait_until(verifying)
-    task.cancel()  # the process dies mid-step; its lease stays in the table
+    await asyncio.sleep(2 * settings.purchase_job_lease)
+    assert await survivor.run_once() is False  # alive past its first lease: the heartbeat holds it
+    task.cancel()  # the process dies mid-step: its heartbeat stops, its lease stays in the table
     await asyncio.gather(task, return_exceptions=True)
     job = await db.fetchrow("SELECT * FROM purchase_jobs WHERE purchase_id = $1", purchase_id)
     assert job["locked_by"] == "crashed" and job["step"] == "verify"
 
-    survivor = PurchaseWorker(pool, kvp, master_key, settings, worker_id="survivor")
-    assert await survivor.run_once() is False  # the lease still holds
-    await asyncio.sleep(0.6)
-    assert await survivor.run_once() is True
+    loop = asyncio.get_running_loop()
+    died = loop.time()
+    await wait_until(survivor.run_once, timeout=10 * settings.purchase_job_lease,
+                     interval=settings.purchase_job_heartbeat)
+    assert loop.time() - died >= settings.purchase_job_lease / 2  # not before its last renewal ran out
     assert await status_of(db, purchase_id) == "completed"
     assert await outbox_steps(db, purchase_id) == ["payment_verifying", "payment_verified", "key_wrapping",
                                                    "escrow_holding", "completed"]
     assert await db.fetchval("SELECT count(*) FROM purchase_jobs") == 0
+
+
+async def test_a_worker_whose_lease_was_taken_over_commits_nothing(db, pool, fast, tmp_path):
+    from server.adapters.blobs import LocalBlobStore
+
+    master_key = b"k" * 32
+    purchase_id, _ = await pending_purchase(db, master_key, LocalBlobStore(tmp_path / "blobs"))
+    settings = short_lease(fast)
+    stalled = PurchaseWorker(pool, SlowVerifier(KvpChainVerifier(pool), 3 * settings.purchase_job_heartbeat),
+                             master_key, settings, worker_id="stalled")
+    task = asyncio.create_task(stalled.run_once())
+
+    async def verifying():
+        return await status_of(db, purchase_id) == "processing"
+    await wait_until(verifying)
+    # Another node claimed the job meanwhile (as after a pause longer than the lease).
+    await db.execute("UPDATE purchase_jobs SET locked_by = 'other' WHERE purchase_id = $1", purchase_id)
+    assert await task is True
+    job = await db.fetchrow("SELECT * FROM purchase_jobs WHERE purchase_id = $1", purchase_id)
+    assert job["locked_by"] == "other" and job["step"] == "verify"  # the heartbeat did not take it back
+    assert await outbox_steps(db, purchase_id) == ["payment_verifying"]
+    assert await db.fetchval("SELECT count(*) FROM payment_receipts WHERE purchase_id = $1", purchase_id) == 0
 
 
 async def test_a_job_left_mid_way_resumes_at_its_step(db, pool, fast, tmp_path):

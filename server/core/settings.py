@@ -66,6 +66,9 @@ class Settings:
     database_url: str | None = None
     redis_url: str | None = None
     redis_prefix: str = "hub:"
+    redis_pool_size: int = 100
+    # Generous: in a reconnect storm a call that waits its turn beats one that fails and is retried.
+    redis_pool_timeout: float = 20.0
     openai_base_url: str | None = None
     openai_api_key: str | None = None
     ai_model: str = "gpt-4o-mini"
@@ -91,7 +94,11 @@ class Settings:
     payment_max_age: int = 3600
     payment_verify_timeout: int = 600
     purchase_workers: int = 2
-    purchase_job_lease: float = 60.0
+    # A running job renews its lease every heartbeat, so a dead worker's job is free again within one
+    # lease (resumed within ~10 s, with the poll interval and the steps); a stall longer than
+    # lease - heartbeat only hands the job to another worker, which the lease re-check makes safe.
+    purchase_job_lease: float = 8.0
+    purchase_job_heartbeat: float = 2.0
     purchase_poll_interval: float = 1.0
     walrus_publisher_url: str | None = None
     walrus_aggregator_url: str | None = None
@@ -150,6 +157,16 @@ class Settings:
     # The demo game player (server/services/demo_game.py): seconds between its rewards; 0 turns it off.
     demo_game_interval: float = 3.0
 
+    def __post_init__(self) -> None:
+        """Refuse values that cannot work, or not together; the message names the variable."""
+        if self.redis_pool_size < 1:
+            raise ValueError(f"REDIS_POOL_SIZE must be at least 1, got {self.redis_pool_size}")
+        if self.redis_pool_timeout <= 0:
+            raise ValueError(f"REDIS_POOL_TIMEOUT must be greater than 0, got {self.redis_pool_timeout}")
+        if not 0 < self.purchase_job_heartbeat < self.purchase_job_lease:
+            raise ValueError(f"PURCHASE_JOB_HEARTBEAT must be greater than 0 and less than PURCHASE_JOB_LEASE, "
+                             f"got {self.purchase_job_heartbeat} and {self.purchase_job_lease}")
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
         """Build settings from environment variables, falling back to the defaults above."""
@@ -160,6 +177,8 @@ class Settings:
             database_url=_optional(env, "DATABASE_URL"),
             redis_url=_optional(env, "REDIS_URL"),
             redis_prefix=env.get("REDIS_PREFIX") or defaults.redis_prefix,
+            redis_pool_size=_int(env, "REDIS_POOL_SIZE", defaults.redis_pool_size),
+            redis_pool_timeout=_float(env, "REDIS_POOL_TIMEOUT", defaults.redis_pool_timeout),
             openai_base_url=_optional(env, "OPENAI_BASE_URL"),
             openai_api_key=_optional(env, "OPENAI_API_KEY"),
             ai_model=env.get("AI_MODEL") or defaults.ai_model,
@@ -178,6 +197,8 @@ class Settings:
             payment_max_age=_int(env, "PAYMENT_MAX_AGE", defaults.payment_max_age),
             payment_verify_timeout=_int(env, "PAYMENT_VERIFY_TIMEOUT", defaults.payment_verify_timeout),
             purchase_workers=_int(env, "PURCHASE_WORKERS", defaults.purchase_workers),
+            purchase_job_lease=_float(env, "PURCHASE_JOB_LEASE", defaults.purchase_job_lease),
+            purchase_job_heartbeat=_float(env, "PURCHASE_JOB_HEARTBEAT", defaults.purchase_job_heartbeat),
             walrus_publisher_url=_optional(env, "WALRUS_PUBLISHER_URL"),
             walrus_aggregator_url=_optional(env, "WALRUS_AGGREGATOR_URL"),
             walrus_epochs=_int(env, "WALRUS_EPOCHS", defaults.walrus_epochs),

@@ -9,6 +9,8 @@ from aiohttp import web
 from db.pool import POOL, ping
 from server.core.metrics import METRICS
 from server.edge.rest import json_response
+from server.realtime.engine import SIO
+from server.realtime.fanout import RedisFanoutManager
 from server.realtime.redis import REDIS, REDIS_HEALTH
 
 routes = web.RouteTableDef()
@@ -40,6 +42,18 @@ async def _redis_probe(request: web.Request) -> None:
         raise ConnectionError(request.app[REDIS_HEALTH].last_error)
 
 
+def _listener(app: web.Application) -> RedisFanoutManager | None:
+    manager = app[SIO].manager
+    return manager if isinstance(manager, RedisFanoutManager) else None
+
+
+async def _pubsub_probe(request: web.Request) -> None:
+    # Redis may answer while this node's listener is still resubscribing: until it is, the node
+    # would miss other nodes' events, so it is not ready.
+    if not _listener(request.app).listening:
+        raise ConnectionError("the pub/sub listener is not subscribed")
+
+
 @routes.get("/readyz")
 async def handle_readyz(request: web.Request) -> web.Response:
     """Database (and Redis when configured) answer: 200, else 503 naming what is down."""
@@ -47,6 +61,8 @@ async def handle_readyz(request: web.Request) -> web.Response:
     redis = request.app.get(REDIS)
     if redis is not None:
         probes.append(_check("redis", lambda: _redis_probe(request)))
+    if _listener(request.app) is not None:
+        probes.append(_check("redis_pubsub", lambda: _pubsub_probe(request)))
     results = dict(await asyncio.gather(*probes))
     metrics = request.app[METRICS]
     for name, status in results.items():
@@ -64,5 +80,8 @@ async def handle_metrics(request: web.Request) -> web.Response:
     if request.app[REDIS] is not None:
         # The bus records every Redis failure as it happens; export that, not only /readyz probes.
         request.app[METRICS].dependency_up.labels("redis").set(1 if request.app[REDIS_HEALTH].ok else 0)
+    listener = _listener(request.app)
+    if listener is not None:
+        request.app[METRICS].dependency_up.labels("redis_pubsub").set(1 if listener.listening else 0)
     return web.Response(body=request.app[METRICS].render(),
                         headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})

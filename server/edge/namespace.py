@@ -28,6 +28,7 @@ from server.core.metrics import METRICS
 from server.core.protocol import error_envelope, ok
 from server.core.settings import SETTINGS
 from server.edge.schemas import compile_schema, obj, string, validate
+from server.realtime.history import EPOCH_PATTERN
 from server.realtime.hub import REALTIME, ChannelRule, room_name
 from server.realtime.ratelimit import TokenBucket
 from server.services.auth import AUTH
@@ -82,6 +83,7 @@ def refusal(error: HubError) -> socketio.exceptions.ConnectionRefusedError:
 
 CATCH_UP_LIMIT = 100
 SUBSCRIBE_SCHEMA = obj({"channel": string(max_length=200), "since": {"type": ["string", "null"], "maxLength": 41},
+                        "epoch": {"type": ["string", "null"], "pattern": f"^{EPOCH_PATTERN}$"},
                         "since_height": {"type": "integer", "minimum": 0}},
                        required=("channel",))
 UNSUBSCRIBE_SCHEMA = obj({"channel": string(max_length=200)}, required=("channel",))
@@ -193,7 +195,7 @@ class HubNamespace(socketio.AsyncNamespace):
     @command(SUBSCRIBE_SCHEMA, user=False)
     async def on_subscribe(self, ctx: Ctx, payload: dict) -> dict:
         """Join a channel: room first, then the history after `since`; live events follow."""
-        channel, since = payload["channel"], payload.get("since")
+        channel = payload["channel"]
         realtime = self.app[REALTIME]
         rule, access = await realtime.authorise(self.app, ctx.identity, channel, self.name)
         since_height = payload.get("since_height")
@@ -201,23 +203,39 @@ class HubNamespace(socketio.AsyncNamespace):
             raise InvalidPayload(f"'{channel}' has no catch-up by height", field="since_height")
         session = await self.get_session(ctx.sid)
         subscribed: set[str] = session["channels"]
-        if channel not in subscribed and len(subscribed) >= realtime.limits.max_channels_per_connection:
+        if channel in subscribed:
+            return await self._subscribe_ack(ctx, rule, access, payload, session)
+        if len(subscribed) >= realtime.limits.max_channels_per_connection:
             raise Conflict(f"at most {realtime.limits.max_channels_per_connection} channels per "
                            "connection; unsubscribe from one first", field="channel")
         subscribed.add(channel)
         await self.enter_room(ctx.sid, room_name(channel))
-        replay = await realtime.replay(channel, since)
+        try:
+            return await self._subscribe_ack(ctx, rule, access, payload, session)
+        except BaseException:
+            # A subscribe that failed (Redis unavailable...) leaves no membership behind: the
+            # client was told it is not subscribed and must not get live events with holes.
+            subscribed.discard(channel)
+            await self.leave_room(ctx.sid, room_name(channel))
+            raise
+
+    async def _subscribe_ack(self, ctx: Ctx, rule: ChannelRule, access: Any, payload: dict, session: dict) -> dict:
+        channel = payload["channel"]
+        realtime = self.app[REALTIME]
+        replay = await realtime.replay(channel, payload.get("since"), payload.get("epoch"))
         presence = None
         if rule.presence:
             watched: set[str] = session.setdefault("presence", set())
             if channel not in watched:
-                watched.add(channel)
                 presence = await realtime.join_presence(self.name, channel, ctx.sid, _user_id(ctx))
+                watched.add(channel)
             else:
                 presence = await realtime.presence_count(channel)
-        ack = {"channel": channel, "latest_id": replay.latest_id, "history_gap": replay.gap,
+        ack = {"channel": channel, "latest_id": replay.latest_id, "latest_offset": replay.latest_offset,
+               "epoch": replay.epoch, "history_gap": replay.gap,
                "events": [event.to_wire() for event in replay.events], "has_more": replay.has_more,
                "presence": presence}
+        since_height = payload.get("since_height")
         if since_height is not None:
             # Read after joining the room, like the replay: a record may come twice, never not at all.
             ack["catch_up"] = await rule.catch_up(access, since_height, CATCH_UP_LIMIT)

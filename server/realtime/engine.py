@@ -13,9 +13,13 @@ queue for polling clients) and changes only how a websocket connection is run:
   alike, goes through one `FrameWriter`: frames wait per connection until the end of the loop
   iteration and then go out in one `transport.write`, so a connection gets frames in the order they
   were sent, and a server that falls behind makes fewer, larger writes instead of queueing;
-- a connection whose unsent bytes pass a bound while the transport is paused (the client is not
-  reading) is handed to `FrameWriter.on_backlog` (the fan-out manager evicts it, telling it to
-  reconnect), so a slow client cannot grow the server's memory without bound;
+- while a connection's transport is paused (the client is not reading and the kernel's buffer is
+  full), its frames wait whole in the connection's own backlog instead of the transport, and go out
+  when the transport resumes; a backlog past a bound is handed to `FrameWriter.on_backlog` (the
+  fan-out manager evicts the client, telling it why), so a slow client cannot grow the server's
+  memory without bound. What the transport holds always ends with a whole frame, so a connection
+  can be ended cleanly at any time: `FrameWriter.close` drops or writes the backlog, then a last
+  message and a close frame, and closes the TCP connection once the client has read them;
 - pings are a timer handle instead of a sleeping task;
 - once the websocket is open, the environ is cut down to a few keys (`aiohttp.request`, which
   holds every header, stays);
@@ -24,6 +28,10 @@ queue for polling clients) and changes only how a websocket connection is run:
 
 Polling clients are served by python-engineio unchanged; one that upgrades to websocket moves onto
 this path when the upgrade completes.
+
+`LeanEngineServer.close_all` ends every connection at once for a graceful shutdown: Engine.IO CLOSE
+to each client and, on a websocket, a close frame (1001 going away) and the TCP close, instead of
+leaving the websockets open until aiohttp's shutdown timeout cancels their handlers.
 """
 
 from __future__ import annotations
@@ -36,7 +44,7 @@ from typing import Any, Callable
 import engineio
 import socketio
 import structlog
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 from aiohttp.web import WebSocketResponse
 from engineio import exceptions as eio_exceptions
 from engineio import packet as eio_packet
@@ -46,6 +54,11 @@ log = structlog.get_logger(__name__)
 
 OP_TEXT, OP_BINARY, OP_CLOSE = 0x1, 0x2, 0x8
 DEFAULT_MAX_UNSENT_BYTES = 1024 * 1024
+# How long a closing connection may go without the client reading any of its last bytes before the
+# TCP connection is aborted (a client that never reads again would otherwise pin them forever).
+DEFAULT_CLOSE_GRACE_SECONDS = 5.0
+SLOW_CONSUMER_REASON = "slow consumer"
+SHUTDOWN_REASON = "server shutting down"
 # What a connection's environ keeps once its websocket is open; the request has the rest.
 KEPT_ENVIRON_KEYS = ("REQUEST_METHOD", "PATH_INFO", "QUERY_STRING", "REMOTE_ADDR", "aiohttp.request")
 
@@ -63,6 +76,11 @@ def ws_frame(payload: bytes, opcode: int) -> bytes:
     return header + payload
 
 
+def close_frame(code: int, reason: str) -> bytes:
+    """A websocket close frame (RFC 6455 §5.5.1): the status code, then the reason in UTF-8."""
+    return ws_frame(struct.pack("!H", code) + reason.encode(), OP_CLOSE)
+
+
 def packet_frame(pkt: eio_packet.Packet) -> bytes:
     """An Engine.IO packet as a websocket frame: text as "<type><data>", binary as raw bytes."""
     encoded = pkt.encode()
@@ -72,9 +90,10 @@ def packet_frame(pkt: eio_packet.Packet) -> bytes:
 
 
 class Link:
-    """One open websocket: its transport and the frames waiting for this iteration's write."""
+    """One open websocket: its transport, the frames waiting for this iteration's write, and the
+    frames held back while the client is not reading."""
 
-    __slots__ = ("sock", "transport", "protocol", "pending", "namespace")
+    __slots__ = ("sock", "transport", "protocol", "pending", "backlog", "backlog_bytes", "namespace")
 
     def __init__(self, sock: LeanSocket, response: WebSocketResponse) -> None:
         self.sock = sock
@@ -84,6 +103,9 @@ class Link:
         # One frame is kept as bytes, several as a list: a broadcast then allocates no object the
         # cyclic GC tracks per recipient, so fan-out alone never sets off a collection.
         self.pending: bytes | list[bytes] | None = None
+        # Whole frames held back while the transport is paused; None while frames go straight out.
+        self.backlog: list[bytes] | None = None
+        self.backlog_bytes = 0
         # The namespace of the last broadcast queued here, for an eviction notice.
         self.namespace = "/"
 
@@ -94,25 +116,32 @@ class Link:
             return b""
         return pending if type(pending) is bytes else b"".join(pending)
 
+    def take_backlog(self) -> list[bytes]:
+        """The frames held back, and forget them: from here on frames go straight out again."""
+        backlog, self.backlog, self.backlog_bytes = self.backlog, None, 0
+        return backlog or []
+
+    @property
+    def unsent_bytes(self) -> int:
+        """What the client has not been sent yet: the backlog and the transport's buffer."""
+        return self.backlog_bytes + self.transport.get_write_buffer_size()
+
 
 BacklogHook = Callable[[Link], None]
-
-
-def _abort_backlogged(link: Link) -> None:
-    log.warning("websocket_backlog_aborted", sid=link.sock.sid,
-                unsent_bytes=link.transport.get_write_buffer_size())
-    link.transport.abort()
 
 
 class FrameWriter:
     """Frames for open websockets, written once per loop iteration: one write per connection."""
 
     def __init__(self, max_unsent_bytes: int = DEFAULT_MAX_UNSENT_BYTES,
-                 on_backlog: BacklogHook = _abort_backlogged) -> None:
+                 on_backlog: BacklogHook | None = None,
+                 close_grace: float = DEFAULT_CLOSE_GRACE_SECONDS) -> None:
         self.max_unsent_bytes = max_unsent_bytes
-        self.on_backlog = on_backlog
+        self.on_backlog = on_backlog or self._close_slow_consumer
+        self.close_grace = close_grace
         self._dirty: list[Link] = []
         self._scheduled = False
+        self._drainers: set[asyncio.Task] = set()
 
     def write(self, link: Link, frame: bytes) -> None:
         """Queue a frame for the link; it goes out at the end of this loop iteration."""
@@ -137,10 +166,71 @@ class FrameWriter:
             transport = link.transport
             if not data or transport.is_closing():
                 continue
-            transport.write(data)
             # Paused means the kernel's buffer is full too: the client is not keeping up.
-            if link.protocol._paused and transport.get_write_buffer_size() > self.max_unsent_bytes:
-                self.on_backlog(link)
+            if link.protocol._paused:
+                self._hold(link, data)
+                continue
+            if link.backlog is not None:  # resumed since: the backlog goes first
+                data = b"".join([*link.take_backlog(), data])
+            transport.write(data)
+
+    def _hold(self, link: Link, data: bytes) -> None:
+        """Keep whole frames for a client that is not reading; past the bound, hand it to on_backlog."""
+        if link.backlog is None:
+            link.backlog = []
+            task = asyncio.ensure_future(self._write_backlog_when_drained(link))
+            self._drainers.add(task)
+            task.add_done_callback(self._drainers.discard)
+        link.backlog.append(data)
+        link.backlog_bytes += len(data)
+        if link.backlog_bytes > self.max_unsent_bytes:
+            self.on_backlog(link)
+
+    async def _write_backlog_when_drained(self, link: Link) -> None:
+        """Write the link's backlog in one write once the transport takes writes again."""
+        while link.backlog is not None and not link.transport.is_closing():
+            if not link.protocol._paused:
+                link.transport.write(b"".join(link.take_backlog()))
+                return
+            try:
+                # aiohttp's drain waiter: resolved by resume_writing, or when the connection is lost.
+                await link.protocol._drain_helper()
+            except ConnectionError:
+                break
+        link.take_backlog()
+
+    def close(self, link: Link, last: bytes, *, drop_unsent: bool = False, grace: float | None = None) -> None:
+        """Write `last` (whole frames ending with a close frame), then close the TCP connection.
+
+        `last` follows the link's unsent frames, or with `drop_unsent` replaces those not in the
+        transport yet; either way it follows only whole frames. The connection closes once the
+        client has read everything; one that reads nothing for `grace` seconds is cut off.
+        """
+        unsent = link.take_backlog()
+        unsent.append(link.take_pending())
+        transport = link.transport
+        if transport.is_closing():
+            return
+        transport.write(last if drop_unsent else b"".join([*unsent, last]))
+        transport.close()
+        grace = self.close_grace if grace is None else grace
+        asyncio.get_running_loop().call_later(grace, self._abort_if_stalled, transport,
+                                              transport.get_write_buffer_size(), grace)
+
+    def _abort_if_stalled(self, transport: asyncio.Transport, unread: int, grace: float) -> None:
+        """Abort a closing transport whose client read nothing in the last `grace` seconds."""
+        left = transport.get_write_buffer_size()
+        if not left:
+            return  # all handed to the kernel: the close completes on its own
+        if left < unread:
+            asyncio.get_running_loop().call_later(grace, self._abort_if_stalled, transport, left, grace)
+            return
+        log.warning("websocket_close_aborted", unsent_bytes=left)
+        transport.abort()
+
+    def _close_slow_consumer(self, link: Link) -> None:
+        log.warning("websocket_slow_consumer_closed", sid=link.sock.sid, unsent_bytes=link.unsent_bytes)
+        self.close(link, close_frame(WSCloseCode.TRY_AGAIN_LATER, SLOW_CONSUMER_REASON), drop_unsent=True)
 
 
 class LeanSocket(AsyncSocket):
@@ -337,6 +427,30 @@ class LeanEngineServer(engineio.AsyncServer):
         except eio_exceptions.QueueEmpty:
             return self._bad_request()
 
+    async def close_all(self, timeout: float, code: int = WSCloseCode.GOING_AWAY,
+                        reason: str = SHUTDOWN_REASON) -> int:
+        """Close every connection at once, then run the disconnect handlers (up to `timeout` s).
+
+        Each client gets what was sent to it before, then Engine.IO CLOSE; a websocket also gets a
+        close frame with `code` and `reason`, and its TCP connection is closed once that is read, or
+        after `timeout` seconds with nothing read. Returns how many connections there were.
+        """
+        sockets = [sock for sock in self.sockets.values() if not sock.closing and not sock.closed]
+        close_packet = eio_packet.Packet(eio_packet.CLOSE)
+        last = packet_frame(close_packet) + close_frame(code, reason)
+        for sock in sockets:
+            link = getattr(sock, "link", None)
+            if link is not None:
+                self.frames.close(link, last, grace=timeout)
+            else:
+                # Answers the pending long-poll (if any) with what is queued, CLOSE last.
+                sock.queue.put_nowait(close_packet)
+        if sockets:
+            # The CLOSE is out already: closing with abort=True runs the handlers without a second one.
+            await asyncio.wait([asyncio.ensure_future(sock.close(wait=False, abort=True)) for sock in sockets],
+                               timeout=timeout)
+        return len(sockets)
+
 
 class SocketServer(socketio.AsyncServer):
     """python-socketio's server on `LeanEngineServer`."""
@@ -348,5 +462,6 @@ class SocketServer(socketio.AsyncServer):
 SIO: web.AppKey[socketio.AsyncServer] = web.AppKey("sio", socketio.AsyncServer)
 
 
-__all__ = ["OP_BINARY", "OP_CLOSE", "OP_TEXT", "FrameWriter", "LeanEngineServer", "LeanSocket", "Link",
-           "SocketServer", "packet_frame", "ws_frame"]
+__all__ = ["DEFAULT_CLOSE_GRACE_SECONDS", "OP_BINARY", "OP_CLOSE", "OP_TEXT", "SHUTDOWN_REASON",
+           "SLOW_CONSUMER_REASON", "FrameWriter", "LeanEngineServer", "LeanSocket", "Link", "SocketServer",
+           "close_frame", "packet_frame", "ws_frame"]

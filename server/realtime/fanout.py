@@ -15,40 +15,51 @@ up, encodes the packet again and writes it. The managers here deliver in one syn
 - emits with a callback take the library's path (every recipient needs its own ack id).
 
 Each connection's backlog is bounded: the Engine.IO queue length by `max_queued_packets`, the
-websocket transport's unsent bytes by `max_queued_bytes`. A connection past either bound gets one last
-event, `send_queue_overflowed` {"reason": "slow_consumer", "reconnect": true}, and is then closed at
-the transport level: socket.io clients treat that as "transport close" and reconnect on their own,
-then recover what they missed from the channel history.
+frames a websocket holds back while its client is not reading by `max_queued_bytes`. A connection
+past either bound is evicted: it gets one last event, `send_queue_overflowed` {"reason":
+"slow_consumer", "reconnect": true}, and is closed. On a websocket the event takes the place of the
+backlog, which is dropped, so it follows only whole frames; then come a close frame, 1013 (try again
+later) with the reason "slow consumer", and the TCP close once the client has read them (an abort if
+it reads nothing for `close_grace` seconds). A polling client gets the event after its queue, then
+Engine.IO CLOSE. socket.io clients reconnect on their own, then recover what they missed from the
+channel history.
 """
 
 from __future__ import annotations
 
 import asyncio
-import struct
+import contextlib
+import random
 import weakref
-from typing import Any, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable
 
+import redis.asyncio as aioredis
 import socketio
 import structlog
+from aiohttp import WSCloseCode
 from engineio import packet as eio_packet
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from socketio import packet as sio_packet
 
-from server.realtime.engine import OP_CLOSE, FrameWriter, Link, packet_frame, ws_frame
+from server.core.aio import wait_event
+from server.realtime.engine import (
+    DEFAULT_CLOSE_GRACE_SECONDS,
+    SLOW_CONSUMER_REASON,
+    FrameWriter,
+    Link,
+    close_frame,
+    packet_frame,
+)
+from server.realtime.redis import UNAVAILABLE_ERRORS, RedisHealth, connect_redis
 
 log = structlog.get_logger(__name__)
 
 SEND_QUEUE_OVERFLOWED_EVENT = "send_queue_overflowed"
 SEND_QUEUE_OVERFLOWED_DATA = {"reason": "slow_consumer", "reconnect": True}
-SLOW_CONSUMER_REASON = "slow consumer"
 
 DEFAULT_MAX_QUEUED_PACKETS = 1000
 DEFAULT_MAX_QUEUED_BYTES = 1024 * 1024
-# After a slow consumer is closed, how long its unsent bytes may still drain before the TCP
-# connection is aborted (a client that never reads again would otherwise pin them forever).
-DEFAULT_CLOSE_GRACE_SECONDS = 5.0
-
-# 1013 "Try Again Later" (RFC 6455 registry): the client may reconnect at once.
-_CLOSE_TRY_AGAIN_LATER = 1013
 
 OverflowHook = Callable[[str], None]
 
@@ -182,20 +193,16 @@ class FanoutMixin(socketio.AsyncManager):
         final = _Broadcast(pkt.encode())
         log.warning("send_queue_overflowed", sid=self.sid_from_eio_sid(sock.sid, namespace),
                     namespace=namespace, queued_packets=sock.queue.qsize(),
-                    unsent_bytes=link.transport.get_write_buffer_size() if link else None)
+                    unsent_bytes=link.unsent_bytes if link else None)
         if self.on_overflow is not None:
             try:
                 self.on_overflow(namespace)
             except Exception:  # noqa: BLE001 - a metrics hook must not break delivery
                 log.exception("overflow_hook_failed")
-        if link is not None and not link.transport.is_closing():
-            # Behind whatever the client has not read yet, then a close frame and a TCP close that
-            # flushes first; the abort bounds how long a client that never reads can pin memory.
-            transport = link.transport
-            transport.write(b"".join([link.take_pending(), final.frame, ws_frame(
-                struct.pack("!H", _CLOSE_TRY_AGAIN_LATER) + b"slow consumer", OP_CLOSE)]))
-            transport.close()
-            asyncio.get_running_loop().call_later(self.close_grace, transport.abort)
+        if link is not None:
+            # In place of the backlog, behind only whole frames the transport already holds.
+            self._frames.close(link, final.frame + close_frame(WSCloseCode.TRY_AGAIN_LATER, SLOW_CONSUMER_REASON),
+                               drop_unsent=True, grace=self.close_grace)
             self._track(sock.close(wait=False, abort=True, reason=SLOW_CONSUMER_REASON))
         else:
             # Polling: engineio refuses polls of a closed socket, so the event and an Engine.IO
@@ -226,28 +233,103 @@ class FanoutManager(FanoutMixin):
         self._setup_fanout(max_queued_packets, max_queued_bytes, on_overflow, close_grace)
 
 
+# How soon the pub/sub listener tries again after losing Redis: python-socketio's own listener
+# backs off up to 60 s, during which a node silently gets no other node's events.
+LISTENER_RETRY_SECONDS = 0.5
+
+
 class RedisFanoutManager(socketio.AsyncRedisManager, FanoutMixin):
-    """Redis client manager (multi-node) whose local deliveries take the fast broadcast path."""
+    """Redis client manager (multi-node) whose local deliveries take the fast broadcast path.
+
+    The pub/sub listener is ours: it resubscribes within `LISTENER_RETRY_SECONDS` of Redis
+    answering again, exposes whether it is subscribed (`listening`, for readiness), and calls
+    `on_resubscribed` after a reconnect so the node can tell its clients they may have missed
+    events. Publishing fails fast and logs once per outage instead of once per emit.
+    """
 
     def __init__(self, url: str, *, channel: str = "socketio",
                  max_queued_packets: int = DEFAULT_MAX_QUEUED_PACKETS,
                  max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES,
                  on_overflow: OverflowHook | None = None,
                  close_grace: float = DEFAULT_CLOSE_GRACE_SECONDS,
-                 **redis_options: Any) -> None:
-        super().__init__(url, channel=channel, **redis_options)
+                 **publisher_options: Any) -> None:
+        super().__init__(url, channel=channel)
         self._setup_fanout(max_queued_packets, max_queued_bytes, on_overflow, close_grace)
+        self._listening = asyncio.Event()
+        self.on_resubscribed: Callable[[], Awaitable[None]] | None = None
+        self.publish_health = RedisHealth("redis_pubsub")
+        self._publisher = connect_redis(url, **publisher_options)
+        # A connection of its own that blocks reading (no socket timeout; keepalive finds dead peers)
+        # and never retries: redis-py would reconnect and resubscribe silently, hiding the hole.
+        self._listener = aioredis.Redis.from_url(url, socket_connect_timeout=2.0, socket_keepalive=True,
+                                                 retry=Retry(NoBackoff(), 0))
+
+    @property
+    def listening(self) -> bool:
+        """The listener is subscribed: this node hears the other nodes' events."""
+        return self._listening.is_set()
+
+    async def wait_listening(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for the listener to subscribe; returns whether it did."""
+        return await wait_event(self._listening, timeout)
+
+    async def _publish(self, data: Any) -> None:
+        try:
+            await self._publisher.publish(self.channel, self.json.dumps(data))
+        except UNAVAILABLE_ERRORS as exc:
+            # This node's clients already got the emit; other nodes learn of the hole from
+            # positions and from their own listener's reconnect.
+            self.publish_health.record_error(exc, "pubsub.publish")
+        else:
+            self.publish_health.record_ok()
+
+    async def _redis_listen_with_retries(self) -> AsyncIterator[Any]:
+        reconnecting = False
+        while True:
+            pubsub = self._listener.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self.channel)
+                self._listening.set()
+                if reconnecting:
+                    log.info("pubsub_listener_resubscribed")
+                    if self.on_resubscribed is not None:
+                        self._track(self.on_resubscribed())
+                reconnecting = False
+                async for message in pubsub.listen():
+                    yield message
+            except Exception as exc:  # noqa: BLE001 - whatever ended it, resubscribe soon
+                if self.listening:
+                    log.warning("pubsub_listener_down", error=f"{type(exc).__name__}: {exc}")
+                self._listening.clear()
+                reconnecting = True
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+            await asyncio.sleep(LISTENER_RETRY_SECONDS * random.uniform(0.5, 1.0))
+
+    async def close(self) -> None:
+        """Stop the listener and close the publishing and listening connections."""
+        listener_task = getattr(self, "thread", None)  # python-socketio's name for the listener task
+        if listener_task is not None:
+            listener_task.cancel()
+            await asyncio.gather(listener_task, return_exceptions=True)
+        await self._publisher.aclose()
+        await self._listener.aclose()
 
 
 def create_client_manager(redis_url: str | None, *,
                           max_queued_packets: int = DEFAULT_MAX_QUEUED_PACKETS,
                           max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES,
                           on_overflow: OverflowHook | None = None,
-                          channel: str = "socketio") -> socketio.AsyncManager:
-    """The fast client manager: Redis-backed when `redis_url` is set, single-node otherwise."""
+                          channel: str = "socketio", **publisher_options: Any) -> socketio.AsyncManager:
+    """The fast client manager: Redis-backed when `redis_url` is set, single-node otherwise.
+
+    `publisher_options` go to `connect_redis` for the connection that publishes to other nodes.
+    """
     if redis_url:
         return RedisFanoutManager(redis_url, channel=channel, max_queued_packets=max_queued_packets,
-                                  max_queued_bytes=max_queued_bytes, on_overflow=on_overflow)
+                                  max_queued_bytes=max_queued_bytes, on_overflow=on_overflow,
+                                  **publisher_options)
     return FanoutManager(max_queued_packets=max_queued_packets, max_queued_bytes=max_queued_bytes,
                          on_overflow=on_overflow)
 

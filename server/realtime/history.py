@@ -20,12 +20,20 @@ oldest retained one (the newest trimmed event), or that its oldest event opened 
 
 `since` equal to the latest id or newer than anything retained: no events, no gap.
 Events retained after `since` are returned even when `gap` is true.
+
+Positions (after Centrifugo's offset + epoch): each stored event also carries its channel's
+`offset`, which grows by exactly 1 per event, and the channel's `epoch`, which changes whenever
+the history that vouches for those offsets is lost (Redis restarted empty, the channel expired
+after its TTL, a memory history's process restarted, or `reset`). A client that sees an offset
+jump or an epoch change knows it missed events, which stream ids alone cannot show. A replay
+asked for with an `epoch` that is no longer the channel's is a gap.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
+import secrets
 import time
 from collections import deque
 from typing import Any, Awaitable, Callable, Protocol, runtime_checkable
@@ -35,7 +43,7 @@ import structlog
 
 from server.core import jsonutil
 from server.core.errors import InvalidPayload
-from server.realtime.redis import RedisHealth, redis_text
+from server.realtime.redis import BusUnavailable, RedisHealth, redis_text
 
 log = structlog.get_logger(__name__)
 
@@ -45,6 +53,8 @@ _MAX_PART = 2**64 - 1  # Redis stream id parts are unsigned 64-bit
 _ID_RE = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")  # [0-9], not \d: no other Unicode digits
 _CHANNEL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@\-]{0,199}")
 _TYPE_RE = re.compile(r"[a-z][a-z0-9_]{0,63}")
+EPOCH_PATTERN = "[A-Za-z0-9]{1,32}"
+_EPOCH_RE = re.compile(EPOCH_PATTERN)
 
 
 class InvalidArgument(InvalidPayload, ValueError):
@@ -95,6 +105,18 @@ def _gap(since: IdKey, first: IdKey | None, before_first: IdKey | None) -> bool:
     return since < before_first
 
 
+def new_epoch() -> str:
+    """A fresh channel epoch: random, so a history recreated anywhere never repeats one."""
+    return secrets.token_hex(6)
+
+
+def check_epoch(epoch: object) -> str | None:
+    """Return `epoch` (None allowed) if it looks like an epoch, else raise InvalidArgument."""
+    if epoch is not None and (not isinstance(epoch, str) or _EPOCH_RE.fullmatch(epoch) is None):
+        raise InvalidArgument("epoch must be 1-32 letters or digits, as the server sent it", field="epoch")
+    return epoch
+
+
 def check_channel(channel: object) -> str:
     """Return `channel` if it is a valid channel name, else raise InvalidArgument."""
     if not isinstance(channel, str) or _CHANNEL_RE.fullmatch(channel) is None:
@@ -120,18 +142,24 @@ def _check_limit(limit: object) -> int:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Event:
-    """One server event as it is stored, replayed and sent."""
+    """One server event as it is stored, replayed and sent.
 
-    id: str
+    `id`, `offset` and `epoch` are None for an event that could not be stored (Redis down): it
+    reached only the publishing node's clients and has no position.
+    """
+
+    id: str | None
     channel: str
     type: str
     data: dict[str, Any]
     ts: float
+    offset: int | None = None
+    epoch: str | None = None
 
     def to_wire(self) -> dict[str, Any]:
         """The protocol's server event object."""
         return {"id": self.id, "channel": self.channel, "type": self.type, "data": self.data,
-                "ts": self.ts}
+                "ts": self.ts, "offset": self.offset, "epoch": self.epoch}
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -141,6 +169,8 @@ class ReplayResult:
     events: list[Event]
     latest_id: str | None
     gap: bool
+    epoch: str | None = None
+    latest_offset: int | None = None
 
     @property
     def has_more(self) -> bool:
@@ -156,8 +186,13 @@ class HistoryStore(Protocol):
         """Store an event and return it with its id."""
         ...
 
-    async def read_after(self, channel: str, since: str | None, limit: int = 1000) -> ReplayResult:
-        """Events after `since` (oldest first, at most `limit`), the latest id and the gap flag."""
+    async def read_after(self, channel: str, since: str | None, limit: int = 1000,
+                         epoch: str | None = None) -> ReplayResult:
+        """Events after `since` (oldest first, at most `limit`), the latest position and the gap flag."""
+        ...
+
+    async def reset(self, channel: str) -> None:
+        """Forget the channel's history, so its next event opens a new epoch."""
         ...
 
     async def latest_id(self, channel: str) -> str | None:
@@ -178,12 +213,20 @@ def _normalise(data: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
 
 
 class _MemoryChannel:
-    __slots__ = ("entries", "before_first", "touched")
+    __slots__ = ("entries", "before_first", "touched", "epoch", "offset")
 
     def __init__(self, cap: int, touched: float) -> None:
         self.entries: deque[tuple[IdKey, Event]] = deque(maxlen=cap)
         self.before_first: IdKey | None = None
         self.touched = touched
+        # A channel (re)created in memory has nothing to vouch for earlier offsets: a new epoch.
+        self.epoch = new_epoch()
+        self.offset = 0
+
+
+def _epoch_gap(asked: str | None, current: str | None) -> bool:
+    """A replay asked for in another epoch cannot vouch for the offsets the client holds."""
+    return asked is not None and asked != current
 
 
 class MemoryHistory:
@@ -225,7 +268,7 @@ class MemoryHistory:
         return self._last
 
     async def append(self, channel: str, type: str, data: dict[str, Any]) -> Event:
-        """Store an event and return it with its id."""
+        """Store an event and return it with its id and position."""
         _, payload = _normalise(data)
         now, mono = self._clock(), self._monotonic()
         self._sweep(mono)
@@ -233,7 +276,8 @@ class MemoryHistory:
         if state is None:
             state = self._channels[channel] = _MemoryChannel(self.cap, mono)
         key = self._new_key(now)
-        event = Event(format_id(key), channel, type, payload, now)
+        state.offset += 1
+        event = Event(format_id(key), channel, type, payload, now, state.offset, state.epoch)
         if len(state.entries) == self.cap:
             state.before_first = state.entries[0][0]
         state.entries.append((key, event))
@@ -244,24 +288,29 @@ class MemoryHistory:
         """Store (channel, type, data) events in order."""
         return [await self.append(channel, type, data) for channel, type, data in events]
 
-    async def read_after(self, channel: str, since: str | None, limit: int = 1000) -> ReplayResult:
-        """Events after `since` (oldest first, at most `limit`), the latest id and the gap flag."""
+    async def read_after(self, channel: str, since: str | None, limit: int = 1000,
+                         epoch: str | None = None) -> ReplayResult:
+        """Events after `since` (oldest first, at most `limit`), the latest position and the gap flag."""
         _check_limit(limit)
         key = None if since is None else parse_id(since)
         state = self._live(channel, self._monotonic())
-        latest = state.entries[-1][1].id if state else None
-        if key is None:
-            return ReplayResult([], latest, False)
         if state is None:
-            return ReplayResult([], None, _gap(key, None, None))
+            return ReplayResult([], None, key is not None and _gap(key, None, None))
+        latest = state.entries[-1][1]
+        if key is None:
+            return ReplayResult([], latest.id, False, state.epoch, state.offset)
         newer: list[Event] = []
         for entry_key, event in reversed(state.entries):
             if entry_key <= key:
                 break
             newer.append(event)
         newer.reverse()
-        gap = _gap(key, state.entries[0][0], state.before_first)
-        return ReplayResult(newer[:limit], latest, gap)
+        gap = _gap(key, state.entries[0][0], state.before_first) or _epoch_gap(epoch, state.epoch)
+        return ReplayResult(newer[:limit], latest.id, gap, state.epoch, state.offset)
+
+    async def reset(self, channel: str) -> None:
+        """Forget the channel's history, so its next event opens a new epoch."""
+        self._channels.pop(channel, None)
 
     async def latest_id(self, channel: str) -> str | None:
         """Id of the newest retained event of the channel, None when there is none."""
@@ -272,24 +321,35 @@ class MemoryHistory:
 # --- Redis history ---------------------------------------------------------------------------
 
 # Each entry records the id before it ("p"), so after trimming the oldest retained entry still
-# tells which event was the newest one dropped: that makes the gap check exact. Atomic, so two
-# nodes appending at once cannot interleave between the read and the XADD.
+# tells which event was the newest one dropped: that makes the gap check exact. A meta hash beside
+# the stream holds the channel's position: the last offset ("o") and the epoch ("e"). Atomic, so
+# two nodes appending at once cannot interleave between the increment and the XADD, and offsets
+# follow stream order exactly.
 _APPEND_LUA = """
+local offset = redis.call('HINCRBY', KEYS[2], 'o', 1)
+local epoch = redis.call('HGET', KEYS[2], 'e')
+if offset == 1 or not epoch then
+  -- A new sequence of offsets: whatever the stream still holds belongs to a lost epoch.
+  redis.call('DEL', KEYS[1])
+  epoch = ARGV[6]
+  redis.call('HSET', KEYS[2], 'e', epoch)
+end
 local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
 local prev = ''
 if last[1] then prev = last[1][1] end
 local id
 if ARGV[1] == '~' then
-  id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 't', ARGV[3], 'd', ARGV[4], 'p', prev)
+  id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 't', ARGV[3], 'd', ARGV[4], 'p', prev, 'o', offset)
 else
-  id = redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[2], '*', 't', ARGV[3], 'd', ARGV[4], 'p', prev)
+  id = redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[2], '*', 't', ARGV[3], 'd', ARGV[4], 'p', prev, 'o', offset)
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
-return id
+redis.call('PEXPIRE', KEYS[2], ARGV[5])
+return {id, offset, epoch}
 """
 
-# One atomic snapshot: oldest id, the id before it, newest id, and entries from ARGV[1] on.
-# Only ids of the oldest and newest entries leave Redis, not their data.
+# One atomic snapshot: oldest id, the id before it, newest id, entries from ARGV[1] on, and the
+# channel's epoch and last offset. Only ids of the oldest and newest entries leave Redis, not data.
 _READ_LUA = """
 local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)
 if not first[1] then return {} end
@@ -303,7 +363,8 @@ local items = {}
 if ARGV[1] ~= '' then
   items = redis.call('XRANGE', KEYS[1], ARGV[1], '+', 'COUNT', ARGV[2])
 end
-return {first[1][1], prev, last[1][1], items}
+local meta = redis.call('HMGET', KEYS[2], 'e', 'o')
+return {first[1][1], prev, last[1][1], items, meta[1] or '', meta[2] or '0'}
 """
 
 
@@ -328,13 +389,19 @@ class RedisHistory:
         """Redis key of a channel's stream."""
         return f"{self.prefix}stream:{channel}"
 
+    def meta_key(self, channel: str) -> str:
+        """Redis key of a channel's position (last offset and epoch)."""
+        return f"{self.prefix}position:{channel}"
+
+    def _append_call(self, channel: str, type: str, raw: bytes, client: Any = None) -> Awaitable[Any]:
+        args = [self._trim, self.cap, type, raw, max(1, int(self.ttl * 1000)), new_epoch()]
+        return self._append(keys=[self.key(channel), self.meta_key(channel)], args=args, client=client)
+
     async def append(self, channel: str, type: str, data: dict[str, Any]) -> Event:
-        """Store an event and return it with the id Redis gave it; BusUnavailable if Redis is down."""
+        """Store an event and return it with its id and position; BusUnavailable if Redis is down."""
         raw, payload = _normalise(data)
-        args = [self._trim, self.cap, type, raw, max(1, int(self.ttl * 1000))]
-        entry_id = redis_text(await self.health.call(
-            "history.append", lambda: self._append(keys=[self.key(channel)], args=args)))
-        return Event(entry_id, channel, type, payload, parse_id(entry_id, field="id")[0] / 1000)
+        reply = await self.health.call("history.append", lambda: self._append_call(channel, type, raw))
+        return self._stored(channel, type, payload, reply)
 
     async def append_many(self, events: list[tuple[str, str, dict[str, Any]]]) -> list[Event]:
         """Store (channel, type, data) events in order in one pipelined round trip.
@@ -343,26 +410,31 @@ class RedisHistory:
         so delivery is at least once.
         """
         prepared = [(channel, type, *_normalise(data)) for channel, type, data in events]
-        ttl_ms = max(1, int(self.ttl * 1000))
 
         async def run() -> list[Any]:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for channel, type, raw, _ in prepared:
-                    await self._append(keys=[self.key(channel)], args=[self._trim, self.cap, type, raw, ttl_ms],
-                                       client=pipe)
+                    await self._append_call(channel, type, raw, client=pipe)
                 return await pipe.execute()
 
-        ids = [redis_text(entry_id) for entry_id in await self.health.call("history.append_many", run)]
-        return [Event(entry_id, channel, type, payload, parse_id(entry_id, field="id")[0] / 1000)
-                for entry_id, (channel, type, _, payload) in zip(ids, prepared)]
+        replies = await self.health.call("history.append_many", run)
+        return [self._stored(channel, type, payload, reply)
+                for reply, (channel, type, _, payload) in zip(replies, prepared)]
+
+    @staticmethod
+    def _stored(channel: str, type: str, payload: dict[str, Any], reply: list[Any]) -> Event:
+        entry_id = redis_text(reply[0])
+        return Event(entry_id, channel, type, payload, parse_id(entry_id, field="id")[0] / 1000,
+                     int(reply[1]), redis_text(reply[2]))
 
     async def _snapshot(self, channel: str, start: IdKey | None, limit: int) -> list[Any]:
         args = ["" if start is None else format_id(start), limit]
         return await self.health.call(
-            "history.read", lambda: self._read(keys=[self.key(channel)], args=args))
+            "history.read", lambda: self._read(keys=[self.key(channel), self.meta_key(channel)], args=args))
 
-    async def read_after(self, channel: str, since: str | None, limit: int = 1000) -> ReplayResult:
-        """Events after `since` (oldest first, at most `limit`), the latest id and the gap flag."""
+    async def read_after(self, channel: str, since: str | None, limit: int = 1000,
+                         epoch: str | None = None) -> ReplayResult:
+        """Events after `since` (oldest first, at most `limit`), the latest position and the gap flag."""
         _check_limit(limit)
         key = None if since is None else parse_id(since)
         start = None if key is None else _next_key(key)
@@ -370,11 +442,17 @@ class RedisHistory:
         if not reply:
             return ReplayResult([], None, key is not None and _gap(key, None, None))
         first, before, latest, items = redis_text(reply[0]), redis_text(reply[1]), redis_text(reply[2]), reply[3]
+        current_epoch, latest_offset = redis_text(reply[4]) or None, int(reply[5])
         if key is None:
-            return ReplayResult([], latest, False)
-        events = [self._event(channel, item) for item in items]
+            return ReplayResult([], latest, False, current_epoch, latest_offset)
+        events = [self._event(channel, item, current_epoch) for item in items]
         before_key = parse_id(before, field="id") if before else None
-        return ReplayResult(events, latest, _gap(key, parse_id(first, field="id"), before_key))
+        gap = _gap(key, parse_id(first, field="id"), before_key) or _epoch_gap(epoch, current_epoch)
+        return ReplayResult(events, latest, gap, current_epoch, latest_offset)
+
+    async def reset(self, channel: str) -> None:
+        """Forget the channel's history, so its next event opens a new epoch."""
+        await self.health.call("history.reset", lambda: self.redis.delete(self.key(channel), self.meta_key(channel)))
 
     async def latest_id(self, channel: str) -> str | None:
         """Id of the newest retained event of the channel, None when there is none."""
@@ -382,11 +460,12 @@ class RedisHistory:
         return redis_text(reply[2]) if reply else None
 
     @staticmethod
-    def _event(channel: str, item: list[Any]) -> Event:
+    def _event(channel: str, item: list[Any], epoch: str | None) -> Event:
         entry_id, flat = redis_text(item[0]), item[1]
         fields = {redis_text(flat[i]): flat[i + 1] for i in range(0, len(flat), 2)}
+        offset = fields.get("o")
         return Event(entry_id, channel, redis_text(fields["t"]), jsonutil.loads(fields["d"]),
-                     parse_id(entry_id, field="id")[0] / 1000)
+                     parse_id(entry_id, field="id")[0] / 1000, int(offset) if offset is not None else None, epoch)
 
 
 # --- the bus ---------------------------------------------------------------------------------
@@ -398,40 +477,66 @@ class EventBus:
     def __init__(self, history: HistoryStore, deliver: Callable[[Event], Awaitable[None]]) -> None:
         self.history = history
         self._deliver = deliver
+        # Channels that got events no history holds (published while Redis was down): their
+        # watchers on other nodes have a hole no offset shows until the channel is reset.
+        self.unstored_channels: set[str] = set()
 
     async def publish(self, channel: str, type: str, data: dict[str, Any]) -> Event:
         """The one way domain code emits an event: append to history, then deliver to the room.
 
-        Raises BusUnavailable when history cannot be written (nothing was delivered then). A
-        delivery failure is logged, not raised: the event is already in history, clients recover
+        When history cannot be written (BusUnavailable), the event still reaches this node's own
+        clients, unstored (no id, no position), and the channel is remembered for `reset_unstored`.
+        A delivery failure is logged, not raised: the event is already in history, clients recover
         it on reconnect, and a retry by the caller would duplicate it under a new id.
         """
         check_channel(channel)
         _check_type(type)
-        event = await self.history.append(channel, type, data)
         try:
-            await self._deliver(event)
-        except Exception:
-            log.exception("bus_deliver_failed", channel=channel, type=type, id=event.id)
+            event = await self.history.append(channel, type, data)
+        except BusUnavailable:
+            event = Event(None, channel, type, _normalise(data)[1], time.time())
+            self.unstored_channels.add(channel)
+        await self._deliver_logged(event)
         return event
 
     async def publish_many(self, events: list[tuple[str, str, dict[str, Any]]]) -> list[Event]:
-        """Publish (channel, type, data) events in order: history in one round trip, then delivery."""
+        """Publish (channel, type, data) events in order: history in one round trip, then delivery.
+
+        Raises BusUnavailable when history cannot be written: the caller (the outbox relay) keeps
+        the events and retries, so they reach every node once Redis is back.
+        """
         for channel, type, _ in events:
             check_channel(channel)
             _check_type(type)
         stored = await self.history.append_many(events)
         for event in stored:
-            try:
-                await self._deliver(event)
-            except Exception:
-                log.exception("bus_deliver_failed", channel=event.channel, type=event.type, id=event.id)
+            await self._deliver_logged(event)
         return stored
 
-    async def replay(self, channel: str, since: str | None, limit: int = 1000) -> ReplayResult:
-        """What a subscriber missed after `since`; InvalidArgument (a ValueError) if malformed."""
+    async def _deliver_logged(self, event: Event) -> None:
+        try:
+            await self._deliver(event)
+        except Exception:
+            log.exception("bus_deliver_failed", channel=event.channel, type=event.type, id=event.id)
+
+    async def reset_unstored(self) -> list[str]:
+        """Reset the history of channels that got unstored events, so every watcher sees a new epoch.
+
+        Returns the channels reset; raises BusUnavailable (the rest stay remembered) if Redis is
+        still down.
+        """
+        done: list[str] = []
+        for channel in sorted(self.unstored_channels):
+            await self.history.reset(channel)
+            self.unstored_channels.discard(channel)
+            done.append(channel)
+        return done
+
+    async def replay(self, channel: str, since: str | None, limit: int = 1000,
+                     epoch: str | None = None) -> ReplayResult:
+        """What a subscriber missed after `since` (in `epoch`); InvalidArgument if malformed."""
         check_channel(channel)
-        return await self.history.read_after(channel, since, limit)
+        return await self.history.read_after(channel, since, limit, epoch)
 
     async def latest_id(self, channel: str) -> str | None:
         """Id of the channel's newest event, None when it has none."""

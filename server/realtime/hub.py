@@ -6,6 +6,14 @@ does the rest for every namespace and for the REST fallback (long-poll and Serve
 Ordering contract with clients: on `subscribe` the connection joins the room *before* the
 history is read, so an event published in between reaches it twice (live and in the replay)
 rather than never; clients drop duplicates by id (ids grow per channel).
+
+Faults: a client either gets every event of a channel or can tell it missed some. Stored events
+carry positions (offset + epoch, see history.py). When Redis is down, an event still reaches the
+publishing node's clients, unstored; once Redis is back the channel is reset (new epoch) and every
+node's watchers get a `history_gap` notice. When a node's pub/sub listener resubscribes after
+losing Redis, it sends the notice to its own watchers of every channel, since other nodes' events
+may have passed it by. A notice means: resubscribe from your position (the ack carries what you
+missed, or `history_gap: true`).
 """
 
 from __future__ import annotations
@@ -33,6 +41,9 @@ from server.realtime.redis import BusUnavailable
 log = structlog.get_logger(__name__)
 
 PRESENCE_CHANGED_EVENT = "presence_changed"
+HISTORY_GAP_EVENT = "history_gap"  # notice: resubscribe from your position
+GAP_UNSTORED = "unstored_events"  # events published while Redis was down reached only one node
+GAP_RECONNECTED = "bus_reconnected"  # this node's listener was cut off from other nodes' events
 FIRST_ID = "0-0"  # older than any event id
 ROOM_PREFIX = "ch:"  # keeps channel rooms apart from python-socketio's per-sid rooms
 _PARAM_RE = re.compile(r"\{([a-z_]+)\}")
@@ -175,21 +186,68 @@ class Realtime:
         return await self.bus.publish_many(events)
 
     async def _deliver(self, event: Event) -> None:
-        wire = event.to_wire()
-        for namespace in self.namespaces_for(event.channel):
-            await self.sio.emit(event.type, wire, room=room_name(event.channel), namespace=namespace)
+        # An unstored event (Redis down) stays on this node: other nodes learn of it as a gap.
+        await self._emit(event.channel, event.type, event.to_wire(), local_only=event.id is None)
         waiter = self._waiters.pop(event.channel, None)
         if waiter is not None:
             waiter.set()
         if self._on_published is not None:
             self._on_published(event)
 
-    async def replay(self, channel: str, since: str | None) -> ReplayResult:
-        """What the channel's history holds after `since` (bounded by the replay limit)."""
-        return await self.bus.replay(channel, since, self.limits.replay_limit)
+    async def _emit(self, channel: str, type: str, wire: dict[str, Any], *, local_only: bool = False) -> None:
+        for namespace in self.namespaces_for(channel):
+            await self.sio.emit(type, wire, room=room_name(channel), namespace=namespace, ignore_queue=local_only)
+
+    async def _notice(self, channel: str, type: str, data: dict[str, Any], *, local_only: bool = False) -> None:
+        # A live view, not history: not stored, so it has no id and no position.
+        wire = {"id": None, "channel": channel, "type": type, "data": data, "ts": time.time(),
+                "offset": None, "epoch": None}
+        await self._emit(channel, type, wire, local_only=local_only)
+
+    async def replay(self, channel: str, since: str | None, epoch: str | None = None) -> ReplayResult:
+        """What the channel's history holds after `since` in `epoch` (bounded by the replay limit)."""
+        return await self.bus.replay(channel, since, self.limits.replay_limit, epoch)
+
+    # --- faults -------------------------------------------------------------------------------
+
+    def local_channels(self) -> set[str]:
+        """Channels that have watchers connected to this node."""
+        return {room[len(ROOM_PREFIX):] for rooms in self.sio.manager.rooms.values()
+                for room, members in rooms.items()
+                if isinstance(room, str) and room.startswith(ROOM_PREFIX) and members}
+
+    async def reset_unstored(self) -> int:
+        """Reset channels that got unstored events and tell every node's watchers; returns how many."""
+        if not self.bus.unstored_channels:
+            return 0
+        try:
+            channels = await self.bus.reset_unstored()
+        except BusUnavailable:
+            return 0  # still down: the next round retries
+        for channel in channels:
+            await self._notice(channel, HISTORY_GAP_EVENT, {"reason": GAP_UNSTORED})
+        log.info("unstored_channels_reset", channels=len(channels))
+        return len(channels)
+
+    async def watch_unstored(self, interval: float = 1.0) -> None:
+        """Reset channels with unstored events as soon as Redis answers again (until cancelled)."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.reset_unstored()
+            except Exception:
+                log.exception("reset_unstored_failed")
+
+    async def resync(self) -> None:
+        """After this node's pub/sub listener resubscribed: make every hole it may hide visible."""
+        await self.reset_unstored()
+        channels = self.local_channels()
+        for channel in channels:
+            await self._notice(channel, HISTORY_GAP_EVENT, {"reason": GAP_RECONNECTED}, local_only=True)
+        log.info("listener_resync_notified", channels=len(channels))
 
     async def wait_after(self, channel: str, since: str | None, timeout: float,
-                         poll_interval: float | None) -> ReplayResult:
+                         poll_interval: float | None, epoch: str | None = None) -> ReplayResult:
         """Long-poll: events after `since`, waiting up to `timeout` seconds for the first one.
 
         `since` None means the reader saw the channel empty, so everything in it is new to it.
@@ -203,9 +261,9 @@ class Realtime:
                 waiter = self._waiters.setdefault(channel, asyncio.Event())
                 if since is None:
                     everything = await self.bus.replay(channel, FIRST_ID, self.limits.replay_limit)
-                    result = ReplayResult(everything.events, everything.latest_id, False)
+                    result = dataclasses.replace(everything, gap=False)
                 else:
-                    result = await self.replay(channel, since)
+                    result = await self.replay(channel, since, epoch)
                 remaining = deadline - time.monotonic()
                 if result.events or result.gap or remaining <= 0:
                     return result
@@ -254,11 +312,7 @@ class Realtime:
         return f"{namespace}#{sid}"
 
     async def _announce(self, channel: str, count: int, user_id: str | None, action: str) -> None:
-        # Presence is a live view, not history: it is not stored, so it has no id.
-        wire = {"id": None, "channel": channel, "type": PRESENCE_CHANGED_EVENT,
-                "data": {"count": count, "action": action, "user_id": user_id}, "ts": time.time()}
-        for namespace in self.namespaces_for(channel):
-            await self.sio.emit(PRESENCE_CHANGED_EVENT, wire, room=room_name(channel), namespace=namespace)
+        await self._notice(channel, PRESENCE_CHANGED_EVENT, {"count": count, "action": action, "user_id": user_id})
 
     # --- per-user connection limit ------------------------------------------------------------
 

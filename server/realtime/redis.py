@@ -13,6 +13,7 @@ import structlog
 from aiohttp import web
 
 from server.core.errors import Unavailable
+from server.core.settings import Settings
 
 log = structlog.get_logger(__name__)
 
@@ -35,6 +36,30 @@ UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+class PoolExhausted(redis_errors.ConnectionError):
+    """Every pooled connection stayed busy for REDIS_POOL_TIMEOUT: this node is saturated, Redis is up."""
+
+
+class WaitingConnectionPool(aioredis.BlockingConnectionPool):
+    """A bounded pool whose callers wait for a free connection; a wait that times out is PoolExhausted.
+
+    redis-py's BlockingConnectionPool reports that timeout as a plain ConnectionError, the same
+    type as "Redis refused the connection"; telling them apart keeps a reconnect storm from being
+    logged and reported (readiness, metrics) as a Redis outage.
+    """
+
+    async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        """A free connection, waiting up to the pool's timeout for one (PoolExhausted after it)."""
+        try:
+            return await super().get_connection(*args, **kwargs)
+        except redis_errors.ConnectionError as exc:
+            # Only the wait raises from a TimeoutError; a failed connect raises redis' own TimeoutError.
+            if isinstance(exc.__cause__, TimeoutError):
+                raise PoolExhausted(f"no Redis connection free within {self.timeout} s "
+                                    f"({self.max_connections} in use)") from exc
+            raise
+
+
 class RedisHealth:
     """Whether Redis answered lately; logs once per outage and once on recovery, not per call."""
 
@@ -44,16 +69,24 @@ class RedisHealth:
         self.last_error: str | None = None
         self._clock = clock
         self.since = clock()  # when `ok` last changed
+        self.saturated = False  # a pool wait timed out since the last successful call
 
     def record_ok(self) -> None:
         """Note a successful call; logs the recovery if an outage was under way."""
+        self.saturated = False
         if not self.ok:
             now = self._clock()
             log.info("redis_recovered", service=self.name, down_seconds=round(now - self.since, 3))
             self.ok, self.since = True, now
 
     def record_error(self, exc: BaseException, op: str) -> None:
-        """Note a failed call; logs only the first failure of an outage."""
+        """Note a failed call; logs only the first failure of an outage (or of a saturation)."""
+        if isinstance(exc, PoolExhausted):
+            # Redis answers, this node just has more concurrent calls than connections: not an outage.
+            if not self.saturated:
+                log.warning("redis_pool_exhausted", service=self.name, op=op, error=str(exc))
+                self.saturated = True
+            return
         self.last_error = f"{type(exc).__name__}: {exc}"
         if self.ok:
             log.warning("redis_unavailable", service=self.name, op=op, error=self.last_error)
@@ -106,8 +139,16 @@ class RedisHealth:
             delay = min(delay * 2, maximum)
 
 
-def connect_redis(url: str, **options: Any) -> aioredis.Redis:
-    """A Redis client with timeouts suited to the bus: a dead Redis fails calls fast."""
+_DEFAULTS = Settings()
+
+
+def connect_redis(url: str, *, pool_size: int = _DEFAULTS.redis_pool_size,
+                  pool_timeout: float = _DEFAULTS.redis_pool_timeout, **options: Any) -> aioredis.Redis:
+    """A Redis client with timeouts suited to the bus: a dead Redis fails calls fast.
+
+    Its pool holds at most `pool_size` connections; a call that finds them all busy waits up to
+    `pool_timeout` seconds for one (REDIS_POOL_SIZE, REDIS_POOL_TIMEOUT), then raises PoolExhausted.
+    """
     from redis.asyncio.retry import Retry
     from redis.backoff import ExponentialBackoff
 
@@ -118,7 +159,8 @@ def connect_redis(url: str, **options: Any) -> aioredis.Redis:
         "retry": Retry(ExponentialBackoff(cap=0.2, base=0.02), 1),
     }
     settings.update(options)
-    return aioredis.Redis.from_url(url, **settings)
+    pool = WaitingConnectionPool.from_url(url, max_connections=pool_size, timeout=pool_timeout, **settings)
+    return aioredis.Redis.from_pool(pool)
 
 
 def redis_text(value: bytes | str) -> str:

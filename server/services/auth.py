@@ -24,6 +24,7 @@ from argon2.exceptions import InvalidHashError, VerificationError
 from db import auth as auth_queries
 from db import users as user_queries
 from server.adapters.zklogin import StandInAddressDeriver, new_salt
+from server.core.cache import ExpiringCache
 from server.core.errors import Conflict, Unauthorized, Unavailable
 from server.core.identity import Identity
 
@@ -58,29 +59,29 @@ def token_digest(token: str) -> str:
 
 
 class SessionCache:
-    """Positive session checks cached briefly so every request does not hit the database."""
+    """Positive session checks cached briefly so every request does not hit the database.
+
+    Expired checks are dropped as new ones come in: every sign-in is a new session id, so a cache
+    that kept them until it was full would grow with the sign-ins of the last hours.
+    """
 
     def __init__(self, ttl: float, max_entries: int = 100_000) -> None:
-        self._ttl = ttl
-        self._max = max_entries
-        self._entries: dict[int, tuple[float, auth_queries.SessionState]] = {}
+        self._entries: ExpiringCache[int, auth_queries.SessionState] = ExpiringCache(ttl, max_entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
     def get(self, session_id: int) -> auth_queries.SessionState | None:
         """The cached state, if fresh."""
-        entry = self._entries.get(session_id)
-        if entry is None or entry[0] < time.monotonic():
-            return None
-        return entry[1]
+        return self._entries.get(session_id)
 
     def put(self, state: auth_queries.SessionState) -> None:
         """Remember an active session for the TTL."""
-        if len(self._entries) >= self._max:
-            self._entries.clear()
-        self._entries[state.session_id] = (time.monotonic() + self._ttl, state)
+        self._entries.put(state.session_id, state)
 
     def forget(self, session_id: int) -> None:
         """Drop a session at once (logout on this node)."""
-        self._entries.pop(session_id, None)
+        self._entries.pop(session_id)
 
 
 class GoogleKeys:

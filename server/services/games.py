@@ -15,7 +15,6 @@ import dataclasses
 import datetime as dt
 import hashlib
 import secrets
-import time
 import uuid
 from decimal import Decimal
 from typing import Any, AsyncIterator, Callable, Iterable
@@ -29,6 +28,7 @@ from db import games as queries
 from db import outbox
 from db.pool import POOL
 from db.pool import now as database_now
+from server.core.cache import ExpiringCache
 from server.core.errors import (
     Conflict,
     ErrorCode,
@@ -103,33 +103,27 @@ class GameTokens:
     """Checks game tokens; known ones are cached briefly (a rotated token stops within the TTL)."""
 
     def __init__(self, ttl: float, max_entries: int = 10_000) -> None:
-        self._ttl = ttl
-        self._max = max_entries
-        self._entries: dict[str, tuple[float, int]] = {}
+        self._entries: ExpiringCache[str, int] = ExpiringCache(ttl, max_entries)
 
     async def authenticate(self, pool: asyncpg.Pool, token: Any) -> GameCaller:
         """The game a token belongs to; Unauthorized for anything else."""
         if not isinstance(token, str) or not token.startswith(TOKEN_PREFIX) or len(token) > 200:
             raise Unauthorized("the game token is invalid")
         digest = token_digest(token)
-        entry = self._entries.get(digest)
-        if entry is not None and entry[0] > time.monotonic():
-            return GameCaller(entry[1])
+        cached = self._entries.get(digest)
+        if cached is not None:
+            return GameCaller(cached)
         async with pool.acquire() as conn:
             game = await queries.game_by_token_hash(conn, digest)
         if game is None:
-            self._entries.pop(digest, None)
+            self._entries.pop(digest)
             raise Unauthorized("the game token is invalid")
-        if len(self._entries) >= self._max:
-            self._entries.clear()
-        self._entries[digest] = (time.monotonic() + self._ttl, game.game_id)
+        self._entries.put(digest, game.game_id)
         return GameCaller(game.game_id)
 
     def forget_game(self, game_id: int) -> None:
         """Drop a game's cached tokens at once (rotation on this node)."""
-        for digest, (_, cached) in list(self._entries.items()):
-            if cached == game_id:
-                del self._entries[digest]
+        self._entries.pop_values(lambda cached: cached == game_id)
 
 
 # --- games -------------------------------------------------------------------------------------

@@ -3,8 +3,10 @@
 A job is a `purchase_jobs` row. Workers (several per process, any number of processes) lease one
 with `FOR UPDATE SKIP LOCKED` and run its steps; each step commits its state change, its next
 step and its events (through the outbox) in one transaction that first re-checks the lease, so a
-step is applied once even if a stalled worker's lease was taken over. A worker that dies leaves
-its lease to expire (PURCHASE_JOB_LEASE) and the job resumes at its recorded step.
+step is applied once even if a stalled worker's lease was taken over. While a job runs, a heartbeat
+renews its lease every PURCHASE_JOB_HEARTBEAT seconds, so the lease itself can be short: a worker
+that dies stops renewing, its lease expires within PURCHASE_JOB_LEASE and another worker resumes
+the job at its recorded step.
 
 This module only drives the job (lease, step order, retries with backoff, the escrow sweep); what
 each step does to the purchase, and the money rules, are in server/services/purchases.py.
@@ -52,6 +54,7 @@ class PurchaseWorker:
         self.settings = settings
         self.worker_id = worker_id or uuid.uuid4().hex
         self.lease = settings.purchase_job_lease
+        self.heartbeat = settings.purchase_job_heartbeat
         self._wake = asyncio.Event()
 
     # --- loop -------------------------------------------------------------------------------
@@ -108,6 +111,7 @@ class PurchaseWorker:
         if job is None:
             return False
         log.info("purchase_job_claimed", purchase_id=str(job.purchase_id), step=job.step, attempts=job.attempts)
+        heartbeat = asyncio.create_task(self._keep_lease(job.purchase_id))
         step: str | None = job.step
         try:
             while step is not None:
@@ -117,7 +121,26 @@ class PurchaseWorker:
         except Exception as exc:  # noqa: BLE001 - retried with backoff, then failed (refunded if paid)
             log.exception("purchase_job_step_failed", purchase_id=str(job.purchase_id), step=step)
             await self._retry_or_fail(job, step or job.step, f"{type(exc).__name__}: {exc}")
+        finally:
+            heartbeat.cancel()
+            await asyncio.gather(heartbeat, return_exceptions=True)
         return True
+
+    async def _keep_lease(self, purchase_id: uuid.UUID) -> None:
+        """Renew our lease every PURCHASE_JOB_HEARTBEAT seconds until cancelled or the lease is lost.
+
+        A lost lease (expired and claimed by another worker, or the job finished) just ends the
+        heartbeat: the running step finds it lost too when it re-checks the lease before committing.
+        """
+        while True:
+            await asyncio.sleep(self.heartbeat)
+            try:
+                async with self.pool.acquire() as conn:
+                    if not await queries.hold_job(conn, purchase_id, self.worker_id, None, self.lease):
+                        return
+            except Exception as exc:  # noqa: BLE001 - a database hiccup: the next beat tries again
+                log.warning("purchase_job_heartbeat_failed", purchase_id=str(purchase_id),
+                            error=f"{type(exc).__name__}: {exc}")
 
     # --- steps ------------------------------------------------------------------------------
 
