@@ -31,6 +31,7 @@ from server.adapters.embedded import database_dsn
 from server.core import jsonutil
 from server.core.crypto import MASTER_KEY
 from server.core.errors import NotFound
+from server.core.memory import heap_trim_ctx
 from server.core.metrics import METRICS, Metrics
 from server.core.secrets import load_or_create_secret
 from server.core.settings import SETTINGS, Settings
@@ -186,6 +187,7 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(games_ctx)
     app.cleanup_ctx.append(dao_ctx)
     app.cleanup_ctx.append(demo_game_ctx)
+    app.cleanup_ctx.append(heap_trim_ctx)
     app[METRICS].watch_pool(lambda: app.get(POOL))
 
     sio = create_socket_server(settings, app[METRICS])
