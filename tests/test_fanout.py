@@ -4,9 +4,10 @@ Redis across two servers, and slow-consumer eviction. Correctness only, nothing 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import uuid
-from typing import Any
+from typing import Any, AsyncIterator
 
 import aiohttp
 import pytest
@@ -383,8 +384,6 @@ async def test_permessage_deflate_declined_and_library_sends_keep_order(aiohttp_
         await ws.close()
 
 
-
-
 # Loopback sockets buffer megabytes; a client across a network, a few dozen KiB.
 NETWORK_SOCKET_BUFFER = 64 * 1024
 
@@ -397,14 +396,22 @@ def small_buffer_socket(addr_info) -> socket.socket:
     return sock
 
 
+@contextlib.asynccontextmanager
+async def network_client(aiohttp_server, manager: socketio.AsyncManager) -> AsyncIterator[tuple[Hub, Any, str]]:
+    """A hub and one raw websocket client whose socket buffers, on both ends, are a network's size."""
+    hub = await start_hub(aiohttp_server, manager)
+    connector = aiohttp.TCPConnector(socket_factory=small_buffer_socket)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        ws, eio_sid, _ = await raw_socketio_websocket(session, hub.url, autoping=False)
+        server_socket = hub.sio.eio.sockets[eio_sid].link.transport.get_extra_info("socket")
+        server_socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, NETWORK_SOCKET_BUFFER)
+        yield hub, ws, eio_sid
+
 
 async def test_a_client_that_falls_behind_for_a_while_gets_every_frame_in_order(aiohttp_server):
     # While it does not read, its frames wait whole in its backlog; they go out when it reads again.
     overflowed: list[str] = []
-    hub = await start_hub(aiohttp_server, FanoutManager(on_overflow=overflowed.append))
-    connector = aiohttp.TCPConnector(socket_factory=small_buffer_socket)
-    async with aiohttp.ClientSession(connector=connector) as session:
-        ws, eio_sid, _ = await raw_socketio_websocket(session, hub.url, autoping=False)
+    async with network_client(aiohttp_server, FanoutManager(on_overflow=overflowed.append)) as (hub, ws, eio_sid):
         link = hub.sio.eio.sockets[eio_sid].link
         pad = "x" * 16 * 1024
         sent = 0
@@ -422,6 +429,7 @@ async def test_a_client_that_falls_behind_for_a_while_gets_every_frame_in_order(
     assert got == list(range(sent))
     assert overflowed == []
 
+
 async def test_a_slow_reader_is_evicted_after_whole_frames_with_the_notice_and_a_close_frame(aiohttp_server):
     # The client reads, but slower than events come. The frames it has not been sent when it is
     # evicted are dropped: the notice takes their place, right behind whole frames, then the close
@@ -429,13 +437,7 @@ async def test_a_slow_reader_is_evicted_after_whole_frames_with_the_notice_and_a
     # close_grace seconds), however long it takes to read what was already sent.
     overflowed: list[str] = []
     manager = FanoutManager(max_queued_packets=10_000, on_overflow=overflowed.append, close_grace=0.2)
-    hub = await start_hub(aiohttp_server, manager)
-    connector = aiohttp.TCPConnector(socket_factory=small_buffer_socket)
-    async with aiohttp.ClientSession(connector=connector) as session:
-        slow, eio_sid, _ = await raw_socketio_websocket(session, hub.url, autoping=False)
-        server_socket = hub.sio.eio.sockets[eio_sid].link.transport.get_extra_info("socket")
-        server_socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, NETWORK_SOCKET_BUFFER)
-
+    async with network_client(aiohttp_server, manager) as (hub, slow, _):
         async def read_slowly() -> tuple[list, aiohttp.WSMessage]:
             events = []
             while True:
@@ -465,10 +467,7 @@ async def test_an_evicted_client_that_reads_nothing_is_cut_off_after_the_grace_p
     # Its last frames cannot be delivered whole; they must not pin the server's memory either.
     overflowed: list[str] = []
     manager = FanoutManager(max_queued_packets=10_000, on_overflow=overflowed.append, close_grace=0.2)
-    hub = await start_hub(aiohttp_server, manager)
-    connector = aiohttp.TCPConnector(socket_factory=small_buffer_socket)
-    async with aiohttp.ClientSession(connector=connector) as session:
-        silent, eio_sid, _ = await raw_socketio_websocket(session, hub.url, autoping=False)
+    async with network_client(aiohttp_server, manager) as (hub, silent, eio_sid):
         transport = hub.sio.eio.sockets[eio_sid].link.transport
         pad = "x" * 32 * 1024
         while not overflowed:
