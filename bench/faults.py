@@ -262,6 +262,7 @@ class Cluster:
         env = {**os.environ, "DATABASE_URL": self.dsn, "REDIS_URL": self.redis.url, "HOST": "127.0.0.1",
                "DATA_DIR": str(workdir / "data"), "JWT_SECRET": secret(), "MASTER_KEY": secret(),
                "LOG_FORMAT": "json", "BLOCK_INTERVAL": str(args.block_interval),
+               "ACCESS_TOKEN_TTL": "86400",  # the bench's clients do not refresh their tokens
                "SHUTDOWN_TIMEOUT": str(args.shutdown_timeout), "DEMO_GAME_INTERVAL": "0",
                # The storm puts thousands of connections of three users on one node.
                "MAX_CONNECTIONS_PER_USER": "1000000"}

@@ -95,6 +95,8 @@ def start_server(dsn: str, port: int, data_dir: Path, master_key: str, redis_pre
     env = {**os.environ, "DATABASE_URL": dsn, "HOST": "127.0.0.1", "PORT": str(port), "DATA_DIR": str(data_dir),
            "JWT_SECRET": base64.urlsafe_b64encode(secrets.token_bytes(32)).decode(), "MASTER_KEY": master_key,
            "REDIS_PREFIX": redis_prefix, "BLOCK_INTERVAL": "5", "LOG_FORMAT": "json",
+           # The bench's clients neither refresh tokens nor come from more than one address.
+           "ACCESS_TOKEN_TTL": "86400", "SIGNIN_ATTEMPTS_PER_ADDRESS": "1000000",
            # The bench sends more chat messages per writer than a person would.
            "AI_MESSAGES_PER_MINUTE": "600"}
     return subprocess.Popen([sys.executable, "-m", "server", "serve"], cwd=ROOT, env=env,

@@ -40,12 +40,65 @@ async def get_session_state(conn: asyncpg.Connection, session_id: int) -> Sessio
     return None if row is None else SessionState(**dict(row))
 
 
-async def end_session(conn: asyncpg.Connection, session_id: int) -> bool:
-    """Log a session out; False when it was already ended."""
+async def end_session(conn: asyncpg.Connection, session_id: int, reason: str) -> bool:
+    """End a session with a reason (`sessions_end_reason_check`); False when it had already ended."""
     status = await conn.execute(
-        "UPDATE sessions SET logout_time = now() WHERE session_id = $1 AND logout_time IS NULL",
-        session_id)
+        "UPDATE sessions SET logout_time = now(), end_reason = $2 WHERE session_id = $1 AND logout_time IS NULL",
+        session_id, reason)
     return status == "UPDATE 1"
+
+
+async def end_user_sessions(conn: asyncpg.Connection, user_id: uuid.UUID, reason: str) -> list[int]:
+    """End every open session of a user; the ids of those that were open."""
+    rows = await conn.fetch(
+        """UPDATE sessions SET logout_time = now(), end_reason = $2
+            WHERE user_id = $1 AND logout_time IS NULL RETURNING session_id""",
+        user_id, reason)
+    return [row["session_id"] for row in rows]
+
+
+async def extend_session(conn: asyncpg.Connection, session_id: int, expires_at: dt.datetime) -> None:
+    """Move an open session's end (a refresh keeps the device signed in)."""
+    await conn.execute("UPDATE sessions SET expires_at = $2 WHERE session_id = $1 AND logout_time IS NULL",
+                       session_id, expires_at)
+
+
+async def add_refresh_token(conn: asyncpg.Connection, session_id: int, token_hash: str,
+                            expires_at: dt.datetime) -> None:
+    """Record a session's next refresh token (its digest)."""
+    await conn.execute(
+        "INSERT INTO session_refresh_tokens (token_hash, session_id, expires_at) VALUES ($1, $2, $3)",
+        token_hash, session_id, expires_at)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RefreshSpend:
+    """What presenting a refresh token did: spent it (`spent`), or found it reused, expired or unknown."""
+
+    outcome: str  # "spent" | "reused" | "expired" | "unknown"
+    session_id: int | None = None
+    user_id: uuid.UUID | None = None
+
+
+async def spend_refresh_token(conn: asyncpg.Connection, token_hash: str) -> RefreshSpend:
+    """Spend a live refresh token of an open session, compare-and-set, so two presentations spend it once."""
+    row = await conn.fetchrow(
+        """UPDATE session_refresh_tokens r SET spent_at = now()
+             FROM sessions s
+            WHERE r.token_hash = $1 AND r.spent_at IS NULL AND r.expires_at > now()
+              AND s.session_id = r.session_id AND s.logout_time IS NULL
+        RETURNING r.session_id, s.user_id""",
+        token_hash)
+    if row is not None:
+        return RefreshSpend("spent", row["session_id"], row["user_id"])
+    row = await conn.fetchrow(
+        """SELECT r.session_id, s.user_id, r.spent_at IS NOT NULL AS spent
+             FROM session_refresh_tokens r JOIN sessions s USING (session_id) WHERE r.token_hash = $1""",
+        token_hash)
+    if row is None:
+        return RefreshSpend("unknown")
+    # Not spent yet not spendable: the token or its session is over.
+    return RefreshSpend("reused" if row["spent"] else "expired", row["session_id"], row["user_id"])
 
 
 async def record_registration(conn: asyncpg.Connection, user_id: uuid.UUID, ip_address: str | None,

@@ -19,6 +19,7 @@ class ChainNamespace(ChainCommands, DaoCommands, HubNamespace):
     name = "/chain"
     allow_anonymous = True
     channels = ChainCommands.channels + DaoCommands.channels
+    events = ChainCommands.events + DaoCommands.events
 
 
 NAMESPACES = (AssistantNamespace, MarketplaceNamespace, PurchasesNamespace, GamesNamespace, ChainNamespace)

@@ -17,7 +17,7 @@ from server.core import jsonutil
 from server.core.errors import InvalidPayload
 from server.edge.namespace import Ctx, HubNamespace, command
 from server.edge.rest import endpoint, ok_response
-from server.edge.schemas import UUID, obj, string
+from server.edge.schemas import COUNT, UUID, obj, string
 from server.realtime.hub import USER_CHANNEL, ChannelRule, own_user
 from server.services import assistant as service
 from server.services.assistant import (
@@ -43,11 +43,12 @@ SEND_SCHEMA = obj({"conversation_id": UUID, "content": CONTENT, "client_msg_id":
                   required=("conversation_id", "content", "client_msg_id"))
 EDIT_SCHEMA = obj({"message_id": UUID, "content": CONTENT, "client_msg_id": CLIENT_MSG_ID},
                   required=("message_id", "content"))
-RESUME_SCHEMA = obj({"message_id": UUID, "after_seq": {"type": "integer", "minimum": 0}},
+RESUME_SCHEMA = obj({"message_id": UUID, "after_seq": COUNT},
                     required=("message_id", "after_seq"))
 REST_SEND_SCHEMA = obj({"content": CONTENT, "client_msg_id": CLIENT_MSG_ID, "stream": {"type": "boolean"}},
                        required=("content", "client_msg_id"))
 DEFAULT_PAGE = 50
+CONVERSATION_PATH = {"conversation_id": UUID}
 
 
 class AssistantNamespace(HubNamespace):
@@ -59,6 +60,9 @@ class AssistantNamespace(HubNamespace):
         ChannelRule(CONVERSATION_CHANNEL, own_conversation),
         ChannelRule(USER_CHANNEL, own_user),
     )
+    events = (service.CONVERSATION_CREATED, service.CONVERSATION_TITLED, service.CONVERSATION_DELETED,
+              service.MESSAGE_STARTED, service.CONTEXT_TRIMMED, service.MESSAGE_DELTA, service.TOOL_CALLED,
+              service.TOOL_RETURNED, service.MESSAGE_COMPLETED, service.MESSAGE_FAILED)
 
     async def _join(self, ctx: Ctx, channel: str) -> None:
         """Subscribe the caller's connection to a channel (room first, like `subscribe`)."""
@@ -155,7 +159,7 @@ SSE_KEEPALIVE_SECONDS = 15.0
 
 
 @routes.get("/api/v1/conversations")
-@endpoint(auth="user")
+@endpoint(auth="user", query=LIST_CONVERSATIONS_SCHEMA["anyOf"][1])
 async def handle_list_conversations(request: web.Request, identity) -> web.Response:
     """The caller's conversations, most recently active first; page with `before`."""
     try:
@@ -177,7 +181,7 @@ async def handle_create_conversation(request: web.Request, identity, body) -> we
 
 
 @routes.get("/api/v1/conversations/{conversation_id}/messages")
-@endpoint(auth="user")
+@endpoint(auth="user", path=CONVERSATION_PATH)
 async def handle_get_messages(request: web.Request, identity) -> web.Response:
     """The conversation and the messages of its current branch, oldest first."""
     return ok_response(await service.get_conversation(request.app, identity.user_id,
@@ -185,7 +189,7 @@ async def handle_get_messages(request: web.Request, identity) -> web.Response:
 
 
 @routes.post("/api/v1/conversations/{conversation_id}/messages")
-@endpoint(body=REST_SEND_SCHEMA, auth="user")
+@endpoint(body=REST_SEND_SCHEMA, auth="user", path=CONVERSATION_PATH)
 async def handle_send_message(request: web.Request, identity, body) -> web.StreamResponse:
     """Send a message; the answer streams back as Server-Sent Events, or as JSON when stream=false."""
     listener = service.AnswerListener()
@@ -217,7 +221,7 @@ async def handle_send_message(request: web.Request, identity, body) -> web.Strea
 
 
 @routes.post("/api/v1/messages/{message_id}/stop")
-@endpoint(auth="user")
+@endpoint(auth="user", path={"message_id": UUID})
 async def handle_stop(request: web.Request, identity) -> web.Response:
     """Stop an answer (see `on_stop_generation`)."""
     return ok_response(await service.stop_generation(request.app, identity.user_id, request.match_info["message_id"]))

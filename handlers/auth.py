@@ -1,4 +1,4 @@
-"""REST: register, login, logout, me, Google sign-in (the rules are in server/services/auth.py)."""
+"""REST: register, login, refresh, logout, me, Google sign-in (the rules are in server/services/auth.py)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ REGISTER_SCHEMA = obj({"username": USERNAME, "email": EMAIL, "password": PASSWOR
                       required=("username", "email", "password"))
 LOGIN_SCHEMA = obj({"login": string(3, 255), "password": string(1, 128)}, required=("login", "password"))
 GOOGLE_SCHEMA = obj({"id_token": string(20, 8192)}, required=("id_token",))
+REFRESH_SCHEMA = obj({"refresh_token": string(20, 200)}, required=("refresh_token",))
 
 
 def _device(request: web.Request) -> dict[str, str | None]:
@@ -42,6 +43,14 @@ async def handle_login(request: web.Request, body: dict) -> web.Response:
     """Check a username-or-email and password; return an access token bound to a new session."""
     signed_in = await request.app[AUTH].login(request.app[POOL], body["login"], body["password"],
                                               **_device(request))
+    return ok_response(signed_in.to_public())
+
+
+@routes.post("/api/v1/auth/refresh")
+@endpoint(body=REFRESH_SCHEMA)
+async def handle_refresh(request: web.Request, body: dict) -> web.Response:
+    """Spend a refresh token for a new access token and the next refresh token; reuse ends the session."""
+    signed_in = await request.app[AUTH].refresh(request.app[POOL], body["refresh_token"])
     return ok_response(signed_in.to_public())
 
 

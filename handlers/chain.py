@@ -19,8 +19,18 @@ from server.core.errors import InvalidPayload, NotFound
 from server.core.identity import Identity
 from server.core.settings import SETTINGS
 from server.edge.namespace import Ctx, command
-from server.edge.rest import endpoint, int_query, ok_response, path_int
-from server.edge.schemas import KVP_ADDRESS, KVP_AMOUNT, KVP_SIGNATURE, UUID, obj, string
+from server.edge.rest import endpoint, int_query, ok_response, path_int, path_uuid
+from server.edge.schemas import (
+    COUNT,
+    KVP_ADDRESS,
+    KVP_AMOUNT,
+    KVP_SIGNATURE,
+    MAX_INTEGER_ID,
+    TX_HASH,
+    UUID,
+    obj,
+    string,
+)
 from server.realtime.hub import ChannelAccess, ChannelRule
 from server.services import chain as service
 
@@ -33,7 +43,10 @@ TRANSFER_SCHEMA = obj({
     "nonce": {"type": "integer", "minimum": 0, "maximum": wallets.MAX_NONCE},
     "signature": KVP_SIGNATURE,
 }, required=("sender", "receiver", "amount", "nonce", "signature"))
-BLOCKS_SINCE_SCHEMA = obj({"since_height": {"type": "integer", "minimum": 0},
+HEIGHT = COUNT
+BLOCKS_QUERY = obj({"before_height": {"type": "integer", "minimum": 1, "maximum": MAX_INTEGER_ID},
+                    "limit": {"type": "integer", "minimum": 1, "maximum": MAX_BLOCKS_PAGE}})
+BLOCKS_SINCE_SCHEMA = obj({"since_height": COUNT,
                            "limit": {"type": "integer", "minimum": 1, "maximum": MAX_BLOCKS_PAGE}},
                           required=("since_height",))
 
@@ -53,6 +66,8 @@ class ChainCommands:
         ChannelRule(service.TRANSACTIONS_CHANNEL),
         ChannelRule(service.MINING_CHANNEL),
     )
+    events = (service.BLOCK_ADDED, service.BLOCKS_BURNED, service.TRANSACTION_PENDING, service.TRANSACTION_CONFIRMED,
+              service.TRANSACTION_REJECTED, service.MINING_REWARDED, service.HALVING_SCHEDULED)
 
     @command(TRANSFER_SCHEMA)
     async def on_submit_transaction(self, ctx: Ctx, payload: dict) -> dict:
@@ -78,13 +93,10 @@ async def handle_register_wallet(request: web.Request, identity: Identity, body:
 
 
 @routes.get("/api/v1/users/{user_id}/wallet")
-@endpoint(auth="user")
+@endpoint(auth="user", path={"user_id": UUID})
 async def handle_user_wallet(request: web.Request, identity: Identity) -> web.Response:
     """A user's wallet address (e.g. a DataPod seller's, to pay them); not_found without one."""
-    try:
-        user_id = uuid.UUID(request.match_info["user_id"])
-    except ValueError:
-        raise NotFound("no such user", field="user_id") from None
+    user_id = path_uuid(request, "user_id", "no such user")
     async with request.app[POOL].acquire() as conn:
         return ok_response(await service.wallet_of_user(conn, user_id))
 
@@ -103,7 +115,7 @@ async def handle_faucet(request: web.Request, identity: Identity) -> web.Respons
 
 
 @routes.get("/api/v1/wallets/{address}")
-@endpoint()
+@endpoint(path={"address": KVP_ADDRESS})
 async def handle_wallet(request: web.Request) -> web.Response:
     """A wallet's balance, reserved (pending) amount and next free nonce."""
     async with request.app[POOL].acquire() as conn:
@@ -119,7 +131,7 @@ async def handle_submit_transaction(request: web.Request, identity: Identity, bo
 
 
 @routes.get("/api/v1/transactions/{hash}")
-@endpoint()
+@endpoint(path={"hash": TX_HASH})
 async def handle_get_transaction(request: web.Request) -> web.Response:
     """A transaction by hash, with its status and block height once sealed."""
     async with request.app[POOL].acquire() as conn:
@@ -130,7 +142,7 @@ async def handle_get_transaction(request: web.Request) -> web.Response:
 # --- blocks -----------------------------------------------------------------------------------
 
 @routes.get("/api/v1/blocks")
-@endpoint()
+@endpoint(query=BLOCKS_QUERY)
 async def handle_blocks(request: web.Request) -> web.Response:
     """Newest blocks first, below `before_height` when given (`limit` up to 500, default 20)."""
     before = int_query(request, "before_height", minimum=1)
@@ -140,7 +152,7 @@ async def handle_blocks(request: web.Request) -> web.Response:
 
 
 @routes.get("/api/v1/blocks/{height:[0-9]+}")
-@endpoint()
+@endpoint(path={"height": HEIGHT})
 async def handle_block(request: web.Request) -> web.Response:
     """One block by height, with its transactions."""
     height = path_int(request, "height", "no block at that height", minimum=0)
@@ -173,7 +185,7 @@ def _pool_id(request: web.Request) -> int:
 
 
 @routes.patch("/api/v1/admin/reward-pools/{pool_id}")
-@endpoint(body=obj({"delta": SIGNED_DELTA}, required=("delta",)), auth="admin")
+@endpoint(body=obj({"delta": SIGNED_DELTA}, required=("delta",)), auth="admin", path={"pool_id": HEIGHT})
 async def handle_adjust_pool(request: web.Request, identity: Identity, body: dict) -> web.Response:
     """Add tokens to a pool, or remove unallocated ones with a negative delta."""
     async with request.app[POOL].acquire() as conn:
@@ -182,7 +194,8 @@ async def handle_adjust_pool(request: web.Request, identity: Identity, body: dic
 
 
 @routes.post("/api/v1/admin/reward-pools/{pool_id}/allocations")
-@endpoint(body=obj({"user_id": UUID, "amount": KVP_AMOUNT}, required=("user_id", "amount")), auth="admin")
+@endpoint(body=obj({"user_id": UUID, "amount": KVP_AMOUNT}, required=("user_id", "amount")), auth="admin",
+          path={"pool_id": HEIGHT})
 async def handle_allocate(request: web.Request, identity: Identity, body: dict) -> web.Response:
     """Grant pool tokens to a user; refused (conflict) when the pool has too few left."""
     amount = Decimal(body["amount"])

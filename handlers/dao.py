@@ -23,6 +23,7 @@ from server.edge.schemas import (
     KVP_SIGNATURE,
     MAX_INTEGER_ID,
     MAX_PAGE,
+    PAGE_LIMIT,
     obj,
     string,
 )
@@ -43,6 +44,8 @@ _VOTE_FIELDS = {
 VOTE_BODY_SCHEMA = obj(_VOTE_FIELDS, required=("voter", "choice", "signature"))
 VOTE_SCHEMA = obj({"proposal_id": INTEGER_ID, **_VOTE_FIELDS},
                   required=("proposal_id", "voter", "choice", "signature"))
+LIST_QUERY = obj({"status": {"enum": [service.OPEN, service.CLOSED]}, "before_id": INTEGER_ID, "limit": PAGE_LIMIT})
+PROPOSAL_PATH = {"proposal_id": INTEGER_ID}
 GET_SCHEMA = obj({"proposal_id": INTEGER_ID, "votes": {"type": "boolean"}}, required=("proposal_id",))
 
 
@@ -69,6 +72,7 @@ class DaoCommands:
 
     app: web.Application
     channels = (ChannelRule(service.PROPOSAL_CHANNEL),)
+    events = (service.TALLY_CHANGED, service.PROPOSAL_CLOSED)
 
     @command(CREATE_SCHEMA)
     async def on_create_proposal(self, ctx: Ctx, payload: dict) -> dict:
@@ -91,7 +95,7 @@ def _proposal_id(request: web.Request) -> int:
 
 
 @routes.get("/api/v1/proposals")
-@endpoint()
+@endpoint(query=LIST_QUERY)
 async def handle_list(request: web.Request) -> web.Response:
     """Proposals newest first (`status=Open|Closed`, `before_id`, `limit` up to 100, default 20)."""
     status = request.query.get("status") or None
@@ -113,7 +117,7 @@ async def handle_create(request: web.Request, identity: Identity, body: dict) ->
 
 
 @routes.get("/api/v1/proposals/{proposal_id}")
-@endpoint()
+@endpoint(path=PROPOSAL_PATH, query=obj({"votes": {"type": "boolean"}}))
 async def handle_get(request: web.Request) -> web.Response:
     """A proposal with its tally; `?votes=true` adds every signed vote."""
     with_votes = request.query.get("votes", "").lower() in ("1", "true")
@@ -121,7 +125,7 @@ async def handle_get(request: web.Request) -> web.Response:
 
 
 @routes.post("/api/v1/proposals/{proposal_id}/votes")
-@endpoint(body=VOTE_BODY_SCHEMA, auth="user")
+@endpoint(body=VOTE_BODY_SCHEMA, auth="user", path=PROPOSAL_PATH)
 async def handle_vote(request: web.Request, identity: Identity, body: dict) -> web.Response:
     """Cast a signed vote (the REST twin of `cast_vote`)."""
     payload = {**body, "proposal_id": _proposal_id(request)}
@@ -129,7 +133,7 @@ async def handle_vote(request: web.Request, identity: Identity, body: dict) -> w
 
 
 @routes.post("/api/v1/admin/proposals/{proposal_id}/close")
-@endpoint(auth="admin")
+@endpoint(auth="admin", path=PROPOSAL_PATH)
 async def handle_close(request: web.Request, identity: Identity) -> web.Response:
     """Close a proposal now, before or after its deadline; announces `proposal_closed`."""
     async with request.app[POOL].acquire() as conn:

@@ -6,17 +6,24 @@ import structlog
 from aiohttp import web
 
 from server.core import jsonutil
-from server.core.errors import InvalidPayload
+from server.core.errors import InvalidPayload, Unauthorized
+from server.core.identity import Identity
 from server.core.settings import SETTINGS
-from server.edge.rest import ok_response, optional_identity
-from server.realtime.history import Event, check_epoch
-from server.realtime.hub import FIRST_ID, HISTORY_GAP_EVENT, REALTIME
+from server.edge.rest import current_identity, endpoint, ok_response, optional_identity
+from server.edge.schemas import obj, string
+from server.realtime.history import EPOCH_PATTERN, Event, check_epoch
+from server.realtime.hub import FIRST_ID, HISTORY_GAP_EVENT, REALTIME, SIGNED_OUT_EVENT
 from server.realtime.redis import REDIS
 
 log = structlog.get_logger(__name__)
 routes = web.RouteTableDef()
 
 CROSS_NODE_POLL_SECONDS = 1.0
+CHANNEL_QUERY = {"channel": string(1, 200)}
+SINCE = string(1, 41)
+HISTORY_QUERY = obj({**CHANNEL_QUERY, "since": SINCE, "epoch": {"type": "string", "pattern": f"^{EPOCH_PATTERN}$"},
+                     "wait": {"type": "number", "minimum": 0}}, required=("channel",))
+STREAM_QUERY = obj({**CHANNEL_QUERY, "since": SINCE}, required=("channel",))
 SSE_KEEPALIVE_SECONDS = 15.0
 
 
@@ -38,16 +45,18 @@ def _poll_interval(request: web.Request) -> float | None:
     return CROSS_NODE_POLL_SECONDS if request.app[REDIS] is not None else None
 
 
-async def _authorised_channel(request: web.Request) -> str:
+async def _authorised_channel(request: web.Request) -> tuple[str, Identity | None]:
     channel = request.query.get("channel", "")
-    await request.app[REALTIME].authorise(request.app, await optional_identity(request), channel)
-    return channel
+    identity = await optional_identity(request)
+    await request.app[REALTIME].authorise(request.app, identity, channel)
+    return channel, identity
 
 
 @routes.get("/api/v1/events")
+@endpoint(query=HISTORY_QUERY)
 async def handle_events(request: web.Request) -> web.Response:
     """A channel's history after `since` (all of it without `since`); waits up to `wait` s for news."""
-    channel = await _authorised_channel(request)
+    channel, _ = await _authorised_channel(request)
     realtime = request.app[REALTIME]
     since = request.query.get("since")
     if since is None:
@@ -60,6 +69,15 @@ async def handle_events(request: web.Request) -> web.Response:
                         "epoch": result.epoch, "history_gap": result.gap, "has_more": result.has_more})
 
 
+async def _session_lives(request: web.Request) -> bool:
+    """Whether the stream's token still stands (the check is cached a few seconds)."""
+    try:
+        await current_identity(request)
+    except Unauthorized:
+        return False
+    return True
+
+
 def _sse(event_type: str, data: object, event_id: str | None = None) -> bytes:
     head = f"id: {event_id}\n" if event_id else ""
     return f"{head}event: {event_type}\n".encode() + b"data: " + jsonutil.dumpb(data) + b"\n\n"
@@ -70,9 +88,10 @@ def _sse_event(event: Event) -> bytes:
 
 
 @routes.get("/api/v1/events/stream")
+@endpoint(query=STREAM_QUERY)
 async def handle_event_stream(request: web.Request) -> web.StreamResponse:
     """Server-Sent Events for one channel; resumes after `Last-Event-ID` (or `since`)."""
-    channel = await _authorised_channel(request)
+    channel, identity = await _authorised_channel(request)
     realtime = request.app[REALTIME]
     since = request.headers.get("Last-Event-ID") or request.query.get("since")
     if since is None:
@@ -87,6 +106,10 @@ async def handle_event_stream(request: web.Request) -> web.StreamResponse:
     try:
         while True:
             result = await realtime.wait_after(channel, since, SSE_KEEPALIVE_SECONDS, _poll_interval(request))
+            if identity is not None and not await _session_lives(request):
+                # Signed out, revoked or expired since the stream began: nothing more goes out.
+                await response.write(_sse(SIGNED_OUT_EVENT, {"channel": channel}))
+                return response
             if result.gap:
                 await response.write(_sse(HISTORY_GAP_EVENT, {"channel": channel, "latest_id": result.latest_id}))
             for event in result.events:

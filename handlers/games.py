@@ -60,7 +60,16 @@ REWARD_FIELDS = {"seq": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1},
                  "value": AMOUNT}
 REPORT_SCHEMA = obj({"session_id": INTEGER_ID, **REWARD_FIELDS},
                     required=("session_id", "seq", "reward_type", "value"))
-REST_REPORT_VALIDATOR = compile_schema(obj(REWARD_FIELDS, required=("seq", "reward_type", "value")))
+REST_REPORT_SCHEMA = obj(REWARD_FIELDS, required=("seq", "reward_type", "value"))
+REST_REPORT_VALIDATOR = compile_schema(REST_REPORT_SCHEMA)
+GAME_PATH = {"game_id": INTEGER_ID}
+SESSION_PATH = {"session_id": INTEGER_ID}
+QUERY_COUNT = {"type": "integer", "minimum": 0, "maximum": MAX_INTEGER_ID}
+QUERY_LIMIT = {"type": "integer", "minimum": 0, "maximum": MAX_PAGE}  # 0 reads as 1
+GAMES_QUERY = obj({"status": {"enum": list(service.GAME_STATUSES)}, "after": QUERY_COUNT, "limit": QUERY_LIMIT})
+LEADERBOARD_QUERY = obj({"period": {"enum": list(service.PERIODS)}, "limit": QUERY_LIMIT})
+GAME_CALLER_DOC = "\n\nCalled by the session's player (`Authorization: Bearer <token>`) or its game server " \
+                  "(`Authorization: Game <game token>`)."
 
 
 class GamesNamespace(HubNamespace):
@@ -73,6 +82,7 @@ class GamesNamespace(HubNamespace):
         ChannelRule(service.SESSION_CHANNEL, presence=True),
         ChannelRule(USER_CHANNEL, own_user),
     )
+    events = (service.SESSION_STARTED, service.SESSION_ENDED, service.REWARD_EARNED, service.LEADERBOARD_CHANGED)
 
     async def on_connect(self, sid: str, environ: dict, auth: Any = None) -> None:
         """Players connect with `{token}`; a game server with `{game_token}` (never both)."""
@@ -172,7 +182,7 @@ async def handle_create_game(request: web.Request, identity: Identity, body: dic
 
 
 @routes.get("/api/v1/games")
-@endpoint()
+@endpoint(query=GAMES_QUERY)
 async def handle_list_games(request: web.Request) -> web.Response:
     """Games by id (`status`, `after` and `limit` up to 100 optional)."""
     status = request.query.get("status") or None
@@ -187,7 +197,7 @@ async def handle_list_games(request: web.Request) -> web.Response:
 
 
 @routes.get("/api/v1/games/{game_id}")
-@endpoint()
+@endpoint(path=GAME_PATH)
 async def handle_get_game(request: web.Request) -> web.Response:
     """One game with its policy."""
     async with request.app[POOL].acquire() as conn:
@@ -196,7 +206,7 @@ async def handle_get_game(request: web.Request) -> web.Response:
 
 
 @routes.patch("/api/v1/games/{game_id}")
-@endpoint(body=UPDATE_GAME_SCHEMA, auth="admin")
+@endpoint(body=UPDATE_GAME_SCHEMA, auth="admin", path=GAME_PATH)
 async def handle_update_game(request: web.Request, identity: Identity, body: dict) -> web.Response:
     """Change a game (admins: activate, suspend, policy, revenue share)."""
     changes: dict[str, Any] = {name: body[name] for name in ("name", "developer_wallet", "status", "reward_types")
@@ -210,7 +220,7 @@ async def handle_update_game(request: web.Request, identity: Identity, body: dic
 
 
 @routes.post("/api/v1/games/{game_id}/token")
-@endpoint(auth="user")
+@endpoint(auth="user", path=GAME_PATH)
 async def handle_rotate_token(request: web.Request, identity: Identity) -> web.Response:
     """Issue a new game token (its owner or an admin); the old one stops working."""
     game_id = _path_id(request, "game_id", "game")
@@ -219,7 +229,7 @@ async def handle_rotate_token(request: web.Request, identity: Identity) -> web.R
 
 
 @routes.get("/api/v1/games/{game_id}/leaderboard")
-@endpoint()
+@endpoint(path=GAME_PATH, query=LEADERBOARD_QUERY)
 async def handle_leaderboard(request: web.Request) -> web.Response:
     """Top players by rewards over `period` (hour, day, week, all; default the live one)."""
     period = request.query.get("period") or request.app[SETTINGS].game_leaderboard_period
@@ -249,7 +259,7 @@ async def handle_start_session(request: web.Request, identity: Identity, body: d
 
 
 @routes.get("/api/v1/game-sessions/{session_id}")
-@endpoint()
+@endpoint(path=SESSION_PATH, query=obj({"rewards": QUERY_LIMIT}))
 async def handle_get_session(request: web.Request) -> web.Response:
     """A session with its latest rewards (public, as its channel is)."""
     session_id = _path_id(request, "session_id", "session")
@@ -259,7 +269,7 @@ async def handle_get_session(request: web.Request) -> web.Response:
 
 
 @routes.post("/api/v1/game-sessions/{session_id}/rewards")
-@endpoint()
+@endpoint(path=SESSION_PATH, json_body=REST_REPORT_SCHEMA)
 async def handle_report_reward(request: web.Request) -> web.Response:
     """A game server reports a reward (the REST twin of `report_reward`)."""
     caller = await rest_caller(request)
@@ -272,7 +282,7 @@ async def handle_report_reward(request: web.Request) -> web.Response:
 
 
 @routes.post("/api/v1/game-sessions/{session_id}/heartbeat")
-@endpoint()
+@endpoint(path=SESSION_PATH)
 async def handle_heartbeat(request: web.Request) -> web.Response:
     """Keep a session from timing out (its player or its game server)."""
     caller = await rest_caller(request)
@@ -280,7 +290,7 @@ async def handle_heartbeat(request: web.Request) -> web.Response:
 
 
 @routes.post("/api/v1/game-sessions/{session_id}/end")
-@endpoint()
+@endpoint(path=SESSION_PATH)
 async def handle_end_session(request: web.Request) -> web.Response:
     """End a session (its player or its game server)."""
     caller = await rest_caller(request)

@@ -18,7 +18,17 @@ from server.core.errors import InvalidPayload, PayloadTooLarge
 from server.core.identity import Identity
 from server.core.settings import SETTINGS
 from server.edge.rest import FORM_OVERHEAD_BYTES, endpoint, form_parts, int_query, ok_response, path_int
-from server.edge.schemas import DEFAULT_PAGE, MAX_INTEGER_ID, MAX_PAGE, compile_schema, obj, string, validate
+from server.edge.schemas import (
+    DEFAULT_PAGE,
+    INTEGER_ID,
+    MAX_INTEGER_ID,
+    MAX_PAGE,
+    PAGE_LIMIT,
+    compile_schema,
+    obj,
+    string,
+    validate,
+)
 from server.services import kyc as service
 from server.services.datasets import CHUNK_BYTES
 
@@ -30,6 +40,9 @@ SUBMIT_SCHEMA = obj({"document_type": {"type": "string", "enum": list(service.DO
 REASON = string(1, 1000, pattern=r"\S")  # not blank: the user is shown it
 APPROVE_SCHEMA = obj({"reason": REASON})
 REJECT_SCHEMA = obj({"reason": REASON}, required=("reason",))
+LIST_QUERY = obj({"status": {"enum": list(STATUSES)},
+                  "after_id": {"type": "integer", "minimum": 0, "maximum": MAX_INTEGER_ID}, "limit": PAGE_LIMIT})
+KYC_PATH = {"kyc_id": INTEGER_ID}
 _SUBMIT = compile_schema(SUBMIT_SCHEMA)
 
 
@@ -65,7 +78,7 @@ async def _read_submission(request: web.Request) -> tuple[dict[str, Any], bytes]
 
 
 @routes.post("/api/v1/me/kyc")
-@endpoint(auth="user")
+@endpoint(auth="user", form=SUBMIT_SCHEMA)
 async def handle_submit(request: web.Request, identity: Identity) -> web.Response:
     """Submit an identity document (multipart: file + document_type); `201` with the submission."""
     fields, document = await _read_submission(request)
@@ -84,7 +97,7 @@ async def handle_own_status(request: web.Request, identity: Identity) -> web.Res
 
 
 @routes.get("/api/v1/admin/kyc")
-@endpoint(auth="admin")
+@endpoint(auth="admin", query=LIST_QUERY)
 async def handle_list(request: web.Request, identity: Identity) -> web.Response:
     """Submissions of one status (`status`, default Pending), oldest first (`after_id`, `limit` up to 100)."""
     status = request.query.get("status") or service.PENDING
@@ -97,7 +110,7 @@ async def handle_list(request: web.Request, identity: Identity) -> web.Response:
 
 
 @routes.get("/api/v1/admin/kyc/{kyc_id}/document")
-@endpoint(auth="admin")
+@endpoint(auth="admin", path=KYC_PATH)
 async def handle_document(request: web.Request, identity: Identity) -> web.Response:
     """A submission's document, decrypted and authenticated, as an attachment (every read is logged)."""
     kyc_id = _kyc_id(request)
@@ -110,7 +123,7 @@ async def handle_document(request: web.Request, identity: Identity) -> web.Respo
 
 
 @routes.post("/api/v1/admin/kyc/{kyc_id}/approve")
-@endpoint(auth="admin", body=APPROVE_SCHEMA)
+@endpoint(auth="admin", body=APPROVE_SCHEMA, path=KYC_PATH)
 async def handle_approve(request: web.Request, identity: Identity, body: dict) -> web.Response:
     """Approve a Pending submission (`reason` optional); the user becomes verified."""
     async with request.app[POOL].acquire() as conn:
@@ -120,7 +133,7 @@ async def handle_approve(request: web.Request, identity: Identity, body: dict) -
 
 
 @routes.post("/api/v1/admin/kyc/{kyc_id}/reject")
-@endpoint(auth="admin", body=REJECT_SCHEMA)
+@endpoint(auth="admin", body=REJECT_SCHEMA, path=KYC_PATH)
 async def handle_reject(request: web.Request, identity: Identity, body: dict) -> web.Response:
     """Reject a Pending submission with a `reason` the user is shown."""
     async with request.app[POOL].acquire() as conn:

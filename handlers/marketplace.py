@@ -15,11 +15,19 @@ from aiohttp import web
 from db.pool import POOL
 from server.adapters.blobs import BLOBS
 from server.core.crypto import MASTER_KEY
-from server.core.errors import InvalidPayload, NotFound, PayloadTooLarge
+from server.core.errors import InvalidPayload, PayloadTooLarge
 from server.core.identity import Identity
 from server.core.settings import SETTINGS
 from server.edge.namespace import Ctx, HubNamespace, command
-from server.edge.rest import FORM_OVERHEAD_BYTES, endpoint, form_parts, ok_response, optional_identity, query_payload
+from server.edge.rest import (
+    FORM_OVERHEAD_BYTES,
+    endpoint,
+    form_parts,
+    ok_response,
+    optional_identity,
+    path_uuid,
+    query_payload,
+)
 from server.edge.schemas import PAGE_LIMIT, UUID, compile_schema, obj, string, update_schema, validate
 from server.realtime.hub import ChannelRule
 from server.services import marketplace, nfts
@@ -45,16 +53,14 @@ SEARCH_SCHEMA = obj({"category": CATEGORY, "min_price": PRICE, "max_price": PRIC
                      "cursor": CURSOR, "limit": PAGE_LIMIT})
 PAGE_SCHEMA = obj({"cursor": CURSOR, "limit": PAGE_LIMIT})
 GET_SCHEMA = obj({"datapod_id": UUID}, required=("datapod_id",))
+DATAPOD_PATH = {"datapod_id": UUID}
 _UPLOAD = compile_schema(UPLOAD_SCHEMA)
 _SEARCH = compile_schema(SEARCH_SCHEMA)
 _PAGE = compile_schema(PAGE_SCHEMA)
 
 
 def _datapod_id(request: web.Request) -> uuid.UUID:
-    try:
-        return uuid.UUID(request.match_info["datapod_id"])
-    except ValueError:
-        raise NotFound("no such DataPod", field="datapod_id") from None
+    return path_uuid(request, "datapod_id", "no such DataPod")
 
 
 # --- upload -----------------------------------------------------------------------------------
@@ -99,7 +105,7 @@ async def _read_upload(request: web.Request, pod_id: uuid.UUID) -> tuple[dict[st
 
 
 @routes.post("/api/v1/datapods")
-@endpoint(auth="user")
+@endpoint(auth="user", form=UPLOAD_SCHEMA)
 async def handle_upload_datapod(request: web.Request, identity: Identity) -> web.Response:
     """Upload a dataset (multipart: file + title, description, category, price_sui, tags) as a draft DataPod."""
     limit = request.app[SETTINGS].max_upload_bytes
@@ -115,7 +121,7 @@ async def handle_upload_datapod(request: web.Request, identity: Identity) -> web
 
 
 @routes.post("/api/v1/datapods/{datapod_id}/publish")
-@endpoint(auth="user")
+@endpoint(auth="user", path=DATAPOD_PATH)
 async def handle_publish_datapod(request: web.Request, identity: Identity) -> web.Response:
     """Publish the caller's DataPod: it appears in searches and on `market`."""
     pod = await marketplace.set_published(request.app[POOL], identity.user_id, _datapod_id(request), True)
@@ -123,7 +129,7 @@ async def handle_publish_datapod(request: web.Request, identity: Identity) -> we
 
 
 @routes.post("/api/v1/datapods/{datapod_id}/unpublish")
-@endpoint(auth="user")
+@endpoint(auth="user", path=DATAPOD_PATH)
 async def handle_unpublish_datapod(request: web.Request, identity: Identity) -> web.Response:
     """Withdraw the caller's DataPod from the marketplace (buyers keep what they bought)."""
     pod = await marketplace.set_published(request.app[POOL], identity.user_id, _datapod_id(request), False)
@@ -131,7 +137,7 @@ async def handle_unpublish_datapod(request: web.Request, identity: Identity) -> 
 
 
 @routes.patch("/api/v1/datapods/{datapod_id}")
-@endpoint(auth="user", body=UPDATE_SCHEMA)
+@endpoint(auth="user", body=UPDATE_SCHEMA, path=DATAPOD_PATH)
 async def handle_update_datapod(request: web.Request, identity: Identity, body: dict) -> web.Response:
     """Change the title, description or price of the caller's DataPod."""
     pod = await marketplace.update_datapod(request.app[POOL], identity.user_id, _datapod_id(request), body)
@@ -142,12 +148,14 @@ async def handle_update_datapod(request: web.Request, identity: Identity, body: 
 
 
 @routes.get("/api/v1/datapods")
+@endpoint(query=SEARCH_SCHEMA)
 async def handle_search_datapods(request: web.Request) -> web.Response:
     """Published DataPods: category, min_price/max_price, full-text q, sort, keyset cursor, limit <= 100."""
     return ok_response(await marketplace.search(request.app[POOL], query_payload(request, _SEARCH)))
 
 
 @routes.get("/api/v1/datapods/{datapod_id}")
+@endpoint(path=DATAPOD_PATH)
 async def handle_get_datapod(request: web.Request) -> web.Response:
     """One DataPod: published, or the caller's own draft."""
     datapod_id = _datapod_id(request)
@@ -156,6 +164,7 @@ async def handle_get_datapod(request: web.Request) -> web.Response:
 
 
 @routes.get("/api/v1/datapods/{datapod_id}/reviews")
+@endpoint(path=DATAPOD_PATH, query=PAGE_SCHEMA)
 async def handle_datapod_reviews(request: web.Request) -> web.Response:
     """A visible DataPod's reviews, newest first, with a keyset cursor."""
     datapod_id = _datapod_id(request)
@@ -165,7 +174,7 @@ async def handle_datapod_reviews(request: web.Request) -> web.Response:
 
 
 @routes.get("/api/v1/seller/datapods")
-@endpoint(auth="user")
+@endpoint(auth="user", query=SEARCH_SCHEMA)
 async def handle_seller_datapods(request: web.Request, identity: Identity) -> web.Response:
     """The caller's DataPods, drafts included, with the same filters, sorts and cursor as the search."""
     payload = query_payload(request, _SEARCH)
@@ -193,6 +202,9 @@ class MarketplaceNamespace(HubNamespace):
         ChannelRule(marketplace.DATAPOD_CHANNEL, presence=True),
         ChannelRule(nfts.CHANNEL),
     )
+    events = (marketplace.DATAPOD_PUBLISHED, marketplace.DATAPOD_UPDATED, marketplace.DATAPOD_UNPUBLISHED,
+              marketplace.DATAPOD_SOLD, marketplace.REVIEW_ADDED,
+              nfts.NFT_MINTED, nfts.NFT_LISTED, nfts.NFT_SOLD, nfts.NFT_LISTING_CANCELLED)
 
     @command(SEARCH_SCHEMA, user=False)
     async def on_search_datapods(self, ctx: Ctx, payload: dict) -> dict:

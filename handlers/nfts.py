@@ -41,6 +41,7 @@ METADATA_SCHEMA = obj({
 MINT_SCHEMA = obj({"metadata": METADATA_SCHEMA, "game_id": INTEGER_ID}, required=("metadata",))
 LIST_SCHEMA = obj({"nft_id": INTEGER_ID, "price": KVP_AMOUNT}, required=("nft_id", "price"))
 _ADDRESS = compile_schema(KVP_ADDRESS)
+PAGE_QUERY = {"before_id": INTEGER_ID, "limit": {"type": "integer", "minimum": 1, "maximum": MAX_PAGE}}
 
 
 def _path_id(request: web.Request, name: str, what: str) -> int:
@@ -76,7 +77,7 @@ async def handle_mint(request: web.Request, identity: Identity, body: dict) -> w
 
 
 @routes.get("/api/v1/nfts")
-@endpoint()
+@endpoint(query=obj({"owner": KVP_ADDRESS, **PAGE_QUERY}))
 async def handle_list_nfts(request: web.Request) -> web.Response:
     """NFTs newest first (`owner=<address>`, `before_id`, `limit` up to 100, default 20)."""
     owner = _wallet_query(request, "owner")
@@ -88,7 +89,7 @@ async def handle_list_nfts(request: web.Request) -> web.Response:
 
 
 @routes.get("/api/v1/nfts/{nft_id}")
-@endpoint()
+@endpoint(path={"nft_id": INTEGER_ID})
 async def handle_get_nft(request: web.Request) -> web.Response:
     """One NFT with its open listing (null when not for sale)."""
     async with request.app[POOL].acquire() as conn:
@@ -96,7 +97,7 @@ async def handle_get_nft(request: web.Request) -> web.Response:
 
 
 @routes.get("/api/v1/nft-listings")
-@endpoint()
+@endpoint(query=obj({"seller": KVP_ADDRESS, **PAGE_QUERY}))
 async def handle_list_listings(request: web.Request) -> web.Response:
     """Available listings newest first (`seller=<address>`, `before_id`, `limit` up to 100, default 20)."""
     seller = _wallet_query(request, "seller")
@@ -117,7 +118,7 @@ async def handle_create_listing(request: web.Request, identity: Identity, body: 
 
 
 @routes.post("/api/v1/nft-listings/{listing_id}/buy")
-@endpoint(auth="user")
+@endpoint(auth="user", path={"listing_id": INTEGER_ID})
 async def handle_buy(request: web.Request, identity: Identity) -> web.Response:
     """Buy an available listing with the caller's KVP balance."""
     async with request.app[POOL].acquire() as conn:
@@ -126,7 +127,7 @@ async def handle_buy(request: web.Request, identity: Identity) -> web.Response:
 
 
 @routes.post("/api/v1/nft-listings/{listing_id}/cancel")
-@endpoint(auth="user")
+@endpoint(auth="user", path={"listing_id": INTEGER_ID})
 async def handle_cancel(request: web.Request, identity: Identity) -> web.Response:
     """Withdraw the caller's available listing."""
     async with request.app[POOL].acquire() as conn:

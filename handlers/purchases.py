@@ -11,12 +11,12 @@ import uuid
 
 from aiohttp import web
 
-from server.core.errors import NotFound
 from server.core.identity import Identity
 from server.edge.namespace import Ctx, HubNamespace, command
-from server.edge.rest import endpoint, ok_response, query_payload
+from server.edge.rest import endpoint, ok_response, path_uuid, query_payload
 from server.edge.schemas import MAX_PAGE, UUID, compile_schema, obj, string
 from server.realtime.hub import USER_CHANNEL, ChannelRule, own_user
+from server.services import kyc
 from server.services import purchases as service
 
 routes = web.RouteTableDef()
@@ -32,14 +32,12 @@ LIST_VALIDATOR = compile_schema(LIST_SCHEMA)
 REVIEW_SCHEMA = obj({"rating": {"type": "integer", "minimum": 1, "maximum": 5},
                      "comment": string(0, 2000)}, required=("rating",))
 REFUND_SCHEMA = obj({"reason": string(1, 500)})
+PURCHASE_PATH = {"purchase_id": UUID}
 X25519_SCHEMA = obj({"public_key": string(43, 64)}, required=("public_key",))
 
 
 def _parse_id(request: web.Request, name: str = "purchase_id") -> uuid.UUID:
-    try:
-        return uuid.UUID(request.match_info[name])
-    except ValueError:
-        raise NotFound("no such purchase", field=name) from None
+    return path_uuid(request, name, "no such purchase")
 
 
 # --- REST ------------------------------------------------------------------------------------------
@@ -54,7 +52,7 @@ async def handle_start_purchase(request: web.Request, identity: Identity, body: 
 
 
 @routes.get("/api/v1/purchases")
-@endpoint(auth="user")
+@endpoint(auth="user", query=LIST_SCHEMA)
 async def handle_list_purchases(request: web.Request, identity: Identity) -> web.Response:
     """The caller's purchases (?limit, ?cursor, ?status, ?datapod_id)."""
     return ok_response(await service.list_purchases(request.app, identity.user_id,
@@ -62,21 +60,21 @@ async def handle_list_purchases(request: web.Request, identity: Identity) -> web
 
 
 @routes.get("/api/v1/purchases/{purchase_id}")
-@endpoint(auth="user")
+@endpoint(auth="user", path=PURCHASE_PATH)
 async def handle_get_purchase(request: web.Request, identity: Identity) -> web.Response:
     """One of the caller's purchases."""
     return ok_response(await service.get_purchase(request.app, identity, _parse_id(request)))
 
 
 @routes.post("/api/v1/purchases/{purchase_id}/confirm")
-@endpoint(auth="user")
+@endpoint(auth="user", path=PURCHASE_PATH)
 async def handle_confirm(request: web.Request, identity: Identity) -> web.Response:
     """The buyer confirms the download; the escrow goes to the seller."""
     return ok_response(await service.confirm_download(request.app, identity, _parse_id(request)))
 
 
 @routes.get("/api/v1/purchases/{purchase_id}/download")
-@endpoint(auth="user")
+@endpoint(auth="user", path=PURCHASE_PATH)
 async def handle_download(request: web.Request, identity: Identity) -> web.StreamResponse:
     """The decrypted dataset, checked (GCM tag and data_hash) before the first byte is sent."""
     download = await service.open_download(request.app, identity, _parse_id(request))
@@ -96,7 +94,7 @@ async def handle_download(request: web.Request, identity: Identity) -> web.Strea
 
 
 @routes.get("/api/v1/purchases/{purchase_id}/blob")
-@endpoint(auth="user")
+@endpoint(auth="user", path=PURCHASE_PATH)
 async def handle_blob(request: web.Request, identity: Identity) -> web.StreamResponse:
     """The encrypted blob as stored, for client-side decryption with the key envelope."""
     blob = await service.open_blob(request.app, identity, _parse_id(request))
@@ -115,14 +113,14 @@ async def handle_blob(request: web.Request, identity: Identity) -> web.StreamRes
 
 
 @routes.get("/api/v1/purchases/{purchase_id}/key")
-@endpoint(auth="user")
+@endpoint(auth="user", path=PURCHASE_PATH)
 async def handle_key(request: web.Request, identity: Identity) -> web.Response:
     """The dataset key sealed to the caller's registered X25519 public key (docs/decrypt.md)."""
     return ok_response(await service.key_envelope(request.app, identity, _parse_id(request)))
 
 
 @routes.post("/api/v1/purchases/{purchase_id}/review")
-@endpoint(body=REVIEW_SCHEMA, auth="user")
+@endpoint(body=REVIEW_SCHEMA, auth="user", path=PURCHASE_PATH)
 async def handle_review(request: web.Request, identity: Identity, body: dict) -> web.Response:
     """Review a completed purchase (once); the rating triggers update the pod and seller averages."""
     review = await service.add_review(request.app, identity, _parse_id(request), body["rating"], body.get("comment"))
@@ -144,7 +142,7 @@ async def handle_delete_x25519_key(request: web.Request, identity: Identity) -> 
 
 
 @routes.post("/api/v1/admin/purchases/{purchase_id}/refund")
-@endpoint(body=REFUND_SCHEMA, auth="admin")
+@endpoint(body=REFUND_SCHEMA, auth="admin", path=PURCHASE_PATH)
 async def handle_admin_refund(request: web.Request, identity: Identity, body: dict) -> web.Response:
     """Refund a purchase whose escrow still holds the payment (exactly once)."""
     return ok_response(await service.refund_as_admin(request.app, identity, _parse_id(request), body.get("reason")))
@@ -158,6 +156,9 @@ class PurchasesNamespace(HubNamespace):
     name = "/purchases"
     allow_anonymous = False
     channels = (ChannelRule(USER_CHANNEL, own_user),)
+    # On user:<id>, so /games and /assistant deliver them too to a subscriber of that channel.
+    events = (service.PURCHASE_PROGRESSED, service.SALE_COMPLETED, service.ESCROW_RELEASED, service.ESCROW_REFUNDED,
+              kyc.STATUS_CHANGED)
 
     @command(START_SCHEMA)
     async def on_start_purchase(self, ctx: Ctx, payload: dict) -> dict:

@@ -15,6 +15,7 @@ import handlers
 from db import migrate
 from db.pool import POOL, create_pool
 from handlers import admin as admin_handlers
+from handlers import apidocs as apidocs_handlers
 from handlers import assistant as assistant_handlers
 from handlers import auth as auth_handlers
 from handlers import chain as chain_handlers
@@ -36,27 +37,30 @@ from server.core.metrics import METRICS, Metrics
 from server.core.secrets import load_or_create_secret
 from server.core.settings import SETTINGS, Settings
 from server.edge.health import routes as health_routes
+from server.edge.http import HubApplication
+from server.edge.namespace import HubSocketServer
 from server.edge.rest import error_envelopes, request_context
-from server.realtime.engine import SIO, SocketServer
+from server.edge.security_headers import security_headers
+from server.realtime.engine import SIO
 from server.realtime.fanout import RedisFanoutManager, create_client_manager
 from server.realtime.history import HistoryStore, MemoryHistory, RedisHistory
-from server.realtime.hub import REALTIME, Realtime, RealtimeLimits
+from server.realtime.hub import REALTIME, SERVER_SHUTDOWN_EVENT, Realtime, RealtimeLimits
 from server.realtime.outbox import run_relay
 from server.realtime.presence import MemoryPresence, PresenceTracker, RedisPresence, heartbeat_loop
 from server.realtime.redis import REDIS, REDIS_HEALTH, RedisHealth, connect_redis
 from server.services import demo
 from server.services.assistant import assistant_ctx
-from server.services.auth import AUTH, AuthService
+from server.services.auth import AUTH, AuthService, auth_ctx
 from server.services.block_producer import block_producer_ctx
 from server.services.dao import dao_ctx
 from server.services.datasets import blobs_ctx
 from server.services.demo_game import demo_game_ctx
 from server.services.games import games_ctx
+from server.services.keys import load_master_key
 from server.services.purchase_jobs import purchase_jobs_ctx
 
 log = structlog.get_logger(__name__)
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
-SERVER_SHUTDOWN_EVENT = "server_shutdown"
 LISTENER_START_SECONDS = 2.0  # a node starts degraded (not ready) rather than not at all
 
 
@@ -158,9 +162,8 @@ def create_socket_server(settings: Settings, metrics: Metrics) -> socketio.Async
         settings.redis_url, channel=settings.redis_prefix + "socketio",
         on_overflow=lambda namespace: metrics.slow_consumers.labels(namespace).inc(),
         pool_size=settings.redis_pool_size, pool_timeout=settings.redis_pool_timeout)
-    cors: list[str] | str = list(settings.cors_origins) or []
-    return SocketServer(
-        async_mode="aiohttp", client_manager=manager, json=jsonutil, cors_allowed_origins=cors,
+    return HubSocketServer(
+        async_mode="aiohttp", client_manager=manager, json=jsonutil, cors_allowed_origins=list(settings.cors_origins),
         # The hard cap sits above our own limit so a moderately oversized payload gets a clear
         # payload_too_large ack from the dispatcher instead of a dropped connection.
         max_http_buffer_size=settings.max_payload_bytes * 2, logger=False, engineio_logger=False)
@@ -168,18 +171,20 @@ def create_socket_server(settings: Settings, metrics: Metrics) -> socketio.Async
 
 def create_app(settings: Settings) -> web.Application:
     """Build the aiohttp application for these settings."""
-    app = web.Application(client_max_size=settings.max_payload_bytes,
-                          middlewares=[request_context, error_envelopes])
+    app = HubApplication(client_max_size=settings.max_payload_bytes,
+                          middlewares=[security_headers, request_context, error_envelopes])
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
-    app[MASTER_KEY] = load_or_create_secret(settings.data_dir, "master_key", settings.master_key)
+    app[MASTER_KEY] = load_master_key(settings)
     app[AUTH] = AuthService(
         jwt_secret=load_or_create_secret(settings.data_dir, "jwt_secret", settings.jwt_secret),
-        access_token_ttl=settings.access_token_ttl, session_cache_ttl=settings.session_cache_ttl,
+        access_token_ttl=settings.access_token_ttl, refresh_token_ttl=settings.refresh_token_ttl,
+        session_cache_ttl=settings.session_cache_ttl,
         google_client_id=settings.google_client_id, google_jwks_url=settings.google_jwks_url)
     app.cleanup_ctx.append(database_ctx)
     app.cleanup_ctx.append(redis_ctx)
     app.cleanup_ctx.append(realtime_ctx)
+    app.cleanup_ctx.append(auth_ctx)
     app.cleanup_ctx.append(assistant_ctx)
     app.cleanup_ctx.append(block_producer_ctx)
     app.cleanup_ctx.append(blobs_ctx)
@@ -211,6 +216,7 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_routes(storage_handlers.routes)
     app.router.add_routes(network_handlers.routes)
     app.router.add_routes(kyc_handlers.routes)
+    app.router.add_routes(apidocs_handlers.routes)
     app.router.add_get("/{path:.*}", handle_static)  # last: every other route wins
     return app
 
@@ -220,6 +226,9 @@ async def handle_static(request: web.Request) -> web.FileResponse:
     # Our own lookup rather than add_static: its missing-file answer is a bare 404 that would
     # bypass the error envelope for every unknown URL, /api/v1 included.
     relative = request.match_info["path"] or "index.html"
+    # A NUL (or any control character) is no file name, and os calls raise on NUL.
+    if not relative.isprintable():
+        raise NotFound(f"no route {request.method} {request.path}")
     path = (STATIC_DIR / relative).resolve()
     if not path.is_relative_to(STATIC_DIR) or not path.is_file():
         raise NotFound(f"no route {request.method} {request.path}")

@@ -1,4 +1,4 @@
-"""The `sourcenet-hub` command: serve, migrate, demo-data, check, create-admin, chain verify."""
+"""The `sourcenet-hub` command: serve, migrate, demo-data, check, create-admin, chain verify, rotate-master-key."""
 
 from __future__ import annotations
 
@@ -131,6 +131,77 @@ def cmd_chain(settings: Settings, args: argparse.Namespace) -> int:
     return 1
 
 
+def cmd_rotate_master_key(settings: Settings, args: argparse.Namespace) -> int:
+    """Re-wrap every stored key under the new master key; rerun after an interruption to continue."""
+    from server.core.crypto import key_id
+    from server.services import keys
+
+    configured = keys.load_master_key(settings)
+    try:
+        new_text = _new_key_text(args)
+    except OSError as exc:
+        print(f"cannot read the new key: {exc.strerror} ({args.new_key_file})", file=sys.stderr)
+        return 2
+    if new_text is not None:
+        new_key = keys.decode_key(new_text, settings.data_dir)
+        old_keys = configured.all
+    elif configured.previous:  # MASTER_KEY is already the new key on the servers
+        new_key, old_keys = bytes(configured), configured.previous
+    else:
+        print("nothing to rotate to: give --new-key-file FILE (or NEW_MASTER_KEY), or set MASTER_KEY to the new "
+              "key and PREVIOUS_MASTER_KEY to the old one", file=sys.stderr)
+        return 2
+    old_ids = ", ".join(key_id(key).hex() for key in old_keys if key != new_key) or "none"
+    print(f"re-wrapping every stored key under master key {key_id(new_key).hex()} (opening with {old_ids})")
+
+    async def run() -> keys.RotationReport:
+        async with database(settings) as conn:
+            return await keys.rotate(conn, new_key, old_keys)
+
+    report = asyncio.run(run())
+    print("\n".join(report.lines()))
+    if not report.complete:
+        print("some keys could not be re-wrapped (see the log for their rows); they are unchanged. Fix or remove "
+              "them and run the command again; it continues where it stopped", file=sys.stderr)
+        return 1
+    print(_next_steps(settings, args, configured, new_text, new_key))
+    return 0
+
+
+def _new_key_text(args: argparse.Namespace) -> str | None:
+    """The new key as text, from --new-key-file or NEW_MASTER_KEY (never echoed)."""
+    if args.new_key_file:
+        with open(args.new_key_file) as handle:
+            return handle.read().strip() or None
+    return os.environ.get("NEW_MASTER_KEY", "").strip() or None
+
+
+def _next_steps(settings: Settings, args: argparse.Namespace, configured: bytes, new_text: str | None,
+                new_key: bytes) -> str:
+    """What the operator does after a complete run, for where MASTER_KEY lives."""
+    from server.services import keys
+
+    key_file = keys.secret_path(settings.data_dir, keys.MASTER_KEY_FILE)
+    previous_file = keys.secret_path(settings.data_dir, keys.PREVIOUS_KEY_FILE)
+    if new_text is None or new_key == configured:
+        return ("every stored key is wrapped under MASTER_KEY. Next: remove PREVIOUS_MASTER_KEY (and delete "
+                f"{previous_file} if it exists) on every node, restart them, then destroy the old key")
+    rerun = ("run `sourcenet-hub rotate-master-key` again, without a new key: it re-wraps what servers still on "
+             "the old key wrote meanwhile")
+    if settings.master_key is None and args.write_key_file:
+        # The old key first: a crash between the two writes leaves both files holding the old key.
+        keys.write_secret_file(previous_file, key_file.read_text().strip())
+        keys.write_secret_file(key_file, new_text)
+        return (f"every stored key is wrapped under the new key, now in {key_file} (the old one is in "
+                f"{previous_file}). Next:\n  1. restart every server\n  2. {rerun}\n"
+                f"  3. when it reports 0 re-wrapped, delete {previous_file} and destroy any other copy of the old key")
+    install = (f"rerun with --write-key-file to install it in {key_file}, or set MASTER_KEY to it"
+               if settings.master_key is None else "set MASTER_KEY to it")
+    return ("every stored key is wrapped under the new key. Next:\n"
+            f"  1. {install}, and PREVIOUS_MASTER_KEY to the old key, on every node; restart them\n"
+            f"  2. {rerun}\n  3. remove PREVIOUS_MASTER_KEY, restart, and destroy the old key")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(prog="sourcenet-hub", description=__doc__)
@@ -149,11 +220,17 @@ def build_parser() -> argparse.ArgumentParser:
     chain = sub.add_parser("chain", help="KVP chain tools")
     chain_sub = chain.add_subparsers(dest="chain_command", required=True)
     chain_sub.add_parser("verify", help="check every block's links, hashes, signatures and balance records")
+    rotate = sub.add_parser("rotate-master-key", help="re-wrap every dataset, KYC and purchase key under a new key")
+    rotate.add_argument("--new-key-file", metavar="FILE",
+                        help="the new key (else NEW_MASTER_KEY; else MASTER_KEY, with PREVIOUS_MASTER_KEY the old)")
+    rotate.add_argument("--write-key-file", action="store_true",
+                        help="when MASTER_KEY lives in DATA_DIR: install the new key there once all is re-wrapped")
     return parser
 
 
 COMMANDS = {"serve": cmd_serve, "migrate": cmd_migrate, "demo-data": cmd_demo_data,
-            "check": cmd_check, "create-admin": cmd_create_admin, "chain": cmd_chain}
+            "check": cmd_check, "create-admin": cmd_create_admin, "chain": cmd_chain,
+            "rotate-master-key": cmd_rotate_master_key}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,5 +1,5 @@
 // The dashboard: sign-in, then one tab per namespace, all live through hub.js.
-import { api, Hub, HubError, session } from "./hub.js";
+import { api, authorizedFetch, Hub, HubError, session, sessionEvents } from "./hub.js";
 
 const $ = (selector) => document.querySelector(selector);
 const hub = new Hub({ onState: showConnectionState });
@@ -43,7 +43,7 @@ async function signIn(path, form) {
   const body = Object.fromEntries(new FormData(form));
   try {
     const data = await api("POST", path, body);
-    session.token = data.token;
+    session.store(data);
     await start();
   } catch (error) {
     $("#sign-in-error").textContent = error instanceof HubError ? error.message : String(error);
@@ -53,10 +53,35 @@ async function signIn(path, form) {
 $("#login-form").addEventListener("submit", (event) => { event.preventDefault(); signIn("/api/v1/auth/login", event.target); });
 $("#register-form").addEventListener("submit", (event) => { event.preventDefault(); signIn("/api/v1/auth/register", event.target); });
 $("#sign-out").addEventListener("click", async () => {
+  hub.close(); // this tab's own sockets need no signed_out
   await api("POST", "/api/v1/auth/logout").catch(() => {});
-  session.token = null;
+  session.clear();
+  sessionStorage.removeItem(CONVERSATION_KEY);
   location.reload();
 });
+
+// Why a tab shows the sign-in form again; kept across the reload that clears the old user's page.
+const SIGNED_OUT_KEY = "hub.signed_out";
+const SIGNED_OUT_ELSEWHERE = "You were signed out: this account signed out in another tab or window.";
+const SIGNED_OUT_TEXT = {
+  logged_out: SIGNED_OUT_ELSEWHERE,
+  elsewhere: SIGNED_OUT_ELSEWHERE,
+  revoked: "You were signed out: this session was ended. Sign in again.",
+  expired: "Your session expired. Sign in again.",
+};
+
+// The session ended (logout elsewhere, revocation, expiry): a fresh page in the signed-out state,
+// so nothing of this user stays on screen and no socket tries to reconnect.
+sessionEvents.addEventListener("signedout", (event) => {
+  if (!me) return;
+  me = null;
+  hub.close();
+  sessionStorage.setItem(SIGNED_OUT_KEY, event.detail.reason);
+  sessionStorage.removeItem(CONVERSATION_KEY);
+  location.reload();
+});
+// Signed in from another tab while this one shows the form: follow it.
+sessionEvents.addEventListener("token", () => { if (!me && !starting) start(); });
 
 // --- tabs ---------------------------------------------------------------------------------
 
@@ -549,8 +574,7 @@ function purchaseRow(purchase) {
 
 /** The decrypted dataset: the server checks the GCM tag and the data hash before sending it. */
 async function download(purchaseId) {
-  const response = await fetch(`/api/v1/purchases/${purchaseId}/download`, {
-    headers: { Authorization: `Bearer ${session.token}` } });
+  const response = await authorizedFetch(`/api/v1/purchases/${purchaseId}/download`);
   if (!response.ok) {
     const envelope = await response.json().catch(() => null);
     throw new Error(envelope?.error?.message ?? `Download failed (HTTP ${response.status})`);
@@ -844,13 +868,22 @@ async function watchDao() {
 
 // --- start --------------------------------------------------------------------------------
 
+let starting = false; // a refresh during start's own /me call must not start it twice
+
 async function start() {
+  starting = true;
   try {
     me = session.token ? await api("GET", "/api/v1/me") : null;
   } catch {
-    session.token = null;
+    session.clear();
     me = null;
+  } finally {
+    starting = false;
   }
+  const signedOut = sessionStorage.getItem(SIGNED_OUT_KEY);
+  sessionStorage.removeItem(SIGNED_OUT_KEY);
+  $("#sign-in-notice").textContent = !me && signedOut ? SIGNED_OUT_TEXT[signedOut] ?? SIGNED_OUT_TEXT.revoked : "";
+  if (!me) showConnectionState("signed out");
   $("#sign-in").hidden = Boolean(me);
   $("#dashboard").hidden = !me;
   $("#sign-out").hidden = !me;

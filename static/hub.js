@@ -2,7 +2,25 @@
 // channel subscriptions that recover what was missed after a reconnect (docs/protocol.md).
 import { Manager } from "./vendor/socket.io.esm.min.js";
 
+// Shared by every tab of this origin: one sign-in for all of them, so a sign-out or a token
+// rotation in one tab reaches the others (through the `storage` event).
 const TOKEN_KEY = "hub.token";
+const REFRESH_KEY = "hub.refresh_token";
+const EXPIRES_KEY = "hub.expires_at";
+const STORED_KEY = "hub.stored_at"; // this machine's clock when the token came: its lifetime, skew-free
+// Refresh tokens rotate, and a second use of one revokes the sign-in, so one tab, the leader (it
+// holds LEADER_LOCK while it lives), refreshes for all; the others ask it over SESSION_CHANNEL.
+// Storage alone cannot arbitrate: another tab's localStorage writes reach this one a little later.
+const LEADER_LOCK = "hub.session-leader";
+const REFRESH_LOCK = "hub.refresh"; // when the leader does not answer, tabs refresh one at a time
+const SESSION_CHANNEL = "hub.session";
+const LEADER_ANSWER_MS = 5_000;
+// Refresh when this share of the token's life is left, but no earlier than a minute before expiry.
+const REFRESH_LEAD_SHARE = 0.25;
+const REFRESH_LEAD_MAX_MS = 60_000;
+const REFRESH_MIN_DELAY_MS = 1_000;
+const REFRESH_RETRY_MS = 5_000; // after a failed refresh (network, server busy): the token is not yet expired
+const COMMAND_TIMEOUT_MS = 10_000;
 const FIRST_ID = "0-0"; // older than any event id
 
 export class HubError extends Error {
@@ -15,24 +33,190 @@ export class HubError extends Error {
 }
 
 export const session = {
-  get token() { return sessionStorage.getItem(TOKEN_KEY); },
-  set token(value) {
-    if (value) sessionStorage.setItem(TOKEN_KEY, value);
-    else sessionStorage.removeItem(TOKEN_KEY);
+  get token() { return localStorage.getItem(TOKEN_KEY); },
+  get refreshToken() { return localStorage.getItem(REFRESH_KEY); },
+  get expiresAt() { return Number(localStorage.getItem(EXPIRES_KEY)) || null; },
+
+  /** Keep a sign-in or refresh answer ({token, expires_at, refresh_token, ...}). */
+  store(data) {
+    ended = false;
+    localStorage.setItem(REFRESH_KEY, data.refresh_token ?? "");
+    localStorage.setItem(EXPIRES_KEY, String(Date.parse(data.expires_at) || ""));
+    localStorage.setItem(STORED_KEY, String(Date.now()));
+    localStorage.setItem(TOKEN_KEY, data.token); // last: other tabs react to this key
+    scheduleRefresh();
+  },
+
+  clear() {
+    for (const key of [REFRESH_KEY, EXPIRES_KEY, STORED_KEY, TOKEN_KEY]) localStorage.removeItem(key);
+    scheduleRefresh();
   },
 };
+
+/**
+ * Session changes this page must act on: "token" (a new access token, from this tab or another)
+ * and "signedout" (detail.reason: "logged_out", "revoked", "expired" or "elsewhere").
+ */
+export const sessionEvents = new EventTarget();
+
+let ended = false;
+
+/** Forget the tokens and tell the page, once: several sockets report the same ending. */
+export function endSession(reason) {
+  session.clear();
+  if (ended) return;
+  ended = true;
+  sessionEvents.dispatchEvent(new CustomEvent("signedout", { detail: { reason } }));
+}
+
+function announceToken() {
+  sessionEvents.dispatchEvent(new CustomEvent("token", { detail: { token: session.token } }));
+}
+
+let refreshTimer = null;
+
+function scheduleRefresh() {
+  clearTimeout(refreshTimer);
+  if (!leader) return;
+  const expiresAt = session.expiresAt;
+  const storedAt = Number(localStorage.getItem(STORED_KEY));
+  if (!expiresAt || !session.refreshToken) return;
+  const lifetime = expiresAt - storedAt;
+  // A token already past its expiry by this clock: the clock is wrong, so a timer would refresh in a
+  // loop; the server's token_expiring and 401 answers still drive the refresh.
+  if (lifetime <= 0) return;
+  const lead = Math.min(REFRESH_LEAD_MAX_MS, lifetime * REFRESH_LEAD_SHARE);
+  const delay = Math.max(REFRESH_MIN_DELAY_MS, expiresAt - lead - Date.now());
+  const stale = session.token;
+  refreshTimer = setTimeout(() => {
+    refreshSession(stale).catch((error) => {
+      if (!(error instanceof HubError && error.code === "unauthorized")) refreshTimer = setTimeout(scheduleRefresh, REFRESH_RETRY_MS);
+    });
+  }, delay);
+}
+
+// Web Locks and BroadcastChannel need a secure context (https, or http on localhost); without
+// them each tab is its own leader.
+const channel = navigator.locks && window.BroadcastChannel ? new BroadcastChannel(SESSION_CHANNEL) : null;
+let leader = !channel;
+if (channel) {
+  navigator.locks.request(LEADER_LOCK, () => {
+    leader = true;
+    scheduleRefresh();
+    return new Promise(() => {}); // held until this tab closes; then the next tab in line leads
+  });
+  channel.addEventListener("message", ({ data }) => {
+    if (!leader || data?.type !== "refresh") return;
+    refreshSession(data.stale).then(
+      (token) => channel.postMessage({ type: "refreshed", id: data.id, token }),
+      (error) => channel.postMessage({ type: "failed", id: data.id, error: { code: error.code ?? "unavailable", message: error.message } }));
+  });
+}
+
+async function withRefreshLock(task) {
+  return navigator.locks ? navigator.locks.request(REFRESH_LOCK, task) : task();
+}
+
+/** Ask the leading tab to refresh; resolves with its new token. */
+function askLeader(stale) {
+  return new Promise((resolve, reject) => {
+    const id = crypto.randomUUID();
+    const done = () => {
+      clearTimeout(timer);
+      channel.removeEventListener("message", listen);
+    };
+    const listen = ({ data }) => {
+      if (data?.id !== id) return;
+      done();
+      if (data.type === "refreshed") resolve(data.token);
+      else reject(new HubError(data.error));
+    };
+    const timer = setTimeout(() => {
+      done();
+      reject(new HubError({ code: "timeout", message: "the leading tab did not answer" }));
+    }, LEADER_ANSWER_MS);
+    channel.addEventListener("message", listen);
+    channel.postMessage({ type: "refresh", id, stale });
+  });
+}
+
+/** Trade the refresh token for new tokens, unless that was done already. */
+async function rotate(stale) {
+  if (session.token && session.token !== stale) return session.token;
+  const refreshToken = session.refreshToken;
+  if (!refreshToken) {
+    endSession("expired");
+    throw new HubError({ code: "unauthorized", message: "signed out" });
+  }
+  const response = await fetch("/api/v1/auth/refresh", {
+    method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ refresh_token: refreshToken }) });
+  const envelope = await response.json();
+  if (!envelope.ok) {
+    const error = new HubError(envelope.error);
+    if (error.code === "unauthorized") endSession("expired");
+    throw error;
+  }
+  session.store(envelope.data);
+  announceToken();
+  return envelope.data.token;
+}
+
+let refreshing = null;
+
+/**
+ * A current access token in place of `stale`: refreshed once for every caller in this tab and,
+ * through the leading tab, for every tab. Rejects with a HubError when the sign-in is over.
+ */
+export function refreshSession(stale = session.token) {
+  const locally = () => withRefreshLock(() => rotate(stale));
+  refreshing ??= (leader ? locally() : askLeader(stale).catch((error) => {
+    // A leader that does not answer (frozen, closing): refresh here, still one tab at a time.
+    if (error.code === "timeout") return locally();
+    throw error;
+  })).finally(() => { refreshing = null; });
+  return refreshing;
+}
+
+window.addEventListener("storage", (event) => {
+  if (event.key !== TOKEN_KEY && event.key !== null) return; // null: the whole storage was cleared
+  scheduleRefresh();
+  if (session.token) announceToken();
+  else if (event.oldValue || event.key === null) endSession("elsewhere");
+});
+scheduleRefresh();
+
+/**
+ * fetch with the access token; a 401 gets one silent refresh and one retry. Resolves with the
+ * Response (the last one), like fetch.
+ */
+export async function authorizedFetch(path, init = {}) {
+  const send = (token) => {
+    const headers = new Headers(init.headers);
+    if (token) headers.set("Authorization", `Bearer ${token}`);
+    return fetch(path, { ...init, headers });
+  };
+  const token = session.token;
+  const response = await send(token);
+  if (response.status !== 401 || !token || !session.refreshToken) return response;
+  let fresh;
+  try {
+    fresh = await refreshSession(token);
+  } catch {
+    return response;
+  }
+  return send(fresh);
+}
 
 /** Call the REST API; resolves with the envelope's data, rejects with a HubError. */
 export async function api(method, path, body) {
   const headers = {};
-  if (session.token) headers.Authorization = `Bearer ${session.token}`;
   const init = { method, headers };
   if (body instanceof FormData) init.body = body;
   else if (body !== undefined) {
     headers["Content-Type"] = "application/json";
     init.body = JSON.stringify(body);
   }
-  const response = await fetch(path, init);
+  const response = await authorizedFetch(path, init);
   const envelope = await response.json();
   if (!envelope.ok) throw new HubError(envelope.error);
   return envelope.data;
@@ -48,7 +232,9 @@ export function compareIds(a, b) {
 
 /**
  * One Engine.IO connection shared by every namespace. Reports "connected", "reconnecting" and
- * "recovered" (reconnected and every channel replayed) through onState.
+ * "recovered" (reconnected and every channel replayed) through onState. Keeps each socket's
+ * authentication current: a new access token is handed to open sockets in place (refresh_token),
+ * and a socket whose session ended stays closed.
  */
 export class Hub {
   constructor({ onState = () => {} } = {}) {
@@ -57,18 +243,36 @@ export class Hub {
     this.subscriptions = new Map(); // "<namespace> <channel>" -> {namespace, channel, lastId, handlers}
     this.onState = onState;
     this.connectedBefore = new Set(); // namespaces that had a connection before this one
+    this.tokens = new Map(); // namespace -> the access token the server holds for its socket
+    this.retried = new Set(); // namespaces refused once since their last connect: refreshed and retried
     this.manager.on("reconnect_attempt", () => this.onState("reconnecting"));
     this.manager.on("error", () => this.onState("reconnecting"));
+    sessionEvents.addEventListener("token", () => this.#handOver());
   }
 
   /** The socket of a namespace, created (and authenticated) on first use. */
   socket(namespace) {
     let socket = this.sockets.get(namespace);
     if (socket) return socket;
-    socket = this.manager.socket(namespace, { auth: (cb) => cb(session.token ? { token: session.token } : {}) });
-    socket.on("connect", () => this.#connected(namespace));
+    socket = this.manager.socket(namespace, { auth: (cb) => {
+      const token = session.token;
+      this.tokens.set(namespace, token);
+      cb(token ? { token } : {});
+    } });
+    socket.on("connect", () => {
+      this.retried.delete(namespace);
+      this.#connected(namespace);
+    });
     socket.on("disconnect", () => this.onState("reconnecting"));
     socket.on("server_shutdown", () => this.onState("reconnecting"));
+    socket.on("connect_error", (error) => {
+      if (error?.data?.code === "unauthorized") this.#reconnectSignedIn(socket);
+    });
+    socket.on("token_expiring", () => this.#renew(socket));
+    socket.on("signed_out", (notice) => {
+      if (notice?.reason === "expired") this.#reconnectSignedIn(socket);
+      else endSession(notice?.reason);
+    });
     socket.onAny((type, event) => this.#dispatch(namespace, event));
     this.sockets.set(namespace, socket);
     return socket;
@@ -76,9 +280,68 @@ export class Hub {
 
   /** Send a command; resolves with the ack's data, rejects with a HubError. */
   async call(namespace, event, payload = {}) {
-    const envelope = await this.socket(namespace).timeout(10000).emitWithAck(event, payload);
+    const socket = this.socket(namespace);
+    let envelope = await socket.timeout(COMMAND_TIMEOUT_MS).emitWithAck(event, payload);
+    if (!envelope.ok && envelope.error.code === "unauthorized" && session.refreshToken && this.tokens.get(socket.nsp)) {
+      // The socket's token ran out before the page renewed it: renew in place, then retry once.
+      if (await this.#renew(socket)) envelope = await socket.timeout(COMMAND_TIMEOUT_MS).emitWithAck(event, payload);
+    }
     if (!envelope.ok) throw new HubError(envelope.error);
     return envelope.data;
+  }
+
+  /** Hand the session's token to the socket, refreshing first when the socket already has it. */
+  async #renew(socket) {
+    let token = session.token;
+    try {
+      if (!token || token === this.tokens.get(socket.nsp)) token = await refreshSession(token);
+      return await this.#sendToken(socket, token);
+    } catch {
+      return false; // signed out (endSession told the page) or unreachable: the server ends it at expiry
+    }
+  }
+
+  /** Re-authenticate an open socket without reconnecting; whether the server took the token. */
+  async #sendToken(socket, token) {
+    if (!socket.connected) return false;
+    const ack = await socket.timeout(COMMAND_TIMEOUT_MS).emitWithAck("refresh_token", { token });
+    if (ack.ok) this.tokens.set(socket.nsp, token);
+    return ack.ok;
+  }
+
+  /** A new token (this tab refreshed, or another did): give it to every open socket still on an older one. */
+  #handOver() {
+    const token = session.token;
+    for (const socket of this.sockets.values()) {
+      if (socket.connected && this.tokens.get(socket.nsp) && this.tokens.get(socket.nsp) !== token) {
+        this.#sendToken(socket, token).catch(() => {});
+      }
+    }
+  }
+
+  /**
+   * The server refused or ended the socket for an expired token: refresh and connect again, once;
+   * a second refusal in a row means the sign-in is over, so no reconnect loop.
+   */
+  async #reconnectSignedIn(socket) {
+    const token = this.tokens.get(socket.nsp);
+    if (!token || this.retried.has(socket.nsp)) {
+      if (token) endSession("expired");
+      return;
+    }
+    this.retried.add(socket.nsp);
+    try {
+      await refreshSession(token);
+    } catch {
+      return; // endSession has told the page when the refresh token is spent too
+    }
+    socket.connect();
+  }
+
+  /** Disconnect every namespace for good (signed out): nothing reconnects. */
+  close() {
+    this.subscriptions.clear();
+    for (const socket of this.sockets.values()) socket.disconnect();
   }
 
   /**

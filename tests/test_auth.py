@@ -174,6 +174,29 @@ async def test_google_sign_in_creates_then_finds_the_user(google_client, google_
     assert await db.fetchval("SELECT count(*) FROM users") == 1
 
 
+async def test_google_links_an_existing_account_only_by_a_verified_email(google_client, google_key, db):
+    owner = await register(google_client, "gina")  # gina@example.org, with a password
+    linked = await google_client.post("/api/v1/auth/google", json={"id_token": google_token(google_key)})
+    assert (await linked.json())["data"]["user"]["id"] == owner["user"]["id"]
+    assert await db.fetchval("SELECT google_id FROM users WHERE username = 'gina'") == "1098765432"
+
+
+@pytest.mark.parametrize("verified", [{"email_verified": False}, {"email_verified": "false"}, {}],
+                         ids=["false", "text-false", "absent"])
+async def test_google_never_claims_an_account_by_an_unverified_email(google_client, google_key, db, verified):
+    owner = await register(google_client, "gina")
+    claims = {"sub": "555", "email": "gina@example.org", "email_verified": None, **verified}
+    claims = {key: value for key, value in claims.items() if value is not None}
+    token = jwt.encode({"iss": "https://accounts.google.com", "aud": AUDIENCE, "iat": int(time.time()),
+                        "exp": int(time.time()) + 600, **claims}, google_key, algorithm="RS256",
+                       headers={"kid": "test-key"})
+    reply = await google_client.post("/api/v1/auth/google", json={"id_token": token})
+    user = (await reply.json())["data"]["user"]
+    assert reply.status == 200 and user["id"] != owner["user"]["id"]
+    assert user["email"] == "555@google.invalid"
+    assert await db.fetchval("SELECT google_id FROM users WHERE username = 'gina'") is None
+
+
 @pytest.mark.parametrize("overrides, message", [
     ({"aud": "someone-else.apps.googleusercontent.com"}, "another application"),
     ({"iss": "https://evil.example.org"}, "wrong issuer"),

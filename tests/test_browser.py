@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import os
 import re
 import uuid
@@ -16,6 +17,7 @@ from db.pool import POOL
 from server.adapters.blobs import BLOBS
 from server.app import create_app
 from server.core.crypto import MASTER_KEY
+from server.edge.security_headers import CONTENT_SECURITY_POLICY
 from server.realtime.hub import REALTIME, publish
 from tests.helpers import register, register_seller, server_url
 from tests.llm_server import llm_server  # noqa: F401 - a fixture
@@ -42,12 +44,53 @@ async def _screenshot_on_failure(request, page, name: str) -> None:
         await page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
 
 
+# Collects every CSP violation the page reports, from before its first script runs.
+RECORD_VIOLATIONS = """
+window.cspViolations = [];
+document.addEventListener("securitypolicyviolation",
+  (e) => window.cspViolations.push(`${e.effectiveDirective} ${e.blockedURI}`));
+"""
+
+
+async def watch_csp(page) -> None:
+    """Record the page's CSP reports: events in the page, and Chromium's console errors across reloads."""
+    page.csp_console = []
+    page.on("console", lambda message: page.csp_console.append(message.text)
+            if "Content Security Policy" in message.text else None)
+    await page.add_init_script(RECORD_VIOLATIONS)
+
+
+async def no_csp_violations(page) -> None:
+    """Every page of every test runs under the policy (every flow the tests drive) and breaks none of it."""
+    if page.is_closed():
+        return
+    assert page.csp_console == []
+    assert await page.evaluate("window.cspViolations ?? []") == []
+
+
 @pytest.fixture
 async def page(request, browser):
     """A fresh browser page; a screenshot lands in test-artifacts/ when the test fails."""
     page = await browser.new_page()
+    await watch_csp(page)
     yield page
     await _screenshot_on_failure(request, page, request.node.name)
+    await no_csp_violations(page)
+
+
+@pytest.fixture
+async def two_tabs(request, browser):
+    """Two pages of one browser profile (shared storage): two tabs of one user."""
+    context = await browser.new_context()
+    tabs = (await context.new_page(), await context.new_page())
+    for tab in tabs:
+        await watch_csp(tab)
+    yield tabs
+    for number, tab in enumerate(tabs):
+        await _screenshot_on_failure(request, tab, f"{request.node.name}-tab{number}")
+    for tab in tabs:
+        await no_csp_violations(tab)
+    await context.close()
 
 
 @pytest.fixture
@@ -55,8 +98,10 @@ async def second_page(request, browser):
     """A page in a browser context of its own (its own storage, so another signed-in user)."""
     context = await browser.new_context()
     page = await context.new_page()
+    await watch_csp(page)
     yield page
     await _screenshot_on_failure(request, page, f"{request.node.name}-second")
+    await no_csp_violations(page)
     await context.close()
 
 
@@ -421,7 +466,7 @@ async def test_sales_and_reviews_arrive_live_on_an_open_datapod_page(aiohttp_cli
 async def signed_in_buyer(page, base_url: str, db) -> dict:
     """Sign up in the page; the account as the API helpers take it (token and id)."""
     username = await sign_up(page, base_url)
-    return {"token": await page.evaluate("sessionStorage.getItem('hub.token')"),
+    return {"token": await page.evaluate("localStorage.getItem('hub.token')"),
             "user": {"id": str(await db.fetchval("SELECT id FROM users WHERE username = $1", username))}}
 
 
@@ -486,3 +531,198 @@ async def test_datapod_reviews_come_in_pages_with_more(client, db, page):
     await more.click()
     await expect(comments).to_have_text([f"review {i}" for i in range(11, -1, -1)])
     await expect(more).to_be_hidden()
+
+
+# --- page hardening and sessions -------------------------------------------------------------------
+
+SHORT_TOKEN_TTL = 4  # seconds: the page must refresh twice or more within one test
+
+
+async def test_responses_carry_the_security_headers(client):
+    for path in ("/", "/app.js", "/api/v1/me", "/no/such/page"):
+        response = await client.get(path)
+        assert response.headers["X-Content-Type-Options"] == "nosniff", path
+        assert response.headers["Referrer-Policy"] == "no-referrer", path
+    page = await client.get("/")
+    assert page.content_type == "text/html"
+    policy = page.headers["Content-Security-Policy"]
+    assert policy == CONTENT_SECURITY_POLICY
+    directives = dict(d.strip().split(" ", 1) for d in policy.split(";"))
+    assert directives["script-src"] == "'self'"
+    assert directives["frame-ancestors"] == "'none'"
+    assert directives["object-src"] == "'none'"
+
+
+async def test_the_page_works_under_its_csp_with_no_violation(client, page):
+    await sign_up(page, server_url(client))
+    await expect(page.locator("#connection")).to_have_text("connected")
+    await until_live(page, "/marketplace", "market")
+    for tab in ("Purchases", "Assistant", "Games", "Chain", "DAO", "Marketplace"):
+        await page.click(f"nav >> text={tab}")
+    await until_live(page, "/chain", "chain:blocks")
+    await publish(client.app, "chain:blocks", "block_added", {"height": 1, "hash": "ab" * 32})
+    await page.click("nav >> text=Chain")
+    await expect(page.locator('#blocks [data-key="1"]')).to_be_visible()  # the canvas chart drew too
+    await page.click("nav >> text=Purchases")
+    await page.get_by_role("button", name="Create wallet").click()  # WebCrypto and IndexedDB
+    await expect(page.locator("#wallet-message")).to_have_text("Wallet ready.")
+    await no_csp_violations(page)
+
+    # The policy is enforced, not just sent: an injected inline script does not run, and is reported.
+    ran = await page.evaluate("""() => {
+        const script = document.createElement("script");
+        script.textContent = "window.inlineRan = true";
+        document.head.append(script);
+        return window.inlineRan === true;
+    }""")
+    assert ran is False
+    await page.wait_for_function("window.cspViolations.length > 0")
+    assert await page.evaluate("window.cspViolations") == ["script-src-elem inline"]
+    for _ in range(50):  # the console message trails the event a little
+        if page.csp_console:
+            break
+        await asyncio.sleep(0.1)
+    assert any("inline script" in text for text in page.csp_console), page.csp_console
+    await page.evaluate("window.cspViolations.length = 0")  # the one expected: the fixture checks for others
+    page.csp_console.clear()
+
+
+def count_refreshes(page, answers: list[int]) -> None:
+    """Record the status of every refresh the page makes."""
+    page.on("response", lambda response: answers.append(response.status)
+            if response.url.endswith("/api/v1/auth/refresh") else None)
+
+
+SOCKET_IDS = "[...window.hub.sockets].filter(([, s]) => s.connected).map(([ns, s]) => `${ns} ${s.id}`).sort()"
+# A user-only command straight on the socket (no retry in hub.call): it works only while the
+# server holds a valid token for this very connection.
+RAW_SOCKET_COMMAND = """window.hub.socket("/assistant").timeout(5000)
+    .emitWithAck("list_conversations", {}).then((ack) => ack.ok ? "ok" : ack.error.code)"""
+
+
+async def stays_signed_in(page, username: str) -> None:
+    """Signed in, the connection live, and the socket's own authentication still good."""
+    await expect(page.locator("#whoami")).to_have_text(username)
+    await expect(page.locator("#sign-in")).to_be_hidden()
+    await expect(page.locator("#connection")).to_have_text(re.compile("connected|recovered"))
+    assert await page.evaluate(RAW_SOCKET_COMMAND) == "ok"
+
+
+async def test_the_page_refreshes_silently_and_its_sockets_stay_live(aiohttp_client, settings, page):
+    client = await aiohttp_client(create_app(settings.replace(access_token_ttl=SHORT_TOKEN_TTL)))
+    refreshes: list[int] = []
+    count_refreshes(page, refreshes)
+    username = await sign_up(page, server_url(client))
+    await page.click("nav >> text=Chain")
+    await until_live(page, "/chain", "chain:blocks")
+    first_token = await page.evaluate("localStorage.getItem('hub.token')")
+    sockets = await page.evaluate(SOCKET_IDS)
+    assert "/assistant" in " ".join(sockets)
+
+    await page.wait_for_timeout(SHORT_TOKEN_TTL * 2500)  # the first token is long expired
+    assert len(refreshes) >= 2 and set(refreshes) == {200}, refreshes
+    assert await page.evaluate("localStorage.getItem('hub.token')") != first_token
+    await stays_signed_in(page, username)
+    assert await page.evaluate(SOCKET_IDS) == sockets  # re-authenticated in place, never reconnected
+    await publish(client.app, "chain:blocks", "block_added", {"height": 7, "hash": "ab" * 32})
+    await expect(page.locator('#blocks [data-key="7"]')).to_be_visible()
+
+
+async def test_token_expiring_alone_keeps_a_socket_signed_in(aiohttp_client, settings, page):
+    # The page's own timers stand still (as in a throttled background tab): only the server's
+    # token_expiring notice can make it refresh and re-authenticate its sockets in time.
+    client = await aiohttp_client(create_app(settings.replace(access_token_ttl=SHORT_TOKEN_TTL)))
+    refreshes: list[int] = []
+    count_refreshes(page, refreshes)
+    await page.clock.install()
+    username = await sign_up(page, server_url(client))
+    await expect(page.locator("#connection")).to_have_text("connected")
+    sockets = await page.evaluate(SOCKET_IDS)
+    await page.clock.pause_at(dt.datetime.now() + dt.timedelta(milliseconds=200))
+    await page.wait_for_timeout(SHORT_TOKEN_TTL * 2500)
+    assert len(refreshes) >= 2 and set(refreshes) == {200}, refreshes
+    await stays_signed_in(page, username)
+    assert await page.evaluate(SOCKET_IDS) == sockets
+
+
+async def test_a_401_gets_one_refresh_and_one_retry(client, page):
+    refreshes: list[int] = []
+    count_refreshes(page, refreshes)
+    await sign_up(page, server_url(client))
+    await page.evaluate("localStorage.setItem('hub.token', 'an.expired.token')")
+    me_calls: list[int] = []
+    page.on("response", lambda response: me_calls.append(response.status)
+            if response.url.endswith("/api/v1/me") else None)
+    username = await page.evaluate(
+        "import('/hub.js').then(({ api }) => api('GET', '/api/v1/me')).then((me) => me.username)")
+    assert username == await page.locator("#whoami").text_content()
+    assert me_calls == [401, 200]
+    assert refreshes == [200]
+    assert await page.evaluate("localStorage.getItem('hub.token')") != "an.expired.token"
+
+
+async def test_tabs_share_the_sign_in_and_refresh_it_one_at_a_time(aiohttp_client, settings, two_tabs):
+    client = await aiohttp_client(create_app(settings.replace(access_token_ttl=SHORT_TOKEN_TTL)))
+    page, other = two_tabs
+    refreshes: list[int] = []
+    count_refreshes(page, refreshes)
+    count_refreshes(other, refreshes)
+    username = await sign_up(page, server_url(client))
+    await other.goto(server_url(client))
+    await expect(other.locator("#whoami")).to_have_text(username)  # signed in by the first tab
+    # Both tabs hold the same refresh token and time their refresh alike: were both to spend it,
+    # the server would see a reuse and revoke the sign-in everywhere.
+    await page.wait_for_timeout(SHORT_TOKEN_TTL * 2500)
+    assert len(refreshes) >= 2 and set(refreshes) == {200}, refreshes
+    await stays_signed_in(page, username)
+    await stays_signed_in(other, username)
+
+
+SIGNED_OUT_ELSEWHERE = "You were signed out: this account signed out in another tab or window."
+
+
+async def shows_signed_out(page, notice: str) -> None:
+    """The sign-in form with a notice, no error, and no socket left to reconnect."""
+    await expect(page.locator("#sign-in")).to_be_visible()
+    await expect(page.locator("#dashboard")).to_be_hidden()
+    await expect(page.locator("#sign-in-notice")).to_have_text(notice)
+    await expect(page.locator("#sign-in-error")).to_be_empty()
+    await expect(page.locator("#connection")).to_have_text("signed out")
+    await page.wait_for_timeout(1000)
+    assert await page.evaluate("window.hub.sockets.size") == 0
+    assert await page.evaluate("localStorage.getItem('hub.token')") is None
+
+
+async def test_signing_out_in_one_tab_signs_out_the_other(client, two_tabs):
+    page, other = two_tabs
+    username = await sign_up(page, server_url(client))
+    await other.goto(server_url(client))
+    await expect(other.locator("#whoami")).to_have_text(username)
+    await until_live(other, "/marketplace", "market")
+    await page.get_by_role("button", name="Sign out").click()
+    await expect(page.locator("#sign-in")).to_be_visible()
+    await shows_signed_out(other, SIGNED_OUT_ELSEWHERE)
+
+
+async def test_a_logout_elsewhere_ends_the_page_through_its_sockets(client, page):
+    # The same session ended from outside the browser: no storage event, only the server's
+    # signed_out reaches the page.
+    await sign_up(page, server_url(client))
+    await until_live(page, "/marketplace", "market")
+    token = await page.evaluate("localStorage.getItem('hub.token')")
+    response = await client.post("/api/v1/auth/logout", headers={"Authorization": f"Bearer {token}"})
+    assert response.status == 200, await response.text()
+    await shows_signed_out(page, SIGNED_OUT_ELSEWHERE)
+
+
+async def test_an_administrators_revocation_signs_the_page_out(client, db, page):
+    from tests.test_games import make_admin
+
+    admin = await make_admin(client, db)
+    username = await sign_up(page, server_url(client))
+    await until_live(page, "/marketplace", "market")
+    user_id = await db.fetchval("SELECT id FROM users WHERE username = $1", username)
+    response = await client.post(f"/api/v1/admin/users/{user_id}/sessions/revoke",
+                                 headers={"Authorization": f"Bearer {admin['token']}"})
+    assert response.status == 200, await response.text()
+    await shows_signed_out(page, "You were signed out: this session was ended. Sign in again.")

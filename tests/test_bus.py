@@ -230,6 +230,8 @@ async def test_reset_opens_a_new_epoch_and_old_positions_get_a_gap(make_history)
     before = await _append(history, 2)
     await history.reset(CHANNEL)
     assert (await history.read_after(CHANNEL, before[-1].id, 10, before[-1].epoch)).gap is True
+    # Ids of two epochs are ordered only across milliseconds: a new stream restarts the sequence.
+    await asyncio.sleep(0.002)
     after = await history.append(CHANNEL, "thing_happened", {})
     assert after.offset == 1 and after.epoch != before[-1].epoch
     replay = await history.read_after(CHANNEL, before[-1].id, 10, before[-1].epoch)
@@ -240,6 +242,7 @@ async def test_redis_position_lost_without_its_stream_starts_a_clean_epoch(redis
     history = RedisHistory(redis, prefix, 100, 60, approximate=False)
     before = await _append(history, 3)
     await redis.delete(history.meta_key(CHANNEL))  # evicted, or expired apart from the stream
+    await asyncio.sleep(0.002)  # ids of two epochs are ordered only across milliseconds
     after = await history.append(CHANNEL, "thing_happened", {})
     assert (after.offset, after.epoch != before[0].epoch) == (1, True)
     # The old entries belong to a lost epoch: they are gone, and a client holding one sees a gap.

@@ -29,7 +29,7 @@ def bearer(token: str) -> dict:
 async def _new_session_tokens(app: web.Application, user_id: uuid.UUID, count: int) -> list[str]:
     """Sign the same user in `count` times (each sign-in is a new session), without argon2 each time."""
     async with app[POOL].acquire() as conn:
-        return [(await app[AUTH].start_session(conn, user_id, ip_address=None, device_info=None))[0]
+        return [(await app[AUTH].start_session(conn, user_id, ip_address=None, device_info=None)).token
                 for _ in range(count)]
 
 

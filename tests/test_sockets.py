@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import jwt
 import pytest
 import socketio
 
-from server.edge.namespace import command
-from server.realtime.engine import SIO
-from tests.helpers import SocketClient, register, server_url
+from db import auth as auth_queries
+from db.pool import POOL
+from server.services.auth import AUTH
+from tests.helpers import SocketClient, register, server_url, wait_until
 
 
 @pytest.fixture
@@ -72,21 +74,26 @@ async def test_oversized_socket_payload_is_refused(aiohttp_client, settings, soc
     assert reply["error"]["code"] == "payload_too_large"
 
 
-async def test_logout_stops_commands_on_an_open_socket(client, sock, monkeypatch):
+async def test_logout_closes_the_open_sockets_of_that_session(client, sock):
     data = await register(client)
-    namespace = client.app[SIO].namespace_handlers["/purchases"]
-
-    @command(user=True)
-    async def on_private_probe(ctx, payload):
-        return {"reached": True}
-
-    # A user-only command, added to the live namespace for this test.
-    monkeypatch.setattr(namespace, "on_private_probe", on_private_probe, raising=False)
     await sock.connect(server_url(client), "/purchases", token=data["token"])
-    assert (await sock.call("/purchases", "private_probe", {}))["data"] == {"reached": True}
+    assert (await sock.call("/purchases", "whoami"))["data"]["user_id"] == data["user"]["id"]
     await client.post("/api/v1/auth/logout", headers={"Authorization": f"Bearer {data['token']}"})
-    reply = await sock.call("/purchases", "private_probe", {})
+    assert await sock.wait_for("signed_out") == {"reason": "logged_out"}
+    await wait_until(lambda: "/purchases" not in sock.sio.namespaces)
+
+
+async def test_a_session_ended_behind_an_open_socket_stops_its_commands(client, sock):
+    """Even when the end never reached the socket (no disconnect), its next command checks the session."""
+    data = await register(client)
+    await sock.connect(server_url(client), "/purchases", token=data["token"])
+    session_id = jwt.decode(data["token"], options={"verify_signature": False})["sid"]
+    async with client.app[POOL].acquire() as conn:
+        await auth_queries.end_session(conn, session_id, "revoked")  # the database only: no notice sent
+    client.app[AUTH].sessions.forget(session_id)
+    reply = await sock.call("/purchases", "subscribe", {"channel": f"user:{data['user']['id']}"})
     assert reply["error"]["code"] == "unauthorized"
+    assert "/purchases" in sock.sio.namespaces
 
 
 async def test_metrics_count_connections_and_events(client, sock):

@@ -13,3 +13,4 @@ class Identity:
     user_id: uuid.UUID
     session_id: int
     is_admin: bool = False
+    expires_at: float | None = None  # when the token that proved it ends (Unix time)

@@ -10,6 +10,13 @@ from server.core.errors import HubError
 # DEFAULT_PAGE when the client gives no `limit`.
 MAX_PAGE = 100
 DEFAULT_PAGE = 20
+MAX_INTEGER_ID = 2**31 - 1  # PostgreSQL INTEGER: ids, heights and counts sent by clients stay below it
+
+# Event names the Socket.IO libraries use for their own purposes (socket.io's RESERVED_EVENTS plus
+# python-socketio's `disconnecting`): a client that emits one must not reach the server's connect
+# or disconnect code, so the dispatcher refuses them before any handler.
+RESERVED_EVENTS = frozenset({"connect", "connect_error", "disconnect", "disconnecting", "newListener",
+                             "removeListener"})
 
 
 def ok(data: Any = None) -> dict[str, Any]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import datetime as dt
 import time
 from typing import Any, Awaitable, Callable
 
@@ -15,6 +17,7 @@ from server.core import jsonutil
 from server.core.errors import (
     Conflict,
     ErrorCode,
+    Forbidden,
     HubError,
     InvalidPayload,
     NotFound,
@@ -25,17 +28,25 @@ from server.core.errors import (
 )
 from server.core.identity import Identity
 from server.core.metrics import METRICS
-from server.core.protocol import error_envelope, ok
+from server.core.protocol import RESERVED_EVENTS, error_envelope, ok
 from server.core.settings import SETTINGS
-from server.edge.schemas import compile_schema, obj, string, validate
+from server.edge.schemas import COUNT, compile_schema, obj, string, validate
+from server.realtime.engine import SocketServer
 from server.realtime.history import EPOCH_PATTERN
-from server.realtime.hub import REALTIME, ChannelRule, room_name
+from server.realtime.hub import (
+    REALTIME,
+    SIGNED_OUT_EVENT,
+    TOKEN_EXPIRING_EVENT,
+    ChannelRule,
+    room_name,
+    session_room,
+)
 from server.realtime.ratelimit import TokenBucket
-from server.services.auth import AUTH
+from server.services.auth import AUTH, EXPIRED
 
 log = structlog.get_logger(__name__)
 
-CONNECT_EVENTS = frozenset({"connect", "disconnect"})
+CONNECT_EVENTS = frozenset({"connect", "disconnect"})  # what python-socketio itself triggers
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -44,6 +55,7 @@ class CommandSpec:
 
     validator: Any
     user_required: bool
+    checks_session: bool = True  # re-check a signed-in socket's session before the handler runs
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -60,16 +72,19 @@ class Ctx:
         return self.identity.user_id
 
 
-def command(schema: dict[str, Any] | None = None, *, user: bool = True) -> Callable:
+def command(schema: dict[str, Any] | None = None, *, user: bool = True, checks_session: bool = True) -> Callable:
     """Mark an `on_<event>` method as a client command with its payload schema.
 
     The handler is `async def on_x(self, ctx, payload) -> data`; it runs only after the payload
-    matched the schema and, when `user` is true, the connection is signed in.
+    matched the schema and, when `user` is true, the connection is signed in. A signed-in
+    connection's session is checked again first (a logout elsewhere stops it), unless
+    `checks_session` is false (re-authentication, which checks its own new token).
     """
     validator = compile_schema(schema if schema is not None else {"type": ["object", "null"]})
 
     def decorate(handler: Callable[..., Awaitable[Any]]):
-        handler.__hub_command__ = CommandSpec(validator=validator, user_required=user)  # type: ignore[attr-defined]
+        handler.__hub_command__ = CommandSpec(validator=validator, user_required=user,  # type: ignore[attr-defined]
+                                              checks_session=checks_session)
         return handler
 
     return decorate
@@ -81,12 +96,35 @@ def refusal(error: HubError) -> socketio.exceptions.ConnectionRefusedError:
     return socketio.exceptions.ConnectionRefusedError(error.message, error.to_error())
 
 
+class HubSocketServer(SocketServer):
+    """The Socket.IO server whose event dispatch refuses reserved names before any namespace sees them."""
+
+    async def _handle_event_internal(self, server: Any, sid: str, eio_sid: str, data: list, namespace: str,
+                                     id: int | None) -> None:
+        # python-socketio hands a client's event named "connect" to the same trigger as its own
+        # connect, so the name must be refused here, where the two paths still differ. (A name that
+        # is not text never gets here: the engine closes the connection on such a packet.)
+        if data[0] not in RESERVED_EVENTS:
+            await super()._handle_event_internal(server, sid, eio_sid, data, namespace, id)
+            return
+        log.info("reserved_event_refused", namespace=namespace, sid=sid, name=data[0])
+        if id is not None:
+            error = InvalidPayload(f"'{data[0]}' is a reserved event name", field="event")
+            await server._send_packet(eio_sid, self.packet_class(
+                socketio.packet.ACK, namespace=namespace, id=id, data=[error_envelope(error)]))
+
+
 CATCH_UP_LIMIT = 100
 SUBSCRIBE_SCHEMA = obj({"channel": string(max_length=200), "since": {"type": ["string", "null"], "maxLength": 41},
                         "epoch": {"type": ["string", "null"], "pattern": f"^{EPOCH_PATTERN}$"},
-                        "since_height": {"type": "integer", "minimum": 0}},
+                        "since_height": COUNT},
                        required=("channel",))
 UNSUBSCRIBE_SCHEMA = obj({"channel": string(max_length=200)}, required=("channel",))
+REFRESH_TOKEN_SCHEMA = obj({"token": string(20, 4096)}, required=("token",))
+
+
+def _iso(timestamp: float | None) -> str | None:
+    return None if timestamp is None else dt.datetime.fromtimestamp(timestamp, dt.timezone.utc).isoformat()
 
 
 def _user_id(ctx: Ctx) -> str | None:
@@ -103,6 +141,7 @@ class HubNamespace(socketio.AsyncNamespace):
     def __init__(self, app: web.Application) -> None:
         super().__init__(self.name)
         self.app = app
+        self._timer_tasks: set[asyncio.Task] = set()  # expiry notices under way (kept from the GC)
 
     async def on_connect(self, sid: str, environ: dict, auth: Any = None) -> None:
         """Authenticate from the `auth` payload ({"token": ...}); refuse bad tokens clearly."""
@@ -122,9 +161,13 @@ class HubNamespace(socketio.AsyncNamespace):
             except HubError as exc:
                 raise refusal(exc) from None
         settings = self.app[SETTINGS]
-        await self.save_session(sid, {
-            "identity": identity, "token": token, "channels": set(),
-            "bucket": TokenBucket(settings.event_rate, settings.event_burst)})
+        session = {"identity": identity, "token": token, "channels": set(),
+                   "bucket": TokenBucket(settings.event_rate, settings.event_burst)}
+        await self.save_session(sid, session)
+        if identity is not None:
+            # Logout or revocation reaches the socket through this room, on whichever node it is.
+            await self.enter_room(sid, session_room(identity.session_id))
+            self._schedule_expiry(sid, session, identity)
         self.app[METRICS].connections.labels(self.name).inc()
         log.info("socket_connected", namespace=self.name, sid=sid,
                  user_id=str(identity.user_id) if identity else None)
@@ -132,6 +175,8 @@ class HubNamespace(socketio.AsyncNamespace):
     async def on_disconnect(self, sid: str, reason: Any = None) -> None:
         """Leave presence everywhere and count the disconnect."""
         session = await self.get_session(sid)
+        for timer in session.pop("timers", ()):
+            timer.cancel()
         identity: Identity | None = session.get("identity")
         realtime = self.app[REALTIME]
         user_id = str(identity.user_id) if identity else None
@@ -157,7 +202,7 @@ class HubNamespace(socketio.AsyncNamespace):
             error = error_from_exception(exc)
             outcome = error.code.value
             if error.code is ErrorCode.INTERNAL_ERROR:
-                log.exception("command_failed", namespace=self.name, event=event)
+                log.exception("command_failed", namespace=self.name, command=event)
             return error_envelope(error)
         finally:
             metrics = self.app[METRICS]
@@ -182,10 +227,11 @@ class HubNamespace(socketio.AsyncNamespace):
         if payload is not None and len(jsonutil.dumpb(payload)) > limit:
             raise PayloadTooLarge(f"the payload exceeds {limit} bytes")
         identity: Identity | None = session.get("identity")
-        if spec.user_required:
-            if identity is None:
-                raise Unauthorized("sign in to use this event")
-            # Re-check the session (cached briefly) so a logout stops an open socket too.
+        if spec.user_required and identity is None:
+            raise Unauthorized("sign in to use this event")
+        if identity is not None and spec.checks_session:
+            # The live session (cached a few seconds), not the one from connect time: a socket whose
+            # session ended elsewhere must not subscribe to private channels in the meantime.
             identity = await self.app[AUTH].authenticate(self.app[POOL], session.get("token"))
         if extra_args:
             raise NotFound(f"'{event}' takes one payload argument")
@@ -252,6 +298,54 @@ class HubNamespace(socketio.AsyncNamespace):
             session["presence"].discard(channel)
             await self.app[REALTIME].leave_presence(self.name, channel, ctx.sid, _user_id(ctx))
         return {"channel": channel}
+
+    @command(REFRESH_TOKEN_SCHEMA, user=False, checks_session=False)
+    async def on_refresh_token(self, ctx: Ctx, payload: dict) -> dict:
+        """Re-authenticate in place with a new access token of the same user; the socket stays connected."""
+        if ctx.identity is None:
+            raise Unauthorized("this connection is not signed in; connect again with a token")
+        identity = await self.app[AUTH].authenticate(self.app[POOL], payload["token"])
+        if identity.user_id != ctx.identity.user_id:
+            raise Forbidden("the token belongs to another account", field="token")
+        session = await self.get_session(ctx.sid)
+        if identity.session_id != ctx.identity.session_id:
+            await self.leave_room(ctx.sid, session_room(ctx.identity.session_id))
+            await self.enter_room(ctx.sid, session_room(identity.session_id))
+        session["identity"], session["token"] = identity, payload["token"]
+        self._schedule_expiry(ctx.sid, session, identity)
+        return {"expires_at": _iso(identity.expires_at)}
+
+    def _schedule_expiry(self, sid: str, session: dict, identity: Identity) -> None:
+        """Warn the socket before its token ends and end it at expiry, unless it re-authenticates first."""
+        for timer in session.pop("timers", ()):
+            timer.cancel()
+        if identity.expires_at is None:
+            return
+        loop = asyncio.get_running_loop()
+        remaining = identity.expires_at - time.time()
+        notice = min(self.app[SETTINGS].token_expiry_notice, remaining / 2)
+        session["timers"] = (
+            loop.call_later(max(0.0, remaining - notice), self._spawn, lambda: self._warn_expiring(sid, identity)),
+            loop.call_later(max(0.0, remaining), self._spawn, lambda: self._end_expired(sid)))
+
+    def _spawn(self, make: Callable[[], Awaitable[None]]) -> None:
+        task = asyncio.ensure_future(make())
+        self._timer_tasks.add(task)
+        task.add_done_callback(self._timer_tasks.discard)
+
+    async def _warn_expiring(self, sid: str, identity: Identity) -> None:
+        expires_at = identity.expires_at or time.time()
+        await self.notify(sid, TOKEN_EXPIRING_EVENT, {"expires_at": _iso(expires_at),
+                                                       "expires_in": round(max(0.0, expires_at - time.time()), 3)})
+
+    async def _end_expired(self, sid: str) -> None:
+        log.info("socket_token_expired", namespace=self.name, sid=sid)
+        await self.notify(sid, SIGNED_OUT_EVENT, {"reason": EXPIRED})
+        await self.disconnect(sid)
+
+    async def notify(self, sid: str, event: str, data: dict[str, Any]) -> None:
+        """Send one event to one of this node's connections (never through Redis: it is here)."""
+        await self.emit(event, data, to=sid, ignore_queue=True)
 
     @command(user=False)
     async def on_whoami(self, ctx: Ctx, payload: Any) -> dict:

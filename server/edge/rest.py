@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 import uuid
@@ -114,18 +115,25 @@ def path_int(request: web.Request, name: str, missing: str, *, minimum: int = 1)
     return int(raw)
 
 
-def int_query(request: web.Request, name: str, *, minimum: int, maximum: int | None = None) -> int | None:
-    """An optional integer query parameter within bounds; InvalidPayload naming it otherwise."""
+def path_uuid(request: web.Request, name: str, missing: str) -> uuid.UUID:
+    """A UUID id from the URL path; NotFound(`missing`) for anything else."""
+    try:
+        return uuid.UUID(request.match_info[name])
+    except ValueError:
+        raise NotFound(missing, field=name) from None
+
+
+def int_query(request: web.Request, name: str, *, minimum: int, maximum: int = MAX_INTEGER_ID) -> int | None:
+    """An optional integer query parameter within bounds (by default an INTEGER column's); InvalidPayload otherwise."""
     raw = request.query.get(name)
     if raw is None or raw == "":
         return None
-    try:
-        value = int(raw)
-    except ValueError:
-        raise InvalidPayload(f"'{name}' must be an integer", field=name) from None
-    if value < minimum or (maximum is not None and value > maximum):
-        bound = f"between {minimum} and {maximum}" if maximum is not None else f"at least {minimum}"
-        raise InvalidPayload(f"'{name}' must be {bound}", field=name)
+    # ASCII digits of bounded length first: int() refuses 4,300+ digits and accepts other scripts.
+    if not (raw.isascii() and raw.lstrip("-").isdigit() and len(raw) <= 20):
+        raise InvalidPayload(f"'{name}' must be an integer", field=name)
+    value = int(raw)
+    if not minimum <= value <= maximum:
+        raise InvalidPayload(f"'{name}' must be between {minimum} and {maximum}", field=name)
     return value
 
 
@@ -155,17 +163,53 @@ async def optional_identity(request: web.Request) -> Identity | None:
 
 
 Handler = Callable[..., Awaitable[web.StreamResponse]]
+AUTH_LEVELS = (None, "user", "admin")
 
 
-def endpoint(*, body: dict[str, Any] | None = None, auth: str | None = None) -> Callable[[Handler], Handler]:
+@dataclasses.dataclass(frozen=True, slots=True)
+class EndpointSpec:
+    """What a REST handler accepts, as `endpoint` declared it; the API documents are built from it.
+
+    `query` and `path` describe what the handler parses itself (int_query, path_int...): an object
+    schema whose properties are the parameters, and a schema per path parameter. `form` is the
+    schema of a multipart upload's text fields (the upload also has a binary `file` part);
+    `json_body` a JSON body the handler validates itself, after checks of its own.
+    """
+
+    body: dict[str, Any] | None = None
+    auth: str | None = None
+    query: dict[str, Any] | None = None
+    path: dict[str, dict[str, Any]] | None = None
+    form: dict[str, Any] | None = None
+    json_body: dict[str, Any] | None = None
+    summary: str | None = None
+
+
+ENDPOINT_SPEC = "__hub_endpoint__"
+
+
+def endpoint_spec(handler: Any) -> EndpointSpec | None:
+    """The declaration `endpoint` attached to a route handler (None for undeclared handlers)."""
+    return getattr(handler, ENDPOINT_SPEC, None)
+
+
+def endpoint(*, body: dict[str, Any] | None = None, auth: str | None = None, query: dict[str, Any] | None = None,
+             path: dict[str, dict[str, Any]] | None = None, form: dict[str, Any] | None = None,
+             json_body: dict[str, Any] | None = None, doc: str | None = None) -> Callable[[Handler], Handler]:
     """Declare a REST handler's body schema and who may call it; checks run before the handler.
 
     auth: None (anyone), "user" (a signed-in user) or "admin". The handler receives
-    `identity=` when auth is set and `body=` when a schema is declared.
+    `identity=` when auth is set and `body=` when a schema is declared. `query`, `path`, `form`,
+    `json_body` and `doc` (a summary instead of the docstring's first line) only describe the
+    route for the API documents; the handler still parses those parts itself.
     """
     validator = compile_schema(body) if body is not None else None
-    if auth not in (None, "user", "admin"):
+    if auth not in AUTH_LEVELS:
         raise ValueError(f"unknown auth level {auth!r}")
+    for schema in (query, form, json_body, *(path or {}).values()):
+        if schema is not None:
+            compile_schema(schema)  # a broken declaration fails at import, like a body schema
+    spec = EndpointSpec(body=body, auth=auth, query=query, path=path, form=form, json_body=json_body, summary=doc)
 
     def decorate(handler: Handler) -> Handler:
         @functools.wraps(handler)
@@ -180,6 +224,7 @@ def endpoint(*, body: dict[str, Any] | None = None, auth: str | None = None) -> 
                 kwargs["body"] = validate(validator, await read_json(request))
             return await handler(request, **kwargs)
 
+        setattr(wrapper, ENDPOINT_SPEC, spec)
         return wrapper
 
     return decorate

@@ -9,15 +9,41 @@ from jsonschema import Draft202012Validator
 
 from server.core import wallets
 from server.core.errors import InvalidPayload
-from server.core.protocol import DEFAULT_PAGE, MAX_PAGE  # noqa: F401 - the handlers' page vocabulary
+from server.core.protocol import DEFAULT_PAGE, MAX_INTEGER_ID, MAX_PAGE  # noqa: F401 - the handlers' vocabulary
 
 _FORMATS = Draft202012Validator.FORMAT_CHECKER
+# JSON Schema counts 5.0 as an integer, and orjson parses integers past 64 bits as floats: either
+# would reach PostgreSQL as a float where it wants an int. Only a real int is an integer here.
+_Validator = jsonschema.validators.extend(Draft202012Validator, type_checker=Draft202012Validator.TYPE_CHECKER.redefine(
+    "integer", lambda _checker, value: isinstance(value, int) and not isinstance(value, bool)))
+
+
+def _unbounded_integer(schema: Any, path: str = "$") -> str | None:
+    """The path of the first integer schema without a maximum (a value the database cannot hold)."""
+    if isinstance(schema, dict):
+        types = schema.get("type")
+        if (types == "integer" or (isinstance(types, list) and "integer" in types)) and "maximum" not in schema:
+            return path
+        for key, inner in schema.items():
+            found = _unbounded_integer(inner, f"{path}.{key}")
+            if found is not None:
+                return found
+    elif isinstance(schema, list):
+        for index, inner in enumerate(schema):
+            found = _unbounded_integer(inner, f"{path}[{index}]")
+            if found is not None:
+                return found
+    return None
 
 
 def compile_schema(schema: dict[str, Any]) -> Draft202012Validator:
     """Check a schema once at import time and return its validator."""
     Draft202012Validator.check_schema(schema)
-    return Draft202012Validator(schema, format_checker=_FORMATS)
+    # An unbounded integer reaches PostgreSQL as a value out of range and comes back as a 500.
+    unbounded = _unbounded_integer(schema)
+    if unbounded is not None:
+        raise ValueError(f"integer schema without a maximum at {unbounded}")
+    return _Validator(schema, format_checker=_FORMATS)
 
 
 def _nul_path(value: Any, path: str = "") -> str | None:
@@ -93,8 +119,8 @@ def update_schema(properties: dict[str, Any]) -> dict[str, Any]:
 
 
 # The KVP chain's words (DAO votes, NFT prices and game payloads use them too).
-MAX_INTEGER_ID = 2**31 - 1  # PostgreSQL INTEGER
 INTEGER_ID = {"type": "integer", "minimum": 1, "maximum": MAX_INTEGER_ID}
+COUNT = {"type": "integer", "minimum": 0, "maximum": MAX_INTEGER_ID}  # a height, a sequence number
 KVP_ADDRESS = string(44, 44, pattern=wallets.ADDRESS_RE.pattern)
 KVP_AMOUNT = {"type": "string", "pattern": "^[0-9]{1,12}(\\.[0-9]{1,8})?$"}
 KVP_SIGNATURE = string(128, 128, pattern=wallets.SIGNATURE_RE.pattern)

@@ -29,6 +29,17 @@ queue for polling clients) and changes only how a websocket connection is run:
 Polling clients are served by python-engineio unchanged; one that upgrades to websocket moves onto
 this path when the upgrade completes.
 
+`LeanEngineServer` and `SocketServer` also hold python-engineio and python-socketio to the letter of
+the Engine.IO v4 and Socket.IO v5 specifications where the libraries are lenient (see docs/protocol.md,
+"Transport conformance"): exact heartbeat milliseconds, 400 for a missing or unknown `EIO` or
+`transport` and for any other method, `ok` for a POST, a session closed on a second concurrent GET
+or POST, on a malformed packet or on a GET whose PONG is overdue, one websocket per session,
+`{"message": "Invalid namespace"}` for an unknown namespace, and a connection closed when its first
+packet is not a CONNECT, when no CONNECT comes within `connect_timeout` or when a packet breaks the
+Socket.IO format. Browsers are held to their origin on every transport: an `Origin` outside the
+allowed list (with none configured: other than the request's own scheme and host) is refused; a
+request without one (not a browser) is not.
+
 `LeanEngineServer.close_all` ends every connection at once for a graceful shutdown: Engine.IO CLOSE
 to each client and, on a websocket, a close frame (1001 going away) and the TCP close, instead of
 leaving the websockets open until aiohttp's shutdown timeout cancels their handlers.
@@ -49,6 +60,7 @@ from aiohttp.web import WebSocketResponse
 from engineio import exceptions as eio_exceptions
 from engineio import packet as eio_packet
 from engineio.async_socket import AsyncSocket
+from socketio import packet as sio_packet
 
 log = structlog.get_logger(__name__)
 
@@ -61,6 +73,16 @@ SLOW_CONSUMER_REASON = "slow consumer"
 SHUTDOWN_REASON = "server shutting down"
 # What a connection's environ keeps once its websocket is open; the request has the rest.
 KEPT_ENVIRON_KEYS = ("REQUEST_METHOD", "PATH_INFO", "QUERY_STRING", "REMOTE_ADDR", "aiohttp.request")
+EIO_VERSION = "4"
+# Engine.IO's record separator between the packets of one polling payload.
+PAYLOAD_SEPARATOR = "\x1e"
+PROTOCOL_ERROR_REASON = "protocol error"
+# As Node socket.io's connectTimeout: how long a connection may stay without a namespace.
+DEFAULT_CONNECT_TIMEOUT = 45.0
+INVALID_NAMESPACE = {"message": "Invalid namespace"}
+# Binary attachments one packet may announce, as Node's socket.io-parser (`maxAttachments`): each is
+# held until the packet is whole, so an unbounded count would let a client pile them up.
+MAX_ATTACHMENTS = 10
 
 
 def ws_frame(payload: bytes, opcode: int) -> bytes:
@@ -87,6 +109,14 @@ def packet_frame(pkt: eio_packet.Packet) -> bytes:
     if isinstance(encoded, str):
         return ws_frame(encoded.encode(), OP_TEXT)
     return ws_frame(bytes(encoded), OP_BINARY)
+
+
+def decode_packet(encoded: str | bytes) -> eio_packet.Packet:
+    """A client's Engine.IO packet; ValueError if it is none (engineio takes any digit for a type)."""
+    pkt = eio_packet.Packet(encoded_packet=encoded)
+    if not eio_packet.OPEN <= pkt.packet_type <= eio_packet.NOOP:
+        raise ValueError(f"no packet type {pkt.packet_type}")
+    return pkt
 
 
 class Link:
@@ -239,6 +269,9 @@ class LeanSocket(AsyncSocket):
     link: Link | None = None
     _ping_timer: asyncio.TimerHandle | None = None
     _queue: asyncio.Queue | None = None
+    # A long-poll GET, and a POST, in progress: Engine.IO allows one of each at a time.
+    polling = False
+    posting = False
 
     @property
     def queue(self) -> asyncio.Queue:
@@ -286,20 +319,102 @@ class LeanSocket(AsyncSocket):
         await super().close(wait=wait, abort=abort, reason=reason)
         if was_open and self._queue is not None:
             # engineio leaves a pending GET waiting for ping_interval + ping_timeout, and aiohttp
-            # does not cancel a handler whose client left: the None ends the poll now, or it
-            # would linger that long and hold graceful shutdown for its whole timeout.
-            self._queue.put_nowait(None)
+            # does not cancel a handler whose client left: this ends the poll now, or it would
+            # linger that long and hold graceful shutdown for its whole timeout. With nothing
+            # else to send the poll gets a NOOP, as Engine.IO ends a poll cleanly (an empty body
+            # is no packet at all); the None ends it after what is queued.
+            self._queue.put_nowait(eio_packet.Packet(eio_packet.NOOP) if self._queue.empty() else None)
 
-    async def _upgrade_websocket(self, environ: dict) -> WebSocketResponse:
+    async def fail(self, why: str) -> eio_exceptions.EngineIOError:
+        """Close the session for breaking the protocol; returns the error for the request to raise.
+
+        A polling client gets CLOSE on its pending or next GET; a websocket gets CLOSE and a close
+        frame (1002 protocol error), and its TCP connection is closed.
+        """
+        self.server.logger.info("%s: closing the session: %s", self.sid, why)
+        link = self.link
+        if link is not None:
+            self.server.frames.close(link, packet_frame(eio_packet.Packet(eio_packet.CLOSE))
+                                     + close_frame(WSCloseCode.PROTOCOL_ERROR, PROTOCOL_ERROR_REASON))
+        await self.close(wait=False, abort=link is not None, reason=self.server.reason.TRANSPORT_ERROR)
+        return eio_exceptions.EngineIOError(why)
+
+    async def handle_get_request(self, environ: dict) -> Any:
+        """A websocket upgrade, or a long-poll; a second long-poll at once closes the session."""
+        connection = environ.get("HTTP_CONNECTION", "").lower()
+        if "upgrade" in connection and environ.get("HTTP_UPGRADE", "").lower() in self.upgrade_protocols:
+            return await super().handle_get_request(environ)
+        if self.polling:
+            raise await self.fail("a second long-poll while one is pending")
+        if not await self.check_ping_timeout():
+            # Its PONG is overdue: engineio would hand it what is queued until its sweep comes by.
+            raise eio_exceptions.EngineIOError("ping timeout")
+        self.polling = True
+        try:
+            return await super().handle_get_request(environ)
+        finally:
+            self.polling = False
+
+    async def handle_post_request(self, environ: dict) -> None:
+        """Take a POST's packets; a second POST at once or a malformed packet closes the session.
+
+        engineio answers `ok` to a payload it cannot decode (and drops it), and to one of more
+        than 16 packets, which a browser client sends when it has that many queued; and it takes
+        whatever part of the body has arrived for the whole of it.
+        """
+        if self.posting:
+            raise await self._fail_post("a second POST while one is in progress")
+        self.posting = True
+        try:
+            length = int(environ.get("CONTENT_LENGTH", "0"))
+            if length > self.server.max_http_buffer_size:
+                raise eio_exceptions.ContentTooLongError()
+            try:
+                # engineio's read(length) returns what has arrived so far: part of a larger body.
+                body = await environ["wsgi.input"].readexactly(length)
+            except asyncio.IncompleteReadError:
+                raise await self._fail_post("a body cut short") from None
+            try:
+                encoded = body.decode().split(PAYLOAD_SEPARATOR) if body else []
+                packets = [decode_packet(part) for part in encoded]
+            except ValueError:
+                raise await self._fail_post("a malformed packet") from None
+            for pkt in packets:
+                if self.closed:
+                    break
+                try:
+                    await self.receive(pkt)
+                except eio_exceptions.UnknownPacketError:
+                    raise await self._fail_post("an unexpected packet type") from None
+        finally:
+            self.posting = False
+
+    async def _fail_post(self, why: str) -> eio_exceptions.EngineIOError:
+        error = await self.fail(why)
+        # engineio answers 400 to the error only while the sid is still listed (it has no answer
+        # otherwise: a 500), and unlists it then.
+        self.server.sockets.setdefault(self.sid, self)
+        return error
+
+    async def _upgrade_websocket(self, environ: dict) -> WebSocketResponse | dict:
         """Open the websocket, complete the upgrade if polling came first, then read until it ends.
 
         One method on purpose: engineio spreads this over a driver object and three coroutines,
         and every coroutine frame in the await chain is memory an idle connection keeps.
         """
-        if self.upgraded:
-            raise OSError("Socket has been upgraded already")
+        if self.upgraded or self.upgrading:
+            # One websocket per session: a second one is refused before its handshake, and the
+            # session carries on over the first.
+            self.server.logger.info("%s: refused a second websocket", self.sid)
+            return self.server._bad_request("The session has a websocket already")
         response = WebSocketResponse(max_msg_size=self.server.max_http_buffer_size, compress=False)
-        await response.prepare(environ["aiohttp.request"])
+        # Claimed before the first await, so that a websocket racing this one is refused.
+        self.upgrading = self.connected
+        try:
+            await response.prepare(environ["aiohttp.request"])
+        except BaseException:
+            self.upgrading = False
+            raise
         # The same dict is held by socketio (`get_environ`) and by the frames of this request.
         kept = {key: environ[key] for key in KEPT_ENVIRON_KEYS if key in environ}
         environ.clear()
@@ -321,9 +436,15 @@ class LeanSocket(AsyncSocket):
                 if msg.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
                     break
                 try:
-                    await self.receive(eio_packet.Packet(encoded_packet=msg.data))
+                    pkt = decode_packet(msg.data)
+                except ValueError:
+                    await self.fail("a malformed packet")
+                    break
+                try:
+                    await self.receive(pkt)
                 except eio_exceptions.UnknownPacketError:
-                    pass
+                    await self.fail("an unexpected packet type")
+                    break
                 except eio_exceptions.SocketIsClosedError:
                     break
                 except Exception:  # noqa: BLE001 - as engineio: log, keep the connection
@@ -374,18 +495,101 @@ class LeanSocket(AsyncSocket):
         return True
 
 
-class LeanEngineServer(engineio.AsyncServer):
-    """python-engineio's server, running websocket connections as `LeanSocket`s on aiohttp."""
+def normalize_origin(origin: str) -> str:
+    """An origin as browsers send it: `scheme://host[:port]`, lower case, no trailing slash."""
+    return origin.strip().rstrip("/").lower()
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+
+def first_value(header: str | None) -> str | None:
+    """The first of a comma-separated header's values (a proxy chain appends its own)."""
+    return header.split(",", 1)[0].strip() if header else None
+
+
+def own_origins(environ: dict) -> set[str]:
+    """This server's own origins as the request names them: scheme and `Host`, and as a proxy forwarded them."""
+    request = environ.get("aiohttp.request")
+    scheme = request.scheme if request is not None else environ.get("wsgi.url_scheme", "http")
+    host = environ.get("HTTP_HOST", "")
+    origins = {normalize_origin(f"{scheme}://{host}")}
+    forwarded_scheme = first_value(environ.get("HTTP_X_FORWARDED_PROTO"))
+    forwarded_host = first_value(environ.get("HTTP_X_FORWARDED_HOST"))
+    if forwarded_scheme or forwarded_host:
+        origins.add(normalize_origin(f"{forwarded_scheme or scheme}://{forwarded_host or host}"))
+    return origins
+
+
+class LeanEngineServer(engineio.AsyncServer):
+    """python-engineio's server, running websocket connections as `LeanSocket`s on aiohttp.
+
+    `cors_allowed_origins` lists the origins whose pages may connect, on every transport: a
+    request whose `Origin` is not listed is refused with 400, one without `Origin` (not a browser)
+    is served. Empty or None means the page's own origin only (python-engineio would take `[]` as
+    "check nothing"); `"*"` or a callable keep python-engineio's meaning.
+    """
+
+    def __init__(self, *args: Any, cors_allowed_origins: Any = None, **kwargs: Any) -> None:
+        self.allowed_origins: frozenset[str] = frozenset()
+        if cors_allowed_origins is None or isinstance(cors_allowed_origins, str):
+            cors_allowed_origins = [cors_allowed_origins] if cors_allowed_origins else []
+        if not callable(cors_allowed_origins) and "*" not in cors_allowed_origins:
+            self.allowed_origins = frozenset(normalize_origin(origin) for origin in cors_allowed_origins)
+            cors_allowed_origins = self.origin_allowed
+        super().__init__(*args, cors_allowed_origins=cors_allowed_origins, **kwargs)
         self.frames = FrameWriter()
         # LeanSocket runs websockets on aiohttp's WebSocketResponse itself.
         self.lean = self.async_mode == "aiohttp"
 
+    def origin_allowed(self, origin: str | None, environ: dict) -> bool:
+        """Whether a browser page from `origin` may use this server (engineio asks for each request)."""
+        if not origin:
+            return False  # not a browser: nothing to allow (engineio serves such requests unchecked)
+        origin = normalize_origin(origin)
+        if self.allowed_origins:
+            return origin in self.allowed_origins
+        return origin in own_origins(environ)
+
+    def attach(self, app: web.Application, engineio_path: str = "engine.io") -> None:
+        """Route the endpoint as engineio does, and every other method too (400, not aiohttp's 405)."""
+        super().attach(app, engineio_path)
+        app.router.add_route("*", f"/{engineio_path.strip('/')}/", self.handle_request)
+
+    async def handle_request(self, request: web.Request) -> web.StreamResponse:  # type: ignore[override]
+        """Serve an Engine.IO request; refuse first what engineio would serve but the protocol forbids."""
+        query = request.query
+        transport = query.get("transport")
+        problem = None
+        if query.get("EIO") != EIO_VERSION:
+            # engineio checks the version on the handshake only
+            problem = "The client is using an unsupported version of the Engine.IO protocol"
+        elif transport not in self.transports or (request.method == "POST" and transport != "polling"):
+            # engineio takes a missing transport for polling
+            problem = "Invalid transport"
+        if problem is not None:
+            environ = self._async["translate_request"](request)
+            self._log_error_once(problem, "bad-query")
+            return await self._make_response(self._bad_request(problem), environ)
+        sid = query.get("sid")
+        sock = self.sockets.get(sid) if sid else None
+        if sock is not None and sock.closed:
+            # A closed session is an unknown one (400); engineio's POST fails with a KeyError (500).
+            del self.sockets[sid]
+        return await super().handle_request(request)
+
+    def _ok(self, packets: list | None = None, headers: list | None = None, jsonp_index: Any = None) -> dict:
+        # Engine.IO answers a POST with `ok`; engineio says `OK`.
+        response = super()._ok(packets, headers=headers, jsonp_index=jsonp_index)
+        if packets is None:
+            response["response"] = b"ok"
+        return response
+
+    def _method_not_found(self) -> dict:
+        # Engine.IO answers an unsupported method with 400; engineio with 405.
+        return self._bad_request("Method not allowed")
+
     async def _handle_connect(self, environ: dict, transport: str, jsonp_index: Any = None) -> Any:
-        # python-engineio 4.15's AsyncServer._handle_connect (pinned in pyproject.toml), with one
-        # change: the socket class. The library names AsyncSocket directly there.
+        # python-engineio 4.15's AsyncServer._handle_connect (pinned in pyproject.toml), with two
+        # changes: the socket class (the library names AsyncSocket directly there) and the
+        # heartbeat's exact milliseconds.
         if self.start_service_task:
             self.start_service_task = False
             self.service_task_handle = self.start_background_task(self._service_task)
@@ -397,8 +601,9 @@ class LeanEngineServer(engineio.AsyncServer):
         pkt = eio_packet.Packet(eio_packet.OPEN, {
             "sid": sid,
             "upgrades": self._upgrades(sid, transport),
-            "pingTimeout": int(self.ping_timeout * 1000),
-            "pingInterval": int(self.ping_interval + self.ping_interval_grace_period) * 1000,
+            # Milliseconds as set: engineio rounds the interval down to whole seconds (0 under 1 s).
+            "pingTimeout": round(self.ping_timeout * 1000),
+            "pingInterval": round((self.ping_interval + self.ping_interval_grace_period) * 1000),
             "maxPayload": self.max_http_buffer_size,
         })
         await s.send(pkt)
@@ -452,11 +657,121 @@ class LeanEngineServer(engineio.AsyncServer):
         return len(sockets)
 
 
+def packet_problem(pkt: sio_packet.Packet) -> str | None:
+    """What makes a client's Socket.IO packet invalid (as Node's socket.io-parser judges), or None."""
+    kind, data = pkt.packet_type, pkt.data
+    if kind == sio_packet.CONNECT:
+        valid = data is None or isinstance(data, dict)
+    elif kind == sio_packet.DISCONNECT:
+        valid = data is None
+    elif kind in (sio_packet.EVENT, sio_packet.BINARY_EVENT):
+        # "The payload is mandatory and MUST be a non-empty array": the event's name, then arguments.
+        valid = isinstance(data, list) and bool(data) and isinstance(data[0], str)
+    elif kind in (sio_packet.ACK, sio_packet.BINARY_ACK):
+        valid = isinstance(data, list) and pkt.id is not None
+    else:  # CONNECT_ERROR is the server's to send; anything else is no packet type at all
+        return f"packet type {kind!r} from a client"
+    if pkt.attachment_count > MAX_ATTACHMENTS:
+        return f"{pkt.attachment_count} binary attachments"
+    return None if valid else f"an invalid payload for packet type {kind}"
+
+
 class SocketServer(socketio.AsyncServer):
-    """python-socketio's server on `LeanEngineServer`."""
+    """python-socketio's server on `LeanEngineServer`, held to the Socket.IO v5 protocol.
+
+    A connection is closed when its first packet is not a CONNECT, when it has joined no namespace
+    `connect_timeout` seconds after it opened, and on a packet that breaks the format; CONNECT to a
+    namespace the server does not have gets `{"message": "Invalid namespace"}`.
+    """
+
+    def __init__(self, *args: Any, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.connect_timeout = connect_timeout
+        self._closing_tasks: set[asyncio.Task] = set()
 
     def _engineio_server_class(self) -> type:
         return LeanEngineServer
+
+    def _in_a_namespace(self, eio_sid: str, namespace: str | None = None) -> bool:
+        """Whether the connection is in (or joining) `namespace`, or in any namespace."""
+        manager = self.manager
+        if namespace is not None and manager.sid_from_eio_sid(eio_sid, namespace) is not None:
+            return True
+        return any(manager.sid_from_eio_sid(eio_sid, name) is not None for name in manager.get_namespaces())
+
+    async def close_connection(self, eio_sid: str, why: str) -> None:
+        """Close a connection that broke the protocol (its Engine.IO session and transport)."""
+        self.logger.info("closing %s: %s", eio_sid, why)
+        sock = self.eio.sockets.get(eio_sid)
+        if isinstance(sock, LeanSocket):
+            await sock.fail(why)
+        elif sock is not None:
+            await self.eio.disconnect(eio_sid)
+
+    async def _handle_eio_connect(self, eio_sid: str, environ: dict) -> None:
+        await super()._handle_eio_connect(eio_sid, environ)
+        asyncio.get_running_loop().call_later(self.connect_timeout, self._connect_timed_out, eio_sid)
+
+    def _connect_timed_out(self, eio_sid: str) -> None:
+        if eio_sid in self.eio.sockets and not self._in_a_namespace(eio_sid):
+            task = asyncio.ensure_future(self.close_connection(eio_sid, "no namespace joined in time"))
+            self._closing_tasks.add(task)
+            task.add_done_callback(self._closing_tasks.discard)
+
+    async def _handle_connect(self, eio_sid: str, namespace: str | None, data: Any) -> None:
+        namespace = namespace or "/"
+        if not (namespace in self.handlers or namespace in self.namespace_handlers
+                or self.namespaces == "*" or namespace in self.namespaces):
+            # python-socketio answers the string "Unable to connect"; Socket.IO v5 wants this object.
+            await self._send_packet(eio_sid, self.packet_class(
+                sio_packet.CONNECT_ERROR, data=INVALID_NAMESPACE, namespace=namespace))
+            return
+        await super()._handle_connect(eio_sid, namespace, data)
+
+    async def _handle_eio_message(self, eio_sid: str, data: Any) -> None:
+        # python-socketio's dispatch, with the checks it leaves out: it logs a packet it cannot
+        # decode and keeps the connection, and takes any payload and a first packet of any type.
+        pending = self._binary_packet.get(eio_sid)
+        if pending is not None:
+            if not isinstance(data, bytes):
+                await self.close_connection(eio_sid, "text where a binary attachment was due")
+                return
+            try:
+                complete = pending.add_attachment(data)
+            except ValueError:
+                await self.close_connection(eio_sid, "an unexpected binary attachment")
+                return
+            if complete:
+                del self._binary_packet[eio_sid]
+                await self._dispatch(eio_sid, pending)
+            return
+        try:
+            pkt = self.packet_class(encoded_packet=data)
+        except Exception:  # noqa: BLE001 - any failure to decode a client's bytes is its error
+            await self.close_connection(eio_sid, "a packet that does not decode")
+            return
+        problem = packet_problem(pkt)
+        if problem is None and pkt.packet_type != sio_packet.CONNECT \
+                and not self._in_a_namespace(eio_sid, pkt.namespace or "/"):
+            problem = "a packet before any CONNECT"
+        if problem is not None:
+            await self.close_connection(eio_sid, problem)
+        elif pkt.attachment_count:
+            self._binary_packet[eio_sid] = pkt
+        else:
+            await self._dispatch(eio_sid, pkt)
+
+    async def _dispatch(self, eio_sid: str, pkt: sio_packet.Packet) -> None:
+        """Hand a whole, valid packet to python-socketio's handler for its type."""
+        kind = pkt.packet_type
+        if kind == sio_packet.CONNECT:
+            await self._handle_connect(eio_sid, pkt.namespace, pkt.data)
+        elif kind == sio_packet.DISCONNECT:
+            await self._handle_disconnect(eio_sid, pkt.namespace, self.reason.CLIENT_DISCONNECT)
+        elif kind in (sio_packet.EVENT, sio_packet.BINARY_EVENT):
+            await self._handle_event(eio_sid, pkt.namespace, pkt.id, pkt.data)
+        else:
+            await self._handle_ack(eio_sid, pkt.namespace, pkt.id, pkt.data)
 
 
 SIO: web.AppKey[socketio.AsyncServer] = web.AppKey("sio", socketio.AsyncServer)

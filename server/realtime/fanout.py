@@ -113,6 +113,10 @@ class FanoutMixin(socketio.AsyncManager):
         self._frames: FrameWriter | None = None
         self._evicted: weakref.WeakSet = weakref.WeakSet()
         self._background: set[asyncio.Task] = set()
+        # (event, room prefix): after that event to such a room, its members on this node are
+        # disconnected, and `on_final_event` hears of it.
+        self.final_event: tuple[str, str] | None = None
+        self.on_final_event: Callable[[str, str], None] | None = None
 
     def set_server(self, server: Any) -> None:
         """Attach to the server; on a `LeanEngineServer`, share its frame writer and bound it."""
@@ -140,6 +144,17 @@ class FanoutMixin(socketio.AsyncManager):
         else:
             data = []
         self.broadcast(event, data, namespace, room, skip_sid)
+        final = self.final_event
+        if final is not None and event == final[0] and isinstance(room, str) and room.startswith(final[1]):
+            # Here, where every node's copy of the emit arrives, so each node closes its own members.
+            self._disconnect_members(namespace, room)
+
+    def _disconnect_members(self, namespace: str, room: str) -> None:
+        """Disconnect this node's members of a room, behind the event just written to them."""
+        for sid, _ in list(self.get_participants(namespace, room)):
+            self._track(self.server.disconnect(sid, namespace=namespace, ignore_queue=True))
+        if self.on_final_event is not None:
+            self.on_final_event(namespace, room)
 
     def broadcast(self, event: str, args: list, namespace: str, room: Any, skip_sid: Any) -> int:
         """Deliver an event (args as a list) to the local participants; returns how many got it."""

@@ -34,6 +34,8 @@ from aiohttp import web
 from server.core.aio import wait_event
 from server.core.errors import Forbidden, NotFound, RateLimited, Unauthorized
 from server.core.identity import Identity
+from server.core.protocol import MAX_INTEGER_ID
+from server.realtime.fanout import FanoutMixin
 from server.realtime.history import Event, EventBus, HistoryStore, ReplayResult, check_channel
 from server.realtime.presence import Member, PresenceTracker
 from server.realtime.redis import BusUnavailable
@@ -44,10 +46,25 @@ PRESENCE_CHANGED_EVENT = "presence_changed"
 HISTORY_GAP_EVENT = "history_gap"  # notice: resubscribe from your position
 GAP_UNSTORED = "unstored_events"  # events published while Redis was down reached only one node
 GAP_RECONNECTED = "bus_reconnected"  # this node's listener was cut off from other nodes' events
+SERVER_SHUTDOWN_EVENT = "server_shutdown"  # {reconnect: true}: this process is stopping
+SIGNED_OUT_EVENT = "signed_out"  # {reason}: the sign-in session ended; the server disconnects right behind it
+TOKEN_EXPIRING_EVENT = "token_expiring"  # {expires_at, expires_in}: send `refresh_token` before then
 FIRST_ID = "0-0"  # older than any event id
 ROOM_PREFIX = "ch:"  # keeps channel rooms apart from python-socketio's per-sid rooms
+SESSION_ROOM_PREFIX = "session:"  # a sign-in session's sockets; no channel, so no client can join
 _PARAM_RE = re.compile(r"\{([a-z_]+)\}")
-_PARAM_VALUE = r"[A-Za-z0-9_.@\-]{1,100}"
+_NAME = r"[A-Za-z0-9_.@\-]{1,100}"
+_INTEGER_ID = r"[1-9][0-9]{0,9}"  # no sign, no leading zero: one spelling per id; range checked in match
+_UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"  # lowercase, as events are published
+# Every channel parameter's shape, by name: `dao:abc` or a UUID in capitals would be a room no event
+# ever reaches, so such channels are refused instead of silently watched.
+CHANNEL_PARAMS = {"user_id": _UUID, "datapod_id": _UUID, "conversation_id": _UUID, "game_id": _INTEGER_ID,
+                  "session_id": _INTEGER_ID, "proposal_id": _INTEGER_ID, "category": _NAME}
+
+
+def session_room(session_id: int) -> str:
+    """The room holding one sign-in session's sockets in every namespace."""
+    return f"{SESSION_ROOM_PREFIX}{session_id}"
 
 
 def room_name(channel: str) -> str:
@@ -106,14 +123,22 @@ class ChannelRule:
 
     def __post_init__(self) -> None:
         literal_parts = _PARAM_RE.split(self.pattern)
-        regex = "".join(re.escape(part) if i % 2 == 0 else f"(?P<{part}>{_PARAM_VALUE})"
+        unknown = set(literal_parts[1::2]) - CHANNEL_PARAMS.keys()
+        if unknown:
+            raise ValueError(f"declare the shape of {sorted(unknown)} in CHANNEL_PARAMS")
+        regex = "".join(re.escape(part) if i % 2 == 0 else f"(?P<{part}>{CHANNEL_PARAMS[part]})"
                         for i, part in enumerate(literal_parts))
         object.__setattr__(self, "regex", re.compile(regex))
 
     def match(self, channel: str) -> dict[str, str] | None:
         """The pattern's parameters when the channel belongs to this family, else None."""
         found = self.regex.fullmatch(channel)
-        return found.groupdict() if found else None
+        if found is None:
+            return None
+        params = found.groupdict()
+        if any(CHANNEL_PARAMS[name] == _INTEGER_ID and int(value) > MAX_INTEGER_ID for name, value in params.items()):
+            return None
+        return params
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -142,6 +167,12 @@ class Realtime:
         self._user_connections: collections.Counter[tuple[str, str]] = collections.Counter()
         self._on_published = on_published
         self._readers = 0
+        # Called on every node, once per namespace, as a session's end reaches it (cache purges).
+        self.on_session_ended: Callable[[int], None] | None = None
+        manager = sio.manager
+        if isinstance(manager, FanoutMixin):
+            manager.final_event = (SIGNED_OUT_EVENT, SESSION_ROOM_PREFIX)
+            manager.on_final_event = self._session_room_closed
 
     # --- channel rules ------------------------------------------------------------------------
 
@@ -174,6 +205,22 @@ class Realtime:
     def namespaces_for(self, channel: str) -> list[str]:
         """Every namespace where the channel can be watched (its events go to each)."""
         return sorted({owner for owner, rule in self._rules if rule.match(channel) is not None})
+
+    # --- sessions -----------------------------------------------------------------------------
+
+    async def end_sessions(self, session_ids: Iterable[int], reason: str) -> None:
+        """Close these sessions' sockets on every node; each hears `signed_out` with the reason first."""
+        for session_id in session_ids:
+            for namespace in list(self.sio.namespace_handlers):
+                try:
+                    await self.sio.emit(SIGNED_OUT_EVENT, {"reason": reason}, room=session_room(session_id),
+                                        namespace=namespace)
+                except Exception:  # noqa: BLE001 - the session is over in the database either way
+                    log.exception("session_end_not_sent", session_id=session_id, namespace=namespace)
+
+    def _session_room_closed(self, namespace: str, room: str) -> None:
+        if self.on_session_ended is not None:
+            self.on_session_ended(int(room[len(SESSION_ROOM_PREFIX):]))
 
     # --- publishing ---------------------------------------------------------------------------
 

@@ -1,5 +1,11 @@
-"""Accounts and authentication: registration, argon2 passwords, JWT access tokens bound to a
-session row, Google sign-in (with the zkLogin salt and Sui address chosen here, never by the client)."""
+"""Accounts and authentication: registration, argon2 passwords, short JWT access tokens bound to a
+session row, rotating refresh tokens, sign-in attempt limits, Google sign-in (with the zkLogin salt
+and Sui address chosen here, never by the client).
+
+A session is one signed-in device. It ends by logout, by an administrator's revocation, by the
+reuse of a spent refresh token (a copy is in someone else's hands), or by running out; whoever ends
+it calls `sessions_ended`, which the app wires to disconnecting the session's sockets on every node.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +17,7 @@ import re
 import secrets
 import time
 import uuid
-from typing import Any
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable
 
 import aiohttp
 import asyncpg
@@ -25,8 +31,12 @@ from db import auth as auth_queries
 from db import users as user_queries
 from server.adapters.zklogin import StandInAddressDeriver, new_salt
 from server.core.cache import ExpiringCache
-from server.core.errors import Conflict, Unauthorized, Unavailable
+from server.core.errors import Conflict, NotFound, RateLimited, Unauthorized, Unavailable
 from server.core.identity import Identity
+from server.core.settings import SETTINGS
+from server.realtime.hub import REALTIME
+from server.realtime.ratelimit import AttemptLimiter
+from server.realtime.redis import REDIS, REDIS_HEALTH
 
 log = structlog.get_logger(__name__)
 
@@ -34,18 +44,47 @@ GOOGLE_ISSUERS = ("accounts.google.com", "https://accounts.google.com")
 JWT_ALGORITHM = "HS256"
 
 
+# Why a session ended: `sessions.end_reason`, and the `reason` of the `signed_out` event.
+LOGGED_OUT, REVOKED, REFRESH_REUSE, EXPIRED = "logged_out", "revoked", "refresh_reuse", "expired"
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
-class SignedIn:
-    """A new session's access token and its account."""
+class Tokens:
+    """An access token and the refresh token that gets the next one."""
 
     token: str
     expires_at: dt.datetime
-    user: user_queries.User
+    refresh_token: str
+    refresh_expires_at: dt.datetime
 
     def to_public(self) -> dict[str, Any]:
-        """The JSON answer of a sign-in."""
+        """The token fields of a sign-in or refresh answer."""
         return {"token": self.token, "token_type": "Bearer", "expires_at": self.expires_at.isoformat(),
-                "user": self.user.to_public()}
+                "refresh_token": self.refresh_token, "refresh_expires_at": self.refresh_expires_at.isoformat()}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SignedIn:
+    """A session's tokens and its account."""
+
+    tokens: Tokens
+    user: user_queries.User
+
+    @property
+    def token(self) -> str:
+        """The access token."""
+        return self.tokens.token
+
+    def to_public(self) -> dict[str, Any]:
+        """The JSON answer of a sign-in or refresh."""
+        return {**self.tokens.to_public(), "user": self.user.to_public()}
+
+
+SessionsEnded = Callable[[Iterable[int], str], Awaitable[None]]
+
+
+async def _no_sockets(session_ids: Iterable[int], reason: str) -> None:
+    """Until the app wires realtime in, ending a session has no sockets to tell."""
 
 
 def _device_text(device_info: str | None) -> str | None:
@@ -135,12 +174,17 @@ async def _free_username(conn: asyncpg.Connection, email: str) -> str:
 class AuthService:
     """Registration, login, logout and Google sign-in; password hashing, token issue and check."""
 
-    def __init__(self, *, jwt_secret: bytes, access_token_ttl: int, session_cache_ttl: float,
-                 google_client_id: str | None, google_jwks_url: str) -> None:
+    def __init__(self, *, jwt_secret: bytes, access_token_ttl: int, refresh_token_ttl: int,
+                 session_cache_ttl: float, google_client_id: str | None, google_jwks_url: str) -> None:
         self._secret = jwt_secret
         self._ttl = access_token_ttl
+        self._refresh_ttl = refresh_token_ttl
         self._hasher = PasswordHasher()
         self.sessions = SessionCache(session_cache_ttl)
+        self.sessions_ended: SessionsEnded = _no_sockets
+        # Replaced by `limit_attempts` at startup (Redis-backed when configured).
+        self._per_address: AttemptLimiter | None = None
+        self._per_account: AttemptLimiter | None = None
         self._google_client_id = google_client_id
         self._google_keys = GoogleKeys(google_jwks_url)
         self._addresses = StandInAddressDeriver()
@@ -164,28 +208,73 @@ class AuthService:
         """Whether the stored hash uses outdated parameters."""
         return self._hasher.check_needs_rehash(password_hash)
 
-    async def start_session(self, conn: asyncpg.Connection, user_id: uuid.UUID, *,
-                            ip_address: str | None, device_info: str | None) -> tuple[str, dt.datetime]:
-        """Create a session row and an access token bound to it."""
-        expires_at = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=self._ttl)
-        # The row stores a digest of a random nonce that is also in the token, so the row id
-        # alone can never be turned into a token.
-        nonce = secrets.token_urlsafe(16)
-        session_id = await auth_queries.create_session(
-            conn, user_id=user_id, token_hash=token_digest(nonce), ip_address=ip_address,
-            device_info=_device_text(device_info), expires_at=expires_at)
-        claims = {"sub": str(user_id), "sid": session_id, "jti": nonce,
+    def limit_attempts(self, per_address: AttemptLimiter, per_account: AttemptLimiter) -> None:
+        """Use these counters for sign-in attempts per client address and wrong passwords per account."""
+        self._per_address, self._per_account = per_address, per_account
+
+    async def _count_attempt(self, ip_address: str | None) -> None:
+        """Count a sign-in from this address; RateLimited past the limit (before any argon2 work)."""
+        if self._per_address is None or ip_address is None:
+            return
+        retry_after = await self._per_address.hit(ip_address)
+        if retry_after:
+            raise RateLimited("too many sign-in attempts from this address; wait and try again",
+                              retry_after=retry_after)
+
+    def _access_token(self, user_id: uuid.UUID, session_id: int, not_after: dt.datetime) -> tuple[str, dt.datetime]:
+        """A signed access token of a session, ending after ACCESS_TOKEN_TTL or with the session."""
+        expires_at = min(dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=self._ttl), not_after)
+        claims = {"sub": str(user_id), "sid": session_id, "jti": secrets.token_urlsafe(12),
                   "iat": int(time.time()), "exp": int(expires_at.timestamp())}
         return jwt.encode(claims, self._secret, algorithm=JWT_ALGORITHM), expires_at
 
+    async def _issue(self, conn: asyncpg.Connection, user_id: uuid.UUID, session_id: int) -> Tokens:
+        """A new access token and the session's next refresh token; the session lives on as long as it."""
+        refresh_expires_at = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=self._refresh_ttl)
+        refresh_token = secrets.token_urlsafe(32)
+        await auth_queries.add_refresh_token(conn, session_id, token_digest(refresh_token), refresh_expires_at)
+        await auth_queries.extend_session(conn, session_id, refresh_expires_at)
+        token, expires_at = self._access_token(user_id, session_id, refresh_expires_at)
+        return Tokens(token, expires_at, refresh_token, refresh_expires_at)
+
+    async def start_session(self, conn: asyncpg.Connection, user_id: uuid.UUID, *,
+                            ip_address: str | None, device_info: str | None) -> Tokens:
+        """Create a session row (one device) with its first access and refresh tokens."""
+        # The row's `token` is a digest of a random nonce no token carries: the seed's column stays
+        # filled, and nothing about the row can be turned into a token.
+        session_id = await auth_queries.create_session(
+            conn, user_id=user_id, token_hash=token_digest(secrets.token_urlsafe(16)), ip_address=ip_address,
+            device_info=_device_text(device_info), expires_at=dt.datetime.now(dt.timezone.utc))
+        return await self._issue(conn, user_id, session_id)
+
     async def _sign_in(self, conn: asyncpg.Connection, user: user_queries.User, ip_address: str | None,
                        device_info: str | None) -> SignedIn:
-        token, expires_at = await self.start_session(conn, user.id, ip_address=ip_address, device_info=device_info)
-        return SignedIn(token, expires_at, user)
+        tokens = await self.start_session(conn, user.id, ip_address=ip_address, device_info=device_info)
+        return SignedIn(tokens, user)
+
+    async def refresh(self, pool: asyncpg.Pool, refresh_token: str) -> SignedIn:
+        """Spend a refresh token for a new access token and the next refresh token of the same session.
+
+        A spent token presented again ends its whole session (every token of that device), since
+        either the client or a thief holds a copy, and the server cannot tell which.
+        """
+        async with pool.acquire() as conn:
+            async with conn.transaction():
+                spend = await auth_queries.spend_refresh_token(conn, token_digest(refresh_token))
+                if spend.outcome == "spent":
+                    user = await user_queries.get_user(conn, spend.user_id)  # type: ignore[arg-type]
+                    if user is not None:
+                        return SignedIn(await self._issue(conn, user.id, spend.session_id), user)  # type: ignore[arg-type]
+            if spend.outcome == "reused":
+                log.warning("refresh_token_reused", session_id=spend.session_id, user_id=str(spend.user_id))
+                await self.end_sessions(conn, [spend.session_id], REFRESH_REUSE)  # type: ignore[list-item]
+                raise Unauthorized("this refresh token was already used; the session has ended, sign in again")
+        raise Unauthorized("the refresh token is invalid or has expired; sign in again")
 
     async def register(self, pool: asyncpg.Pool, *, username: str, email: str, password: str, name: str | None,
                        ip_address: str | None, device_info: str | None) -> SignedIn:
         """Create an account with an argon2 password hash and sign it in; Conflict for a taken username or email."""
+        await self._count_attempt(ip_address)
         password_hash = await self.hash_password(password)
         async with pool.acquire() as conn, conn.transaction():
             try:
@@ -200,33 +289,58 @@ class AuthService:
     async def login(self, pool: asyncpg.Pool, login: str, password: str, *, ip_address: str | None,
                     device_info: str | None) -> SignedIn:
         """Check a username-or-email and password and start a session; Unauthorized, the same for both, otherwise."""
+        await self._count_attempt(ip_address)
+        account = login.strip().lower()
+        if self._per_account is not None:
+            # Refused before argon2 runs: a guessing run against one account costs the server nothing.
+            retry_after = await self._per_account.peek(account)
+            if retry_after:
+                raise RateLimited("too many wrong passwords for this account; wait and try again",
+                                  retry_after=retry_after)
         async with pool.acquire() as conn:
             credentials = await user_queries.get_credentials(conn, login)
             password_hash = credentials.password_hash if credentials else None
             if not await self.verify_password(password_hash, password) or credentials is None:
+                if self._per_account is not None:
+                    await self._per_account.hit(account)
                 raise Unauthorized("wrong username or password")
+            if self._per_account is not None:
+                await self._per_account.reset(account)
             if self.needs_rehash(password_hash):  # type: ignore[arg-type]
                 await user_queries.set_password_hash(conn, credentials.user_id, await self.hash_password(password))
             user = await user_queries.get_user(conn, credentials.user_id)
             return await self._sign_in(conn, user, ip_address, device_info)  # type: ignore[arg-type]
 
     async def logout(self, pool: asyncpg.Pool, session_id: int) -> None:
-        """End a session: its tokens stop working at once."""
+        """End a session: its tokens stop working and its sockets close, on every node."""
         async with pool.acquire() as conn:
-            await self.end_session(conn, session_id)
+            await self.end_sessions(conn, [session_id], LOGGED_OUT)
+
+    async def revoke_user_sessions(self, pool: asyncpg.Pool, user_id: uuid.UUID) -> int:
+        """An administrator signs a user out of every device; how many sessions were open."""
+        async with pool.acquire() as conn:
+            if await user_queries.get_user(conn, user_id) is None:
+                raise NotFound("no such user", field="user_id")
+            session_ids = await auth_queries.end_user_sessions(conn, user_id, REVOKED)
+        await self._forget(session_ids, REVOKED)
+        return len(session_ids)
 
     async def sign_in_with_google(self, pool: asyncpg.Pool, id_token: str, *, ip_address: str | None,
                                   device_info: str | None) -> SignedIn:
-        """Sign in with a Google ID token: its subject's account, else its email's (now linked), else a new one."""
+        """Sign in with a Google ID token: its subject's account, else its verified email's (linked), else a new one."""
+        await self._count_attempt(ip_address)
         claims = await self.verify_google_token(id_token)
-        sub, email = claims["sub"], (claims.get("email") or f"{claims['sub']}@google.invalid").lower()
+        # Only an email Google vouches for (`email_verified: true`) may claim an existing account.
+        verified = claims.get("email_verified") in (True, "true")
+        sub = claims["sub"]
+        email = (claims["email"] if claims.get("email") and verified else f"{sub}@google.invalid").lower()
         aud = claims["aud"] if isinstance(claims["aud"], str) else claims["aud"][0]
         async with pool.acquire() as conn, conn.transaction():
             user = await user_queries.get_user_by_google_id(conn, sub)
             if user is None:
                 salt = new_salt()
                 address = self._addresses.address(iss=claims["iss"], sub=sub, aud=aud, salt=salt)
-                existing = await user_queries.get_user_by_email(conn, email)
+                existing = await user_queries.get_user_by_email(conn, email) if verified else None
                 if existing is not None:
                     # A verified Google email proves ownership of the address the account was made with.
                     user = await user_queries.link_google(conn, existing.id, google_id=sub, salt=salt,
@@ -247,9 +361,10 @@ class AuthService:
                                 options={"require": ["sub", "sid", "exp"]})
             user_id = uuid.UUID(claims["sub"])
             session_id = int(claims["sid"])
+            expires_at = float(claims["exp"])
         except jwt.ExpiredSignatureError as exc:
             raise Unauthorized("the token has expired") from exc
-        except (jwt.InvalidTokenError, ValueError, TypeError) as exc:
+        except (jwt.InvalidTokenError, ValueError, TypeError, OverflowError) as exc:
             raise Unauthorized("the token is invalid") from exc
         state = self.sessions.get(session_id)
         if state is None:
@@ -259,12 +374,19 @@ class AuthService:
                 self.sessions.put(state)
         if state is None or not state.active or state.user_id != user_id:
             raise Unauthorized("the session has ended; sign in again")
-        return Identity(user_id=user_id, session_id=session_id, is_admin=state.is_admin)
+        return Identity(user_id=user_id, session_id=session_id, is_admin=state.is_admin, expires_at=expires_at)
 
-    async def end_session(self, conn: asyncpg.Connection, session_id: int) -> None:
-        """Log out: the session's tokens stop working at once on this node."""
-        await auth_queries.end_session(conn, session_id)
-        self.sessions.forget(session_id)
+    async def end_sessions(self, conn: asyncpg.Connection, session_ids: list[int], reason: str) -> None:
+        """End sessions: their tokens stop working, and their sockets close on every node."""
+        for session_id in session_ids:
+            await auth_queries.end_session(conn, session_id, reason)
+        await self._forget(session_ids, reason)
+
+    async def _forget(self, session_ids: list[int], reason: str) -> None:
+        for session_id in session_ids:
+            self.sessions.forget(session_id)
+        if session_ids:
+            await self.sessions_ended(session_ids, reason)
 
     async def verify_google_token(self, id_token: str) -> dict[str, Any]:
         """Verify a Google ID token (RS256, our audience, Google's issuer) and return its claims."""
@@ -288,12 +410,24 @@ class AuthService:
             raise Unauthorized("the Google token has the wrong issuer") from exc
         except jwt.InvalidTokenError as exc:
             raise Unauthorized("the Google token is invalid") from exc
-        if claims.get("email") and claims.get("email_verified") is False:
-            raise Unauthorized("the Google account's email is not verified")
         return claims
 
 
 AUTH: web.AppKey[AuthService] = web.AppKey("auth", AuthService)
+
+
+async def auth_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Sign-in attempt counters (shared through Redis when set) and session ends reaching sockets."""
+    settings, auth, realtime = app[SETTINGS], app[AUTH], app[REALTIME]
+    shared = {"redis": app[REDIS], "prefix": settings.redis_prefix, "health": app[REDIS_HEALTH]}
+    auth.limit_attempts(
+        AttemptLimiter("signin_address", settings.signin_attempts_per_address, settings.signin_address_window,
+                       **shared),
+        AttemptLimiter("login_account", settings.login_failures_per_account, settings.login_failure_window,
+                       **shared))
+    auth.sessions_ended = realtime.end_sessions
+    realtime.on_session_ended = auth.sessions.forget
+    yield
 
 
 async def get_account(pool: asyncpg.Pool, user_id: uuid.UUID) -> user_queries.User:
