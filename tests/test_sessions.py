@@ -218,3 +218,19 @@ async def test_logout_ends_a_private_event_stream_before_its_next_event(client):
         ended = (await read_sse(stream, 1))[0]
         assert ended["event"] == "signed_out"
         assert await asyncio.wait_for(stream.content.read(), 5) == b""  # the stream is closed
+
+
+@pytest.mark.parametrize("trusted, expected", [((), [201, 429]), (("127.0.0.0/8",), [201, 201])],
+                         ids=["header-ignored", "proxy-trusted"])
+async def test_behind_a_trusted_proxy_each_forwarded_client_has_its_own_limit(aiohttp_client, settings,
+                                                                             trusted, expected):
+    node = await aiohttp_client(create_app(settings.replace(signin_attempts_per_address=1,
+                                                            trusted_proxies=trusted)))
+    statuses = []
+    for index, client_address in enumerate(("203.0.113.7", "198.51.100.9")):
+        # The left entry is the client's own claim, which proves nothing; the proxy appended the right one.
+        reply = await node.post("/api/v1/auth/register", headers={"X-Forwarded-For": f"10.9.9.9, {client_address}"},
+                                json={"username": f"proxied{index}", "email": f"proxied{index}@example.org",
+                                      "password": "correct horse battery"})
+        statuses.append(reply.status)
+    assert statuses == expected

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -111,6 +112,9 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8080
     cors_origins: tuple[str, ...] = ()
+    # Proxies (addresses or networks) whose X-Forwarded-For names the client: limits per address
+    # count the client, not the load balancer.
+    trusted_proxies: tuple[str, ...] = ()
     data_dir: Path = Path(".data")
     google_client_id: str | None = None
     google_jwks_url: str = "https://www.googleapis.com/oauth2/v3/certs"
@@ -170,6 +174,11 @@ class Settings:
             raise ValueError(f"REDIS_POOL_SIZE must be at least 1, got {self.redis_pool_size}")
         if self.redis_pool_timeout <= 0:
             raise ValueError(f"REDIS_POOL_TIMEOUT must be greater than 0, got {self.redis_pool_timeout}")
+        for proxy in self.trusted_proxies:
+            try:
+                ipaddress.ip_network(proxy, strict=False)
+            except ValueError:
+                raise ValueError(f"TRUSTED_PROXIES must list addresses or networks, got {proxy!r}") from None
         if not 0 < self.purchase_job_heartbeat < self.purchase_job_lease:
             raise ValueError(f"PURCHASE_JOB_HEARTBEAT must be greater than 0 and less than PURCHASE_JOB_LEASE, "
                              f"got {self.purchase_job_heartbeat} and {self.purchase_job_lease}")
@@ -217,6 +226,7 @@ class Settings:
             host=env.get("HOST") or defaults.host,
             port=_int(env, "PORT", defaults.port),
             cors_origins=origins,
+            trusted_proxies=tuple(p.strip() for p in env.get("TRUSTED_PROXIES", "").split(",") if p.strip()),
             data_dir=Path(env.get("DATA_DIR") or defaults.data_dir),
             google_client_id=_optional(env, "GOOGLE_CLIENT_ID"),
             google_jwks_url=env.get("GOOGLE_JWKS_URL") or defaults.google_jwks_url,

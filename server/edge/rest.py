@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import ipaddress
 import time
 import uuid
 from typing import Any, AsyncIterator, Awaitable, Callable, Collection
@@ -25,6 +26,7 @@ from server.core.errors import (
 from server.core.identity import Identity
 from server.core.metrics import METRICS
 from server.core.protocol import error_envelope, ok
+from server.core.settings import SETTINGS
 from server.edge.schemas import MAX_INTEGER_ID, compile_schema, validate
 from server.services.auth import AUTH
 
@@ -230,9 +232,37 @@ def endpoint(*, body: dict[str, Any] | None = None, auth: str | None = None, que
     return decorate
 
 
+@functools.lru_cache(maxsize=8)
+def _networks(proxies: tuple[str, ...]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    return tuple(ipaddress.ip_network(proxy, strict=False) for proxy in proxies)
+
+
+def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
 def client_ip(request: web.Request) -> str | None:
-    """The peer address (a proxy's X-Forwarded-For is not trusted without configuration)."""
-    return request.remote
+    """The client's address: the peer's, or, when the peer is a trusted proxy (TRUSTED_PROXIES),
+    the nearest untrusted address its X-Forwarded-For names."""
+    networks = _networks(request.app[SETTINGS].trusted_proxies)
+
+    def trusted(address: ipaddress.IPv4Address | ipaddress.IPv6Address | None) -> bool:
+        return address is not None and any(address in network for network in networks)
+
+    remote = request.remote
+    if remote is None or not trusted(_address(remote)):
+        return remote
+    # Read from the right: each proxy appends the address it got the request from, and anything
+    # left of the last trusted hop was written by the client and proves nothing.
+    hops = ",".join(request.headers.getall("X-Forwarded-For", [])).split(",")
+    for hop in reversed([hop.strip() for hop in hops if hop.strip()]):
+        address = _address(hop)
+        if not trusted(address):
+            return str(address) if address is not None else remote
+    return remote
 
 
 # Room for the text fields and the multipart framing around an upload's file, on top of its limit.
