@@ -1,5 +1,5 @@
-"""Queries of the KVP chain: wallets, transactions, balances and their ledger, blocks, mining rewards,
-reward pools.
+"""Queries of the KVP chain: wallets, transactions, balances, blocks, mining rewards, reward pools.
+Balances move only through db/ledger.py.
 
 Each function takes the connection first; the caller owns the transaction. The rules (signature,
 balance, sealing order) live in server/services/chain.py.
@@ -101,7 +101,8 @@ class Transaction:
                 "created_at": iso(self.created_at), "confirmed_at": iso(self.confirmed_at)}
 
 
-_TX_COLUMNS = """transaction_id AS id, transaction_hash AS hash, sender, receiver, amount, nonce, signature,
+# Transaction rows as `Transaction` reads them (db/explorer.py selects them too).
+TX_COLUMNS = """transaction_id AS id, transaction_hash AS hash, sender, receiver, amount, nonce, signature,
     public_key, status, error, block_id AS height, sender_id, receiver_id, created_at, confirmed_at"""
 
 
@@ -118,7 +119,7 @@ async def insert_pending(conn: asyncpg.Connection, *, tx_hash: str, sender: Wall
     row = await conn.fetchrow(
         f"""INSERT INTO transactions (transaction_hash, sender, receiver, amount, nonce, signature, public_key,
                                       status, user_id, sender_id, receiver_id)
-            VALUES ($1, $2, $3, $4, $5, $6, $7, 'pending', $8, $9, $10) RETURNING {_TX_COLUMNS}""",
+            VALUES ($1, $2, $3, $4, $5, $6, $7, 'pending', $8, $9, $10) RETURNING {TX_COLUMNS}""",
         tx_hash, sender.address, receiver.address, amount, nonce, signature, sender.public_key,
         submitted_by, sender.user_id, receiver.user_id)
     return Transaction(**dict(row))
@@ -126,14 +127,14 @@ async def insert_pending(conn: asyncpg.Connection, *, tx_hash: str, sender: Wall
 
 async def get_transaction(conn: asyncpg.Connection, tx_hash: str) -> Transaction | None:
     """A transaction by hash."""
-    row = await conn.fetchrow(f"SELECT {_TX_COLUMNS} FROM transactions WHERE transaction_hash = $1", tx_hash)
+    row = await conn.fetchrow(f"SELECT {TX_COLUMNS} FROM transactions WHERE transaction_hash = $1", tx_hash)
     return Transaction(**dict(row)) if row else None
 
 
 async def lock_pending(conn: asyncpg.Connection, limit: int) -> list[Transaction]:
     """The oldest pending transactions, locked for sealing."""
     rows = await conn.fetch(
-        f"""SELECT {_TX_COLUMNS} FROM transactions WHERE status = 'pending'
+        f"""SELECT {TX_COLUMNS} FROM transactions WHERE status = 'pending'
              ORDER BY transaction_id LIMIT $1 FOR UPDATE""", limit)
     return [Transaction(**dict(row)) for row in rows]
 
@@ -154,7 +155,7 @@ async def reject(conn: asyncpg.Connection, tx_id: int, reason: str) -> None:
 async def block_transactions(conn: asyncpg.Connection, heights: list[int]) -> dict[int, list[Transaction]]:
     """The transactions of some blocks, by height."""
     rows = await conn.fetch(
-        f"SELECT {_TX_COLUMNS} FROM transactions WHERE block_id = ANY($1::int[]) ORDER BY transaction_id", heights)
+        f"SELECT {TX_COLUMNS} FROM transactions WHERE block_id = ANY($1::int[]) ORDER BY transaction_id", heights)
     found: dict[int, list[Transaction]] = {height: [] for height in heights}
     for row in rows:
         found[row["height"]].append(Transaction(**dict(row)))
@@ -168,32 +169,6 @@ async def lock_balances(conn: asyncpg.Connection, user_ids: list[uuid.UUID]) -> 
     rows = await conn.fetch(
         "SELECT id, total_balance FROM users WHERE id = ANY($1::uuid[]) ORDER BY id FOR UPDATE", user_ids)
     return {row["id"]: row["total_balance"] for row in rows}
-
-
-async def add_balance(conn: asyncpg.Connection, user_id: uuid.UUID, delta: Decimal) -> Decimal:
-    """Move a user's balance by `delta` (the CHECK keeps it >= 0); returns the new balance."""
-    return await conn.fetchval(
-        "UPDATE users SET total_balance = total_balance + $2 WHERE id = $1 RETURNING total_balance", user_id, delta)
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class LedgerEntry:
-    """A balance change to book."""
-
-    user_id: uuid.UUID
-    delta: Decimal
-    balance_after: Decimal
-    reason: str
-    reference: str
-
-
-async def insert_ledger(conn: asyncpg.Connection, entries: list[LedgerEntry]) -> None:
-    """Book balance changes (every balance change has its row); a (reason, reference) booked before raises UniqueViolationError."""
-    await conn.execute(
-        """INSERT INTO balance_ledger (user_id, delta, balance_after, reason, reference)
-           SELECT * FROM unnest($1::uuid[], $2::numeric[], $3::numeric[], $4::text[], $5::text[])""",
-        [e.user_id for e in entries], [e.delta for e in entries], [e.balance_after for e in entries],
-        [e.reason for e in entries], [e.reference for e in entries])
 
 
 # --- blocks -----------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Queries on games, game sessions and game rewards (their ledger rows: db/chain.py).
+"""Queries on games, game sessions and game rewards (their balances and ledger rows: db/ledger.py).
 
 Each function takes the connection first so the caller owns the transaction. The reward
 functions work on whole batches (arrays through `unnest`) so one transaction books many rewards.
@@ -20,7 +20,6 @@ from server.core.money import money
 ACTIVE = "Active"
 ENDED = "Ended"
 TIMED_OUT = "TimedOut"
-REWARD_REASON = "game_reward"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -331,19 +330,6 @@ async def add_session_totals(conn: asyncpg.Connection, totals: dict[int, tuple[D
            FROM unnest($1::int[], $2::numeric[], $3::int[]) AS v(session_id, total, n)
            WHERE s.session_id = v.session_id""",
         ids, [totals[i][0] for i in ids], [totals[i][1] for i in ids])
-
-
-async def credit_users(conn: asyncpg.Connection, credits: dict[uuid.UUID, Decimal]) -> dict[uuid.UUID, Decimal]:
-    """Add to users' balances (locked in id order); returns each balance after."""
-    ids = sorted(credits)
-    rows = await conn.fetch(
-        """WITH locked AS (SELECT id FROM users WHERE id = ANY($1::uuid[]) ORDER BY id FOR UPDATE)
-           UPDATE users u SET total_balance = u.total_balance + v.delta
-           FROM unnest($1::uuid[], $2::numeric[]) AS v(id, delta), locked
-           WHERE u.id = v.id AND locked.id = v.id
-           RETURNING u.id, u.total_balance""",
-        ids, [credits[i] for i in ids])
-    return {row["id"]: row["total_balance"] for row in rows}
 
 
 # --- leaderboards ------------------------------------------------------------------------------

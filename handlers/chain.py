@@ -1,5 +1,5 @@
 """The KVP chain's /chain commands and feeds, and its REST routes: wallets, signed transfers, blocks,
-reward pools.
+reward pools, and the read-only explorer (server/services/explorer.py).
 
 The /chain namespace carries the DAO's commands too: handlers/__init__.py composes it from
 ChainCommands (here) and DaoCommands (handlers/dao.py).
@@ -22,17 +22,24 @@ from server.edge.namespace import Ctx, command
 from server.edge.rest import endpoint, int_query, ok_response, path_int, path_uuid
 from server.edge.schemas import (
     COUNT,
+    DEFAULT_PAGE,
     KVP_ADDRESS,
     KVP_AMOUNT,
     KVP_SIGNATURE,
     MAX_INTEGER_ID,
+    MAX_PAGE,
+    PAGE_LIMIT,
     TX_HASH,
     UUID,
+    compile_schema,
     obj,
     string,
+    text,
+    validate,
 )
 from server.realtime.hub import ChannelAccess, ChannelRule
 from server.services import chain as service
+from server.services import explorer
 
 routes = web.RouteTableDef()
 
@@ -49,6 +56,32 @@ BLOCKS_QUERY = obj({"before_height": {"type": "integer", "minimum": 1, "maximum"
 BLOCKS_SINCE_SCHEMA = obj({"since_height": COUNT,
                            "limit": {"type": "integer", "minimum": 1, "maximum": MAX_BLOCKS_PAGE}},
                           required=("since_height",))
+
+
+# --- explorer vocabulary: keyset cursors and block references ----------------------------------
+BLOCK_HASH = string(64, 64, pattern="^[0-9a-fA-F]{64}$")
+BLOCK_REF = {"oneOf": [HEIGHT, BLOCK_HASH]}                       # a height or a block hash
+BLOCK_REF_PATH = string(1, 64, pattern="^([0-9]{1,10}|[0-9a-fA-F]{64})$")
+AFTER = {"type": "integer", "minimum": 0, "maximum": MAX_INTEGER_ID}
+BEFORE = {"type": "integer", "minimum": 1, "maximum": MAX_INTEGER_ID}
+LEDGER_BEFORE = {"type": "integer", "minimum": 1, "maximum": 2**63 - 1}   # balance_ledger.entry_id is BIGINT
+ERAS = {"type": "integer", "minimum": 1, "maximum": explorer.MAX_ERAS}
+SEARCH_TEXT = text(100)
+BLOCK_PAGE_QUERY = obj({"after": AFTER, "limit": PAGE_LIMIT})
+NEWEST_PAGE_QUERY = obj({"before": BEFORE, "limit": PAGE_LIMIT})
+LEDGER_PAGE_QUERY = obj({"before": LEDGER_BEFORE, "limit": PAGE_LIMIT})
+GET_BLOCK_SCHEMA = obj({"block": BLOCK_REF}, required=("block",))
+BLOCK_PAGE_SCHEMA = obj({"block": BLOCK_REF, "after": AFTER, "limit": PAGE_LIMIT}, required=("block",))
+ADDRESS_SCHEMA = obj({"address": KVP_ADDRESS}, required=("address",))
+ADDRESS_PAGE_SCHEMA = obj({"address": KVP_ADDRESS, "before": BEFORE, "limit": PAGE_LIMIT}, required=("address",))
+LEDGER_PAGE_SCHEMA = obj({"address": KVP_ADDRESS, "before": LEDGER_BEFORE, "limit": PAGE_LIMIT},
+                         required=("address",))
+MINER_PAGE_SCHEMA = obj({"address": KVP_ADDRESS, "user_id": UUID, "before": BEFORE, "limit": PAGE_LIMIT},
+                        oneOf=[{"required": ["address"]}, {"required": ["user_id"]}])
+SEARCH_SCHEMA = obj({"q": SEARCH_TEXT}, required=("q",))
+HALVING_SCHEMA = obj({"eras": ERAS})
+BURNS_SCHEMA = NEWEST_PAGE_QUERY
+SEARCH_VALIDATOR = compile_schema(SEARCH_SCHEMA)
 
 
 async def catch_up_blocks(access: ChannelAccess, since_height: int, limit: int) -> dict:
@@ -79,6 +112,75 @@ class ChainCommands:
         """Catch up from the database: exactly the blocks after `since_height`, oldest first."""
         async with self.app[POOL].acquire() as conn:
             return await service.blocks_since(conn, payload["since_height"], payload.get("limit", 100))
+
+    # --- explorer (read-only, anyone) ---
+
+    @command(GET_BLOCK_SCHEMA, user=False)
+    async def on_get_block(self, ctx: Ctx, payload: dict) -> dict:
+        """A block by height or hash."""
+        async with self.app[POOL].acquire() as conn:
+            return await explorer.get_block(conn, payload["block"])
+
+    @command(BLOCK_PAGE_SCHEMA, user=False)
+    async def on_block_transactions(self, ctx: Ctx, payload: dict) -> dict:
+        """A page of a block's transactions in block order."""
+        async with self.app[POOL].acquire() as conn:
+            return await explorer.block_transactions(conn, payload["block"], payload.get("after"),
+                                                     payload.get("limit", DEFAULT_PAGE))
+
+    @command(BLOCK_PAGE_SCHEMA, user=False)
+    async def on_block_mining_rewards(self, ctx: Ctx, payload: dict) -> dict:
+        """A page of the rewards paid for a block."""
+        async with self.app[POOL].acquire() as conn:
+            return await explorer.block_mining_rewards(conn, payload["block"], payload.get("after"),
+                                                       payload.get("limit", DEFAULT_PAGE))
+
+    @command(ADDRESS_SCHEMA, user=False)
+    async def on_get_address(self, ctx: Ctx, payload: dict) -> dict:
+        """An address's balance, pending amount and next nonce."""
+        async with self.app[POOL].acquire() as conn:
+            return await explorer.get_address(conn, payload["address"])
+
+    @command(ADDRESS_PAGE_SCHEMA, user=False)
+    async def on_address_transactions(self, ctx: Ctx, payload: dict) -> dict:
+        """A page of an address's transfers, sent and received, newest first."""
+        async with self.app[POOL].acquire() as conn:
+            return await explorer.address_transactions(conn, payload["address"], payload.get("before"),
+                                                       payload.get("limit", DEFAULT_PAGE))
+
+    @command(LEDGER_PAGE_SCHEMA, user=False)
+    async def on_address_ledger(self, ctx: Ctx, payload: dict) -> dict:
+        """A page of the address owner's balance ledger, newest first."""
+        async with self.app[POOL].acquire() as conn:
+            return await explorer.address_ledger(conn, payload["address"], payload.get("before"),
+                                                 payload.get("limit", DEFAULT_PAGE))
+
+    @command(MINER_PAGE_SCHEMA, user=False)
+    async def on_miner_rewards(self, ctx: Ctx, payload: dict) -> dict:
+        """A page of a miner's rewards (by `address` or `user_id`), newest first, with totals."""
+        user_id = uuid.UUID(payload["user_id"]) if "user_id" in payload else None
+        async with self.app[POOL].acquire() as conn:
+            return await explorer.user_mining_rewards(conn, user_id=user_id, address=payload.get("address"),
+                                                      before=payload.get("before"),
+                                                      limit=payload.get("limit", DEFAULT_PAGE))
+
+    @command(SEARCH_SCHEMA, user=False)
+    async def on_search(self, ctx: Ctx, payload: dict) -> dict:
+        """What a height, hash or address names."""
+        async with self.app[POOL].acquire() as conn:
+            return await explorer.search(conn, payload["q"])
+
+    @command(HALVING_SCHEMA, user=False)
+    async def on_halving_schedule(self, ctx: Ctx, payload: dict) -> dict:
+        """The reward schedule and the next halving."""
+        async with self.app[POOL].acquire() as conn:
+            return await explorer.halving_schedule(conn, payload.get("eras", explorer.DEFAULT_ERAS))
+
+    @command(BURNS_SCHEMA, user=False)
+    async def on_burns(self, ctx: Ctx, payload: dict) -> dict:
+        """Burn totals and a page of burned blocks."""
+        async with self.app[POOL].acquire() as conn:
+            return await explorer.burns(conn, payload.get("before"), payload.get("limit", DEFAULT_PAGE))
 
 
 # --- wallets and transactions -----------------------------------------------------------------
@@ -213,3 +315,116 @@ async def handle_burn(request: web.Request, identity: Identity, body: dict) -> w
     async with request.app[POOL].acquire() as conn:
         result: dict[str, Any] = await service.burn_blocks_of(conn, uuid.UUID(body["miner_id"]))
     return ok_response(result)
+
+
+# --- explorer ---------------------------------------------------------------------------------
+
+def _limit(request: web.Request) -> int:
+    return int_query(request, "limit", minimum=1, maximum=MAX_PAGE) or DEFAULT_PAGE
+
+
+def _block_ref(request: web.Request) -> str:
+    # The route pattern admits only digits or 64 hex characters; resolve_block answers not_found.
+    return request.match_info["block"]
+
+
+@routes.get("/api/v1/chain/blocks/{block}")
+@endpoint(path={"block": BLOCK_REF_PATH})
+async def handle_explorer_block(request: web.Request) -> web.Response:
+    """A block by height or hash."""
+    async with request.app[POOL].acquire() as conn:
+        return ok_response(await explorer.get_block(conn, _block_ref(request)))
+
+
+@routes.get("/api/v1/chain/blocks/{block}/transactions")
+@endpoint(path={"block": BLOCK_REF_PATH}, query=BLOCK_PAGE_QUERY)
+async def handle_explorer_block_transactions(request: web.Request) -> web.Response:
+    """A page of a block's transactions in block order (?after, ?limit)."""
+    after = int_query(request, "after", minimum=0)
+    async with request.app[POOL].acquire() as conn:
+        return ok_response(await explorer.block_transactions(conn, _block_ref(request), after, _limit(request)))
+
+
+@routes.get("/api/v1/chain/blocks/{block}/mining-rewards")
+@endpoint(path={"block": BLOCK_REF_PATH}, query=BLOCK_PAGE_QUERY)
+async def handle_explorer_block_rewards(request: web.Request) -> web.Response:
+    """A page of the rewards paid for a block (?after, ?limit)."""
+    after = int_query(request, "after", minimum=0)
+    async with request.app[POOL].acquire() as conn:
+        return ok_response(await explorer.block_mining_rewards(conn, _block_ref(request), after, _limit(request)))
+
+
+@routes.get("/api/v1/chain/addresses/{address}")
+@endpoint(path={"address": KVP_ADDRESS})
+async def handle_explorer_address(request: web.Request) -> web.Response:
+    """An address's owner, balance, pending amount and next nonce."""
+    async with request.app[POOL].acquire() as conn:
+        return ok_response(await explorer.get_address(conn, request.match_info["address"]))
+
+
+@routes.get("/api/v1/chain/addresses/{address}/transactions")
+@endpoint(path={"address": KVP_ADDRESS}, query=NEWEST_PAGE_QUERY)
+async def handle_explorer_address_transactions(request: web.Request) -> web.Response:
+    """A page of an address's transfers, sent and received, newest first (?before, ?limit)."""
+    before = int_query(request, "before", minimum=1)
+    async with request.app[POOL].acquire() as conn:
+        return ok_response(await explorer.address_transactions(conn, request.match_info["address"], before,
+                                                               _limit(request)))
+
+
+@routes.get("/api/v1/chain/addresses/{address}/ledger")
+@endpoint(path={"address": KVP_ADDRESS}, query=LEDGER_PAGE_QUERY)
+async def handle_explorer_address_ledger(request: web.Request) -> web.Response:
+    """A page of the address owner's balance ledger, newest first (?before, ?limit)."""
+    before = int_query(request, "before", minimum=1, maximum=LEDGER_BEFORE["maximum"])
+    async with request.app[POOL].acquire() as conn:
+        return ok_response(await explorer.address_ledger(conn, request.match_info["address"], before,
+                                                         _limit(request)))
+
+
+@routes.get("/api/v1/chain/addresses/{address}/mining-rewards")
+@endpoint(path={"address": KVP_ADDRESS}, query=NEWEST_PAGE_QUERY)
+async def handle_explorer_address_rewards(request: web.Request) -> web.Response:
+    """A page of the mining rewards of the address's owner, newest first, with totals (?before, ?limit)."""
+    before = int_query(request, "before", minimum=1)
+    async with request.app[POOL].acquire() as conn:
+        return ok_response(await explorer.user_mining_rewards(conn, address=request.match_info["address"],
+                                                              before=before, limit=_limit(request)))
+
+
+@routes.get("/api/v1/chain/users/{user_id}/mining-rewards")
+@endpoint(path={"user_id": UUID}, query=NEWEST_PAGE_QUERY)
+async def handle_explorer_user_rewards(request: web.Request) -> web.Response:
+    """A page of a user's mining rewards, newest first, with totals (?before, ?limit)."""
+    user_id = path_uuid(request, "user_id", "no such user")
+    before = int_query(request, "before", minimum=1)
+    async with request.app[POOL].acquire() as conn:
+        return ok_response(await explorer.user_mining_rewards(conn, user_id=user_id, before=before,
+                                                              limit=_limit(request)))
+
+
+@routes.get("/api/v1/chain/search")
+@endpoint(query=SEARCH_SCHEMA)
+async def handle_explorer_search(request: web.Request) -> web.Response:
+    """What a height, block or transaction hash, or address names (?q)."""
+    payload = validate(SEARCH_VALIDATOR, dict(request.query))
+    async with request.app[POOL].acquire() as conn:
+        return ok_response(await explorer.search(conn, payload["q"]))
+
+
+@routes.get("/api/v1/chain/halving")
+@endpoint(query=HALVING_SCHEMA)
+async def handle_explorer_halving(request: web.Request) -> web.Response:
+    """The reward schedule: current era and reward, next halving, the first ?eras eras (default 10)."""
+    eras = int_query(request, "eras", minimum=1, maximum=explorer.MAX_ERAS) or explorer.DEFAULT_ERAS
+    async with request.app[POOL].acquire() as conn:
+        return ok_response(await explorer.halving_schedule(conn, eras))
+
+
+@routes.get("/api/v1/chain/burns")
+@endpoint(query=BURNS_SCHEMA)
+async def handle_explorer_burns(request: web.Request) -> web.Response:
+    """Burn totals and a page of burned blocks, newest first (?before, ?limit)."""
+    before = int_query(request, "before", minimum=1)
+    async with request.app[POOL].acquire() as conn:
+        return ok_response(await explorer.burns(conn, before, _limit(request)))

@@ -116,7 +116,7 @@ def cmd_create_admin(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_chain(settings: Settings, args: argparse.Namespace) -> int:
-    """`chain verify`: walk the KVP chain; exit 1 at the first broken link or balance mismatch."""
+    """`chain verify`: walk the KVP chain and check balances against the ledger; exit 1 on any mismatch."""
     from server.services.chain import verify_chain
 
     async def run():
@@ -127,7 +127,12 @@ def cmd_chain(settings: Settings, args: argparse.Namespace) -> int:
     if report.ok:
         print(f"ok {report.blocks} blocks")
         return 0
-    print(f"FAILED after {report.blocks} good blocks: {report.problem}")
+    if report.problem:
+        print(f"FAILED after {report.blocks} good blocks: {report.problem}")
+    else:
+        print(f"FAILED: {report.blocks} blocks are good, the ledger is not")
+    for problem in report.ledger_problems:
+        print(f"ledger: {problem}")
     return 1
 
 
@@ -219,7 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     admin.add_argument("--email", required=True)
     chain = sub.add_parser("chain", help="KVP chain tools")
     chain_sub = chain.add_subparsers(dest="chain_command", required=True)
-    chain_sub.add_parser("verify", help="check every block's links, hashes, signatures and balance records")
+    chain_sub.add_parser("verify", help="check every block's links, hashes, signatures and balance records, "
+                                   "and every balance against its ledger")
     rotate = sub.add_parser("rotate-master-key", help="re-wrap every dataset, KYC and purchase key under a new key")
     rotate.add_argument("--new-key-file", metavar="FILE",
                         help="the new key (else NEW_MASTER_KEY; else MASTER_KEY, with PREVIOUS_MASTER_KEY the old)")

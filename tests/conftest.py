@@ -140,3 +140,24 @@ async def client(settings, aiohttp_client):
     from server.app import create_app
 
     return await aiohttp_client(create_app(settings))
+
+
+@pytest.fixture
+async def chain_verified(db_dsn):
+    """After the test, `chain verify` passes on its database: blocks, balances against the ledger,
+    pools. Modules that move money use it for every test; one that tampers on purpose sets
+    `chain_verified["skip"] = True`."""
+    from db.pool import init_connection
+    from server.services.chain import verify_chain
+
+    flags = {"skip": False}
+    yield flags
+    if flags["skip"]:
+        return
+    conn = await asyncpg.connect(db_dsn)
+    try:
+        await init_connection(conn)
+        report = await verify_chain(conn)
+    finally:
+        await conn.close()
+    assert report.ok, report.problems

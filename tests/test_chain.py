@@ -11,9 +11,11 @@ import sys
 import uuid
 from decimal import Decimal
 
+import asyncpg
 import pytest
 
 from db import chain as queries
+from db import ledger
 from db import users as user_queries
 from db.pool import POOL
 from server.app import create_app
@@ -26,6 +28,10 @@ from server.services.demo import demo_wallet, load_if_empty
 from tests.helpers import register, server_url, wait_until
 
 # --- helpers ----------------------------------------------------------------------------------
+
+# Every test here ends with `chain verify` passing (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("chain_verified")
+
 
 async def admin_token(client, db) -> str:
     """A registered user promoted to administrator; returns its token."""
@@ -280,7 +286,10 @@ async def test_a_balance_spent_elsewhere_is_rejected_at_sealing(client, db, setu
     alice, bob = setup["alice"], setup["bob"]
     transfer = alice.wallet.sign_transfer(bob.address, "80", 0)
     assert (await call(client, "POST", "/api/v1/transactions", alice.token, json=transfer))[0] == 201
-    await db.execute("UPDATE users SET total_balance = 10 WHERE id = $1", alice.id)   # e.g. an NFT purchase
+    seller = await account(client)
+    async with db.transaction():   # spent off the chain, e.g. an NFT purchase
+        await ledger.apply_balance_changes(db, [ledger.BalanceChange(alice.id, Decimal(-90), ledger.NFT_PURCHASE, "1"),
+                                                ledger.BalanceChange(seller.id, Decimal(90), ledger.NFT_SALE, "1")])
     sealed = await seal_block(db, SealConfig(difficulty=4))
     assert sealed.confirmed == [] and sealed.block.tx_hashes == []
     row = await db.fetchrow("SELECT status, error, block_id FROM transactions")
@@ -358,7 +367,8 @@ async def _transfer_chain(client, db, setup) -> None:
     ("UPDATE mining_rewards SET amount = 99 WHERE block_id = 3", "block 3: mining reward record"),
     ("DELETE FROM transactions WHERE block_id = 3", "block 3: its transaction list disagrees"),
 ])
-async def test_verify_reports_the_first_tampered_block(client, db, setup, tamper, problem):
+async def test_verify_reports_the_first_tampered_block(client, db, setup, tamper, problem, chain_verified):
+    chain_verified["skip"] = True
     await _transfer_chain(client, db, setup)
     clean = await verify_chain(db)
     assert clean.ok and clean.blocks == 4
@@ -367,7 +377,8 @@ async def test_verify_reports_the_first_tampered_block(client, db, setup, tamper
     assert not report.ok and report.problem.startswith(problem), report
 
 
-async def test_verify_catches_a_forged_balance_record(client, db, setup):
+async def test_verify_catches_a_forged_balance_record(client, db, setup, chain_verified):
+    chain_verified["skip"] = True
     await _transfer_chain(client, db, setup)
     # Rewrite block 2's balance record and its state hash consistently: the block hash breaks.
     data = await db.fetchval("SELECT data FROM blocks WHERE block_id = 2")
@@ -381,7 +392,8 @@ async def test_verify_catches_a_forged_balance_record(client, db, setup):
     assert "block_hash does not match" in (await verify_chain(db)).problem
 
 
-async def test_chain_verify_command(client, db, db_dsn, setup, tmp_path):
+async def test_chain_verify_command(client, db, db_dsn, setup, tmp_path, chain_verified):
+    chain_verified["skip"] = True
     await _transfer_chain(client, db, setup)
     env = {**os.environ, "DATABASE_URL": db_dsn, "DATA_DIR": str(tmp_path), "REDIS_URL": "",
            "JWT_SECRET": "j" * 43, "MASTER_KEY": "m" * 43}
@@ -391,9 +403,84 @@ async def test_chain_verify_command(client, db, db_dsn, setup, tmp_path):
                               capture_output=True, text=True, timeout=60)
     good = await asyncio.to_thread(run)
     assert (good.returncode, good.stdout.strip()) == (0, "ok 4 blocks"), good.stderr
+    await db.execute("UPDATE users SET total_balance = total_balance + 1 WHERE id = $1", setup["bob"].id)
+    off_ledger = await asyncio.to_thread(run)
+    assert off_ledger.returncode == 1, off_ledger.stdout
+    assert off_ledger.stdout.splitlines() == [
+        "FAILED: 4 blocks are good, the ledger is not",
+        f"ledger: user {setup['bob'].id}: balance 8.50000000 but its ledger sums to 7.50000000"]
     await db.execute("UPDATE blocks SET block_hash = repeat('0', 64) WHERE block_id = 3")
     bad = await asyncio.to_thread(run)
     assert bad.returncode == 1 and "block 3: block_hash does not match" in bad.stdout
+    assert "ledger: user" in bad.stdout
+
+
+async def test_sealing_and_grants_book_every_balance_change(client, db, setup):
+    alice, bob = setup["alice"], setup["bob"]
+    await _transfer_chain(client, db, setup)
+    txs = await db.fetch("SELECT transaction_hash, amount, block_id FROM transactions ORDER BY transaction_id")
+    rows = await db.fetch("SELECT user_id, delta, balance_after, reason, reference FROM balance_ledger "
+                          "ORDER BY entry_id")
+    by_user = {}
+    for row in rows:
+        by_user.setdefault(row["user_id"], []).append((row["reason"], row["reference"], row["delta"],
+                                                       row["balance_after"]))
+    allocation = await db.fetchval("SELECT id FROM pool_allocations WHERE user_id = $1", alice.id)
+    assert by_user[alice.id] == [(ledger.POOL_GRANT, str(allocation), 100, 100)] + [
+        (ledger.TRANSFER_OUT, tx["transaction_hash"], -tx["amount"], 100 - sum(t["amount"] for t in txs[:i + 1]))
+        for i, tx in enumerate(txs)]
+    assert by_user[bob.id] == [(ledger.TRANSFER_IN, tx["transaction_hash"], tx["amount"],
+                                sum(t["amount"] for t in txs[:i + 1])) for i, tx in enumerate(txs)]
+    miner_rows = [rows for user, rows in by_user.items() if user not in (alice.id, bob.id)]
+    assert miner_rows == [[(ledger.MINING_REWARD, str(h), 50, 50 * h) for h in range(1, 5)]]
+    assert await balance(db, alice) == Decimal("92.5") and await balance(db, bob) == Decimal("7.5")
+
+
+async def test_verify_checks_balances_their_ledger_rows_and_pools(client, db, setup, chain_verified):
+    chain_verified["skip"] = True
+    alice, bob = setup["alice"], setup["bob"]
+    await _transfer_chain(client, db, setup)
+    assert (await verify_chain(db)).ok
+    # A balance moved without its ledger row: the blocks are fine, the ledger is not.
+    await db.execute("UPDATE users SET total_balance = total_balance + 5 WHERE id = $1", bob.id)
+    report = await verify_chain(db)
+    assert not report.ok and report.problem is None and report.blocks == 4
+    assert report.ledger_problems == (f"user {bob.id}: balance 12.50000000 but its ledger sums to 7.50000000",)
+    await db.execute("UPDATE users SET total_balance = total_balance - 5 WHERE id = $1", bob.id)
+    # A ledger row rewritten: the sum and the chain of balance_after both break.
+    entry = await db.fetchval("SELECT min(entry_id) FROM balance_ledger WHERE user_id = $1", alice.id)
+    await db.execute("UPDATE balance_ledger SET delta = 90, balance_after = 90 WHERE entry_id = $1", entry)
+    problems = (await verify_chain(db)).ledger_problems
+    assert problems[0] == f"user {alice.id}: balance 92.50000000 but its ledger sums to 82.50000000"
+    assert problems[1].startswith(f"user {alice.id}: ledger entry {entry + 1} says balance_after 98.50000000, ")
+    await db.execute("UPDATE balance_ledger SET delta = 100, balance_after = 100 WHERE entry_id = $1", entry)
+    assert (await verify_chain(db)).ok
+    # A pool whose allocated tokens disagree with its grants and mining rewards.
+    await db.execute("UPDATE reward_pools SET allocated_tokens = allocated_tokens + 1 WHERE pool_name = 'mining'")
+    problems = (await verify_chain(db)).ledger_problems
+    assert len(problems) == 1 and "allocated_tokens 201.00000000 but its allocations and mining rewards total " \
+        "200.00000000" in problems[0]
+    await db.execute("UPDATE reward_pools SET allocated_tokens = allocated_tokens - 1 WHERE pool_name = 'mining'")
+    # A debit with no matching credit: balance and ledger agree, but money left the system unexplained.
+    async with db.transaction():
+        await ledger.apply_balance_changes(db, [ledger.BalanceChange(alice.id, Decimal(-2), ledger.NFT_PURCHASE, "9")])
+    assert (await verify_chain(db)).ledger_problems == (
+        "reference 9 (nft_purchase): its moves sum to -2.00000000, not 0",)
+
+
+async def test_balances_cannot_go_negative_even_through_the_ledger(client, db, setup):
+    alice = setup["alice"]
+    with pytest.raises(asyncpg.CheckViolationError):
+        async with db.transaction():
+            await ledger.apply_balance_changes(db, [ledger.BalanceChange(alice.id, Decimal(-101), "test", "1")])
+    # A debit booked before the credit that covers it is refused too (balance_after >= 0 per row).
+    with pytest.raises(asyncpg.CheckViolationError):
+        async with db.transaction():
+            await ledger.apply_balance_changes(db, [ledger.BalanceChange(alice.id, Decimal(-150), "test", "2"),
+                                                    ledger.BalanceChange(alice.id, Decimal(60), "test", "3")])
+    with pytest.raises(ledger.UnknownAccount):
+        await ledger.apply_balance_changes(db, [ledger.BalanceChange(uuid.uuid4(), Decimal(1), "test", "4")])
+    assert await balance(db, alice) == 100
 
 
 # --- live feeds and catch-up ------------------------------------------------------------------

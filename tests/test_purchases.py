@@ -38,6 +38,10 @@ PRICE = Decimal("1.500000000")
 ROOT = Path(__file__).resolve().parent.parent
 
 
+# Every test here ends with `chain verify` passing (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("chain_verified")
+
+
 @pytest.fixture
 def fast(settings):
     """Settings with a quick worker loop and a short payment wait."""

@@ -1,8 +1,10 @@
 """KVP chain rules: signed transfers, sealing blocks (balances, rewards, events), verification, pools.
 
-Balances live in `users.total_balance`. A submitted transfer reserves its amount (pending
-transactions count against the sender's balance), and sealing moves the balances in the same
-database transaction that appends the block, records the reward and queues the events.
+Balances live in `users.total_balance` and move only through db/ledger.py, which books a
+`balance_ledger` row per change. A submitted transfer reserves its amount (pending transactions count
+against the sender's balance), and sealing moves the balances (transfer_out, transfer_in,
+mining_reward rows) in the same database transaction that appends the block, records the reward and
+queues the events.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import structlog
 from aiohttp import web
 
 from db import chain as queries
-from db import outbox
+from db import ledger, outbox
 from db.pool import POOL
 from server.core import wallets
 from server.core.errors import Conflict, Forbidden, InvalidPayload, NotFound, RateLimited
@@ -42,7 +44,8 @@ HALVING_SCHEDULED = "halving_scheduled"
 
 BLOCK_VERSION = 1
 ZERO = Decimal(0)
-FAUCET_REASON = "demo_faucet"
+FAUCET_REASON = ledger.FAUCET
+VERIFY_REPORT_LIMIT = 10   # mismatches listed by verify_chain
 
 
 # --- wallets and transfers --------------------------------------------------------------------
@@ -99,18 +102,17 @@ async def claim_faucet(conn: asyncpg.Connection, user_id: uuid.UUID, amount: Dec
         wallet = await queries.get_user_wallet(conn, user_id)
         if wallet is None:
             raise Conflict("register a wallet first (PUT /api/v1/me/wallet)", field="wallet")
-        balance = await queries.add_balance(conn, user_id, amount)
         try:
             # (reason, reference) is unique: the day's second claim, even a concurrent one, fails
             # here and the transaction takes its credit back.
-            await queries.insert_ledger(conn, [queries.LedgerEntry(
-                user_id, amount, balance, FAUCET_REASON, f"{user_id}:{now.date().isoformat()}")])
+            balances = await ledger.apply_balance_changes(conn, [ledger.BalanceChange(
+                user_id, amount, FAUCET_REASON, f"{user_id}:{now.date().isoformat()}")])
         except asyncpg.UniqueViolationError:
             tomorrow = dt.datetime.combine(now.date() + dt.timedelta(days=1), dt.time(), dt.timezone.utc)
             raise RateLimited("the demo faucet pays once a day; try again tomorrow (UTC)",
                               retry_after=(tomorrow - now).total_seconds()) from None
     log.info("faucet_paid", user_id=str(user_id), amount=money(amount))
-    return {"address": wallet.address, "credited": money(amount), "balance": money(balance)}
+    return {"address": wallet.address, "credited": money(amount), "balance": money(balances[user_id])}
 
 
 def check_own_signature(wallet: queries.WalletAccount | None, user_id: uuid.UUID, message: bytes, signature: str, *,
@@ -296,8 +298,14 @@ async def seal_block(conn: asyncpg.Connection, config: SealConfig) -> Sealed:
             tx_hashes=tuple(tx.hash for tx in confirmed))
         nonce, block_hash = await asyncio.to_thread(wallets.mine, header)
 
-        for uid in touched:
-            await queries.add_balance(conn, uid, after[uid] - before[uid])  # type: ignore[index,arg-type]
+        # In sealing order, so each row's balance_after is the running balance computed above.
+        changes = [change for tx in confirmed for change in (
+            ledger.BalanceChange(tx.sender_id, -tx.amount, ledger.TRANSFER_OUT, tx.hash),  # type: ignore[arg-type]
+            ledger.BalanceChange(tx.receiver_id, tx.amount, ledger.TRANSFER_IN, tx.hash))]  # type: ignore[arg-type]
+        if reward > 0 and miner is not None:
+            changes.append(ledger.BalanceChange(miner.user_id, reward, ledger.MINING_REWARD, str(height)))
+        moved = await ledger.apply_balance_changes(conn, changes)
+        assert all(moved[uid] == after[uid] for uid in moved), "balances moved while locked"
         data = {"version": BLOCK_VERSION, "difficulty": config.difficulty, "miner": header.miner,
                 "reward": header.reward, "state_hash": header.state_hash, "balances": balances,
                 "rejected": [tx.hash for tx, _ in rejected], "producer": config.producer}
@@ -372,32 +380,55 @@ async def burn_blocks_of(conn: asyncpg.Connection, miner_id: uuid.UUID) -> dict[
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class VerifyReport:
-    """The outcome of a chain walk: ok, or the first problem found."""
+    """The outcome of a verification: ok, or the first broken block and the first ledger mismatches."""
 
     ok: bool
     blocks: int
     problem: str | None = None
     height: int | None = None
+    ledger_problems: tuple[str, ...] = ()
+
+    @property
+    def problems(self) -> list[str]:
+        """Every problem found, the chain's first."""
+        return ([self.problem] if self.problem else []) + list(self.ledger_problems)
 
 
 async def verify_chain(conn: asyncpg.Connection, batch: int = 500) -> VerifyReport:
-    """Walk the chain from genesis; report the first broken link, altered record or balance mismatch."""
+    """Walk the chain from genesis (the first broken link, altered record or block balance mismatch),
+    then check every balance against its ledger and every reward pool against its draws."""
+    async with conn.transaction(isolation="repeatable_read", readonly=True):
+        checked, problem, height = await _walk_blocks(conn, batch)
+        ledger_problems = await ledger_report(conn, VERIFY_REPORT_LIMIT)
+    return VerifyReport(problem is None and not ledger_problems, checked, problem, height, tuple(ledger_problems))
+
+
+async def _walk_blocks(conn: asyncpg.Connection, batch: int) -> tuple[int, str | None, int | None]:
     previous: queries.Block | None = None
     checked = 0
-    async with conn.transaction(isolation="repeatable_read", readonly=True):
-        while True:
-            blocks = await queries.blocks_after(conn, previous.height if previous else 0, batch)
-            if not blocks:
-                return VerifyReport(True, checked)
-            heights = [block.height for block in blocks]
-            txs = await queries.block_transactions(conn, heights)
-            rewards = await queries.mining_rewards_by_block(conn, heights)
-            for block in blocks:
-                problem = check_block(block, previous, txs[block.height], rewards.get(block.height, []))
-                if problem is not None:
-                    return VerifyReport(False, checked, f"block {block.height}: {problem}", block.height)
-                previous = block
-                checked += 1
+    while True:
+        blocks = await queries.blocks_after(conn, previous.height if previous else 0, batch)
+        if not blocks:
+            return checked, None, None
+        heights = [block.height for block in blocks]
+        txs = await queries.block_transactions(conn, heights)
+        rewards = await queries.mining_rewards_by_block(conn, heights)
+        for block in blocks:
+            problem = check_block(block, previous, txs[block.height], rewards.get(block.height, []))
+            if problem is not None:
+                return checked, f"block {block.height}: {problem}", block.height
+            previous = block
+            checked += 1
+
+
+async def ledger_report(conn: asyncpg.Connection, limit: int) -> list[str]:
+    """The first users whose balance is not the sum of their ledger rows, ledger rows that do not
+    chain, moves that do not net to 0, and reward pools whose allocated tokens differ from their draws."""
+    found = [m.describe() for m in await ledger.balance_mismatches(conn, limit)]
+    found += [m.describe() for m in await ledger.chain_mismatches(conn, limit)]
+    found += await ledger.unbalanced_moves(conn, limit)
+    found += [m.describe() for m in await ledger.pool_mismatches(conn, limit)]
+    return found
 
 
 def check_block(block: queries.Block, previous: queries.Block | None, txs: list[queries.Transaction],
@@ -496,5 +527,6 @@ async def allocate(conn: asyncpg.Connection, pool_id: int, user_id: uuid.UUID, a
         if await queries.lock_balances(conn, [user_id]) == {}:
             raise NotFound("no such user", field="user_id")
         allocation = await queries.insert_allocation(conn, user_id, pool_id, amount)
-        await queries.add_balance(conn, user_id, amount)
+        await ledger.apply_balance_changes(
+            conn, [ledger.BalanceChange(user_id, amount, ledger.POOL_GRANT, str(allocation.id))])
         return allocation

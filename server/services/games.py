@@ -23,9 +23,8 @@ import asyncpg
 import structlog
 from aiohttp import web
 
-from db import chain as chain_queries
 from db import games as queries
-from db import outbox
+from db import ledger, outbox
 from db.pool import POOL
 from db.pool import now as database_now
 from server.core.cache import ExpiringCache
@@ -407,26 +406,20 @@ async def book_rewards(conn: asyncpg.Connection,
             stored = await queries.insert_rewards(conn, list(accepted.values()))
             booked = {(s.session_id, s.seq): s for s in stored}
             session_totals: dict[int, tuple[Decimal, int]] = {}
-            credits: dict[uuid.UUID, Decimal] = {}
             for reward in accepted.values():
                 _, count = session_totals.get(reward.session_id, (Decimal(0), 0))
                 session_totals[reward.session_id] = (reward.session_total, count + 1)
-                user_id = sessions[reward.session_id].user_id
-                credits[user_id] = credits.get(user_id, Decimal(0)) + reward.value
             await queries.add_session_totals(conn, session_totals)
-            balances = await queries.credit_users(conn, credits)
-            running = {user_id: balances[user_id] - credits[user_id] for user_id in credits}
-            entries, events = [], []
+            changes, events = [], []
             for reward in stored:
                 session = sessions[reward.session_id]
-                running[session.user_id] += reward.reward_value
-                entries.append(chain_queries.LedgerEntry(
-                    user_id=session.user_id, delta=reward.reward_value, balance_after=running[session.user_id],
-                    reason=queries.REWARD_REASON, reference=str(reward.reward_id)))
+                changes.append(ledger.BalanceChange(session.user_id, reward.reward_value, ledger.GAME_REWARD,
+                                                    str(reward.reward_id)))
                 data = reward_event(session, reward)
                 events += [(game_channel(session.game_id), REWARD_EARNED, data),
                            (session_channel(session.session_id), REWARD_EARNED, data)]
-            await chain_queries.insert_ledger(conn, entries)
+            # The whole batch in two statements (one UPDATE, one INSERT), whatever its size.
+            await ledger.apply_balance_changes(conn, changes)
             await outbox.enqueue_many(conn, events)
     results: list[dict[str, Any] | HubError] = []
     for outcome in outcomes:

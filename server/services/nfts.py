@@ -19,8 +19,8 @@ from typing import Any
 import asyncpg
 
 from db import chain as chain_queries
+from db import ledger, outbox
 from db import nfts as queries
-from db import outbox
 from server.core import jsonutil, wallets
 from server.core.errors import Conflict, Forbidden, InvalidPayload, NotFound, PayloadTooLarge, RateLimited
 from server.core.money import amount_text
@@ -31,8 +31,8 @@ NFT_MINTED = "nft_minted"
 NFT_LISTED = "nft_listed"
 NFT_SOLD = "nft_sold"
 NFT_LISTING_CANCELLED = "nft_listing_cancelled"
-PURCHASE_REASON = "nft_purchase"
-SALE_REASON = "nft_sale"
+PURCHASE_REASON = ledger.NFT_PURCHASE
+SALE_REASON = ledger.NFT_SALE
 MAX_METADATA_BYTES = 8192
 MAX_PRICE = Decimal("1000000000")
 MINTS_PER_MINUTE = 30
@@ -159,14 +159,11 @@ async def buy(conn: asyncpg.Connection, user_id: uuid.UUID, listing_id: int) -> 
             raise Conflict("the listing is no longer available", field="listing_id")
         buyer_balance = balances[buyer.user_id]
         if price > 0:
-            buyer_balance = await chain_queries.add_balance(conn, buyer.user_id, -price)
-            seller_balance = await chain_queries.add_balance(conn, seller.user_id, price)
             # UNIQUE (reason, reference) books each side of a listing's sale once, whatever happens above.
-            await chain_queries.insert_ledger(conn, [
-                chain_queries.LedgerEntry(user_id=buyer.user_id, delta=-price, balance_after=buyer_balance,
-                                   reason=PURCHASE_REASON, reference=str(listing_id)),
-                chain_queries.LedgerEntry(user_id=seller.user_id, delta=price, balance_after=seller_balance,
-                                   reason=SALE_REASON, reference=str(listing_id))])
+            moved = await ledger.apply_balance_changes(conn, [
+                ledger.BalanceChange(buyer.user_id, -price, PURCHASE_REASON, str(listing_id)),
+                ledger.BalanceChange(seller.user_id, price, SALE_REASON, str(listing_id))])
+            buyer_balance = moved[buyer.user_id]
         sold = await queries.get_listing(conn, listing_id)
         await outbox.enqueue(conn, CHANNEL, NFT_SOLD, sold.to_public())  # type: ignore[union-attr]
     return sold, buyer_balance  # type: ignore[return-value]

@@ -1,0 +1,191 @@
+"""The balance ledger: the one place that moves `users.total_balance`, booking one `balance_ledger`
+row per change in the same statement pair.
+
+Every flow (sealed transfers, mining rewards, pool grants, faucet, game rewards, NFT sales...) calls
+`apply_balance_changes`; nothing else may `UPDATE users SET total_balance` (tests/test_ledger.py
+checks the source tree for it). The caller owns the transaction. `(reason, reference)` is unique,
+so a change is booked at most once; the CHECKs keep every balance and every `balance_after` >= 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from decimal import Decimal
+from typing import Sequence
+
+import asyncpg
+
+# --- reasons: what moved a balance (balance_ledger.reason) -------------------------------------
+TRANSFER_OUT = "transfer_out"        # reference: transaction hash (sealed transfer, sender's side)
+TRANSFER_IN = "transfer_in"          # reference: transaction hash (receiver's side)
+MINING_REWARD = "mining_reward"      # reference: block height
+POOL_GRANT = "pool_grant"            # reference: pool_allocations.id (an admin's grant from a reward pool)
+FAUCET = "demo_faucet"               # reference: "<user_id>:<UTC date>" (one claim a day)
+GAME_REWARD = "game_reward"          # reference: game_rewards.reward_id
+NFT_PURCHASE = "nft_purchase"        # reference: nft listing id (buyer's side)
+NFT_SALE = "nft_sale"                # reference: nft listing id (seller's side)
+OPENING_BALANCE = "opening_balance"  # reference: "migration-0014:<user_id>" (balances older than the ledger)
+REVENUE_SHARE = "revenue_share"      # reference: game_rewards.reward_id (the game owner's share of a reward)
+STAKE = "stake"                      # reference: defi.id (KVP locked into a stake)
+UNSTAKE = "unstake"                  # reference: defi.id (a closed stake's principal back)
+STAKING_REWARD = "staking_reward"    # reference: "<defi.id>:<first height>-<last height>" (drawn from the staking pool)
+
+# Reasons that create money (drawn from a reward pool, minted by the demo faucet, or booked by
+# migration 0014); every other reason moves money between users, so the rows of one reference sum to 0
+# (a future burn reason would join this set as a documented exception).
+MINTING_REASONS = (MINING_REWARD, POOL_GRANT, FAUCET, GAME_REWARD, OPENING_BALANCE, REVENUE_SHARE, STAKING_REWARD)
+
+
+class UnknownAccount(LookupError):
+    """A balance change names a user that does not exist."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BalanceChange:
+    """One change of one user's balance, and why."""
+
+    user_id: uuid.UUID
+    delta: Decimal
+    reason: str
+    reference: str
+
+
+async def apply_balance_changes(conn: asyncpg.Connection,
+                                changes: Sequence[BalanceChange]) -> dict[uuid.UUID, Decimal]:
+    """Move balances and book each change, in order; returns each touched user's balance after.
+
+    Two statements whatever the batch size: users are locked in id order (no deadlock between
+    concurrent callers) and moved by their net delta, then the rows are inserted with the running
+    balance, so a debit booked before the credit that covers it fails the balance_after CHECK.
+    Raises CheckViolationError (a balance would go negative), UniqueViolationError ((reason,
+    reference) booked before) or UnknownAccount.
+    """
+    changes = [change for change in changes if change.delta != 0]
+    if not changes:
+        return {}
+    net: dict[uuid.UUID, Decimal] = {}
+    for change in changes:
+        net[change.user_id] = net.get(change.user_id, Decimal(0)) + change.delta
+    ids = sorted(net)
+    rows = await conn.fetch(
+        """WITH locked AS (SELECT id FROM users WHERE id = ANY($1::uuid[]) ORDER BY id FOR UPDATE)
+           UPDATE users u SET total_balance = u.total_balance + v.delta
+             FROM unnest($1::uuid[], $2::numeric[]) AS v(id, delta), locked
+            WHERE u.id = v.id AND locked.id = v.id
+        RETURNING u.id, u.total_balance""",
+        ids, [net[i] for i in ids])
+    after = {row["id"]: row["total_balance"] for row in rows}
+    missing = set(ids) - set(after)
+    if missing:
+        raise UnknownAccount(f"no such user: {', '.join(sorted(map(str, missing)))}")
+    running = {user_id: after[user_id] - net[user_id] for user_id in ids}
+    balance_after = []
+    for change in changes:
+        running[change.user_id] += change.delta
+        balance_after.append(running[change.user_id])
+    # WITH ORDINALITY ... ORDER BY: entry ids follow the order of the changes, so each user's rows chain.
+    await conn.execute(
+        """INSERT INTO balance_ledger (user_id, delta, balance_after, reason, reference)
+           SELECT user_id, delta, balance_after, reason, reference
+             FROM unnest($1::uuid[], $2::numeric[], $3::numeric[], $4::text[], $5::text[])
+                  WITH ORDINALITY AS v(user_id, delta, balance_after, reason, reference, n)
+            ORDER BY n""",
+        [c.user_id for c in changes], [c.delta for c in changes], balance_after,
+        [c.reason for c in changes], [c.reference for c in changes])
+    return after
+
+
+# --- verification ------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Mismatch:
+    """A user whose ledger disagrees: what was expected and what is stored."""
+
+    user_id: uuid.UUID
+    check: str          # "balance" (total_balance vs sum of deltas) or "chain" (a row's balance_after)
+    expected: Decimal
+    actual: Decimal
+    entry_id: int | None = None
+
+    def describe(self) -> str:
+        """One line for reports."""
+        if self.check == "balance":
+            return (f"user {self.user_id}: balance {self.actual} but its ledger sums to {self.expected}")
+        return (f"user {self.user_id}: ledger entry {self.entry_id} says balance_after {self.actual}, "
+                f"previous balance_after plus delta is {self.expected}")
+
+
+async def balance_mismatches(conn: asyncpg.Connection, limit: int) -> list[Mismatch]:
+    """The first users whose balance differs from the sum of their ledger deltas."""
+    rows = await conn.fetch(
+        """SELECT u.id, u.total_balance, coalesce(l.total, 0) AS total
+             FROM users u LEFT JOIN (SELECT user_id, sum(delta) AS total FROM balance_ledger GROUP BY user_id) l
+                  ON l.user_id = u.id
+            WHERE u.total_balance <> coalesce(l.total, 0)
+            ORDER BY u.id LIMIT $1""", limit)
+    return [Mismatch(row["id"], "balance", row["total"], row["total_balance"]) for row in rows]
+
+
+async def chain_mismatches(conn: asyncpg.Connection, limit: int) -> list[Mismatch]:
+    """The first ledger rows whose balance_after is not the previous row's plus its delta (per user,
+    in entry_id order; the first row starts from 0).
+
+    An opening_balance row must equal the sum of the user's deltas up to it; the rows before it were
+    booked while some moves were off the ledger (before migration 0014), so only the sum covers them.
+    """
+    rows = await conn.fetch(
+        """WITH walk AS (
+               SELECT entry_id, user_id, reason, delta, balance_after,
+                      coalesce(lag(balance_after) OVER w, 0) + delta AS chained,
+                      sum(delta) OVER w AS running,
+                      max(entry_id) FILTER (WHERE reason = $2) OVER (PARTITION BY user_id) AS opened_at
+                 FROM balance_ledger
+               WINDOW w AS (PARTITION BY user_id ORDER BY entry_id))
+           SELECT entry_id, user_id, balance_after,
+                  CASE WHEN reason = $2 THEN running ELSE chained END AS expected
+             FROM walk
+            WHERE CASE WHEN reason = $2 THEN balance_after <> running
+                       WHEN entry_id < coalesce(opened_at, 0) THEN false
+                       ELSE balance_after <> chained END
+            ORDER BY entry_id LIMIT $1""", limit, OPENING_BALANCE)
+    return [Mismatch(row["user_id"], "chain", row["expected"], row["balance_after"], row["entry_id"])
+            for row in rows]
+
+
+async def unbalanced_moves(conn: asyncpg.Connection, limit: int) -> list[str]:
+    """References whose moving rows (all but MINTING_REASONS) do not sum to 0: money made or lost."""
+    rows = await conn.fetch(
+        """SELECT reference, sum(delta) AS total, string_agg(DISTINCT reason, ', ') AS reasons
+             FROM balance_ledger WHERE reason <> ALL($2::text[])
+            GROUP BY reference HAVING sum(delta) <> 0
+            ORDER BY min(entry_id) LIMIT $1""", limit, list(MINTING_REASONS))
+    return [f"reference {row['reference']} ({row['reasons']}): its moves sum to {row['total']}, not 0"
+            for row in rows]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PoolMismatch:
+    """A reward pool whose allocated tokens differ from what its records show was drawn."""
+
+    pool_id: int
+    name: str | None
+    allocated: Decimal
+    recorded: Decimal
+
+    def describe(self) -> str:
+        """One line for reports."""
+        return (f"reward pool {self.pool_id} ({self.name}): allocated_tokens {self.allocated} but its "
+                f"allocations and mining rewards total {self.recorded}")
+
+
+async def pool_mismatches(conn: asyncpg.Connection, limit: int) -> list[PoolMismatch]:
+    """Pools whose allocated_tokens differ from their pool_allocations plus mining_rewards."""
+    rows = await conn.fetch(
+        """SELECT p.pool_id, p.pool_name, p.allocated_tokens,
+                  coalesce((SELECT sum(a.allocated_amount) FROM pool_allocations a WHERE a.pool_id = p.pool_id), 0)
+                + coalesce((SELECT sum(r.amount) FROM mining_rewards r WHERE r.pool_id = p.pool_id), 0) AS recorded
+             FROM reward_pools p ORDER BY p.pool_id""")
+    return [PoolMismatch(row["pool_id"], row["pool_name"], row["allocated_tokens"], row["recorded"])
+            for row in rows if row["allocated_tokens"] != row["recorded"]][:limit]
+
