@@ -80,6 +80,8 @@ async def setup(dsn: str, sessions: int) -> tuple[int, str, list[int]]:
                 """INSERT INTO users (id, username, email, password_hash)
                    SELECT id, 'bench_' || n, 'bench_' || n || '@example.org', 'not-a-login'
                    FROM unnest($1::uuid[]) WITH ORDINALITY AS t(id, n)""", ids)
+            await conn.execute("""INSERT INTO reward_pools (pool_name, total_tokens) VALUES ('gaming', 99999999999)
+                                  ON CONFLICT (pool_name) DO UPDATE SET total_tokens = 99999999999""")
             game_id = await conn.fetchval(
                 """INSERT INTO games (name, developer_wallet, revenue_share, status, token_hash, max_reward_per_event,
                                       max_reward_per_minute, max_reward_per_session)

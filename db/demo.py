@@ -13,7 +13,7 @@ import asyncpg
 async def insert_reward_pools(conn: asyncpg.Connection) -> None:
     """The mining and gaming pools, full."""
     await conn.execute("""INSERT INTO reward_pools (pool_name, total_tokens, allocated_tokens)
-                          VALUES ('mining', 1000000, 0), ('gaming', 250000, 0)""")
+                          VALUES ('mining', 1000000, 0), ('gaming', 250000, 0), ('staking', 100000, 0)""")
 
 
 async def insert_game(conn: asyncpg.Connection, *, name: str, developer_wallet: str, owner_id: uuid.UUID) -> None:

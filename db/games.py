@@ -14,6 +14,7 @@ from typing import Any, Iterable
 
 import asyncpg
 
+from db.chain import Allocation, RewardPool
 from server.core.jsonutil import iso
 from server.core.money import money
 
@@ -92,6 +93,8 @@ class SessionForReward:
     max_reward_per_minute: Decimal
     max_reward_per_session: Decimal
     reward_types: list[str] | None
+    revenue_share: Decimal
+    owner_id: uuid.UUID | None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -118,6 +121,8 @@ class NewReward:
     session_id: int
     seq: int
     session_total: Decimal
+    pool_id: int
+    owner_share: Decimal
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -280,7 +285,7 @@ async def lock_sessions_for_rewards(conn: asyncpg.Connection, session_ids: Itera
     rows = await conn.fetch(
         """SELECT s.session_id, s.game_id, s.user_id, s.player_wallet, s.status, s.rewards_earned,
                   s.reward_count, g.status AS game_status, g.max_reward_per_event, g.max_reward_per_minute,
-                  g.max_reward_per_session, g.reward_types
+                  g.max_reward_per_session, g.reward_types, g.revenue_share, g.owner_id
            FROM game_sessions s JOIN games g ON g.game_id = s.game_id
            WHERE s.session_id = ANY($1::int[]) ORDER BY s.session_id FOR UPDATE OF s""",
         sorted(set(session_ids)))
@@ -310,13 +315,14 @@ async def minute_windows(conn: asyncpg.Connection, session_ids: Iterable[int]) -
 async def insert_rewards(conn: asyncpg.Connection, rewards: list[NewReward]) -> list[StoredReward]:
     """Write accepted rewards in one statement, in the given order."""
     rows = await conn.fetch(
-        f"""INSERT INTO game_rewards (game_id, player_wallet, reward_type, reward_value, session_id, seq, session_total)
+        f"""INSERT INTO game_rewards (game_id, player_wallet, reward_type, reward_value, session_id, seq, session_total,
+                                      pool_id, owner_share)
             SELECT * FROM unnest($1::int[], $2::text[], $3::text[], $4::numeric[], $5::int[], $6::bigint[],
-                                 $7::numeric[])
+                                 $7::numeric[], $8::int[], $9::numeric[])
             RETURNING {_REWARD_COLUMNS}""",
         [r.game_id for r in rewards], [r.player_wallet for r in rewards], [r.reward_type for r in rewards],
         [r.value for r in rewards], [r.session_id for r in rewards], [r.seq for r in rewards],
-        [r.session_total for r in rewards])
+        [r.session_total for r in rewards], [r.pool_id for r in rewards], [r.owner_share for r in rewards])
     by_key = {(row["session_id"], row["seq"]): StoredReward(**dict(row)) for row in rows}
     return [by_key[(r.session_id, r.seq)] for r in rewards]
 
@@ -351,3 +357,43 @@ async def leaderboard(conn: asyncpg.Connection, game_id: int, since: dt.datetime
                WHERE r.game_id = $1 AND r.created_at >= $2 GROUP BY s.user_id, u.username
                ORDER BY total DESC, u.username LIMIT $3""", game_id, since, limit)
     return [LeaderboardEntry(**dict(row)) for row in rows]
+
+
+# --- the reward pool -------------------------------------------------------------------------
+
+async def reward_pool(conn: asyncpg.Connection, name: str, *, lock: bool = False) -> RewardPool | None:
+    """A reward pool by name (locked until the transaction ends when `lock`)."""
+    suffix = " FOR UPDATE" if lock else ""
+    row = await conn.fetchrow(
+        f"""SELECT pool_id AS id, pool_name AS name, total_tokens, allocated_tokens, created_at
+              FROM reward_pools WHERE pool_name = $1{suffix}""", name)
+    return RewardPool(**dict(row)) if row else None
+
+
+async def draw_from_pool(conn: asyncpg.Connection, pool_id: int, amount: Decimal) -> bool:
+    """Take `amount` from a pool if it still holds it (compare-and-set on the row); whether it did."""
+    return await conn.fetchval(
+        """UPDATE reward_pools SET allocated_tokens = allocated_tokens + $2
+            WHERE pool_id = $1 AND total_tokens - allocated_tokens >= $2 RETURNING true""",
+        pool_id, amount) or False
+
+
+# --- pool allocations --------------------------------------------------------------------------
+
+_ALLOCATION_COLUMNS = """id, user_id, pool_id, allocated_amount, remaining_amount, total_reward, reward_amount,
+    "timestamp\""""
+# Keyset pages newest first, each served by its index in order (tests/test_pools.py checks the plans).
+USER_ALLOCATIONS = f"""SELECT {_ALLOCATION_COLUMNS} FROM pool_allocations WHERE user_id = $1 AND id < $2
+    ORDER BY id DESC LIMIT $3"""
+POOL_ALLOCATIONS = f"""SELECT {_ALLOCATION_COLUMNS} FROM pool_allocations WHERE pool_id = $1 AND id < $2
+    ORDER BY id DESC LIMIT $3"""
+
+
+async def user_allocations(conn: asyncpg.Connection, user_id: uuid.UUID, before: int, limit: int) -> list[Allocation]:
+    """A user's pool allocations with ids below `before`, newest first (idx_pool_allocations_user_order)."""
+    return [Allocation(**dict(row)) for row in await conn.fetch(USER_ALLOCATIONS, user_id, before, limit)]
+
+
+async def pool_allocations(conn: asyncpg.Connection, pool_id: int, before: int, limit: int) -> list[Allocation]:
+    """A pool's allocations with ids below `before`, newest first (idx_pool_allocations_pool_order)."""
+    return [Allocation(**dict(row)) for row in await conn.fetch(POOL_ALLOCATIONS, pool_id, before, limit)]

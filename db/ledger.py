@@ -154,14 +154,23 @@ async def chain_mismatches(conn: asyncpg.Connection, limit: int) -> list[Mismatc
 
 
 async def unbalanced_moves(conn: asyncpg.Connection, limit: int) -> list[str]:
-    """References whose moving rows (all but MINTING_REASONS) do not sum to 0: money made or lost."""
+    """References whose moving rows (all but MINTING_REASONS) do not sum to what they should: money
+    made or lost. That is 0, except for an active stake (a `stake` row whose reference is an active
+    staking defi.id): its principal is locked, not lost, so its moves sum to -amount until unstaked."""
     rows = await conn.fetch(
-        """SELECT reference, sum(delta) AS total, string_agg(DISTINCT reason, ', ') AS reasons
-             FROM balance_ledger WHERE reason <> ALL($2::text[])
-            GROUP BY reference HAVING sum(delta) <> 0
-            ORDER BY min(entry_id) LIMIT $1""", limit, list(MINTING_REASONS))
-    return [f"reference {row['reference']} ({row['reasons']}): its moves sum to {row['total']}, not 0"
-            for row in rows]
+        """WITH moves AS (
+               SELECT reference, sum(delta) AS total, string_agg(DISTINCT reason, ', ') AS reasons,
+                      bool_or(reason = $3) AS staked, min(entry_id) AS first_entry
+                 FROM balance_ledger WHERE reason <> ALL($2::text[])
+                GROUP BY reference)
+           SELECT m.reference, m.total, m.reasons, coalesce(-d.amount, 0) AS expected
+             FROM moves m
+             LEFT JOIN defi d ON m.staked AND d.product = 'staking' AND d.status = 'active'
+                              AND d.id::text = m.reference
+            WHERE m.total <> coalesce(-d.amount, 0)
+            ORDER BY m.first_entry LIMIT $1""", limit, list(MINTING_REASONS), STAKE)
+    return [f"reference {row['reference']} ({row['reasons']}): its moves sum to {row['total']}, "
+            f"not {row['expected']}" for row in rows]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -176,15 +185,18 @@ class PoolMismatch:
     def describe(self) -> str:
         """One line for reports."""
         return (f"reward pool {self.pool_id} ({self.name}): allocated_tokens {self.allocated} but its "
-                f"allocations and mining rewards total {self.recorded}")
+                f"allocations, mining rewards, game rewards and revenue shares total {self.recorded}")
 
 
 async def pool_mismatches(conn: asyncpg.Connection, limit: int) -> list[PoolMismatch]:
-    """Pools whose allocated_tokens differ from their pool_allocations plus mining_rewards."""
+    """Pools whose allocated_tokens differ from what was drawn from them: their pool_allocations,
+    mining_rewards, and game_rewards with the owner's revenue share on each (migration 0016)."""
     rows = await conn.fetch(
         """SELECT p.pool_id, p.pool_name, p.allocated_tokens,
                   coalesce((SELECT sum(a.allocated_amount) FROM pool_allocations a WHERE a.pool_id = p.pool_id), 0)
-                + coalesce((SELECT sum(r.amount) FROM mining_rewards r WHERE r.pool_id = p.pool_id), 0) AS recorded
+                + coalesce((SELECT sum(r.amount) FROM mining_rewards r WHERE r.pool_id = p.pool_id), 0)
+                + coalesce((SELECT sum(g.reward_value + g.owner_share) FROM game_rewards g
+                             WHERE g.pool_id = p.pool_id), 0) AS recorded
              FROM reward_pools p ORDER BY p.pool_id""")
     return [PoolMismatch(row["pool_id"], row["pool_name"], row["allocated_tokens"], row["recorded"])
             for row in rows if row["allocated_tokens"] != row["recorded"]][:limit]

@@ -1,4 +1,5 @@
-"""Namespace /games and the games' REST routes: registered games, play sessions, rewards, leaderboards.
+"""Namespace /games and the games' REST routes: registered games, play sessions, rewards, leaderboards,
+and the reward pool allocation lists (a user's own, a pool's for admins).
 
 Two kinds of callers: players sign in with their user token (`auth: {token}`) and start, keep
 alive and end their own sessions; a game server connects with its game's token
@@ -21,12 +22,15 @@ from server.core.identity import Identity
 from server.core.money import AMOUNT_QUANTUM
 from server.core.settings import SETTINGS
 from server.edge.namespace import Ctx, HubNamespace, command, refusal
-from server.edge.rest import current_identity, endpoint, ok_response, path_int, read_json
+from server.edge.rest import current_identity, endpoint, int_query, ok_response, path_int, read_json
 from server.edge.schemas import (
+    COUNT,
+    DEFAULT_PAGE,
     INTEGER_ID,
     KVP_AMOUNT,
     MAX_INTEGER_ID,
     MAX_PAGE,
+    PAGE_LIMIT,
     compile_schema,
     obj,
     string,
@@ -68,6 +72,8 @@ QUERY_COUNT = {"type": "integer", "minimum": 0, "maximum": MAX_INTEGER_ID}
 QUERY_LIMIT = {"type": "integer", "minimum": 0, "maximum": MAX_PAGE}  # 0 reads as 1
 GAMES_QUERY = obj({"status": {"enum": list(service.GAME_STATUSES)}, "after": QUERY_COUNT, "limit": QUERY_LIMIT})
 LEADERBOARD_QUERY = obj({"period": {"enum": list(service.PERIODS)}, "limit": QUERY_LIMIT})
+ALLOCATIONS_QUERY = obj({"before": INTEGER_ID, "limit": PAGE_LIMIT})
+POOL_PATH = {"pool_id": COUNT}
 GAME_CALLER_DOC = "\n\nCalled by the session's player (`Authorization: Bearer <token>`) or its game server " \
                   "(`Authorization: Game <game token>`)."
 
@@ -296,3 +302,29 @@ async def handle_end_session(request: web.Request) -> web.Response:
     caller = await rest_caller(request)
     return ok_response(await service.end_session(request.app, caller, _path_id(request, "session_id", "session")))
 
+
+
+# --- REST: pool allocations --------------------------------------------------------------------
+
+def _page(request: web.Request) -> tuple[int | None, int]:
+    return (int_query(request, "before", minimum=1),
+            int_query(request, "limit", minimum=1, maximum=MAX_PAGE) or DEFAULT_PAGE)
+
+
+@routes.get("/api/v1/me/pool-allocations")
+@endpoint(auth="user", query=ALLOCATIONS_QUERY)
+async def handle_my_allocations(request: web.Request, identity: Identity) -> web.Response:
+    """A page of the caller's reward pool allocations, newest first (?before, ?limit; `next` pages on)."""
+    before, limit = _page(request)
+    async with request.app[POOL].acquire() as conn:
+        return ok_response(await service.user_allocations(conn, identity.user_id, before, limit))
+
+
+@routes.get("/api/v1/admin/reward-pools/{pool_id}/allocations")
+@endpoint(auth="admin", path=POOL_PATH, query=ALLOCATIONS_QUERY)
+async def handle_pool_allocations(request: web.Request, identity: Identity) -> web.Response:
+    """A page of a reward pool's allocations, newest first, with the pool (admins; ?before, ?limit)."""
+    pool_id = path_int(request, "pool_id", "no such reward pool", minimum=0)
+    before, limit = _page(request)
+    async with request.app[POOL].acquire() as conn:
+        return ok_response(await service.pool_allocations(conn, pool_id, before, limit))

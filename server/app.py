@@ -27,6 +27,7 @@ from handlers import marketplace as marketplace_handlers
 from handlers import network as network_handlers
 from handlers import nfts as nft_handlers
 from handlers import purchases as purchase_handlers
+from handlers import staking as staking_handlers
 from handlers import storage as storage_handlers
 from server.adapters.embedded import database_dsn
 from server.core import jsonutil
@@ -216,6 +217,7 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_routes(storage_handlers.routes)
     app.router.add_routes(network_handlers.routes)
     app.router.add_routes(kyc_handlers.routes)
+    app.router.add_routes(staking_handlers.routes)
     app.router.add_routes(apidocs_handlers.routes)
     app.router.add_get("/{path:.*}", handle_static)  # last: every other route wins
     return app

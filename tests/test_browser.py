@@ -322,6 +322,7 @@ async def test_assistant_answer_survives_a_reload_mid_stream(aiohttp_client, set
 async def test_games_tab_shows_rewards_and_the_leaderboard_live(client, db, sockets, page):
     from tests.test_games import create_game, game_server, make_admin, player, reward, start
 
+    await db.execute("INSERT INTO reward_pools (pool_name, total_tokens) VALUES ('gaming', 1000)")  # rewards draw on it
     admin = await make_admin(client, db)
     game, token = await create_game(client, admin)
     await sign_up(page, server_url(client))

@@ -458,8 +458,8 @@ async def test_verify_checks_balances_their_ledger_rows_and_pools(client, db, se
     # A pool whose allocated tokens disagree with its grants and mining rewards.
     await db.execute("UPDATE reward_pools SET allocated_tokens = allocated_tokens + 1 WHERE pool_name = 'mining'")
     problems = (await verify_chain(db)).ledger_problems
-    assert len(problems) == 1 and "allocated_tokens 201.00000000 but its allocations and mining rewards total " \
-        "200.00000000" in problems[0]
+    assert len(problems) == 1 and "allocated_tokens 201.00000000 but its allocations, mining rewards, game " \
+        "rewards and revenue shares total 200.00000000" in problems[0]
     await db.execute("UPDATE reward_pools SET allocated_tokens = allocated_tokens - 1 WHERE pool_name = 'mining'")
     # A debit with no matching credit: balance and ledger agree, but money left the system unexplained.
     async with db.transaction():

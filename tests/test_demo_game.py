@@ -73,7 +73,9 @@ async def test_the_demo_plays_in_turns_and_books_rewards_as_the_real_path_does(a
         """SELECT u.username, u.total_balance,
                   (SELECT coalesce(sum(delta), 0) FROM balance_ledger WHERE user_id = u.id) AS ledger,
                   (SELECT coalesce(sum(r.reward_value), 0) FROM game_rewards r
-                   JOIN game_sessions s ON s.session_id = r.session_id WHERE s.user_id = u.id) AS rewarded
+                   JOIN game_sessions s ON s.session_id = r.session_id WHERE s.user_id = u.id)
+                + (SELECT coalesce(sum(r.owner_share), 0) FROM game_rewards r
+                   JOIN games g ON g.game_id = r.game_id WHERE g.owner_id = u.id) AS rewarded
            FROM users u WHERE u.username = ANY($1::text[])""", [name for name, _, _ in DEMO_USERS])
     assert len(balances) == 3 and sum(row["rewarded"] for row in balances) > 0
     for row in balances:

@@ -13,9 +13,22 @@ from db import users as user_queries
 from server.app import create_app
 from server.realtime.hub import REALTIME
 from server.services.games import GAMES
+from server.services.games import GAMING_POOL as GAMES_POOL
 from tests.helpers import SocketClient, register, server_url, wait_until
 
 POLICY = {"max_reward_per_event": "50", "max_reward_per_minute": "200", "max_reward_per_session": "500"}
+GAMING_POOL_TOKENS = 1_000_000
+
+# Rewards mint money from the gaming pool: after each test, balances, ledger and pools reconcile.
+pytestmark = pytest.mark.usefixtures("chain_verified")
+
+
+@pytest.fixture(autouse=True)
+async def gaming_pool(db):
+    """A well-funded `gaming` pool: these tests are about sessions and policy (tests/test_pools.py
+    drains pools)."""
+    await db.execute("INSERT INTO reward_pools (pool_name, total_tokens) VALUES ($1, $2)",
+                     GAMES_POOL, GAMING_POOL_TOKENS)
 
 
 @pytest.fixture
@@ -132,7 +145,8 @@ async def test_replayed_seq_is_idempotent(client, db, sockets):
     changed = await reward(server, session_id, 7, "11")
     assert changed["error"]["code"] == "conflict" and changed["error"]["field"] == "seq"
     assert await written(db, session_id) == before
-    assert before["rewards"] == 1 and before["balance"] == Decimal(10) and before["ledger"] == 1
+    # One ledger row for the reward, one for the owner's revenue share on it.
+    assert before["rewards"] == 1 and before["balance"] == Decimal(10) and before["ledger"] == 2
     # One reward, one event: replays publish nothing.
     await asyncio.sleep(0.3)
     history = await client.app[REALTIME].replay(f"session:{session_id}", "0-0")

@@ -47,6 +47,9 @@ ROOT = Path(__file__).resolve().parent.parent
 USERS = 4
 GRANT_POOL_TOKENS = Decimal(300)
 MINING_POOL_TOKENS = Decimal(400)
+GAMING_POOL_TOKENS = Decimal(120)
+GAME_OWNER = USERS - 1
+REVENUE_SHARE = Decimal("0.1")
 FAUCET_AMOUNT = Decimal(10)
 DAY0 = dt.datetime(2026, 12, 1, 12, tzinfo=dt.timezone.utc)
 AMOUNTS = st.decimals(min_value=Decimal("0.00000001"), max_value=Decimal(25), places=8)
@@ -94,8 +97,10 @@ class LedgerMachine(RuleBasedStateMachine):
                 users.append((user, wallet))
             grants = await chain_queries.create_pool(self.conn, "grants", GRANT_POOL_TOKENS)
             await chain_queries.create_pool(self.conn, "mining", MINING_POOL_TOKENS)
+            await chain_queries.create_pool(self.conn, games.GAMING_POOL, GAMING_POOL_TOKENS)
             game = await game_queries.create_game(
-                self.conn, name="g", developer_wallet="dev", revenue_share=Decimal(0), owner_id=None,
+                self.conn, name="g", developer_wallet="dev", revenue_share=REVENUE_SHARE,
+                owner_id=users[GAME_OWNER][0].id,
                 status="active", token_hash="0" * 64, max_reward_per_event=Decimal(100),
                 max_reward_per_minute=Decimal(100_000), max_reward_per_session=Decimal(100_000), reward_types=None)
             sessions = [(await game_queries.start_session(self.conn, game.game_id, user.id, wallet.address)).session_id
@@ -112,6 +117,7 @@ class LedgerMachine(RuleBasedStateMachine):
         self.claimed: set[tuple[int, int]] = set()
         self.grant_left = GRANT_POOL_TOKENS
         self.mining_left = MINING_POOL_TOKENS
+        self.gaming_left = GAMING_POOL_TOKENS
         self.minted = Decimal(0)
         self.seq = [0] * USERS
         self.nft_owner = {nft_id: i for i, nft_id in enumerate(nft_ids)}
@@ -185,10 +191,20 @@ class LedgerMachine(RuleBasedStateMachine):
                                             reward_type="coin", value=value))
             self.seq[user] += 1
         results, new = self.run(games.book_rewards(self.conn, batch))
-        assert new == len(batch), results
-        for user, value in rewards:
+        # In order, each reward and the owner's share (truncated) is paid if the gaming pool covers it.
+        accepted = 0
+        for (user, value), result in zip(rewards, results):
+            share = games.owner_share(value, REVENUE_SHARE)
+            if value + share > self.gaming_left:
+                assert isinstance(result, Conflict) and result.extra["reason"] == games.POOL_EXHAUSTED, result
+                continue
+            assert not isinstance(result, Exception), result
+            accepted += 1
+            self.gaming_left -= value + share
             self.balance[user] += value
-            self.minted += value
+            self.balance[GAME_OWNER] += share
+            self.minted += value + share
+        assert new == accepted, results
 
     @rule(data=st.data(), price=st.decimals(min_value=Decimal("0.00000001"), max_value=Decimal(40), places=8))
     def list_nft(self, data: st.DataObject, price: Decimal) -> None:

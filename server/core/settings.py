@@ -154,6 +154,10 @@ class Settings:
     # chain (no SUI_RPC_URL), where a new user has no other way to get funds to pay with.
     demo_faucet: bool | None = None
     demo_faucet_amount: str = "10"
+    # Staking (server/services/staking.py): lock-up and reward rate are counted in sealed blocks.
+    staking_pool: str = "staking"                     # the reward pool staking rewards are drawn from
+    staking_lockup_blocks: int = 10                   # sealed blocks before a stake may be unstaked
+    staking_reward_per_block_rate: str = "0.0000001"  # fraction of the stake paid per sealed block
     # Earn-to-play games (server/services/games.py).
     game_session_idle_seconds: float = 300.0
     game_leaderboard_interval: float = 2.0
@@ -258,6 +262,10 @@ class Settings:
             max_block_transactions=_int(env, "MAX_BLOCK_TRANSACTIONS", defaults.max_block_transactions),
             demo_faucet=_bool(env, "DEMO_FAUCET", False) if _optional(env, "DEMO_FAUCET") else None,
             demo_faucet_amount=_amount(env, "DEMO_FAUCET_AMOUNT") or defaults.demo_faucet_amount,
+            staking_pool=env.get("STAKING_POOL") or defaults.staking_pool,
+            staking_lockup_blocks=_int(env, "STAKING_LOCKUP_BLOCKS", defaults.staking_lockup_blocks),
+            staking_reward_per_block_rate=_amount(env, "STAKING_REWARD_PER_BLOCK_RATE")
+            or defaults.staking_reward_per_block_rate,
             game_session_idle_seconds=_float(env, "GAME_SESSION_IDLE_SECONDS", defaults.game_session_idle_seconds),
             game_leaderboard_interval=_float(env, "GAME_LEADERBOARD_INTERVAL", defaults.game_leaderboard_interval),
             game_leaderboard_period=env.get("GAME_LEADERBOARD_PERIOD") or defaults.game_leaderboard_period,

@@ -234,6 +234,9 @@ class DemoGamePlayer:
             await games.heartbeat(self.app, caller, play.session_id)
         elif policy == "max_reward_per_session":
             await self._end(caller)
+        elif exc.extra.get("reason") == games.POOL_EXHAUSTED:
+            raise DemoWaiting(f"the '{games.GAMING_POOL}' reward pool is empty; the demo waits for an admin "
+                              "to add tokens") from exc
         elif isinstance(exc, Conflict) and exc.field == "seq":
             play.next_seq += 1  # someone else used this seq in a resumed session: skip it
         elif isinstance(exc, Conflict) and exc.field == "session_id":

@@ -6,6 +6,15 @@ written with the session's new total, the player's balance change and a ledger r
 transaction (with its `reward_earned` events in the outbox). Reports are queued and booked in
 batches: under load one transaction books many of them, so throughput does not stop at one
 transaction per reward; a single report is simply a batch of one.
+
+Every reward is drawn from the `gaming` reward pool (GAMING_POOL; no column links a game to a
+pool), together with the game owner's revenue share on it: `reward * games.revenue_share`,
+truncated to 8 decimals, paid to `games.owner_id` (none when the game has no owner). A reward the
+pool cannot cover is refused (`conflict`, `reason: pool_exhausted`) and books nothing. The draw is a
+compare-and-set on the pool row made late in the transaction (after the rewards are written, before
+the balances move: pool before users, as admin grants lock them), so concurrent batches serialise on
+the pool only for their last statements; a batch that loses the race is booked again with the pool
+locked from the start, so it never overdraws.
 """
 
 from __future__ import annotations
@@ -16,13 +25,14 @@ import datetime as dt
 import hashlib
 import secrets
 import uuid
-from decimal import Decimal
+from decimal import ROUND_DOWN, Decimal, localcontext
 from typing import Any, AsyncIterator, Callable, Iterable
 
 import asyncpg
 import structlog
 from aiohttp import web
 
+from db import chain as chain_queries
 from db import games as queries
 from db import ledger, outbox
 from db.pool import POOL
@@ -43,6 +53,7 @@ from server.core.errors import (
 from server.core.identity import Identity
 from server.core.jsonutil import iso
 from server.core.money import AMOUNT_QUANTUM
+from server.core.protocol import MAX_INTEGER_ID
 from server.core.settings import SETTINGS, Settings
 from server.realtime.hub import publish
 from server.realtime.redis import REDIS, REDIS_HEALTH
@@ -63,6 +74,12 @@ SESSION_STARTED = "session_started"
 SESSION_ENDED = "session_ended"
 REWARD_EARNED = "reward_earned"
 LEADERBOARD_CHANGED = "leaderboard_changed"
+
+GAMING_POOL = "gaming"             # the reward pool every game reward and revenue share is drawn from
+POOL_EXHAUSTED = "pool_exhausted"  # `reason` of the conflict refusing a reward the pool cannot cover
+# value * share has at most 12 + 16 significant digits (NUMERIC(20,8) times a fraction with 8
+# decimals): computed exactly at this precision, then truncated to 8 decimals.
+SHARE_PRECISION = 40
 
 
 def game_channel(game_id: int) -> str:
@@ -313,6 +330,25 @@ def reward_ack(stored: queries.StoredReward) -> dict[str, Any]:
             "session_total": queries.money(stored.session_total), "created_at": stored.created_at.isoformat()}
 
 
+def owner_share(value: Decimal, revenue_share: Decimal) -> Decimal:
+    """The game owner's revenue share of a reward: exact product truncated to 8 decimals (never rounds up)."""
+    with localcontext(prec=SHARE_PRECISION):
+        return (value * revenue_share).quantize(AMOUNT_QUANTUM, rounding=ROUND_DOWN)
+
+
+@dataclasses.dataclass(slots=True)
+class PoolBudget:
+    """What the reward pool still holds while a batch is decided (decide spends it)."""
+
+    pool_id: int | None  # None: no pool of that name, so nothing can be paid
+    name: str
+    remaining: Decimal
+
+
+class PoolRaced(Exception):
+    """The pool was drawn by someone else after the batch read it (book again with the pool locked)."""
+
+
 def _policy_error(error: HubError, policy: str, limit: Decimal) -> HubError:
     error.extra.update(policy=policy, limit=queries.money(limit))
     return error
@@ -320,16 +356,16 @@ def _policy_error(error: HubError, policy: str, limit: Decimal) -> HubError:
 
 def decide(batch: list[RewardReport], sessions: dict[int, queries.SessionForReward],
            existing: dict[tuple[int, int], queries.StoredReward],
-           windows: dict[int, tuple[Decimal, dt.datetime]], now: dt.datetime,
+           windows: dict[int, tuple[Decimal, dt.datetime]], now: dt.datetime, budget: PoolBudget,
            ) -> tuple[list[HubError | queries.StoredReward | tuple[int, int]], dict[tuple[int, int], queries.NewReward]]:
-    """Apply the policy to a batch in order: per report an error, a stored reward (replay) or the
-    key of a reward accepted now; and the accepted rewards to write."""
+    """Apply the policy and the pool's budget to a batch in order: per report an error, a stored
+    reward (replay) or the key of a reward accepted now; and the accepted rewards to write."""
     totals = {sid: s.rewards_earned for sid, s in sessions.items()}
     window = {sid: windows.get(sid, (Decimal(0), now))[0] for sid in sessions}
     accepted: dict[tuple[int, int], queries.NewReward] = {}
     outcomes: list[HubError | queries.StoredReward | tuple[int, int]] = []
     for report in batch:
-        outcomes.append(_decide_one(report, sessions, existing, windows, now, totals, window, accepted))
+        outcomes.append(_decide_one(report, sessions, existing, windows, now, totals, window, accepted, budget))
     return outcomes, accepted
 
 
@@ -337,7 +373,8 @@ def _decide_one(report: RewardReport, sessions: dict[int, queries.SessionForRewa
                 existing: dict[tuple[int, int], queries.StoredReward],
                 windows: dict[int, tuple[Decimal, dt.datetime]], now: dt.datetime,
                 totals: dict[int, Decimal], window: dict[int, Decimal],
-                accepted: dict[tuple[int, int], queries.NewReward]) -> HubError | queries.StoredReward | tuple[int, int]:
+                accepted: dict[tuple[int, int], queries.NewReward],
+                budget: PoolBudget) -> HubError | queries.StoredReward | tuple[int, int]:
     session = sessions.get(report.session_id)
     if session is None:
         return NotFound("no such session", field="session_id")
@@ -375,11 +412,19 @@ def _decide_one(report: RewardReport, sessions: dict[int, queries.SessionForRewa
             f"the session would exceed the game's maximum per minute "
             f"({queries.money(session.max_reward_per_minute)})", retry_after=retry_after),
             "max_reward_per_minute", session.max_reward_per_minute)
+    share = owner_share(report.value, session.revenue_share) if session.owner_id is not None else Decimal(0)
+    if budget.pool_id is None or report.value + share > budget.remaining:
+        return Conflict(
+            f"the '{budget.name}' reward pool cannot cover this reward ({queries.money(report.value + share)} "
+            f"with the owner's share, {queries.money(budget.remaining)} left)",
+            field="value", reason=POOL_EXHAUSTED, pool=budget.name, remaining=queries.money(budget.remaining))
+    budget.remaining -= report.value + share
     totals[report.session_id] = total
     window[report.session_id] = in_window
     accepted[key] = queries.NewReward(
         game_id=session.game_id, player_wallet=session.player_wallet, reward_type=report.reward_type,
-        value=report.value, session_id=session.session_id, seq=report.seq, session_total=total)
+        value=report.value, session_id=session.session_id, seq=report.seq, session_total=total,
+        pool_id=budget.pool_id, owner_share=share)
     return key
 
 
@@ -389,10 +434,18 @@ def reward_event(session: queries.SessionForReward, stored: queries.StoredReward
             "player_wallet": session.player_wallet}
 
 
-async def book_rewards(conn: asyncpg.Connection,
-                       batch: list[RewardReport]) -> tuple[list[dict[str, Any] | HubError], int]:
-    """Book a batch of reports in one transaction: per report its ack or its error, and how many
-    rewards were new (the rest were replays or refused)."""
+async def book_rewards(conn: asyncpg.Connection, batch: list[RewardReport],
+                       pool_name: str = GAMING_POOL) -> tuple[list[dict[str, Any] | HubError], int]:
+    """Book a batch of reports in one transaction, drawing them from the reward pool: per report
+    its ack or its error, and how many rewards were new (the rest were replays or refused)."""
+    try:
+        return await _book(conn, batch, pool_name, lock_pool=False)
+    except PoolRaced:
+        return await _book(conn, batch, pool_name, lock_pool=True)
+
+
+async def _book(conn: asyncpg.Connection, batch: list[RewardReport], pool_name: str, *,
+                lock_pool: bool) -> tuple[list[dict[str, Any] | HubError], int]:
     async with conn.transaction():
         sessions = await queries.lock_sessions_for_rewards(conn, (r.session_id for r in batch))
         keys = {(r.session_id, r.seq) for r in batch if r.session_id in sessions}
@@ -400,24 +453,40 @@ async def book_rewards(conn: asyncpg.Connection,
         fresh = {r.session_id for r in batch if (r.session_id, r.seq) not in existing and r.session_id in sessions}
         windows = await queries.minute_windows(conn, fresh) if fresh else {}
         now = await database_now(conn)
-        outcomes, accepted = decide(batch, sessions, existing, windows, now)
+        # Sessions first, then the pool, then the users (the ledger): the same order as every batch.
+        pool = None
+        if fresh:
+            pool = await queries.reward_pool(conn, pool_name, lock=lock_pool)
+        budget = PoolBudget(pool.id if pool else None, pool_name, pool.remaining if pool else Decimal(0))
+        outcomes, accepted = decide(batch, sessions, existing, windows, now, budget)
         booked: dict[tuple[int, int], queries.StoredReward] = {}
         if accepted:
-            stored = await queries.insert_rewards(conn, list(accepted.values()))
+            new_rewards = list(accepted.values())
+            stored = await queries.insert_rewards(conn, new_rewards)
             booked = {(s.session_id, s.seq): s for s in stored}
             session_totals: dict[int, tuple[Decimal, int]] = {}
-            for reward in accepted.values():
+            for reward in new_rewards:
                 _, count = session_totals.get(reward.session_id, (Decimal(0), 0))
                 session_totals[reward.session_id] = (reward.session_total, count + 1)
             await queries.add_session_totals(conn, session_totals)
             changes, events = [], []
-            for reward in stored:
+            for reward, new in zip(stored, new_rewards):
                 session = sessions[reward.session_id]
                 changes.append(ledger.BalanceChange(session.user_id, reward.reward_value, ledger.GAME_REWARD,
                                                     str(reward.reward_id)))
+                if new.owner_share > 0 and session.owner_id is not None:
+                    changes.append(ledger.BalanceChange(session.owner_id, new.owner_share, ledger.REVENUE_SHARE,
+                                                        str(reward.reward_id)))
                 data = reward_event(session, reward)
                 events += [(game_channel(session.game_id), REWARD_EARNED, data),
                            (session_channel(session.session_id), REWARD_EARNED, data)]
+            drawn = sum((r.value + r.owner_share for r in new_rewards), Decimal(0))
+            # As late as the lock order allows (pool before users, as admin grants lock them), so
+            # the pool row is held briefly; the condition fails when a concurrent batch spent what
+            # this one counted on.
+            assert budget.pool_id is not None  # decide accepts nothing without a pool
+            if not await queries.draw_from_pool(conn, budget.pool_id, drawn):
+                raise PoolRaced(pool_name)  # never with the pool locked: then it cannot have moved
             # The whole batch in two statements (one UPDATE, one INSERT), whatever its size.
             await ledger.apply_balance_changes(conn, changes)
             await outbox.enqueue_many(conn, events)
@@ -519,6 +588,30 @@ class RewardIngest:
             pending = self._queue.get_nowait()
             if not pending.future.done():
                 pending.future.set_exception(Unavailable("the server is stopping; retry"))
+
+
+# --- pool allocations --------------------------------------------------------------------------
+
+def _allocation_page(found: list[chain_queries.Allocation], limit: int) -> dict[str, Any]:
+    page = found[:limit]
+    return {"items": [allocation.to_public() for allocation in page],
+            "next": page[-1].id if len(found) > limit else None}
+
+
+async def user_allocations(conn: asyncpg.Connection, user_id: uuid.UUID, before: int | None,
+                           limit: int) -> dict[str, Any]:
+    """A page of a user's pool allocations, newest first; `next` is the following page's `before`."""
+    found = await queries.user_allocations(conn, user_id, before or MAX_INTEGER_ID, limit + 1)
+    return _allocation_page(found, limit)
+
+
+async def pool_allocations(conn: asyncpg.Connection, pool_id: int, before: int | None, limit: int) -> dict[str, Any]:
+    """A page of a reward pool's allocations, newest first, with the pool."""
+    pool = await chain_queries.get_pool(conn, pool_id)
+    if pool is None:
+        raise NotFound("no such reward pool", field="pool_id")
+    found = await queries.pool_allocations(conn, pool_id, before or MAX_INTEGER_ID, limit + 1)
+    return {"pool": pool.to_public(), **_allocation_page(found, limit)}
 
 
 # --- leaderboards ------------------------------------------------------------------------------
