@@ -41,12 +41,16 @@ async def set_wallet(conn: asyncpg.Connection, user_id: uuid.UUID, public_key: s
     return row["wallet_address"] if row else None
 
 
+WALLET_BY_ADDRESS = """SELECT id AS user_id, wallet_address AS address, wallet_public_key AS public_key,
+                            total_balance AS balance
+                       FROM users WHERE wallet_address = $1"""
+PENDING_OUTGOING = "SELECT coalesce(sum(amount), 0) FROM transactions WHERE sender = $1 AND status = 'pending'"
+NEXT_NONCE = "SELECT coalesce(max(nonce) + 1, 0) FROM transactions WHERE sender = $1 AND nonce IS NOT NULL"
+
+
 async def get_wallet(conn: asyncpg.Connection, address: str, *, lock: bool = False) -> WalletAccount | None:
     """The wallet with this address (FOR UPDATE of its owner's row when `lock`)."""
-    row = await conn.fetchrow(
-        f"""SELECT id AS user_id, wallet_address AS address, wallet_public_key AS public_key,
-                   total_balance AS balance
-              FROM users WHERE wallet_address = $1 {'FOR UPDATE' if lock else ''}""", address)
+    row = await conn.fetchrow(WALLET_BY_ADDRESS + (" FOR UPDATE" if lock else ""), address)
     return WalletAccount(**dict(row)) if row else None
 
 
@@ -61,14 +65,12 @@ async def get_user_wallet(conn: asyncpg.Connection, user_id: uuid.UUID) -> Walle
 
 async def pending_outgoing(conn: asyncpg.Connection, address: str) -> Decimal:
     """What the address has submitted but not yet had sealed (reserved from its balance)."""
-    return await conn.fetchval(
-        "SELECT coalesce(sum(amount), 0) FROM transactions WHERE sender = $1 AND status = 'pending'", address)
+    return await conn.fetchval(PENDING_OUTGOING, address)
 
 
 async def next_nonce(conn: asyncpg.Connection, address: str) -> int:
     """One more than the highest nonce the address has used (0 for a new wallet)."""
-    return await conn.fetchval(
-        "SELECT coalesce(max(nonce) + 1, 0) FROM transactions WHERE sender = $1 AND nonce IS NOT NULL", address)
+    return await conn.fetchval(NEXT_NONCE, address)
 
 
 # --- transactions -----------------------------------------------------------------------------

@@ -56,25 +56,6 @@ async def block_transactions(conn: asyncpg.Connection, height: int, after: int, 
 
 # --- addresses --------------------------------------------------------------------------------
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Address:
-    """A wallet address, its owner and the owner's balance."""
-
-    user_id: uuid.UUID
-    address: str
-    public_key: str
-    balance: Decimal
-
-
-ADDRESS = """SELECT id AS user_id, wallet_address AS address, wallet_public_key AS public_key,
-                    total_balance AS balance
-               FROM users WHERE wallet_address = $1"""
-
-PENDING_OUTGOING = """SELECT coalesce(sum(amount), 0) FROM transactions
-                       WHERE sender = $1 AND status = 'pending'"""
-
-NEXT_NONCE = "SELECT coalesce(max(nonce) + 1, 0) FROM transactions WHERE sender = $1 AND nonce IS NOT NULL"
-
 # Sent and received merged newest first: each branch walks its own (address, id) index, so a
 # page costs two short index scans however long the history is. A transfer to oneself (only
 # possible in rows written the seed's way) is listed once, as sent.
@@ -87,22 +68,6 @@ ADDRESS_TRANSACTIONS = f"""
           WHERE receiver = $1 AND sender IS DISTINCT FROM $1 AND transaction_id < $2
           ORDER BY transaction_id DESC LIMIT $3)
     ) history ORDER BY id DESC LIMIT $3"""
-
-
-async def get_address(conn: asyncpg.Connection, address: str) -> Address | None:
-    """The wallet with this address."""
-    row = await conn.fetchrow(ADDRESS, address)
-    return Address(**dict(row)) if row else None
-
-
-async def pending_outgoing(conn: asyncpg.Connection, address: str) -> Decimal:
-    """What the address has submitted but not had sealed yet."""
-    return await conn.fetchval(PENDING_OUTGOING, address)
-
-
-async def next_nonce(conn: asyncpg.Connection, address: str) -> int:
-    """One more than the highest nonce the address has used."""
-    return await conn.fetchval(NEXT_NONCE, address)
 
 
 async def address_transactions(conn: asyncpg.Connection, address: str, before: int, limit: int

@@ -9,6 +9,7 @@ from decimal import Decimal
 
 import pytest
 
+from db import chain as chain_queries
 from db import explorer as queries
 from db import users as user_queries
 from server.core import wallets
@@ -350,8 +351,8 @@ async def test_every_explorer_list_query_uses_its_index(db, chain):
         (queries.BLOCK_HEIGHT_BY_HASH, ("ab" * 32,), ["blocks_block_hash_key"]),
         (queries.BLOCK_EXISTS, (1,), ["blocks_pkey"]),
         (queries.TRANSACTION_BY_HASH, ("ab" * 32,), ["transactions_transaction_hash_key"]),
-        (queries.ADDRESS, (alice.address,), ["users_wallet_address_key"]),
-        (queries.PENDING_OUTGOING, (alice.address,), ["idx_transactions_pending"]),
+        (chain_queries.WALLET_BY_ADDRESS, (alice.address,), ["users_wallet_address_key"]),
+        (chain_queries.PENDING_OUTGOING, (alice.address,), ["idx_transactions_pending"]),
     ]
     for sql, args, indexes in cases:
         plan = await _plan(db, sql, *args)

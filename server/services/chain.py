@@ -72,10 +72,15 @@ async def wallet_summary(conn: asyncpg.Connection, address: str) -> dict[str, An
     wallet = await queries.get_wallet(conn, address)
     if wallet is None:
         raise NotFound("no wallet has that address", field="address")
-    pending = await queries.pending_outgoing(conn, address)
+    return await summarise_wallet(conn, wallet)
+
+
+async def summarise_wallet(conn: asyncpg.Connection, wallet: queries.WalletAccount) -> dict[str, Any]:
+    """A wallet's address, key, balance, reserved (pending) amount, what is free and its next nonce."""
+    pending = await queries.pending_outgoing(conn, wallet.address)
     return {"address": wallet.address, "public_key": wallet.public_key, "balance": money(wallet.balance),
             "pending_outgoing": money(pending), "available": money(wallet.balance - pending),
-            "next_nonce": await queries.next_nonce(conn, address)}
+            "next_nonce": await queries.next_nonce(conn, wallet.address)}
 
 
 async def own_wallet(conn: asyncpg.Connection, user_id: uuid.UUID) -> queries.WalletAccount:

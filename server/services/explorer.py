@@ -21,6 +21,7 @@ from server.core.errors import InvalidPayload, NotFound
 from server.core.jsonutil import iso
 from server.core.money import AMOUNT_QUANTUM, money
 from server.core.protocol import MAX_INTEGER_ID
+from server.services.chain import summarise_wallet
 
 BLOCK_HASH_LENGTH = 64
 HEIGHT_DIGITS = 10
@@ -84,9 +85,9 @@ async def block_mining_rewards(conn: asyncpg.Connection, ref: int | str, after: 
 
 # --- addresses --------------------------------------------------------------------------------
 
-async def _address(conn: asyncpg.Connection, address: str) -> queries.Address:
+async def _address(conn: asyncpg.Connection, address: str) -> chain_queries.WalletAccount:
     address = address.lower()
-    wallet = await queries.get_address(conn, address) if wallets.ADDRESS_RE.match(address) else None
+    wallet = await chain_queries.get_wallet(conn, address) if wallets.ADDRESS_RE.match(address) else None
     if wallet is None:
         raise NotFound("no wallet has that address", field="address")
     return wallet
@@ -95,10 +96,7 @@ async def _address(conn: asyncpg.Connection, address: str) -> queries.Address:
 async def get_address(conn: asyncpg.Connection, address: str) -> dict[str, Any]:
     """An address's owner, balance, reserved (pending) amount and next free nonce."""
     wallet = await _address(conn, address)
-    pending = await queries.pending_outgoing(conn, wallet.address)
-    return {"address": wallet.address, "user_id": str(wallet.user_id), "public_key": wallet.public_key,
-            "balance": money(wallet.balance), "pending_outgoing": money(pending),
-            "available": money(wallet.balance - pending), "next_nonce": await queries.next_nonce(conn, wallet.address)}
+    return {**await summarise_wallet(conn, wallet), "user_id": str(wallet.user_id)}
 
 
 async def address_transactions(conn: asyncpg.Connection, address: str, before: int | None, limit: int
@@ -158,7 +156,7 @@ async def search(conn: asyncpg.Connection, query: str) -> dict[str, Any]:
         return {"query": query, "kind": "block", "height": int(text), "hash": block_hash,
                 "path": f"/api/v1/chain/blocks/{int(text)}"}
     if wallets.ADDRESS_RE.match(text):
-        wallet = await queries.get_address(conn, text)
+        wallet = await chain_queries.get_wallet(conn, text)
         if wallet is None:
             raise NotFound("no wallet has that address", field="q")
         return {"query": query, "kind": "address", "address": text, "user_id": str(wallet.user_id),
