@@ -41,9 +41,10 @@ async def set_wallet(conn: asyncpg.Connection, user_id: uuid.UUID, public_key: s
     return row["wallet_address"] if row else None
 
 
+# A deleted account keeps its address without a key (migration 0020): no wallet, so nothing is sent to or from it.
 WALLET_BY_ADDRESS = """SELECT id AS user_id, wallet_address AS address, wallet_public_key AS public_key,
                             total_balance AS balance
-                       FROM users WHERE wallet_address = $1"""
+                       FROM users WHERE wallet_address = $1 AND wallet_public_key IS NOT NULL"""
 PENDING_OUTGOING = "SELECT coalesce(sum(amount), 0) FROM transactions WHERE sender = $1 AND status = 'pending'"
 NEXT_NONCE = "SELECT coalesce(max(nonce) + 1, 0) FROM transactions WHERE sender = $1 AND nonce IS NOT NULL"
 
@@ -218,7 +219,7 @@ _BLOCK_COLUMNS = """b.block_id AS height, b.block_hash AS hash, b.previous_hash,
     coalesce(b.transactions, '[]'::jsonb) AS tx_hashes, b.miner_id, b.burned, b.total_blocks, b.active_blocks,
     b.inactive_blocks, b.burned_blocks, b.remaining_blocks, b.halving_schedule, b.next_halving_time,
     b.last_burn_time, coalesce(b.burned_block_ids, '{}') AS burned_block_ids,
-    (SELECT r.amount FROM mining_rewards r WHERE r.block_id = b.block_id) AS reward"""
+    (SELECT sum(r.amount) FROM mining_rewards r WHERE r.block_id = b.block_id) AS reward"""  # one row per miner
 
 
 def _block(row: asyncpg.Record) -> Block:
@@ -396,7 +397,7 @@ async def add_tokens(conn: asyncpg.Connection, pool_id: int, delta: Decimal) -> 
 
 async def insert_mining_reward(conn: asyncpg.Connection, *, miner: MinerAccount, height: int, pool_id: int | None,
                                amount: Decimal) -> int:
-    """Record a block's reward (once per block: mining_rewards_block_key)."""
+    """Record one miner's reward for a block (once per miner per block: mining_rewards_block_miner_key)."""
     return await conn.fetchval(
         """INSERT INTO mining_rewards (miner_wallet, block_id, pool_id, amount, device_type, reward, user_id)
            VALUES ($1, $2, $3, $4, $5, $4, $6) RETURNING reward_id""",

@@ -20,6 +20,7 @@ class Holder(enum.Enum):
     DATASETS = "datasets"
     KYC = "kyc"
     PURCHASES = "purchases"
+    SYSTEM_WALLETS = "wallets"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -44,6 +45,7 @@ _COLUMNS = {
     Holder.DATASETS: _Column("datapods", "id", "uuid", "wrapped_key"),
     Holder.KYC: _Column("kyc_submissions", "kyc_id", "int", "document_key"),
     Holder.PURCHASES: _Column("purchases", "id", "uuid", "decryption_key"),
+    Holder.SYSTEM_WALLETS: _Column("system_wallets", "name", "varchar", "wrapped_private_key"),
 }
 
 

@@ -19,7 +19,7 @@ import asyncpg
 # --- reasons: what moved a balance (balance_ledger.reason) -------------------------------------
 TRANSFER_OUT = "transfer_out"        # reference: transaction hash (sealed transfer, sender's side)
 TRANSFER_IN = "transfer_in"          # reference: transaction hash (receiver's side)
-MINING_REWARD = "mining_reward"      # reference: block height
+MINING_REWARD = "mining_reward"      # reference: "<block height>:<user_id>" (one per miner per block)
 POOL_GRANT = "pool_grant"            # reference: pool_allocations.id (an admin's grant from a reward pool)
 FAUCET = "demo_faucet"               # reference: "<user_id>:<UTC date>" (one claim a day)
 GAME_REWARD = "game_reward"          # reference: game_rewards.reward_id
@@ -30,11 +30,15 @@ REVENUE_SHARE = "revenue_share"      # reference: game_rewards.reward_id (the ga
 STAKE = "stake"                      # reference: defi.id (KVP locked into a stake)
 UNSTAKE = "unstake"                  # reference: defi.id (a closed stake's principal back)
 STAKING_REWARD = "staking_reward"    # reference: "<defi.id>:<first height>-<last height>" (drawn from the staking pool)
+ACCOUNT_CLOSED_BURN = "account_closed"  # reference: "<user_id>" (a deleted account's remaining balance, burned)
 
 # Reasons that create money (drawn from a reward pool, minted by the demo faucet, or booked by
 # migration 0014); every other reason moves money between users, so the rows of one reference sum to 0
-# (a future burn reason would join this set as a documented exception).
+# (burns are the documented exception, below).
 MINTING_REASONS = (MINING_REWARD, POOL_GRANT, FAUCET, GAME_REWARD, OPENING_BALANCE, REVENUE_SHARE, STAKING_REWARD)
+# Reasons that destroy money on purpose: a deleted account's balance goes to nobody (issue 18), so
+# its row is the only one of its reference and is left out of the zero-sum check too.
+BURN_REASONS = (ACCOUNT_CLOSED_BURN,)
 
 
 class UnknownAccount(LookupError):
@@ -154,7 +158,7 @@ async def chain_mismatches(conn: asyncpg.Connection, limit: int) -> list[Mismatc
 
 
 async def unbalanced_moves(conn: asyncpg.Connection, limit: int) -> list[str]:
-    """References whose moving rows (all but MINTING_REASONS) do not sum to what they should: money
+    """References whose moving rows (all but MINTING_REASONS and BURN_REASONS) do not sum to what they should: money
     made or lost. That is 0, except for an active stake (a `stake` row whose reference is an active
     staking defi.id): its principal is locked, not lost, so its moves sum to -amount until unstaked."""
     rows = await conn.fetch(
@@ -168,7 +172,7 @@ async def unbalanced_moves(conn: asyncpg.Connection, limit: int) -> list[str]:
              LEFT JOIN defi d ON m.staked AND d.product = 'staking' AND d.status = 'active'
                               AND d.id::text = m.reference
             WHERE m.total <> coalesce(-d.amount, 0)
-            ORDER BY m.first_entry LIMIT $1""", limit, list(MINTING_REASONS), STAKE)
+            ORDER BY m.first_entry LIMIT $1""", limit, list(MINTING_REASONS + BURN_REASONS), STAKE)
     return [f"reference {row['reference']} ({row['reasons']}): its moves sum to {row['total']}, "
             f"not {row['expected']}" for row in rows]
 

@@ -222,10 +222,10 @@ async def record_receipt(conn: asyncpg.Connection, *, digest: str, purchase_id: 
     return row is not None
 
 
-async def receipt_for(conn: asyncpg.Connection, purchase_id: uuid.UUID, digest: str) -> bool:
-    """Whether this purchase's own receipt for the digest exists (a resumed job already recorded it)."""
+async def receipt_amount(conn: asyncpg.Connection, purchase_id: uuid.UUID, digest: str) -> Decimal | None:
+    """What this purchase's own receipt for the digest says was paid; None when there is none."""
     return await conn.fetchval(
-        "SELECT EXISTS (SELECT 1 FROM payment_receipts WHERE payment_tx_digest = $1 AND purchase_id = $2)",
+        "SELECT amount_sui FROM payment_receipts WHERE payment_tx_digest = $1 AND purchase_id = $2",
         digest, purchase_id)
 
 

@@ -118,12 +118,14 @@ async def upsert_admin(conn: asyncpg.Connection, user_id: uuid.UUID, *, username
 
 
 async def admin_stats(conn: asyncpg.Connection) -> dict:
-    """Platform counters for admins: users, KYC by status, reward pools."""
+    """Platform counters for admins: people (not the server's own or deleted accounts), KYC by status,
+    reward pools."""
     row = await conn.fetchrow(
-        """SELECT (SELECT count(*) FROM users) AS users,
-                  (SELECT count(*) FROM users WHERE kyc_status = 'Pending') AS kyc_pending,
-                  (SELECT count(*) FROM users WHERE kyc_status = 'Approved') AS kyc_approved,
-                  (SELECT count(*) FROM users WHERE kyc_status = 'Rejected') AS kyc_rejected,
+        """WITH people AS (SELECT kyc_status FROM users WHERE account_kind = 'person')
+           SELECT (SELECT count(*) FROM people) AS users,
+                  (SELECT count(*) FROM people WHERE kyc_status = 'Pending') AS kyc_pending,
+                  (SELECT count(*) FROM people WHERE kyc_status = 'Approved') AS kyc_approved,
+                  (SELECT count(*) FROM people WHERE kyc_status = 'Rejected') AS kyc_rejected,
                   (SELECT coalesce(sum(total_tokens), 0) FROM reward_pools) AS pool_total_tokens,
                   (SELECT coalesce(sum(allocated_tokens), 0) FROM reward_pools) AS pool_allocated_tokens""")
     return dict(row)

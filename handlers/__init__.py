@@ -5,11 +5,12 @@ from handlers.chain import ChainCommands
 from handlers.dao import DaoCommands
 from handlers.games import GamesNamespace
 from handlers.marketplace import MarketplaceNamespace
+from handlers.mining import MiningCommands
 from handlers.purchases import PurchasesNamespace
 from server.edge.namespace import HubNamespace
 
 
-class ChainNamespace(ChainCommands, DaoCommands, HubNamespace):
+class ChainNamespace(ChainCommands, DaoCommands, MiningCommands, HubNamespace):
     """KVP chain feeds: blocks, transactions, mining, DAO tallies (anyone may watch).
 
     Proposals are voted with chain wallets, so the DAO's commands and channel share /chain; each
@@ -18,8 +19,8 @@ class ChainNamespace(ChainCommands, DaoCommands, HubNamespace):
 
     name = "/chain"
     allow_anonymous = True
-    channels = ChainCommands.channels + DaoCommands.channels
-    events = ChainCommands.events + DaoCommands.events
+    channels = ChainCommands.channels + DaoCommands.channels + MiningCommands.channels
+    events = ChainCommands.events + DaoCommands.events + MiningCommands.events
 
 
 NAMESPACES = (AssistantNamespace, MarketplaceNamespace, PurchasesNamespace, GamesNamespace, ChainNamespace)

@@ -1,4 +1,4 @@
-"""Purchases: start, follow, confirm, download, key envelope, review (REST and the /purchases namespace).
+"""Purchases: start, follow, confirm, dispute, download, key envelope, review (REST and the /purchases namespace).
 
 Each route and command validates its payload and calls one function of server/services/purchases.py,
 which holds the rules. Starting a purchase only records it; the worker
@@ -12,11 +12,12 @@ import uuid
 from aiohttp import web
 
 from server.core.identity import Identity
+from server.core.settings import SETTINGS
 from server.edge.namespace import Ctx, HubNamespace, command
 from server.edge.rest import endpoint, ok_response, path_uuid, query_payload
-from server.edge.schemas import MAX_PAGE, UUID, compile_schema, obj, string
+from server.edge.schemas import DEFAULT_PAGE, MAX_PAGE, UUID, compile_schema, obj, string
 from server.realtime.hub import USER_CHANNEL, ChannelRule, own_user
-from server.services import kyc
+from server.services import escrow, kyc
 from server.services import purchases as service
 
 routes = web.RouteTableDef()
@@ -32,6 +33,12 @@ LIST_VALIDATOR = compile_schema(LIST_SCHEMA)
 REVIEW_SCHEMA = obj({"rating": {"type": "integer", "minimum": 1, "maximum": 5},
                      "comment": string(0, 2000)}, required=("rating",))
 REFUND_SCHEMA = obj({"reason": string(1, 500)})
+DISPUTE_SCHEMA = obj({"reason": string(1, 1000)}, required=("reason",))
+DISPUTE_COMMAND_SCHEMA = obj({"purchase_id": UUID, "reason": string(1, 1000)}, required=("purchase_id", "reason"))
+RESOLVE_SCHEMA = obj({"outcome": {"enum": ["release", "refund"]}, "note": string(1, 1000)},
+                     required=("outcome", "note"))
+DISPUTES_QUERY = obj({"limit": {"type": "integer", "minimum": 1, "maximum": MAX_PAGE}, "cursor": string(1, 200)})
+DISPUTES_VALIDATOR = compile_schema({**DISPUTES_QUERY, "type": ["object", "null"]})
 PURCHASE_PATH = {"purchase_id": UUID}
 X25519_SCHEMA = obj({"public_key": string(43, 64)}, required=("public_key",))
 
@@ -71,6 +78,27 @@ async def handle_get_purchase(request: web.Request, identity: Identity) -> web.R
 async def handle_confirm(request: web.Request, identity: Identity) -> web.Response:
     """The buyer confirms the download; the escrow goes to the seller."""
     return ok_response(await service.confirm_download(request.app, identity, _parse_id(request)))
+
+
+@routes.post("/api/v1/purchases/{purchase_id}/dispute")
+@endpoint(body=DISPUTE_SCHEMA, auth="user", path=PURCHASE_PATH)
+async def handle_dispute(request: web.Request, identity: Identity, body: dict) -> web.Response:
+    """The buyer disputes within the escrow window: the release freezes until an administrator decides."""
+    return ok_response(await escrow.open_dispute(request.app, identity, _parse_id(request), body["reason"]))
+
+
+@routes.get("/api/v1/purchases/{purchase_id}/escrow")
+@endpoint(auth="user", path=PURCHASE_PATH)
+async def handle_get_escrow(request: web.Request, identity: Identity) -> web.Response:
+    """A purchase's escrow and its steps (its buyer, its seller, or an administrator)."""
+    return ok_response(await escrow.escrow_view(request.app, identity, _parse_id(request)))
+
+
+@routes.get("/api/v1/escrow")
+@endpoint()
+async def handle_escrow_terms(request: web.Request) -> web.Response:
+    """Where to pay for a purchase, the platform fee and the release window."""
+    return ok_response(escrow.terms(request.app[SETTINGS], request.app[escrow.ESCROW_ACCOUNTS]))
 
 
 @routes.get("/api/v1/purchases/{purchase_id}/download")
@@ -148,6 +176,22 @@ async def handle_admin_refund(request: web.Request, identity: Identity, body: di
     return ok_response(await service.refund_as_admin(request.app, identity, _parse_id(request), body.get("reason")))
 
 
+@routes.get("/api/v1/admin/escrow/disputes")
+@endpoint(auth="admin", query=DISPUTES_QUERY)
+async def handle_admin_disputes(request: web.Request, identity: Identity) -> web.Response:
+    """Open disputes, oldest first (?limit, ?cursor)."""
+    query = query_payload(request, DISPUTES_VALIDATOR)
+    return ok_response(await escrow.list_disputes(request.app, query.get("cursor"), query.get("limit", DEFAULT_PAGE)))
+
+
+@routes.post("/api/v1/admin/purchases/{purchase_id}/resolve")
+@endpoint(body=RESOLVE_SCHEMA, auth="admin", path=PURCHASE_PATH)
+async def handle_admin_resolve(request: web.Request, identity: Identity, body: dict) -> web.Response:
+    """End a dispute: release the payment to the seller or refund the buyer, with a note."""
+    return ok_response(await service.resolve_dispute(request.app, identity, _parse_id(request), body["outcome"],
+                                                     body["note"]))
+
+
 # --- Socket.IO -------------------------------------------------------------------------------------
 
 class PurchasesNamespace(HubNamespace):
@@ -157,8 +201,7 @@ class PurchasesNamespace(HubNamespace):
     allow_anonymous = False
     channels = (ChannelRule(USER_CHANNEL, own_user),)
     # On user:<id>, so /games and /assistant deliver them too to a subscriber of that channel.
-    events = (service.PURCHASE_PROGRESSED, service.SALE_COMPLETED, service.ESCROW_RELEASED, service.ESCROW_REFUNDED,
-              kyc.STATUS_CHANGED)
+    events = (service.PURCHASE_PROGRESSED, service.SALE_COMPLETED, *escrow.EVENTS, kyc.STATUS_CHANGED)
 
     @command(START_SCHEMA)
     async def on_start_purchase(self, ctx: Ctx, payload: dict) -> dict:
@@ -180,3 +223,14 @@ class PurchasesNamespace(HubNamespace):
     async def on_confirm_download(self, ctx: Ctx, payload: dict) -> dict:
         """Confirm delivery: the escrow is released to the seller."""
         return await service.confirm_download(self.app, ctx.identity, uuid.UUID(payload["purchase_id"]))  # type: ignore[arg-type]
+
+    @command(DISPUTE_COMMAND_SCHEMA)
+    async def on_open_dispute(self, ctx: Ctx, payload: dict) -> dict:
+        """Dispute a purchase within the escrow window, with a reason."""
+        return await escrow.open_dispute(self.app, ctx.identity, uuid.UUID(payload["purchase_id"]),  # type: ignore[arg-type]
+                                         payload["reason"])
+
+    @command(PURCHASE_ID_SCHEMA)
+    async def on_get_escrow(self, ctx: Ctx, payload: dict) -> dict:
+        """A purchase's escrow and its steps."""
+        return await escrow.escrow_view(self.app, ctx.identity, uuid.UUID(payload["purchase_id"]))  # type: ignore[arg-type]

@@ -14,6 +14,7 @@ from aiohttp import web
 import handlers
 from db import migrate
 from db.pool import POOL, create_pool
+from handlers import account_deletion as account_deletion_handlers
 from handlers import admin as admin_handlers
 from handlers import apidocs as apidocs_handlers
 from handlers import assistant as assistant_handlers
@@ -24,6 +25,7 @@ from handlers import events as events_handlers
 from handlers import games as games_handlers
 from handlers import kyc as kyc_handlers
 from handlers import marketplace as marketplace_handlers
+from handlers import mining as mining_handlers
 from handlers import network as network_handlers
 from handlers import nfts as nft_handlers
 from handlers import purchases as purchase_handlers
@@ -56,6 +58,7 @@ from server.services.block_producer import block_producer_ctx
 from server.services.dao import dao_ctx
 from server.services.datasets import blobs_ctx
 from server.services.demo_game import demo_game_ctx
+from server.services.escrow import escrow_ctx
 from server.services.games import games_ctx
 from server.services.keys import load_master_key
 from server.services.purchase_jobs import purchase_jobs_ctx
@@ -189,6 +192,7 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(assistant_ctx)
     app.cleanup_ctx.append(block_producer_ctx)
     app.cleanup_ctx.append(blobs_ctx)
+    app.cleanup_ctx.append(escrow_ctx)
     app.cleanup_ctx.append(purchase_jobs_ctx)
     app.cleanup_ctx.append(games_ctx)
     app.cleanup_ctx.append(dao_ctx)
@@ -218,6 +222,8 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_routes(network_handlers.routes)
     app.router.add_routes(kyc_handlers.routes)
     app.router.add_routes(staking_handlers.routes)
+    app.router.add_routes(mining_handlers.routes)
+    app.router.add_routes(account_deletion_handlers.routes)
     app.router.add_routes(apidocs_handlers.routes)
     app.router.add_get("/{path:.*}", handle_static)  # last: every other route wins
     return app

@@ -519,17 +519,17 @@ function openTab(name) {
   document.querySelector(`nav button[data-tab="${name}"]`).click();
 }
 
-/** Pay the seller on the KVP chain from this browser's wallet, then start the purchase with the digest. */
+/** Pay the escrow on the KVP chain from this browser's wallet, then start the purchase with the digest. */
 async function buyDatapod(pod) {
   const previous = [...purchases.values()].find((p) => p.datapod_id === pod.id && !["failed", "refunded"].includes(p.status));
   if (previous) throw new Error("You already bought this DataPod (see the Purchases tab).");
   await ensureWallet();
-  const sellerId = pod.seller?.id ?? (await api("GET", `/api/v1/datapods/${pod.id}`)).seller?.id;
-  const seller = await api("GET", `/api/v1/users/${sellerId}/wallet`);
+  // The payment waits in the server's escrow wallet until the buyer confirms or the window passes.
+  const escrow = await api("GET", "/api/v1/escrow");
   const amount = kvpAmount(pod.price_sui);
   let tx;
   try {
-    tx = await transfer(seller.address, amount);
+    tx = await transfer(escrow.address, amount);
   } catch (error) {
     if (error.code === "conflict" && error.field === "amount") {
       throw new Error(`Insufficient funds to pay ${amount} KVP (${error.message}). Get demo funds in the Purchases tab.`);

@@ -143,6 +143,12 @@ async def client(settings, aiohttp_client):
 
 
 @pytest.fixture
+def fast(settings):
+    """Settings with a quick worker loop and a short payment wait."""
+    return settings.replace(purchase_poll_interval=0.05, payment_verify_timeout=1, purchase_job_lease=5.0)
+
+
+@pytest.fixture
 async def chain_verified(db_dsn):
     """After the test, `chain verify` passes on its database: blocks, balances against the ledger,
     pools. Modules that move money use it for every test; one that tampers on purpose sets

@@ -22,7 +22,7 @@ async def test_bad_register_payload_names_the_field_and_writes_nothing(client, d
     assert response.status == 400
     assert payload == {"ok": False, "error": {"code": "invalid_payload", "field": field,
                                               "message": payload["error"]["message"]}}
-    assert await db.fetchval("SELECT count(*) FROM users") == 0
+    assert await db.fetchval("SELECT count(*) FROM users WHERE account_kind = 'person'") == 0
 
 
 async def test_malformed_json_and_non_object_bodies(client, db):
@@ -80,7 +80,7 @@ async def test_oversized_body_is_refused(aiohttp_client, settings, db):
         "username": "big", "email": "big@example.org", "password": "x" * 5000})
     assert response.status == 413
     assert (await response.json())["error"]["code"] == "payload_too_large"
-    assert await db.fetchval("SELECT count(*) FROM users") == 0
+    assert await db.fetchval("SELECT count(*) FROM users WHERE account_kind = 'person'") == 0
 
 
 async def test_request_id_is_echoed_or_generated(client):

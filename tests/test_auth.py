@@ -49,7 +49,7 @@ async def test_duplicate_username_and_email_conflict(client, db):
         "username": "bobby", "email": "BOB@example.org", "password": "long enough pw"})
     body = await response.json()
     assert response.status == 409 and body["error"]["field"] == "email"
-    assert await db.fetchval("SELECT count(*) FROM users") == 1
+    assert await db.fetchval("SELECT count(*) FROM users WHERE account_kind = 'person'") == 1
 
 
 @pytest.mark.parametrize("login", ["carol", "carol@example.org", "CAROL@EXAMPLE.ORG"])
@@ -171,7 +171,7 @@ async def test_google_sign_in_creates_then_finds_the_user(google_client, google_
     assert 0 < int(salt) < 2**128
     second = await google_client.post("/api/v1/auth/google", json={"id_token": google_token(google_key)})
     assert (await second.json())["data"]["user"]["id"] == user["id"]
-    assert await db.fetchval("SELECT count(*) FROM users") == 1
+    assert await db.fetchval("SELECT count(*) FROM users WHERE account_kind = 'person'") == 1
 
 
 async def test_google_links_an_existing_account_only_by_a_verified_email(google_client, google_key, db):
@@ -207,14 +207,14 @@ async def test_google_token_with_wrong_claims_is_refused(google_client, google_k
                                         json={"id_token": google_token(google_key, **overrides)})
     body = await response.json()
     assert response.status == 401 and message in body["error"]["message"]
-    assert await db.fetchval("SELECT count(*) FROM users") == 0
+    assert await db.fetchval("SELECT count(*) FROM users WHERE account_kind = 'person'") == 0
 
 
 async def test_google_token_with_wrong_signature_is_refused(google_client, db):
     impostor = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     response = await google_client.post("/api/v1/auth/google", json={"id_token": google_token(impostor)})
     assert response.status == 401
-    assert await db.fetchval("SELECT count(*) FROM users") == 0
+    assert await db.fetchval("SELECT count(*) FROM users WHERE account_kind = 'person'") == 0
 
 
 async def test_google_token_with_hs256_is_refused(google_client):

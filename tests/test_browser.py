@@ -19,9 +19,9 @@ from server.app import create_app
 from server.core.crypto import MASTER_KEY
 from server.edge.security_headers import CONTENT_SECURITY_POLICY
 from server.realtime.hub import REALTIME, publish
+from server.services.escrow import ESCROW_ACCOUNTS
 from tests.helpers import register, register_seller, server_url
 from tests.llm_server import llm_server  # noqa: F401 - a fixture
-from tests.test_purchases import fast  # noqa: F401 - a fixture
 
 CHROMIUM = os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")
 ARTIFACTS = Path(__file__).parent.parent / "test-artifacts"
@@ -272,11 +272,12 @@ async def test_buy_a_datapod_follow_its_progress_and_download_the_dataset(aiohtt
     assert download.suggested_filename == "Browser-weather.csv"
     assert Path(await download.path()).read_bytes() == DATASET
 
-    # What the page paid is what the server verified: one confirmed transfer, buyer to seller.
+    # What the page paid is what the server verified: one confirmed transfer, buyer to the escrow wallet.
     paid = await db.fetchrow("SELECT t.sender, t.receiver, t.amount, t.status FROM purchases p "
                              "JOIN transactions t ON t.transaction_hash = p.payment_tx_digest WHERE p.buyer_id = $1",
                              buyer_id)
-    assert dict(paid) == {"sender": wallet, "receiver": seller.address, "amount": Decimal("1.5"),
+    assert dict(paid) == {"sender": wallet, "receiver": client.app[ESCROW_ACCOUNTS].escrow.address,
+                          "amount": Decimal("1.5"),
                           "status": "confirmed"}
     assert await db.fetchval("SELECT total_balance FROM users WHERE id = $1", buyer_id) == Decimal("8.5")
 
@@ -429,7 +430,7 @@ async def test_datapod_page_shows_the_dataset_and_counts_viewers_live(client, pa
     await until_live(second_page, "/marketplace", f"datapod:{pod['id']}")
 
 
-async def test_sales_and_reviews_arrive_live_on_an_open_datapod_page(aiohttp_client, fast, db, page):  # noqa: F811
+async def test_sales_and_reviews_arrive_live_on_an_open_datapod_page(aiohttp_client, fast, db, page):
     client = await aiohttp_client(create_app(fast))
     seller, pod = await published_pod(client)
     base_url = server_url(client)
@@ -471,7 +472,7 @@ async def signed_in_buyer(page, base_url: str, db) -> dict:
             "user": {"id": str(await db.fetchval("SELECT id FROM users WHERE username = $1", username))}}
 
 
-async def test_a_buyer_reviews_from_the_page_and_sees_the_servers_refusal(aiohttp_client, fast, db, page,  # noqa: F811
+async def test_a_buyer_reviews_from_the_page_and_sees_the_servers_refusal(aiohttp_client, fast, db, page,
                                                                           second_page):
     client = await aiohttp_client(create_app(fast))
     seller, pod = await published_pod(client)

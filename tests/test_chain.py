@@ -431,8 +431,9 @@ async def test_sealing_and_grants_book_every_balance_change(client, db, setup):
         for i, tx in enumerate(txs)]
     assert by_user[bob.id] == [(ledger.TRANSFER_IN, tx["transaction_hash"], tx["amount"],
                                 sum(t["amount"] for t in txs[:i + 1])) for i, tx in enumerate(txs)]
-    miner_rows = [rows for user, rows in by_user.items() if user not in (alice.id, bob.id)]
-    assert miner_rows == [[(ledger.MINING_REWARD, str(h), 50, 50 * h) for h in range(1, 5)]]
+    miners = [user for user in by_user if user not in (alice.id, bob.id)]
+    assert [by_user[user] for user in miners] == [
+        [(ledger.MINING_REWARD, f"{h}:{miners[0]}", 50, 50 * h) for h in range(1, 5)]]   # one reference per miner
     assert await balance(db, alice) == Decimal("92.5") and await balance(db, bob) == Decimal("7.5")
 
 

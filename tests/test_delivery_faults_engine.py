@@ -81,7 +81,8 @@ async def test_sigterm_closes_every_connection_at_once_and_exits_within_the_time
         "DATABASE_URL": db_dsn, "REDIS_URL": redis_url, "REDIS_PREFIX": prefix, "DATA_DIR": str(tmp_path),
         "JWT_SECRET": "j" * 43, "MASTER_KEY": "m" * 43, "SHUTDOWN_TIMEOUT": str(SHUTDOWN_TIMEOUT)})
     # Another node on the same Redis, whose client must not be told to leave.
-    other = await aiohttp_client(create_app(settings.replace(redis_url=redis_url, redis_prefix=prefix)))
+    other = await aiohttp_client(create_app(settings.replace(redis_url=redis_url, redis_prefix=prefix,
+                                                             master_key="m" * 43)))  # one cluster, one key
     bystander = sockets()
     await bystander.connect(server_url(other), NAMESPACE)
     try:

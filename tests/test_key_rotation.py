@@ -16,7 +16,7 @@ from cryptography.exceptions import InvalidTag
 from server.adapters.blobs import BLOBS
 from server.app import create_app
 from server.core.crypto import MASTER_KEY, MasterKey, UnknownMasterKey, unwrap_key, wrap_key, wrapped_prefix
-from server.services import delivery, keys
+from server.services import delivery, escrow, keys
 from server.services.demo_game import DEMO_GAME_PLAYER
 from tests.helpers import register, register_seller, wait_until
 from tests.test_chain import admin_token, bearer
@@ -42,6 +42,8 @@ async def stored_keys(db) -> list[tuple[str, object, str, bytes]]:
     found += [("purchases", row["id"], row["decryption_key"][len(delivery.MASTER_PREFIX):],
                f"purchase:{row['id']}".encode())
               for row in await db.fetch("SELECT id, decryption_key FROM purchases WHERE decryption_key LIKE 'mk1:%'")]
+    found += [("wallets", row["name"], row["wrapped_private_key"], escrow.system_wallet_context(row["name"]))
+              for row in await db.fetch("SELECT name, wrapped_private_key FROM system_wallets")]
     return found
 
 
@@ -67,14 +69,17 @@ async def test_rotation_rewraps_everything_and_the_new_key_alone_serves_it(setti
     old_key = before.app[MASTER_KEY]
     await before.close()
     held = await stored_keys(db)
-    assert sorted({holder for holder, *_ in held}) == ["datasets", "kyc", "purchases"] and len(held) == 5
+    assert sorted({holder for holder, *_ in held}) == ["datasets", "kyc", "purchases", "wallets"] and len(held) == 7
 
     report = await keys.rotate(db, keys.decode_key(new, settings.data_dir), [old_key])
-    assert report.complete and sum(report.rewrapped.values()) == 5 and sum(report.already_new.values()) == 0
-    assert dict(report.rewrapped) == {"datasets": 3, "kyc": 1, "purchases": 1}
+    assert report.complete and sum(report.rewrapped.values()) == 7 and sum(report.already_new.values()) == 0
+    assert dict(report.rewrapped) == {"datasets": 3, "kyc": 1, "purchases": 1, "wallets": 2}
 
     after = await aiohttp_client(create_app(fast.replace(master_key=new)))  # no previous key at all
     new_key = after.app[MASTER_KEY]
+    # The escrow wallet's key opened under the new key alone: same wallet, still able to sign.
+    assert after.app[escrow.ESCROW_ACCOUNTS].escrow.address == await db.fetchval(
+        "SELECT u.wallet_address FROM system_wallets s JOIN users u ON u.id = s.user_id WHERE s.name = 'escrow'")
     response = await after.get(f"/api/v1/purchases/{purchase_id}/download", headers=auth(buyer))
     assert response.status == 200 and await response.read() == DATASET
     response = await after.get(f"/api/v1/admin/kyc/{document['id']}/document", headers=bearer(admin))

@@ -25,13 +25,18 @@ from hypothesis.stateful import (
 )
 
 from db import chain as chain_queries
+from db import escrow as escrow_queries
 from db import games as game_queries
 from db import ledger, migrate
+from db import purchases as purchase_queries
 from db import users as user_queries
 from db.pool import init_connection
+from server.adapters.payments import KvpChainVerifier
 from server.core import wallets
+from server.core.crypto import encrypt_dataset, wrap_key
 from server.core.errors import Conflict, Forbidden, RateLimited
-from server.services import games, nfts
+from server.core.settings import Settings
+from server.services import escrow, games, nfts, purchases
 from server.services.chain import (
     SealConfig,
     allocate,
@@ -41,6 +46,7 @@ from server.services.chain import (
     seal_block,
     verify_chain,
 )
+from server.services.purchase_jobs import PurchaseWorker
 from tests.conftest import with_database
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,6 +60,10 @@ FAUCET_AMOUNT = Decimal(10)
 DAY0 = dt.datetime(2026, 12, 1, 12, tzinfo=dt.timezone.utc)
 AMOUNTS = st.decimals(min_value=Decimal("0.00000001"), max_value=Decimal(25), places=8)
 USER = st.integers(min_value=0, max_value=USERS - 1)
+ESCROW = USERS  # the escrow wallet's index in the model, after the users
+POD_PRICE = Decimal("1.5")
+STARTING_GRANT = Decimal(4)
+MASTER = b"m" * 32
 
 
 async def _admin(dsn: str, sql: str) -> None:
@@ -62,6 +72,19 @@ async def _admin(dsn: str, sql: str) -> None:
         await conn.execute(sql)
     finally:
         await conn.close()
+
+
+async def make_pod(conn: asyncpg.Connection, seller_id: uuid.UUID) -> uuid.UUID:
+    """A published DataPod whose key opens under MASTER (the purchase job wraps it; no blob is read)."""
+    pod_id = uuid.uuid4()
+    encrypted = encrypt_dataset(b"a,b\n1,2\n", str(pod_id).encode())
+    await conn.execute(
+        """INSERT INTO datapods (id, seller_id, title, category, price_sui, walrus_blob_id, walrus_storage_size,
+               encryption_key_hash, encryption_iv, wrapped_key, file_type, file_size, published)
+           VALUES ($1, $2, 'pod', 'test', $3, $7, 1, $4, $5, $6, 'text/csv', 8, true)""",
+        pod_id, seller_id, POD_PRICE, encrypted.key_hash, encrypted.iv_hex,
+        wrap_key(MASTER, encrypted.key, str(pod_id).encode()), f"blob-{pod_id}")
+    return pod_id
 
 
 class LedgerMachine(RuleBasedStateMachine):
@@ -75,13 +98,19 @@ class LedgerMachine(RuleBasedStateMachine):
         super().__init__()
         self.db_name = f"hub_ledger_{uuid.uuid4().hex[:12]}"
         self.run(_admin(self.admin_dsn, f'CREATE DATABASE "{self.db_name}" TEMPLATE "{self.template}"'))
-        self.conn: asyncpg.Connection = self.run(asyncpg.connect(with_database(self.admin_dsn, self.db_name)))
+        dsn = with_database(self.admin_dsn, self.db_name)
+        self.conn: asyncpg.Connection = self.run(asyncpg.connect(dsn))
         self.run(init_connection(self.conn))
+
+        async def open_pool() -> asyncpg.Pool:  # created inside the loop, which asyncpg's pool binds to
+            return await asyncpg.create_pool(dsn, min_size=1, max_size=2, init=init_connection)
+        self.pool = self.run(open_pool())
 
     def run(self, coro):
         return self.loop.run_until_complete(coro)
 
     def teardown(self) -> None:
+        self.run(self.pool.close())
         self.run(self.conn.close())
         self.run(_admin(self.admin_dsn, f'DROP DATABASE IF EXISTS "{self.db_name}" WITH (FORCE)'))
 
@@ -109,9 +138,16 @@ class LedgerMachine(RuleBasedStateMachine):
                        for i, (user, _) in enumerate(users)]
             return users, grants.id, game.game_id, sessions, nft_ids
         users, self.grant_pool, self.game_id, self.sessions, nft_ids = self.run(create())
-        self.ids = [user.id for user, _ in users]
+        self.accounts = self.run(escrow.load_accounts(self.pool, MASTER))
+        self.pods = [self.run(make_pod(self.conn, user.id)) for user, _ in users]   # one per seller
+        self.worker = PurchaseWorker(
+            self.pool, KvpChainVerifier(self.pool, escrow_address=self.accounts.escrow.address), MASTER,
+            Settings(database_url="-", payment_verify_timeout=3600), escrow_accounts=self.accounts)
+        self.ids = [user.id for user, _ in users] + [self.accounts.escrow.user_id]
         self.wallets = [wallet for _, wallet in users]
-        self.balance = [Decimal(0)] * USERS
+        self.balance = [Decimal(0)] * (USERS + 1)
+        self.purchases: dict[uuid.UUID, tuple[int, int]] = {}   # purchase id -> (buyer, seller), still open
+        self.bought: set[tuple[int, int]] = set()                # (buyer, seller) released: bought for good
         self.pending: list[tuple[int, int, Decimal]] = []     # submitted, not sealed: (sender, receiver, amount)
         self.nonce = [0] * USERS
         self.claimed: set[tuple[int, int]] = set()
@@ -119,6 +155,11 @@ class LedgerMachine(RuleBasedStateMachine):
         self.mining_left = MINING_POOL_TOKENS
         self.gaming_left = GAMING_POOL_TOKENS
         self.minted = Decimal(0)
+        for user in range(USERS):  # enough to buy a DataPod or two from the first step on
+            self.run(allocate(self.conn, self.grant_pool, self.ids[user], STARTING_GRANT))
+            self.grant_left -= STARTING_GRANT
+            self.balance[user] += STARTING_GRANT
+            self.minted += STARTING_GRANT
         self.seq = [0] * USERS
         self.nft_owner = {nft_id: i for i, nft_id in enumerate(nft_ids)}
         self.listings: dict[int, tuple[int, Decimal]] = {}    # listing id -> (nft id, price)
@@ -158,6 +199,8 @@ class LedgerMachine(RuleBasedStateMachine):
             self.mining_left -= sealed.reward
             self.balance[miner] += sealed.reward
             self.minted += sealed.reward
+        # The worker's sweep runs every second: payouts sealed by this block become settled.
+        self.settle_escrows()
 
     @rule(user=USER, day=st.integers(min_value=0, max_value=2))
     def faucet(self, user: int, day: int) -> None:
@@ -237,6 +280,73 @@ class LedgerMachine(RuleBasedStateMachine):
         self.balance[buyer] -= price
         self.balance[seller] += price
 
+    @rule(buyer=USER, seller=USER)
+    def buy_datapod(self, buyer: int, seller: int) -> None:
+        """Pay the escrow (a signed transfer, sealed later) and start the purchase, as the page does."""
+        if (buyer == seller or POD_PRICE > self.available(buyer) or (buyer, seller) in self.purchases.values()
+                or (buyer, seller) in self.bought):
+            return
+        if self.run(escrow_queries.refund_unsettled(self.conn, self.ids[buyer], self.pods[seller])):
+            return  # the page would show "still being paid back" before paying (start_purchase refuses)
+        payload = self.wallets[buyer].sign_transfer(self.accounts.escrow.address, POD_PRICE, self.nonce[buyer])
+        tx = self.run(record_transfer(self.conn, self.ids[buyer], payload))
+        self.nonce[buyer] += 1
+        self.pending.append((buyer, ESCROW, POD_PRICE))
+
+        async def start() -> uuid.UUID:
+            async with self.conn.transaction():
+                pod = await purchase_queries.get_pod(self.conn, self.pods[seller])
+                purchase_id = await purchase_queries.create_purchase(self.conn, self.ids[buyer], pod, tx.hash)
+                await purchase_queries.enqueue_job(self.conn, purchase_id)
+                return purchase_id
+        self.purchases[self.run(start())] = (buyer, seller)
+
+    @rule()
+    def purchase_worker(self) -> None:
+        """The worker's round: every job as far as it goes now (a purchase whose payment is sealed
+        completes, in escrow), then the payout sweep (newly signed payouts are pending transfers)."""
+        self.run(self.conn.execute("UPDATE purchase_jobs SET run_after = now()"))
+        while self.run(self.worker.run_once()):
+            pass
+        self.settle_escrows()
+
+    @precondition(lambda self: self.purchases)
+    @rule(data=st.data(), refund=st.booleans())
+    def decide_escrow(self, data: st.DataObject, refund: bool) -> None:
+        """The buyer confirms or an admin refunds; only a holding escrow moves, and only once."""
+        held_rows = self.run(self.conn.fetch("SELECT purchase_id FROM escrow_transactions WHERE status = 'holding'"))
+        holding = [row["purchase_id"] for row in held_rows if row["purchase_id"] in self.purchases]
+        # Mostly an escrow that can move; sometimes any purchase, which must then be refused.
+        prefer_holding = data.draw(st.booleans())   # drawn every time: the draws must not depend on the data
+        choices = holding if holding and prefer_holding else list(self.purchases)
+        purchase_id = data.draw(st.sampled_from(sorted(choices)))
+
+        async def decide():
+            async with self.conn.transaction():
+                if refund:
+                    return await purchases.refund_purchase(self.conn, purchase_id, "test")
+                return await purchases.release_escrow(self.conn, purchase_id, "test")
+        held = self.run(escrow_queries.get(self.conn, purchase_id))
+        completed = self.run(self.conn.fetchval("SELECT status FROM purchases WHERE id = $1", purchase_id))
+        decided = self.run(decide())
+        assert (decided is not None) == (held is not None and held.status == "holding"
+                                          and (refund or completed == "completed"))
+        if decided is not None:
+            if not refund:
+                self.bought.add(self.purchases[purchase_id])
+            del self.purchases[purchase_id]
+
+    def settle_escrows(self) -> None:
+        """The payout sweep: each newly signed payout is a pending transfer from the escrow wallet."""
+        before = set(self.run(self.conn.fetch("SELECT transaction_hash FROM transactions WHERE sender = $1",
+                                              self.accounts.escrow.address)))
+        self.run(self.worker.settle_escrows())
+        for row in self.run(self.conn.fetch(
+                "SELECT transaction_hash, receiver_id, amount FROM transactions WHERE sender = $1",
+                self.accounts.escrow.address)):
+            if (row["transaction_hash"],) not in {tuple(r) for r in before}:
+                self.pending.append((ESCROW, self.ids.index(row["receiver_id"]), row["amount"]))
+
     @rule(miner=USER)
     def burn_blocks(self, miner: int) -> None:
         # Burning a miner's blocks marks them; it moves no balance.
@@ -271,7 +381,7 @@ def test_random_interleavings_keep_the_ledger_whole(pg_admin_dsn, template_db):
     LedgerMachine.loop, LedgerMachine.admin_dsn, LedgerMachine.template = loop, pg_admin_dsn, template_db
     try:
         run_state_machine_as_test(LedgerMachine, settings=settings(
-            max_examples=20, stateful_step_count=30, deadline=None, database=None,
+            max_examples=20, stateful_step_count=40, deadline=None, database=None,
             suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much]))
     finally:
         loop.close()

@@ -20,15 +20,20 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from db import chain as chain_queries
+from db import ledger
 from db import purchases as queries
 from db import users as user_queries
 from db.pool import init_connection
 from server.adapters.blobs import BLOBS
 from server.adapters.payments import KvpChainVerifier, Outcome, PaymentClaim, SuiChainVerifier
 from server.app import create_app
+from server.core import wallets
 from server.core.crypto import MASTER_KEY, encrypt_dataset, wrap_key
+from server.services import chain as chain_service
 from server.services import delivery
-from server.services.purchase_jobs import MAX_ATTEMPTS, PurchaseWorker
+from server.services.escrow import ESCROW_ACCOUNTS
+from server.services.purchase_jobs import MAX_ATTEMPTS, PURCHASE_WORKER, PurchaseWorker
 from server.services.purchases import refund_purchase, release_escrow
 from tests.helpers import SocketClient, register, register_seller, server_url, wait_until
 
@@ -40,12 +45,6 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # Every test here ends with `chain verify` passing (tests/conftest.py).
 pytestmark = pytest.mark.usefixtures("chain_verified")
-
-
-@pytest.fixture
-def fast(settings):
-    """Settings with a quick worker loop and a short payment wait."""
-    return settings.replace(purchase_poll_interval=0.05, payment_verify_timeout=1, purchase_job_lease=5.0)
 
 
 @pytest.fixture
@@ -81,16 +80,68 @@ async def make_pod(db, blobs, master_key: bytes, seller_id, plaintext: bytes = D
     return pod_id
 
 
-async def pay(db, sender_id, receiver_id, amount: Decimal = PRICE, *, status: str = "confirmed",
-              created_at: dt.datetime | None = None) -> str:
-    """A KVP-chain transfer; returns its hash (the payment digest)."""
+async def synthetic_payment(db, sender_id, receiver_id, amount: Decimal = PRICE) -> str:
+    """A confirmed transfer row written straight to the table, for workers run without the app (and
+    its escrow wallet) whose verifier accepts the pre-escrow rule: paid to the seller."""
     digest = "kvp" + uuid.uuid4().hex + uuid.uuid4().hex[:8]
     await db.execute(
         """INSERT INTO transactions (transaction_hash, sender, receiver, amount, sender_id, receiver_id, user_id,
-                                     status, created_at)
-           VALUES ($1, $2, $3, $4, $5, $6, $5, $7, coalesce($8, now()))""",
-        digest, f"w-{sender_id}", f"w-{receiver_id}", amount, sender_id, receiver_id, status, created_at)
+                                     status)
+           VALUES ($1, $2, $3, $4, $5, $6, $5, 'confirmed')""",
+        digest, f"w-{sender_id}", f"w-{receiver_id}", amount, sender_id, receiver_id)
     return digest
+
+
+SIGNERS: dict[uuid.UUID, wallets.Wallet] = {}
+
+
+async def wallet_of(db, user_id) -> wallets.Wallet:
+    """The user's registered wallet (registered on first use)."""
+    if user_id not in SIGNERS:
+        SIGNERS[user_id] = wallets.Wallet.generate()
+        await chain_queries.set_wallet(db, user_id, SIGNERS[user_id].public_key, SIGNERS[user_id].address)
+    return SIGNERS[user_id]
+
+
+def escrow_address(hub) -> str:
+    return hub.app[ESCROW_ACCOUNTS].escrow.address
+
+
+async def pay(hub, db, sender_id, amount: Decimal = PRICE, *, receiver: str | None = None,
+              status: str = "confirmed", created_at: dt.datetime | None = None) -> str:
+    """A real KVP transfer from the sender's wallet (credited `amount` first) to the escrow wallet (or
+    `receiver`), signed, submitted and sealed in a block; returns its hash, the payment digest."""
+    signer = await wallet_of(db, sender_id)
+    kvp = amount.quantize(Decimal("0.00000001"))
+    async with db.transaction():
+        await ledger.apply_balance_changes(db, [ledger.BalanceChange(sender_id, kvp, ledger.FAUCET,
+                                                                     f"test:{uuid.uuid4()}")])
+    nonce = await chain_queries.next_nonce(db, signer.address)
+    tx = await chain_service.record_transfer(db, sender_id, signer.sign_transfer(receiver or escrow_address(hub),
+                                                                                 kvp, nonce))
+    if status == "rejected":
+        await db.execute("UPDATE transactions SET status = 'rejected' WHERE transaction_hash = $1", tx.hash)
+    elif status == "confirmed":
+        await chain_service.seal_block(db, chain_service.SealConfig())
+    if created_at is not None:
+        await db.execute("UPDATE transactions SET created_at = $2 WHERE transaction_hash = $1", tx.hash, created_at)
+    return tx.hash
+
+
+async def balance(db, user_id) -> Decimal:
+    return await db.fetchval("SELECT total_balance FROM users WHERE id = $1", user_id)
+
+
+async def escrow_balance(hub, db) -> Decimal:
+    return await balance(db, hub.app[ESCROW_ACCOUNTS].escrow.user_id)
+
+
+async def settle(hub, db) -> None:
+    """Run the settlement sweep, seal its payouts, and sweep again to mark them settled."""
+    worker = hub.app[PURCHASE_WORKER]
+    await worker.settle_escrows()
+    await chain_service.seal_block(db, chain_service.SealConfig())
+    await worker.settle_escrows()
 
 
 def received(sock: SocketClient, event: str) -> list[dict]:
@@ -115,7 +166,7 @@ def auth(user: dict) -> dict:
 
 async def buy(hub, db, buyer: dict, buyer_id, seller_id, pod) -> str:
     """Pay and start a purchase over REST, wait until it completes; returns its id."""
-    digest = await pay(db, buyer_id, seller_id)
+    digest = await pay(hub, db, buyer_id)
     response = await hub.post("/api/v1/purchases", json={"datapod_id": str(pod), "payment_tx_digest": digest},
                               headers=auth(buyer))
     body = await response.json()
@@ -138,7 +189,7 @@ async def test_full_purchase_flow_over_socketio(hub, db, sockets):
     assert (await buyer_sock.call("/purchases", "subscribe", {"channel": f"user:{buyer_id}"}))["ok"]
     assert (await seller_sock.call("/purchases", "subscribe", {"channel": f"user:{seller_id}"}))["ok"]
 
-    digest = await pay(db, buyer_id, seller_id)
+    digest = await pay(hub, db, buyer_id)
     ack = await buyer_sock.call("/purchases", "start_purchase", {"datapod_id": str(pod), "payment_tx_digest": digest})
     assert ack["ok"] is True, ack
     purchase_id = ack["data"]["id"]
@@ -239,7 +290,7 @@ async def test_forged_digest_fails_then_a_real_payment_succeeds(hub, db, sockets
     assert await db.fetchval("SELECT count(*) FROM payment_receipts") == 0
     assert await db.fetchval("SELECT count(*) FROM purchase_jobs") == 0
     # The failed row is retried with a real payment (one row per buyer and pod).
-    code, again = await start(hub, buyer, pod, await pay(db, buyer_id, seller_id))
+    code, again = await start(hub, buyer, pod, await pay(hub, db, buyer_id))
     assert code == 202 and again["data"]["id"] == body["data"]["id"]
     assert await wait_final(db, again["data"]["id"]) == "completed"
 
@@ -247,7 +298,7 @@ async def test_forged_digest_fails_then_a_real_payment_succeeds(hub, db, sockets
 async def test_someone_elses_digest_submitted_first_does_not_block_its_payer(hub, db):
     seller, buyer, seller_id, buyer_id, pod = await people(hub, db)
     intruder = await register(hub)
-    digest = await pay(db, buyer_id, seller_id)
+    digest = await pay(hub, db, buyer_id)
     code, stolen = await start(hub, intruder, pod, digest)
     assert code == 202
     assert await wait_final(db, stolen["data"]["id"]) == "failed"  # the sender is not the intruder
@@ -263,25 +314,33 @@ async def test_someone_elses_digest_submitted_first_does_not_block_its_payer(hub
 async def test_payment_that_does_not_match_fails(hub, db, case):
     seller, buyer, seller_id, buyer_id, pod = await people(hub, db)
     stranger_id = uuid.UUID((await register(hub))["user"]["id"])
+    seller_address = (await wallet_of(db, seller_id)).address
     digest = {
-        "low_amount": lambda: pay(db, buyer_id, seller_id, PRICE - Decimal("0.00000001")),
-        "wrong_sender": lambda: pay(db, stranger_id, seller_id),
-        "wrong_receiver": lambda: pay(db, buyer_id, stranger_id),
-        "rejected_tx": lambda: pay(db, buyer_id, seller_id, status="rejected"),
-        "too_old": lambda: pay(db, buyer_id, seller_id, created_at=dt.datetime.now(dt.timezone.utc)
+        "low_amount": lambda: pay(hub, db, buyer_id, PRICE - Decimal("0.00000001")),
+        "wrong_sender": lambda: pay(hub, db, stranger_id),
+        "wrong_receiver": lambda: pay(hub, db, buyer_id, receiver=seller_address),
+        "rejected_tx": lambda: pay(hub, db, buyer_id, status="rejected"),
+        "too_old": lambda: pay(hub, db, buyer_id, created_at=dt.datetime.now(dt.timezone.utc)
                                - dt.timedelta(days=2)),
     }[case]
     code, body = await start(hub, buyer, pod, await digest())
     assert code == 202
-    assert await wait_final(db, body["data"]["id"]) == "failed"
+    # Money the buyer put into the escrow for nothing (too little, too late) goes back to them.
+    refunded = case in ("low_amount", "too_old")
+    assert await wait_final(db, body["data"]["id"]) == ("refunded" if refunded else "failed")
     assert await db.fetchval("SELECT purchase_count FROM datapods WHERE id = $1", pod) == 0
     assert await db.fetchval("SELECT decryption_key FROM purchases") is None
+    if refunded:
+        paid = await db.fetchval("SELECT amount FROM transactions WHERE transaction_hash = $1",
+                                 body["data"]["payment_tx_digest"])
+        await settle(hub, db)
+        assert await balance(db, buyer_id) == paid and await escrow_balance(hub, db) == 0
 
 
 async def test_reused_digest_own_pod_and_double_purchase_are_refused(hub, db):
     seller, buyer, seller_id, buyer_id, pod = await people(hub, db)
     other_pod = await make_pod(db, hub.app[BLOBS], hub.app[MASTER_KEY], seller_id, b"a\n1\n", title="other")
-    digest = await pay(db, buyer_id, seller_id)
+    digest = await pay(hub, db, buyer_id)
     code, body = await start(hub, buyer, pod, digest)
     assert code == 202
     code, reused = await start(hub, buyer, other_pod, digest)
@@ -289,9 +348,9 @@ async def test_reused_digest_own_pod_and_double_purchase_are_refused(hub, db):
     other_buyer = await register(hub)
     code, reused = await start(hub, other_buyer, pod, digest)
     assert code == 409
-    code, twice = await start(hub, buyer, pod, await pay(db, buyer_id, seller_id))
+    code, twice = await start(hub, buyer, pod, await pay(hub, db, buyer_id))
     assert code == 409 and twice["error"]["field"] == "datapod_id"
-    code, own = await start(hub, seller, pod, await pay(db, seller_id, seller_id))
+    code, own = await start(hub, seller, pod, await pay(hub, db, seller_id))
     assert code == 403
     code, missing = await start(hub, buyer, uuid.uuid4(), digest)
     assert code == 404
@@ -482,8 +541,15 @@ async def test_admin_refund_reverses_counts_and_happens_once(hub, db, sockets):
     assert (await hub.get(f"/api/v1/purchases/{purchase_id}/download", headers=auth(buyer))).status == 409
     confirm = await hub.post(f"/api/v1/purchases/{purchase_id}/confirm", headers=auth(buyer))
     assert confirm.status == 409
+    # The refund is paid back from the escrow wallet by a transfer it signs, sealed in a block.
+    await settle(hub, db)
+    assert await balance(db, buyer_id) == PRICE and await escrow_balance(hub, db) == 0
+    escrow = await (await hub.get(f"/api/v1/purchases/{purchase_id}/escrow", headers=auth(buyer))).json()
+    assert [step["step"] for step in escrow["data"]["steps"]] == ["holding", "refunded", "settled"]
+    refund_tx = await chain_queries.get_transaction(db, escrow["data"]["settlement_tx_hash"])
+    assert refund_tx.status == "confirmed" and refund_tx.sender == escrow_address(hub)
     # After a refund the buyer may buy again, with a new payment.
-    code, again = await start(hub, buyer, pod, await pay(db, buyer_id, seller_id))
+    code, again = await start(hub, buyer, pod, await pay(hub, db, buyer_id))
     assert code == 202 and again["data"]["id"] == purchase_id
     assert await wait_final(db, purchase_id) == "completed"
     assert await db.fetchval("SELECT status FROM escrow_transactions WHERE purchase_id = $1",
@@ -547,7 +613,7 @@ async def pending_purchase(db, master_key: bytes, blobs) -> tuple[uuid.UUID, uui
     buyer = await user_queries.create_user(db, username=f"b{uuid.uuid4().hex[:8]}", email=f"{uuid.uuid4().hex}@x.org",
                                            password_hash="x")
     pod_id = await make_pod(db, blobs, master_key, seller.id)
-    digest = await pay(db, buyer.id, seller.id)
+    digest = await synthetic_payment(db, buyer.id, seller.id)
     async with db.transaction():
         purchase_id = await queries.create_purchase(db, buyer.id, await queries.get_pod(db, pod_id), digest)
         await queries.enqueue_job(db, purchase_id)

@@ -61,6 +61,8 @@ class Verdict:
     sender: str | None = None
     receiver: str | None = None
     amount_sui: Decimal | None = None
+    # A refused payment that still moved the buyer's money into the escrow: it is owed back.
+    paid_escrow: bool = False
 
     @classmethod
     def rejected(cls, chain: str, reason: str) -> "Verdict":
@@ -97,8 +99,9 @@ class KvpChainVerifier:
     Rules (docs/schema.md, "Payments"): the row is confirmed (`status` 'confirmed' since migration
     0004; before it, sealed in a block), `pending` rows are waited for and `rejected` ones refused;
     the sender is the buyer (`sender_id`, or `sender` = the buyer's wallet address), the receiver is
-    the seller (`receiver_id` or the seller's wallet address) or the configured escrow address,
-    `amount` >= the price, and `created_at` is not older than max_age before the purchase.
+    the server's escrow wallet (the seller too when no escrow address is given: the pre-escrow rule,
+    kept for tools that verify outside the app), `amount` >= the price, and `created_at` is not
+    older than max_age before the purchase.
     """
 
     chain = "kvp"
@@ -124,16 +127,18 @@ class KvpChainVerifier:
             payment.buyer_wallet is not None and payment.sender == payment.buyer_wallet)
         if not from_buyer:
             return Verdict(Outcome.REJECTED, "the transaction was not sent by the buyer", **common)
-        to_seller = payment.receiver_id == claim.seller_id or (
-            payment.seller_wallet is not None and payment.receiver == payment.seller_wallet)
-        to_escrow = self.escrow_address is not None and payment.receiver == self.escrow_address
-        if not (to_seller or to_escrow):
-            return Verdict(Outcome.REJECTED, "the transaction does not pay the seller or the escrow", **common)
+        if self.escrow_address is not None:
+            if payment.receiver != self.escrow_address:
+                return Verdict(Outcome.REJECTED, "the transaction does not pay the escrow address", **common)
+            common["paid_escrow"] = True
+        elif not (payment.receiver_id == claim.seller_id
+                  or (payment.seller_wallet is not None and payment.receiver == payment.seller_wallet)):
+            return Verdict(Outcome.REJECTED, "the transaction does not pay the seller", **common)
         if payment.amount is None or payment.amount < claim.price_sui:
             return Verdict(Outcome.REJECTED, "the amount is below the price", **common)
         if _too_old(payment.created_at, claim, self.max_age):
             return Verdict(Outcome.REJECTED, "the transaction is older than the purchase allows", **common)
-        return Verdict(Outcome.VERIFIED, "", **common)
+        return Verdict(Outcome.VERIFIED, "", **{**common, "paid_escrow": False})
 
 
 def normalise_sui_address(address: str | None) -> str | None:
@@ -265,9 +270,10 @@ def sui_to_mist(amount: Decimal) -> int:
     return int(mist)
 
 
-def make_verifier(settings: Any, pool: asyncpg.Pool) -> ChainVerifier:
-    """The Sui verifier when SUI_RPC_URL is set, else the KVP-chain one."""
+def make_verifier(settings: Any, pool: asyncpg.Pool, kvp_escrow_address: str) -> ChainVerifier:
+    """The Sui verifier when SUI_RPC_URL is set (payments to ESCROW_ADDRESS or the seller), else the
+    KVP-chain one (payments to the server's escrow wallet only)."""
     if settings.sui_rpc_url:
         return SuiChainVerifier(SuiGrpcTransport(settings.sui_rpc_url), escrow_address=settings.escrow_address,
                                 max_age=settings.payment_max_age)
-    return KvpChainVerifier(pool, escrow_address=settings.escrow_address, max_age=settings.payment_max_age)
+    return KvpChainVerifier(pool, escrow_address=kvp_escrow_address, max_age=settings.payment_max_age)

@@ -11,7 +11,7 @@ import orjson
 
 def _default(value: Any) -> Any:
     if isinstance(value, Decimal):
-        return str(value)
+        return format(value, "f")  # str() would write a zero of NUMERIC(20,9) as "0E-9"
     if isinstance(value, (set, frozenset)):
         return sorted(value)
     if isinstance(value, (bytes, bytearray, memoryview)):

@@ -55,6 +55,13 @@ def _amount(env: Mapping[str, str], name: str) -> str | None:
     return raw
 
 
+def _fee_rate(env: Mapping[str, str], name: str) -> str | None:
+    raw = _amount(env, name)
+    if raw is not None and Decimal(raw) >= 1:
+        raise ValueError(f"{name} must be below 1 (a fraction of the price), got {raw!r}")
+    return raw
+
+
 def _optional(env: Mapping[str, str], name: str) -> str | None:
     value = env.get(name, "").strip()
     return value or None
@@ -92,6 +99,8 @@ class Settings:
     sui_rpc_url: str | None = None
     escrow_address: str | None = None
     escrow_release_seconds: int = 259_200
+    # The share of a released escrow paid to the platform's fee wallet (0 <= rate < 1, docs/operations.md).
+    platform_fee_rate: str = "0"
     payment_max_age: int = 3600
     payment_verify_timeout: int = 600
     purchase_workers: int = 2
@@ -149,6 +158,13 @@ class Settings:
     halving_interval: int | None = None   # None: keep chain_settings.halving_interval (1000)
     miner_username: str | None = None
     mining_pool: str = "mining"
+    # User mining (server/services/mining.py, docs/protocol.md "Mining").
+    mining_share_difficulty: int = 12            # leading zero bits a Node share's hash needs
+    mining_shares_per_minute: int = 120          # accepted shares per session per minute, at most
+    mining_session_timeout_seconds: int = 60     # a gap without a heartbeat (or share) this long counts nothing
+    mining_stale_grace_seconds: float = 5.0      # how long the previous tip's challenge is still accepted
+    mobile_mining_seconds_per_day: int = 14_400  # Mobile seconds credited per user per UTC day
+    mining_mobile_second_weight: str = "0.1"     # weight of one Mobile second; a Node share weighs 1
     max_block_transactions: int = 500
     # Demo faucet (POST /api/v1/me/faucet): None means on exactly when payments use the local KVP
     # chain (no SUI_RPC_URL), where a new user has no other way to get funds to pay with.
@@ -214,6 +230,7 @@ class Settings:
             sui_rpc_url=_optional(env, "SUI_RPC_URL"),
             escrow_address=_optional(env, "ESCROW_ADDRESS"),
             escrow_release_seconds=_int(env, "ESCROW_RELEASE_SECONDS", defaults.escrow_release_seconds),
+            platform_fee_rate=_fee_rate(env, "PLATFORM_FEE_RATE") or defaults.platform_fee_rate,
             payment_max_age=_int(env, "PAYMENT_MAX_AGE", defaults.payment_max_age),
             payment_verify_timeout=_int(env, "PAYMENT_VERIFY_TIMEOUT", defaults.payment_verify_timeout),
             purchase_workers=_int(env, "PURCHASE_WORKERS", defaults.purchase_workers),
@@ -259,6 +276,15 @@ class Settings:
             halving_interval=_int(env, "HALVING_INTERVAL", 0) or None,
             miner_username=_optional(env, "MINER_USERNAME"),
             mining_pool=env.get("MINING_POOL") or defaults.mining_pool,
+            mining_share_difficulty=_int(env, "MINING_SHARE_DIFFICULTY", defaults.mining_share_difficulty),
+            mining_shares_per_minute=_int(env, "MINING_SHARES_PER_MINUTE", defaults.mining_shares_per_minute),
+            mining_session_timeout_seconds=_int(env, "MINING_SESSION_TIMEOUT",
+                                                defaults.mining_session_timeout_seconds),
+            mining_stale_grace_seconds=_float(env, "MINING_STALE_GRACE_SECONDS", defaults.mining_stale_grace_seconds),
+            mobile_mining_seconds_per_day=_int(env, "MOBILE_MINING_SECONDS_PER_DAY",
+                                               defaults.mobile_mining_seconds_per_day),
+            mining_mobile_second_weight=_amount(env, "MINING_MOBILE_SECOND_WEIGHT")
+            or defaults.mining_mobile_second_weight,
             max_block_transactions=_int(env, "MAX_BLOCK_TRANSACTIONS", defaults.max_block_transactions),
             demo_faucet=_bool(env, "DEMO_FAUCET", False) if _optional(env, "DEMO_FAUCET") else None,
             demo_faucet_amount=_amount(env, "DEMO_FAUCET_AMOUNT") or defaults.demo_faucet_amount,

@@ -221,6 +221,25 @@ class AuthService:
             raise RateLimited("too many sign-in attempts from this address; wait and try again",
                               retry_after=retry_after)
 
+    async def confirm_password(self, user_id: uuid.UUID, password_hash: str, password: str, *,
+                               ip_address: str | None) -> bool:
+        """Re-authenticate a signed-in user (before an irreversible step): whether the password is right,
+        counted and limited like sign-in (per address, and wrong passwords per account: RateLimited)."""
+        await self._count_attempt(ip_address)
+        account = f"user:{user_id}"
+        if self._per_account is not None:
+            retry_after = await self._per_account.peek(account)
+            if retry_after:
+                raise RateLimited("too many wrong passwords for this account; wait and try again",
+                                  retry_after=retry_after)
+        if not await self.verify_password(password_hash, password):
+            if self._per_account is not None:
+                await self._per_account.hit(account)
+            return False
+        if self._per_account is not None:
+            await self._per_account.reset(account)
+        return True
+
     def _access_token(self, user_id: uuid.UUID, session_id: int, not_after: dt.datetime) -> tuple[str, dt.datetime]:
         """A signed access token of a session, ending after ACCESS_TOKEN_TTL or with the session."""
         expires_at = min(dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=self._ttl), not_after)

@@ -35,7 +35,7 @@ def seal_config(settings: Settings, producer: str = "") -> SealConfig:
     miner = settings.miner_username or (DEMO_MINER if settings.demo_data_on_first_start else None)
     return SealConfig(difficulty=settings.pow_difficulty, miner_username=miner,
                       mining_pool=settings.mining_pool, max_transactions=settings.max_block_transactions,
-                      producer=producer)
+                      producer=producer, mobile_second_weight=Decimal(settings.mining_mobile_second_weight))
 
 
 async def apply_chain_settings(conn: asyncpg.Connection, settings: Settings) -> None:

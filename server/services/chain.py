@@ -22,11 +22,13 @@ from aiohttp import web
 
 from db import chain as queries
 from db import ledger, outbox
+from db import mining as mining_queries
 from db.pool import POOL
 from server.core import wallets
 from server.core.errors import Conflict, Forbidden, InvalidPayload, NotFound, RateLimited
 from server.core.money import money
 from server.realtime.hub import publish
+from server.services import escrow, mining
 
 log = structlog.get_logger(__name__)
 
@@ -230,6 +232,7 @@ class SealConfig:
     mining_pool: str = "mining"
     max_transactions: int = 500
     producer: str = ""
+    mobile_second_weight: Decimal = Decimal("0.1")   # MINING_MOBILE_SECOND_WEIGHT (a Node share weighs 1)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -257,14 +260,28 @@ async def seal_block(conn: asyncpg.Connection, config: SealConfig) -> Sealed:
         if config.miner_username and miner is None:
             log.warning("miner_not_found", username=config.miner_username)
 
+        # The reward: the schedule's (after halving), capped by the pool, split among the users who
+        # mined since the last paying block; without them the configured miner takes it all, as before
+        # user mining. Truncation leaves the remainder in the pool (it is never drawn).
+        payouts: list[mining.Payout] = []
+        pool = await queries.lock_pool_by_name(conn, config.mining_pool)
+        if pool is None:
+            if miner is not None:
+                log.warning("mining_pool_missing", pool=config.mining_pool)
+        else:
+            available = max(min(await queries.scheduled_reward(conn, height), pool.remaining), ZERO)
+            payouts = await mining.block_payouts(conn, available, config.mobile_second_weight)
+            if not payouts and miner is not None and available > 0:
+                payouts = [mining.Payout(miner.user_id, miner.account, miner.device_type, available, 0, 0, ZERO)]
+
         accounts: dict[uuid.UUID, str] = {}
         for tx in pending:
             if tx.sender_id is not None:
                 accounts[tx.sender_id] = tx.sender  # type: ignore[assignment]
             if tx.receiver_id is not None:
                 accounts[tx.receiver_id] = tx.receiver  # type: ignore[assignment]
-        if miner is not None:
-            accounts[miner.user_id] = miner.account
+        for payout in payouts:
+            accounts[payout.user_id] = payout.account
         before = await queries.lock_balances(conn, sorted(accounts))
         after = dict(before)
 
@@ -281,23 +298,22 @@ async def seal_block(conn: asyncpg.Connection, config: SealConfig) -> Sealed:
                 after[tx.receiver_id] += tx.amount
                 confirmed.append(tx)
 
-        reward, pool = ZERO, None
-        if miner is not None and miner.user_id in after:
-            scheduled = await queries.scheduled_reward(conn, height)
-            pool = await queries.lock_pool_by_name(conn, config.mining_pool)
-            if pool is None:
-                log.warning("mining_pool_missing", pool=config.mining_pool)
-            else:
-                reward = max(min(scheduled, pool.remaining), ZERO)
-            after[miner.user_id] += reward
+        payouts = [payout for payout in payouts if payout.user_id in after]   # a miner deleted meanwhile
+        for payout in payouts:
+            after[payout.user_id] += payout.amount
+        reward = sum((payout.amount for payout in payouts), ZERO)
+        # The header names the miner with the largest part (the configured one when nobody mined);
+        # data["rewards"] lists every miner's part, and each miner's balance after is in state_hash.
+        top = max(payouts, key=lambda payout: payout.amount, default=None)
+        miner_account = top.account if top else (miner.account if miner else "")
+        miner_id = top.user_id if top else (miner.user_id if miner else None)
 
         touched = {tx.sender_id for tx in confirmed} | {tx.receiver_id for tx in confirmed}
-        if reward > 0 and miner is not None:
-            touched.add(miner.user_id)
+        touched |= {payout.user_id for payout in payouts}
         balances = {accounts[uid]: {"before": money(before[uid]), "after": money(after[uid])}
                     for uid in sorted(touched, key=str)}  # type: ignore[arg-type]
         header = wallets.BlockHeader(
-            height=height, previous_hash=previous_hash, timestamp=now, miner=miner.account if miner else "",
+            height=height, previous_hash=previous_hash, timestamp=now, miner=miner_account,
             reward=money(reward), difficulty=config.difficulty,
             state_hash=wallets.state_hash({account: b["after"] for account, b in balances.items()}),
             tx_hashes=tuple(tx.hash for tx in confirmed))
@@ -307,36 +323,43 @@ async def seal_block(conn: asyncpg.Connection, config: SealConfig) -> Sealed:
         changes = [change for tx in confirmed for change in (
             ledger.BalanceChange(tx.sender_id, -tx.amount, ledger.TRANSFER_OUT, tx.hash),  # type: ignore[arg-type]
             ledger.BalanceChange(tx.receiver_id, tx.amount, ledger.TRANSFER_IN, tx.hash))]  # type: ignore[arg-type]
-        if reward > 0 and miner is not None:
-            changes.append(ledger.BalanceChange(miner.user_id, reward, ledger.MINING_REWARD, str(height)))
+        changes += [ledger.BalanceChange(payout.user_id, payout.amount, ledger.MINING_REWARD,
+                                         mining_reference(height, payout.user_id)) for payout in payouts]
         moved = await ledger.apply_balance_changes(conn, changes)
         assert all(moved[uid] == after[uid] for uid in moved), "balances moved while locked"
         data = {"version": BLOCK_VERSION, "difficulty": config.difficulty, "miner": header.miner,
                 "reward": header.reward, "state_hash": header.state_hash, "balances": balances,
+                "rewards": {payout.account: money(payout.amount) for payout in payouts},
                 "rejected": [tx.hash for tx, _ in rejected], "producer": config.producer}
         await queries.insert_block(conn, height=height, block_hash=block_hash, previous_hash=previous_hash,
                                    timestamp=now, nonce=nonce, data=data, tx_hashes=list(header.tx_hashes),
-                                   miner_id=miner.user_id if miner else None)
+                                   miner_id=miner_id)
         if confirmed:
             await queries.confirm(conn, [tx.id for tx in confirmed], height, now)
         for tx, reason in rejected:
             await queries.reject(conn, tx.id, reason)
         pool_remaining = None
-        if reward > 0 and miner is not None and pool is not None:
+        if payouts and pool is not None:
             drawn = await queries.draw(conn, pool.id, reward)
             pool_remaining = drawn.remaining if drawn else None
-            await queries.insert_mining_reward(conn, miner=miner, height=height, pool_id=pool.id, amount=reward)
+            await mining_queries.insert_rewards(conn, height, pool.id, [payout.row() for payout in payouts])
         block = await queries.get_block(conn, height)
         assert block is not None
-        await _enqueue_sealed(conn, block, confirmed, rejected, miner, reward, pool, pool_remaining,
+        await _enqueue_sealed(conn, block, confirmed, rejected, payouts, pool, pool_remaining,
                               chain["halving_interval"])
+        await mining.enqueue_payouts(conn, height, block.hash, payouts, moved)
     log.info("block_sealed", height=height, txs=len(confirmed), rejected=len(rejected), reward=str(reward))
     return Sealed(block, confirmed, rejected, reward)
 
 
+def mining_reference(height: int, user_id: uuid.UUID) -> str:
+    """The ledger reference of a miner's reward for a block, unique per miner per block."""
+    return f"{height}:{user_id}"
+
+
 async def _enqueue_sealed(conn: asyncpg.Connection, block: queries.Block, confirmed: list[queries.Transaction],
-                          rejected: list[tuple[queries.Transaction, str]], miner: queries.MinerAccount | None,
-                          reward: Decimal, pool: queries.RewardPool | None, pool_remaining: Decimal | None,
+                          rejected: list[tuple[queries.Transaction, str]], payouts: list[mining.Payout],
+                          pool: queries.RewardPool | None, pool_remaining: Decimal | None,
                           halving_interval: int) -> None:
     # Lossless events: queued in the sealing transaction, published by the relay after commit.
     public = block.to_public()
@@ -351,10 +374,11 @@ async def _enqueue_sealed(conn: asyncpg.Connection, block: queries.Block, confir
     for tx, reason in rejected:
         await outbox.enqueue(conn, TRANSACTIONS_CHANNEL, TRANSACTION_REJECTED, {
             "hash": tx.hash, "sender": tx.sender, "reason": reason})
-    if reward > 0 and miner is not None:
+    for payout in payouts:   # one per miner paid by the block
         await outbox.enqueue(conn, MINING_CHANNEL, MINING_REWARDED, {
-            "height": block.height, "block_hash": block.hash, "miner": miner.account,
-            "miner_id": str(miner.user_id), "reward": money(reward), "device_type": miner.device_type,
+            "height": block.height, "block_hash": block.hash, "miner": payout.account,
+            "miner_id": str(payout.user_id), "reward": money(payout.amount), "device_type": payout.device_type,
+            "shares": payout.shares, "mobile_seconds": payout.mobile_seconds,
             "pool_id": pool.id if pool else None,
             "pool_remaining": money(pool_remaining) if pool_remaining is not None else None})
     if block.height == 1 or block.height % halving_interval == 0:
@@ -428,11 +452,13 @@ async def _walk_blocks(conn: asyncpg.Connection, batch: int) -> tuple[int, str |
 
 async def ledger_report(conn: asyncpg.Connection, limit: int) -> list[str]:
     """The first users whose balance is not the sum of their ledger rows, ledger rows that do not
-    chain, moves that do not net to 0, and reward pools whose allocated tokens differ from their draws."""
+    chain, moves that do not net to 0, reward pools whose allocated tokens differ from their draws, and
+    escrows whose money does not add up."""
     found = [m.describe() for m in await ledger.balance_mismatches(conn, limit)]
     found += [m.describe() for m in await ledger.chain_mismatches(conn, limit)]
     found += await ledger.unbalanced_moves(conn, limit)
     found += [m.describe() for m in await ledger.pool_mismatches(conn, limit)]
+    found += await escrow.escrow_report(conn, limit)
     return found
 
 
@@ -486,15 +512,23 @@ def check_block(block: queries.Block, previous: queries.Block | None, txs: list[
         return f"proof of work below difficulty {header.difficulty}"
     if wallets.state_hash({account: b["after"] for account, b in data["balances"].items()}) != header.state_hash:
         return "its balance record was altered (state_hash mismatch)"
-    if reward > 0:
-        flows[header.miner] = flows.get(header.miner, ZERO) + reward
+    try:
+        # Blocks since user mining list every miner's part; older ones paid the header's miner alone.
+        parts = ({account: Decimal(amount) for account, amount in data["rewards"].items()} if "rewards" in data
+                 else ({header.miner: reward} if reward > 0 else {}))
+    except (AttributeError, TypeError, ValueError, ArithmeticError):
+        return "its reward split is malformed"
+    if sum(parts.values(), ZERO) != reward:
+        return f"its reward split sums to {sum(parts.values(), ZERO)}, not the block's reward {reward}"
+    for account, amount in parts.items():
+        flows[account] = flows.get(account, ZERO) + amount
     for account in sorted(set(flows) | set(balances)):
         flow = flows.get(account, ZERO)
         before, after = balances.get(account, (None, None))
         if before is None or after is None or before + flow != after:
             return f"balance mismatch for {account}: recorded {before} -> {after}, transfers and reward move {flow}"
-    if (reward > 0 and rewards != [reward]) or (reward == 0 and any(amount != 0 for amount in rewards)):
-        return f"mining reward record {[str(r) for r in rewards]} differs from the block's reward {reward}"
+    if sorted(amount for amount in rewards if amount != 0) != sorted(a for a in parts.values() if a != 0):
+        return f"mining reward record {[str(r) for r in rewards]} differs from the block's reward split {reward}"
     return None
 
 

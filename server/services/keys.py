@@ -25,7 +25,7 @@ from db.key_rotation import Holder
 from server.core.crypto import MasterKey, key_id, unwrap_key, wrap_key, wrapped_prefix
 from server.core.secrets import load_or_create_secret
 from server.core.settings import Settings
-from server.services import datasets, delivery, kyc
+from server.services import datasets, delivery, escrow, kyc
 from server.services.demo import DEMO_USERS
 from server.services.demo_game import DEMO_GAME, demo_token
 from server.services.games import token_digest
@@ -38,7 +38,7 @@ ROTATION_BATCH = 200
 CAS_ATTEMPTS = 3  # a row rewritten under us this often is left for the next run
 
 # What a column's master-wrapped values start with (purchases also hold X25519 envelopes).
-_MARKERS = {Holder.DATASETS: "", Holder.KYC: "", Holder.PURCHASES: delivery.MASTER_PREFIX}
+_MARKERS = {Holder.DATASETS: "", Holder.KYC: "", Holder.PURCHASES: delivery.MASTER_PREFIX, Holder.SYSTEM_WALLETS: ""}
 
 
 def _context(holder: Holder, row_id: Any) -> bytes:
@@ -47,6 +47,8 @@ def _context(holder: Holder, row_id: Any) -> bytes:
         return datasets.associated_data(row_id)
     if holder is Holder.KYC:
         return kyc.associated_data(row_id)
+    if holder is Holder.SYSTEM_WALLETS:
+        return escrow.system_wallet_context(row_id)
     return f"purchase:{row_id}".encode()  # delivery.seal_for_server
 
 

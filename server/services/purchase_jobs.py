@@ -8,8 +8,9 @@ renews its lease every PURCHASE_JOB_HEARTBEAT seconds, so the lease itself can b
 that dies stops renewing, its lease expires within PURCHASE_JOB_LEASE and another worker resumes
 the job at its recorded step.
 
-This module only drives the job (lease, step order, retries with backoff, the escrow sweep); what
-each step does to the purchase, and the money rules, are in server/services/purchases.py.
+This module only drives the job (lease, step order, retries with backoff) and the escrow sweep
+(release after the window, pay out decided escrows); what each step does to the purchase, and the
+money rules, are in server/services/purchases.py and server/services/escrow.py.
 """
 
 from __future__ import annotations
@@ -30,13 +31,13 @@ from server.adapters.payments import PAYMENT_VERIFIER, ChainVerifier, Outcome, m
 from server.core.aio import wait_event
 from server.core.crypto import MASTER_KEY
 from server.core.settings import SETTINGS, Settings
-from server.services import purchases
+from server.services import escrow, purchases
 
 log = structlog.get_logger(__name__)
 
 STEPS = ("verify", "wrap", "hold", "complete")
 MAX_ATTEMPTS = 8
-ESCROW_SWEEP_SECONDS = 5.0
+ESCROW_SWEEP_SECONDS = 1.0  # a payout waits at most this long (plus a block) after its decision
 
 
 class LostLease(Exception):
@@ -47,8 +48,9 @@ class PurchaseWorker:
     """Runs purchase jobs from PostgreSQL; `run` loops until cancelled, `run_once` does one job."""
 
     def __init__(self, pool: asyncpg.Pool, verifier: ChainVerifier, master_key: bytes, settings: Settings,
-                 *, worker_id: str | None = None) -> None:
+                 *, worker_id: str | None = None, escrow_accounts: escrow.EscrowAccounts | None = None) -> None:
         self.pool = pool
+        self.escrow_accounts = escrow_accounts
         self.verifier = verifier
         self.master_key = master_key
         self.settings = settings
@@ -94,6 +96,7 @@ class PurchaseWorker:
         while True:
             try:
                 await self.release_due_escrows()
+                await self.settle_escrows()
             except asyncio.CancelledError:
                 raise
             except Exception:  # noqa: BLE001
@@ -102,7 +105,13 @@ class PurchaseWorker:
 
     async def release_due_escrows(self) -> int:
         """Release escrows of completed purchases older than ESCROW_RELEASE_SECONDS; returns how many."""
-        return await purchases.release_due_escrows(self.pool, self.settings.escrow_release_seconds)
+        return await escrow.release_due(self.pool, self.settings.escrow_release_seconds)
+
+    async def settle_escrows(self) -> int:
+        """Sign the payouts of decided escrows, and mark sealed ones settled; returns how many settled."""
+        if self.escrow_accounts is None:
+            return 0
+        return await escrow.settle_decided(self.pool, self.escrow_accounts, self.settings)
 
     async def run_once(self, purchase_id: uuid.UUID | None = None) -> bool:
         """Claim one runnable job (optionally a given one) and run it as far as it goes."""
@@ -170,6 +179,9 @@ class PurchaseWorker:
                 await queries.retry_job(conn, purchase_id, self.worker_id, _backoff(attempts or 1), verdict.reason)
             return None
         if verdict.outcome is Outcome.REJECTED:
+            if verdict.paid_escrow:
+                async with self._step(purchase_id, step) as (conn, purchase):
+                    await purchases.keep_refused_payment(conn, purchase, verdict)
             await self._fail(purchase_id, step, verdict.reason)
             return None
         async with self._step(purchase_id, step) as (conn, purchase):
@@ -237,9 +249,11 @@ def _backoff(attempts: int) -> float:
 
 async def purchase_jobs_ctx(app: Any) -> Any:
     """An aiohttp cleanup context: the payment verifier and the purchase worker of this process."""
+    accounts = app[escrow.ESCROW_ACCOUNTS]
     if app.get(PAYMENT_VERIFIER) is None:
-        app[PAYMENT_VERIFIER] = make_verifier(app[SETTINGS], app[POOL])
-    worker = app[PURCHASE_WORKER] = PurchaseWorker(app[POOL], app[PAYMENT_VERIFIER], app[MASTER_KEY], app[SETTINGS])
+        app[PAYMENT_VERIFIER] = make_verifier(app[SETTINGS], app[POOL], accounts.escrow.address)
+    worker = app[PURCHASE_WORKER] = PurchaseWorker(app[POOL], app[PAYMENT_VERIFIER], app[MASTER_KEY], app[SETTINGS],
+                                                   escrow_accounts=accounts)
     task = asyncio.create_task(worker.run())
     yield
     task.cancel()

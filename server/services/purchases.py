@@ -13,10 +13,7 @@ compare-and-set, and every event goes through the outbox in the transaction that
 
 from __future__ import annotations
 
-import base64
-import binascii
 import dataclasses
-import datetime as dt
 import hashlib
 import re
 import unicodedata
@@ -35,19 +32,18 @@ from server.adapters.blobs import BLOBS, BlobStore
 from server.adapters.payments import PaymentClaim, Verdict
 from server.core import jsonutil
 from server.core.crypto import MASTER_KEY, unwrap_key
+from server.core.cursors import decode_time_cursor, encode_time_cursor
 from server.core.errors import Conflict, ErrorCode, Forbidden, HubError, InvalidPayload, NotFound, Unavailable
 from server.core.identity import Identity
 from server.core.protocol import DEFAULT_PAGE
 from server.realtime.hub import user_channel
-from server.services import delivery, marketplace
+from server.services import delivery, escrow, marketplace
 
 log = structlog.get_logger(__name__)
 
 # Events on the buyer's and the seller's `user_channel`.
 PURCHASE_PROGRESSED = "purchase_progressed"
 SALE_COMPLETED = "sale_completed"
-ESCROW_RELEASED = "escrow_released"
-ESCROW_REFUNDED = "escrow_refunded"
 
 STATUSES = ("pending_payment", "processing", "completed", "failed", "refunded")
 PROGRESS = {  # purchase_progressed step -> percent
@@ -77,16 +73,7 @@ async def progressed(conn: asyncpg.Connection, purchase: queries.Purchase, statu
     await outbox.enqueue(conn, user_channel(purchase.buyer_id), PURCHASE_PROGRESSED, data)
 
 
-async def escrow_event(conn: asyncpg.Connection, escrow: escrow_queries.Escrow, type: str, reason: str) -> None:
-    """escrow_released / escrow_refunded to both parties."""
-    for user_id in (escrow.buyer_id, escrow.seller_id):
-        await outbox.enqueue(conn, user_channel(user_id), type, escrow.event(reason))
-
-
-async def _announce_refund(conn: asyncpg.Connection, purchase: queries.Purchase,
-                           escrow: escrow_queries.Escrow | None, reason: str) -> None:
-    if escrow is not None:
-        await escrow_event(conn, escrow, ESCROW_REFUNDED, reason)
+async def _announce_refund(conn: asyncpg.Connection, purchase: queries.Purchase, reason: str) -> None:
     await progressed(conn, purchase, "refunded", "refunded", 100, reason)
 
 
@@ -131,6 +118,10 @@ async def start_purchase(app: web.Application, buyer_id: uuid.UUID, datapod_id: 
             raise NotFound("no such DataPod", field="datapod_id")
         if pod.seller_id == buyer_id:
             raise Forbidden("you cannot buy your own DataPod", field="datapod_id")
+        if await escrow_queries.refund_unsettled(conn, buyer_id, datapod_id):
+            # Its single escrow row still owes the last payment back: reopening it would forget that.
+            raise Conflict("your refund for this DataPod is still being paid back; try again after the next block",
+                           field="datapod_id")
         if await queries.digest_already_paid(conn, digest):
             raise Conflict("this payment already paid for a purchase", field="payment_tx_digest")
         await queries.release_unpaid_digest(conn, digest)
@@ -156,40 +147,24 @@ async def get_purchase(app: web.Application, identity: Identity, purchase_id: uu
         return (await _own_purchase(conn, identity, purchase_id)).to_public()
 
 
-def _encode_cursor(purchase: queries.Purchase) -> str:
-    raw = jsonutil.dumpb([purchase.created_at.isoformat(), str(purchase.id)])
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
-
-
-def _decode_cursor(cursor: str) -> tuple[dt.datetime, uuid.UUID]:
-    try:
-        created_at, last_id = jsonutil.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-        return dt.datetime.fromisoformat(created_at), uuid.UUID(last_id)
-    except (ValueError, TypeError, binascii.Error):
-        raise InvalidPayload("not a cursor from this list", field="cursor") from None
-
-
 async def list_purchases(app: web.Application, buyer_id: uuid.UUID, params: dict) -> dict:
     """A page of the buyer's purchases, newest first, with a keyset cursor."""
     limit = params.get("limit", DEFAULT_PAGE)
-    before = _decode_cursor(params["cursor"]) if params.get("cursor") else None
+    before = decode_time_cursor(params["cursor"]) if params.get("cursor") else None
     async with app[POOL].acquire() as conn:
         found = await queries.list_purchases(
             conn, buyer_id, limit=limit + 1, before=before, status=params.get("status"),
             datapod_id=uuid.UUID(params["datapod_id"]) if params.get("datapod_id") else None)
     page = found[:limit]
     return {"items": [purchase.to_public() for purchase in page],
-            "next_cursor": _encode_cursor(page[-1]) if len(found) > limit else None}
+            "next_cursor": encode_time_cursor(page[-1].created_at, page[-1].id) if len(found) > limit else None}
 
 
 async def confirm_download(app: web.Application, identity: Identity, purchase_id: uuid.UUID) -> dict:
     """The buyer confirms delivery: the escrow is released to the seller (once; later calls say so)."""
-    async with app[POOL].acquire() as conn, conn.transaction():
+    async with app[POOL].acquire() as conn:
         await _bought_purchase(conn, identity, purchase_id, "confirms")
-        released = await release_escrow(conn, purchase_id, "buyer_confirmed")
-        current = released or await escrow_queries.get(conn, purchase_id)
-    return {"purchase_id": str(purchase_id), "released": released is not None,
-            "escrow_status": current.status if current else None}
+    return await escrow.confirm_receipt(app, identity, purchase_id)
 
 
 async def add_review(app: web.Application, identity: Identity, purchase_id: uuid.UUID, rating: int,
@@ -332,36 +307,25 @@ async def forget_x25519_key(app: web.Application, user_id: uuid.UUID) -> dict[st
 
 async def release_escrow(conn: asyncpg.Connection, purchase_id: uuid.UUID, reason: str) -> escrow_queries.Escrow | None:
     """holding -> released (buyer confirmed, or the window passed); None if it was not holding."""
-    released = await escrow_queries.release(conn, purchase_id)
-    if released is not None:
-        await escrow_event(conn, released, ESCROW_RELEASED, reason)
-    return released
+    return await escrow.release(conn, purchase_id, reason)
 
 
-async def release_due_escrows(pool: asyncpg.Pool, window_seconds: float) -> int:
-    """Release escrows of completed purchases held longer than the window; returns how many."""
-    async with pool.acquire() as conn, conn.transaction():
-        released = await escrow_queries.release_due(conn, window_seconds)
-        for escrow in released:
-            await escrow_event(conn, escrow, ESCROW_RELEASED, "release_window_passed")
-    return len(released)
-
-
-async def refund_purchase(conn: asyncpg.Connection, purchase_id: uuid.UUID,
-                          reason: str) -> escrow_queries.Escrow | None:
-    """Refund a paid purchase whose escrow still holds the money: escrow and purchase become refunded.
-
-    None when the escrow was not holding (already released or refunded, or never opened).
-    """
+async def refund_purchase(
+        conn: asyncpg.Connection, purchase_id: uuid.UUID, reason: str, *, actor_id: uuid.UUID | None = None,
+        from_statuses: tuple[str, ...] = escrow_queries.OPEN_STATUSES) -> escrow_queries.Escrow | None:
+    """Refund a paid purchase whose escrow still holds the money: escrow and purchase become refunded,
+    and the settlement sweep pays the buyer back. None when the escrow was not in `from_statuses`."""
     purchase = await queries.lock_purchase(conn, purchase_id)
     if purchase is None:
         return None
-    refunded = await escrow_queries.refund(conn, purchase_id)
+    refunded = await escrow_queries.refund(conn, purchase_id, from_statuses=from_statuses, resolved_by=actor_id,
+                                           note=reason if actor_id else None)
     if refunded is None:
         return None
     await queries.set_status(conn, purchase_id, ("processing", "completed"), "refunded")
     await queries.finish_job(conn, purchase_id)  # a job at its last step must not complete it
-    await _announce_refund(conn, purchase, refunded, reason)
+    await escrow.announce_decision(conn, refunded, reason, actor_id)
+    await _announce_refund(conn, purchase, reason)
     return refunded
 
 
@@ -371,12 +335,32 @@ async def refund_as_admin(app: web.Application, admin: Identity, purchase_id: uu
     async with app[POOL].acquire() as conn, conn.transaction():
         if await queries.get_purchase(conn, purchase_id) is None:
             raise NotFound("no such purchase", field="purchase_id")
-        refunded = await refund_purchase(conn, purchase_id, reason or "refunded_by_admin")
+        refunded = await refund_purchase(conn, purchase_id, reason or "refunded_by_admin", actor_id=admin.user_id)
         if refunded is None:
             raise Conflict("the escrow is not holding this payment (already released or refunded)",
                            field="purchase_id")
     log.info("purchase_refunded", purchase_id=str(purchase_id), admin=str(admin.user_id))
     return {"purchase_id": str(purchase_id), "status": "refunded", "escrow_status": refunded.status}
+
+
+async def resolve_dispute(app: web.Application, admin: Identity, purchase_id: uuid.UUID, outcome: str,
+                          note: str) -> dict[str, Any]:
+    """An administrator ends a dispute: release to the seller or refund the buyer (exactly once)."""
+    async with app[POOL].acquire() as conn, conn.transaction():
+        if outcome == "release":
+            decided = await escrow_queries.release(conn, purchase_id, from_statuses=(escrow_queries.DISPUTED,),
+                                                   resolved_by=admin.user_id, note=note)
+            await escrow.announce_decision(conn, decided, note, admin.user_id)
+        else:
+            decided = await refund_purchase(conn, purchase_id, note, actor_id=admin.user_id,
+                                            from_statuses=(escrow_queries.DISPUTED,))
+        if decided is None:
+            current = await escrow_queries.get(conn, purchase_id)
+            if current is None:
+                raise NotFound("no escrow for that purchase", field="purchase_id")
+            raise Conflict(f"the escrow is {current.status}, not disputed", field="purchase_id")
+    log.info("escrow_dispute_resolved", purchase_id=str(purchase_id), outcome=outcome, admin=str(admin.user_id))
+    return decided.to_public()
 
 
 # --- the job's steps (each inside the worker's leased transaction) ---------------------------------
@@ -401,6 +385,14 @@ async def record_payment(conn: asyncpg.Connection, purchase: queries.Purchase, v
     if recorded:
         await progressed(conn, purchase, "processing", "payment_verified")
     return recorded
+
+
+async def keep_refused_payment(conn: asyncpg.Connection, purchase: queries.Purchase, verdict: Verdict) -> bool:
+    """A payment refused (too small, too old) that still reached the escrow from the buyer is recorded,
+    so failing the purchase pays it back; False when the digest already paid for something else."""
+    return await queries.record_receipt(
+        conn, digest=purchase.payment_tx_digest, purchase_id=purchase.id, chain=verdict.chain,
+        sender=verdict.sender, receiver=verdict.receiver, amount_sui=verdict.amount_sui or purchase.amount_sui)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -441,9 +433,19 @@ async def store_key(conn: asyncpg.Connection, purchase: queries.Purchase, sealed
     return True
 
 
+class EscrowBusy(HubError):
+    """The buyer's earlier refund of this DataPod is not paid back yet: the job retries."""
+
+    code = ErrorCode.UNAVAILABLE
+
+
 async def hold_escrow(conn: asyncpg.Connection, purchase: queries.Purchase) -> None:
     """Open the purchase's escrow holding the amount paid."""
-    await escrow_queries.hold(conn, purchase.id, purchase.seller_id, purchase.amount_sui)
+    paid = await queries.receipt_amount(conn, purchase.id, purchase.payment_tx_digest)
+    held = await escrow_queries.hold(conn, purchase.id, purchase.seller_id, paid or purchase.amount_sui)
+    if held is None:
+        raise EscrowBusy("the previous refund of this purchase is not settled yet")
+    await escrow.record_hold(conn, held)
     await progressed(conn, purchase, "processing", "escrow_holding")
 
 
@@ -463,14 +465,16 @@ async def complete_purchase(conn: asyncpg.Connection, purchase: queries.Purchase
 
 async def fail_purchase(conn: asyncpg.Connection, purchase: queries.Purchase, reason: str) -> None:
     """End a purchase that cannot go on: `failed` if its payment was never verified, else refunded."""
-    paid = await queries.receipt_for(conn, purchase.id, purchase.payment_tx_digest)
-    if not paid:
+    paid = await queries.receipt_amount(conn, purchase.id, purchase.payment_tx_digest)
+    if paid is None:
         if await queries.set_status(conn, purchase.id, ("pending_payment", "processing"), "failed"):
             await progressed(conn, purchase, "failed", "failed", 100, reason)
         return
     # Paid: refund the holding escrow, or, if none was opened yet, record the money owed back in one row.
-    refunded = (await escrow_queries.refund(conn, purchase.id)
-                or await escrow_queries.hold(conn, purchase.id, purchase.seller_id, purchase.amount_sui,
-                                             status="refunded"))
+    refunded = await escrow_queries.refund(conn, purchase.id)
+    if refunded is not None:
+        await escrow.announce_decision(conn, refunded, reason, None)
+    else:
+        await escrow.refund_unheld(conn, purchase.id, purchase.seller_id, paid, reason)
     if await queries.set_status(conn, purchase.id, ("pending_payment", "processing"), "refunded"):
-        await _announce_refund(conn, purchase, refunded, reason)
+        await _announce_refund(conn, purchase, reason)
