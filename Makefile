@@ -13,7 +13,14 @@ $(BIN)/python:
 
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e '.[dev]'
-	touch $(STAMP)
+	touch $(STAMP) $(RUN_STAMP)
+
+# `make run` needs only the server's own dependencies (the dev extra compiles llama-cpp-python for the
+# assistant tests, which takes minutes); a venv installed for the tests serves both.
+RUN_STAMP := $(VENV)/.installed-run
+$(RUN_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e .
+	touch $(RUN_STAMP)
 
 # The official socket.io-client for the interop test (tests/test_interop.py).
 NODE_DEPS := tests/node/node_modules/.package-lock.json
@@ -30,10 +37,10 @@ $(CHROMIUM):
 install: $(STAMP)
 
 # The demo seals a block every 5 s so the page is lively; a deployment sets its own BLOCK_INTERVAL.
-run: $(STAMP)
+run: $(RUN_STAMP)
 	BLOCK_INTERVAL=$${BLOCK_INTERVAL:-5} $(BIN)/sourcenet-hub serve
 
-check: $(STAMP)
+check: $(RUN_STAMP)
 	$(BIN)/sourcenet-hub check
 
 test: $(STAMP) $(NODE_DEPS) $(CHROMIUM)

@@ -155,6 +155,7 @@ PERSONAL_TABLES = (
     ("ai_usage", "user_id"),
     ("kyc_submissions", "user_id"),
     ("user_registrations", "user_id"),
+    ("password_reset_tokens", "user_id"),
     ("download_logs", "buyer_id"),
     ("cloud", "owner_id"),
     ("peer", "user_id"),
@@ -179,7 +180,7 @@ async def anonymise(conn: asyncpg.Connection, user_id: uuid.UUID, username: str)
     wallet address, balance history and seller statistics stay. Returns `deleted_at`."""
     return await conn.fetchval(
         """UPDATE users SET account_kind = 'deleted', deleted_at = now(), username = $2,
-                  email = NULL, password_hash = NULL, google_id = NULL, name = NULL, profile_image = NULL,
+                  email = NULL, password_hash = NULL, google_id = NULL, name = NULL, profile_image = NULL, bio = NULL,
                   sui_address = NULL, salt = NULL, x25519_public_key = NULL, wallet_public_key = NULL,
                   mining_status = NULL, utility_status = '{}'::jsonb, additional_data = NULL
             WHERE id = $1 RETURNING deleted_at""", user_id, username)

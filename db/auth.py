@@ -33,7 +33,10 @@ async def get_session_state(conn: asyncpg.Connection, session_id: int) -> Sessio
     """The session's owner and whether it is neither logged out nor expired."""
     row = await conn.fetchrow(
         """SELECT session_id, user_id,
-                  logout_time IS NULL AND (expires_at IS NULL OR expires_at > now()) AS active,
+                  logout_time IS NULL AND (expires_at IS NULL OR expires_at > now())
+                  -- A suspension ends the sessions too; this refuses any that a lost update left open.
+                  AND NOT EXISTS (SELECT 1 FROM users u WHERE u.id = s.user_id AND u.suspended_at IS NOT NULL)
+                  AS active,
                   EXISTS (SELECT 1 FROM admin a WHERE a.user_id = s.user_id) AS is_admin
            FROM sessions s WHERE session_id = $1""",
         session_id)
@@ -48,12 +51,14 @@ async def end_session(conn: asyncpg.Connection, session_id: int, reason: str) ->
     return status == "UPDATE 1"
 
 
-async def end_user_sessions(conn: asyncpg.Connection, user_id: uuid.UUID, reason: str) -> list[int]:
-    """End every open session of a user; the ids of those that were open."""
+async def end_user_sessions(conn: asyncpg.Connection, user_id: uuid.UUID, reason: str,
+                            keep: int | None = None) -> list[int]:
+    """End every open session of a user but `keep`; the ids of those that were open."""
     rows = await conn.fetch(
         """UPDATE sessions SET logout_time = now(), end_reason = $2
-            WHERE user_id = $1 AND logout_time IS NULL RETURNING session_id""",
-        user_id, reason)
+            WHERE user_id = $1 AND logout_time IS NULL AND session_id IS DISTINCT FROM $3::integer
+        RETURNING session_id""",
+        user_id, reason, keep)
     return [row["session_id"] for row in rows]
 
 

@@ -132,16 +132,24 @@ async def get(conn: asyncpg.Connection, purchase_id: uuid.UUID, *, lock: bool = 
              WHERE e.purchase_id = $1 {"FOR UPDATE OF e" if lock else ""}""", purchase_id))
 
 
-async def release(conn: asyncpg.Connection, purchase_id: uuid.UUID, *, from_statuses: Sequence[str] = (HOLDING,),
-                  resolved_by: uuid.UUID | None = None, note: str | None = None) -> Escrow | None:
-    """-> released (the purchase must be completed), once; None when it was not in `from_statuses`."""
+# The platform's cut is fixed when the escrow is released (at the rate then in force), truncated to
+# the KVP quantum so the seller never gets less than amount x (1 - rate).
+_FEE = "trunc(e.amount_sui * $FEE::numeric, 8)"
+
+
+async def release(conn: asyncpg.Connection, purchase_id: uuid.UUID, *, fee_rate: Decimal,
+                  from_statuses: Sequence[str] = (HOLDING,), resolved_by: uuid.UUID | None = None,
+                  note: str | None = None) -> Escrow | None:
+    """-> released (the purchase must be completed) with its platform fee, once; None when it was not
+    in `from_statuses`."""
     return await _change(
         conn,
-        """UPDATE escrow_transactions e SET status = 'released', released_at = now(),
-                  resolved_by = coalesce($3, e.resolved_by), resolution_note = coalesce($4, e.resolution_note)
-            WHERE e.purchase_id = $1 AND e.status = ANY($2::varchar[])
-              AND EXISTS (SELECT 1 FROM purchases p WHERE p.id = e.purchase_id AND p.status = 'completed')""",
-        purchase_id, list(from_statuses), resolved_by, note)
+        f"""UPDATE escrow_transactions e SET status = 'released', released_at = now(),
+                   fee_amount = {_FEE.replace("$FEE", "$5")},
+                   resolved_by = coalesce($3, e.resolved_by), resolution_note = coalesce($4, e.resolution_note)
+             WHERE e.purchase_id = $1 AND e.status = ANY($2::varchar[])
+               AND EXISTS (SELECT 1 FROM purchases p WHERE p.id = e.purchase_id AND p.status = 'completed')""",
+        purchase_id, list(from_statuses), resolved_by, note, fee_rate)
 
 
 async def refund(conn: asyncpg.Connection, purchase_id: uuid.UUID, *, from_statuses: Sequence[str] = (HOLDING,),
@@ -166,11 +174,13 @@ async def dispute(conn: asyncpg.Connection, purchase_id: uuid.UUID, reason: str,
         purchase_id, reason, window_seconds)
 
 
-async def release_due(conn: asyncpg.Connection, older_than_seconds: float, limit: int = 100) -> list[Escrow]:
+async def release_due(conn: asyncpg.Connection, older_than_seconds: float, fee_rate: Decimal,
+                      limit: int = 100) -> list[Escrow]:
     """Release holding escrows of completed purchases older than the window (a dispute freezes one)."""
     rows = await conn.fetch(
         f"""WITH changed AS (
-               UPDATE escrow_transactions e SET status = 'released', released_at = now()
+               UPDATE escrow_transactions e SET status = 'released', released_at = now(),
+                      fee_amount = {_FEE.replace("$FEE", "$3")}
                 WHERE e.id IN (
                     SELECT x.id FROM escrow_transactions x JOIN purchases p ON p.id = x.purchase_id
                      WHERE x.status = 'holding' AND p.status = 'completed'
@@ -179,7 +189,7 @@ async def release_due(conn: asyncpg.Connection, older_than_seconds: float, limit
                      FOR UPDATE OF x SKIP LOCKED)
                   AND e.status = 'holding'
                RETURNING e.*)
-            {_JOINED}""", older_than_seconds, limit)
+            {_JOINED}""", older_than_seconds, limit, fee_rate)
     return [Escrow(**dict(row)) for row in rows]
 
 
@@ -193,12 +203,11 @@ async def lock_unsettled(conn: asyncpg.Connection, limit: int) -> list[Escrow]:
     return [Escrow(**dict(row)) for row in rows]
 
 
-async def record_payout(conn: asyncpg.Connection, escrow_id: uuid.UUID, fee: Decimal,
-                        settlement_tx_hash: str | None, fee_tx_hash: str | None) -> None:
+async def record_payout(conn: asyncpg.Connection, escrow_id: uuid.UUID, settlement_tx_hash: str | None,
+                        fee_tx_hash: str | None) -> None:
     """Remember the transfers that pay a decided escrow out (NULLs to forget rejected ones)."""
-    await conn.execute(
-        "UPDATE escrow_transactions SET fee_amount = $2, settlement_tx_hash = $3, fee_tx_hash = $4 WHERE id = $1",
-        escrow_id, fee, settlement_tx_hash, fee_tx_hash)
+    await conn.execute("UPDATE escrow_transactions SET settlement_tx_hash = $2, fee_tx_hash = $3 WHERE id = $1",
+                       escrow_id, settlement_tx_hash, fee_tx_hash)
 
 
 async def mark_settled(conn: asyncpg.Connection, escrow_id: uuid.UUID) -> None:

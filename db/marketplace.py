@@ -152,6 +152,9 @@ class SearchFilter:
     descending: bool = True
     after: tuple[Any, uuid.UUID] | None = None
     limit: int = 20
+    column: str | None = None
+    column_type: str | None = None
+    fuzzy: bool = False  # q by trigram word similarity on the title instead of full text (needs pg_trgm)
 
 
 _SUMMARY_COLUMNS = """d.id, d.seller_id, u.username AS seller_username, u.name AS seller_name,
@@ -192,14 +195,16 @@ async def insert_datapod(conn: asyncpg.Connection, sealed: SealedDataset, *, sel
 async def get_datapod(conn: asyncpg.Connection, datapod_id: uuid.UUID) -> Datapod | None:
     """One DataPod by id, whatever its state."""
     return _detail(await conn.fetchrow(
-        f"SELECT {_DETAIL_COLUMNS} FROM datapods d LEFT JOIN users u ON u.id = d.seller_id WHERE d.id = $1",
+        f"""SELECT {_DETAIL_COLUMNS} FROM datapods d LEFT JOIN users u ON u.id = d.seller_id
+            WHERE d.id = $1 AND d.deleted_at IS NULL""",  # a deleted pod is gone from the market (db/seller.py)
         datapod_id))
 
 
 async def lock_datapod(conn: asyncpg.Connection, datapod_id: uuid.UUID) -> DatapodAccess | None:
     """Owner, category and state of a DataPod, locked until the transaction ends."""
     row = await conn.fetchrow(
-        "SELECT id, seller_id, category, published FROM datapods WHERE id = $1 FOR UPDATE", datapod_id)
+        "SELECT id, seller_id, category, published FROM datapods WHERE id = $1 AND deleted_at IS NULL FOR UPDATE",
+        datapod_id)
     return None if row is None else DatapodAccess(**dict(row))
 
 
@@ -210,25 +215,40 @@ async def set_published(conn: asyncpg.Connection, datapod_id: uuid.UUID, publish
 
 
 async def update_datapod(conn: asyncpg.Connection, datapod_id: uuid.UUID, *, title: str | None = None,
-                         description: str | None = None, price_sui: Decimal | None = None) -> Datapod:
-    """Change a DataPod's title, description or price (None keeps the value)."""
+                         description: str | None = None, price_sui: Decimal | None = None,
+                         category: str | None = None, tags: list[str] | None = None) -> Datapod:
+    """Change a DataPod's title, description, price, category or tags (None keeps the value)."""
     await conn.execute(
         """UPDATE datapods SET title = coalesce($2, title), description = coalesce($3, description),
-                               price_sui = coalesce($4, price_sui)
+                               price_sui = coalesce($4, price_sui), category = coalesce($5, category),
+                               schema = CASE WHEN $6::jsonb IS NULL THEN schema
+                                             ELSE jsonb_set(coalesce(schema, '{}'), '{tags}', $6::jsonb) END
            WHERE id = $1""",
-        datapod_id, title, description, price_sui)
+        datapod_id, title, description, price_sui, category, tags)
     return await get_datapod(conn, datapod_id)  # type: ignore[return-value]
 
 
-def search_sql(search: SearchFilter) -> tuple[str, list[Any]]:
-    """The search statement and its parameters (separate so tests can EXPLAIN it)."""
+# The expression idx_datapods_schema_columns indexes (migration 0023): repeat it exactly, or the planner
+# cannot use the index.
+SCHEMA_COLUMNS_EXPR = "lower((d.schema -> 'columns')::text)::jsonb"
+
+# Lowest strict_word_similarity(q, title) a fuzzy match needs. pg_trgm's default (0.5) sits exactly
+# on a one-letter typo in a short word ("wether" / "weather" score 0.5); 0.4 still keeps "leather"
+# (0.25) out. Strict word similarity compares whole words, so long titles do not dilute the match.
+WORD_SIMILARITY_THRESHOLD = 0.4
+
+# Price bands of the facets: (key, lowest price, highest price); the CASE in facets_sql follows them.
+PRICE_BANDS = (("free", Decimal(0), Decimal(0)), ("under_1", Decimal(0), Decimal(1)),
+               ("1_to_5", Decimal(1), Decimal(5)), ("5_to_20", Decimal(5), Decimal(20)),
+               ("20_plus", Decimal(20), None))
+_PRICE_BAND_SQL = """CASE WHEN d.price_sui = 0 THEN 'free' WHEN d.price_sui < 1 THEN 'under_1'
+    WHEN d.price_sui < 5 THEN '1_to_5' WHEN d.price_sui < 20 THEN '5_to_20' ELSE '20_plus' END"""
+
+
+def _filter_conditions(search: SearchFilter, param: Any) -> list[str]:
+    """The WHERE fragments of a search's filters (not its cursor), with values bound through `param`."""
     conditions: list[str] = []
-    params: list[Any] = []
-
-    def param(value: Any) -> str:
-        params.append(value)
-        return f"${len(params)}"
-
+    conditions.append("d.deleted_at IS NULL")  # deleted pods leave the seller's list too (db/seller.py)
     if search.published_only:
         conditions.append("d.published")
     if search.seller_id is not None:
@@ -239,8 +259,33 @@ def search_sql(search: SearchFilter) -> tuple[str, list[Any]]:
         conditions.append(f"d.price_sui >= {param(search.min_price)}")
     if search.max_price is not None:
         conditions.append(f"d.price_sui <= {param(search.max_price)}")
-    if search.q is not None:
+    if search.q is not None and search.fuzzy:
+        conditions.append(f"{param(search.q)} <<% d.title")  # strict word similarity: idx_datapods_title_trgm
+    elif search.q is not None:
         conditions.append(f"d.search_vector @@ plainto_tsquery('english', {param(search.q)})")
+    # Name and type together describe one column; containment on the lowercased list uses the GIN index.
+    wanted = []
+    if search.column is not None:
+        wanted.append(f"'name', lower({param(search.column)}::text)")
+    if search.column_type is not None:
+        wanted.append(f"'type', {param(search.column_type)}::text")
+    if wanted:
+        conditions.append(f"{SCHEMA_COLUMNS_EXPR} @> jsonb_build_array(jsonb_build_object({', '.join(wanted)}))")
+    return conditions
+
+
+def _binder(params: list[Any]) -> Any:
+    def param(value: Any) -> str:
+        params.append(value)
+        return f"${len(params)}"
+    return param
+
+
+def search_sql(search: SearchFilter) -> tuple[str, list[Any]]:
+    """The search statement and its parameters (separate so tests can EXPLAIN it)."""
+    params: list[Any] = []
+    param = _binder(params)
+    conditions = _filter_conditions(search, param)
     column = SORT_COLUMNS[search.sort]
     direction, comparison = ("DESC", "<") if search.descending else ("ASC", ">")
     if search.after is not None:
@@ -256,6 +301,115 @@ async def search_datapods(conn: asyncpg.Connection, search: SearchFilter) -> lis
     """One page of DataPods matching the filter, in its order, starting after `search.after`."""
     sql, params = search_sql(search)
     return [_summary(row) for row in await conn.fetch(sql, *params)]
+
+
+async def trigram_available(conn: asyncpg.Connection) -> bool:
+    """Whether pg_trgm is installed in this database (migration 0023 installs it when it can)."""
+    return await conn.fetchval("SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'pg_trgm')")
+
+
+async def set_similarity_threshold(conn: asyncpg.Connection) -> None:
+    """Apply WORD_SIMILARITY_THRESHOLD to fuzzy queries until the caller's transaction ends."""
+    await conn.execute("SELECT set_config('pg_trgm.strict_word_similarity_threshold', $1, true)",
+                       str(WORD_SIMILARITY_THRESHOLD))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Facets:
+    """How many DataPods a search's filters match, per category and per price band."""
+
+    total: int
+    categories: dict[str | None, int]
+    price_bands: dict[str, int]
+
+    def to_public(self) -> dict[str, Any]:
+        """The JSON view: categories by count (then name), every band in PRICE_BANDS' order, empty ones too."""
+        categories = sorted(self.categories.items(), key=lambda item: (-item[1], item[0] or ""))
+        return {"total": self.total,
+                "categories": [{"category": name, "count": count} for name, count in categories],
+                "price_bands": [{"band": key, "min_sui": low, "max_sui": high,
+                                 "count": self.price_bands.get(key, 0)} for key, low, high in PRICE_BANDS]}
+
+
+def facets_sql(search: SearchFilter) -> tuple[str, list[Any]]:
+    """The facets statement over the search's filters (its sort, cursor and limit do not apply)."""
+    params: list[Any] = []
+    conditions = _filter_conditions(search, _binder(params))
+    where = " AND ".join(conditions) or "true"
+    # One pass: grouping sets give per-category counts, per-band counts and the total together.
+    sql = (f"SELECT f.category, f.band, count(*) AS count, GROUPING(f.category, f.band) AS level "
+           f"FROM (SELECT d.category, {_PRICE_BAND_SQL} AS band FROM datapods d WHERE {where}) f "
+           f"GROUP BY GROUPING SETS ((f.category), (f.band), ())")
+    return sql, params
+
+
+async def search_facets(conn: asyncpg.Connection, search: SearchFilter) -> Facets:
+    """Counts per category and price band of the DataPods the search's filters match."""
+    sql, params = facets_sql(search)
+    total, categories, bands = 0, {}, {}
+    for row in await conn.fetch(sql, *params):
+        if row["level"] == 1:  # grouped by category
+            categories[row["category"]] = row["count"]
+        elif row["level"] == 2:  # grouped by band
+            bands[row["band"]] = row["count"]
+        else:
+            total = row["count"]
+    return Facets(total=total, categories=categories, price_bands=bands)
+
+
+# "More like this": the weights of the score (docs/protocol.md explains them).
+SIMILAR_CATEGORY_WEIGHT = 3
+SIMILAR_TAG_WEIGHT = 2
+SIMILAR_COLUMN_WEIGHT = 1
+SIMILAR_COLUMN_CAP = 5  # shared columns counted at most: generic names (id, date) are weak evidence
+SIMILAR_TEXT_WEIGHT = 4
+
+# Lowercased tag and column-name sets of a pod (lax paths: a missing or odd schema yields nothing).
+_TAG_SET = "ARRAY(SELECT DISTINCT lower(t #>> '{{}}') FROM jsonb_path_query({pod}.schema, 'lax $.tags[*]') t)"
+_COLUMN_SET = ("ARRAY(SELECT DISTINCT lower(c #>> '{{}}') "
+               "FROM jsonb_path_query({pod}.schema, 'lax $.columns[*].name') c)")
+
+
+def _shared(left: str, right: str) -> str:
+    return f"cardinality(ARRAY(SELECT unnest({left}) INTERSECT SELECT unnest({right})))"
+
+
+SIMILAR_SQL = f"""
+WITH src AS (
+    SELECT s.id, s.category, {_TAG_SET.format(pod="s")} AS tags, {_COLUMN_SET.format(pod="s")} AS columns,
+           tsvector_to_array(s.search_vector) AS words
+      FROM datapods s WHERE s.id = $1
+), candidates AS (
+    SELECT d.id,
+           (d.category IS NOT DISTINCT FROM src.category AND d.category IS NOT NULL) AS same_category,
+           {_shared("src.tags", _TAG_SET.format(pod="d"))} AS shared_tags,
+           {_shared("src.columns", _COLUMN_SET.format(pod="d"))} AS shared_columns,
+           {_shared("src.words", "tsvector_to_array(d.search_vector)")} AS shared_words,
+           cardinality(src.words) + cardinality(tsvector_to_array(d.search_vector)) AS word_total
+      FROM datapods d CROSS JOIN src
+     WHERE d.published AND d.id <> src.id
+), scored AS (
+    SELECT c.id,
+           (CASE WHEN c.same_category THEN {SIMILAR_CATEGORY_WEIGHT} ELSE 0 END
+            + {SIMILAR_TAG_WEIGHT} * c.shared_tags
+            + {SIMILAR_COLUMN_WEIGHT} * least(c.shared_columns, {SIMILAR_COLUMN_CAP})
+            + {SIMILAR_TEXT_WEIGHT} * CASE WHEN c.word_total > c.shared_words
+                                           THEN c.shared_words::numeric / (c.word_total - c.shared_words)
+                                           ELSE 0 END)::float8 AS score
+      FROM candidates c
+)
+SELECT {_SUMMARY_COLUMNS}, sc.score
+  FROM scored sc JOIN datapods d ON d.id = sc.id LEFT JOIN users u ON u.id = d.seller_id
+ WHERE sc.score > 0
+ ORDER BY sc.score DESC, d.purchase_count DESC, d.id
+ LIMIT $2"""
+
+
+async def similar_datapods(conn: asyncpg.Connection, datapod_id: uuid.UUID,
+                           limit: int) -> list[tuple[DatapodSummary, float]]:
+    """Published DataPods most like this one (itself excluded), best first, with their scores."""
+    rows = await conn.fetch(SIMILAR_SQL, datapod_id, limit)
+    return [(DatapodSummary(**{k: v for k, v in row.items() if k != "score"}), row["score"]) for row in rows]
 
 
 async def seller_stats(conn: asyncpg.Connection, seller_id: uuid.UUID) -> SellerStats:

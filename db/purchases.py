@@ -59,14 +59,27 @@ class Purchase:
     escrow_status: str | None
     step: str | None
     reviewed: bool
+    # The buyer-history fields of the seed's query (category, seller name, the buyer's own review).
+    category: str | None
+    seller_name: str | None
+    datapod_rating: Decimal
+    review_rating: int | None
+    review_comment: str | None
+    review_updated_at: dt.datetime | None
+    price_paid: Decimal | None  # what the payment receipt says was paid; None before verification
+    escrow_settled_at: dt.datetime | None
 
     def to_public(self) -> dict[str, Any]:
         """The buyer's view (the key envelope is served by its own route)."""
+        review = None if self.review_rating is None else {
+            "rating": self.review_rating, "comment": self.review_comment, "updated_at": iso(self.review_updated_at)}
         return {"id": str(self.id), "datapod_id": str(self.datapod_id), "seller_id": str(self.seller_id),
-                "datapod_title": self.datapod_title, "payment_tx_digest": self.payment_tx_digest,
-                "amount_sui": self.amount_sui, "status": self.status, "escrow_status": self.escrow_status,
+                "datapod_title": self.datapod_title, "category": self.category, "seller_name": self.seller_name,
+                "datapod_rating": self.datapod_rating, "payment_tx_digest": self.payment_tx_digest,
+                "amount_sui": self.amount_sui, "price_paid": self.price_paid, "status": self.status,
+                "escrow_status": self.escrow_status, "escrow_settled": self.escrow_settled_at is not None,
                 "step": self.step, "key_ready": self.decryption_key is not None, "reviewed": self.reviewed,
-                "created_at": self.created_at.isoformat(),
+                "review": review, "created_at": self.created_at.isoformat(),
                 "completed_at": iso(self.completed_at)}
 
 
@@ -106,21 +119,28 @@ _POD_COLUMNS = """id, seller_id, title, price_sui, published, wrapped_key, encry
 _PURCHASE_SELECT = """
     SELECT p.id, p.buyer_id, p.datapod_id, d.seller_id, d.title AS datapod_title, p.payment_tx_digest,
            p.amount_sui, p.status, p.decryption_key, p.decryption_iv, p.encrypted_blob_id, p.created_at,
-           p.completed_at, p.updated_at, e.status AS escrow_status, j.step,
-           EXISTS (SELECT 1 FROM reviews r WHERE r.purchase_id = p.id) AS reviewed
+           p.completed_at, p.updated_at, e.status AS escrow_status, j.step, r.id IS NOT NULL AS reviewed,
+           d.category, coalesce(s.name, s.username) AS seller_name, d.average_rating AS datapod_rating,
+           r.rating AS review_rating, r.comment AS review_comment, r.updated_at AS review_updated_at,
+           pr.amount_sui AS price_paid, e.settled_at AS escrow_settled_at
       FROM purchases p
       JOIN datapods d ON d.id = p.datapod_id
+      LEFT JOIN users s ON s.id = d.seller_id
       LEFT JOIN escrow_transactions e ON e.purchase_id = p.id
-      LEFT JOIN purchase_jobs j ON j.purchase_id = p.id"""
+      LEFT JOIN purchase_jobs j ON j.purchase_id = p.id
+      LEFT JOIN reviews r ON r.purchase_id = p.id
+      -- Only this purchase's receipt for its current digest: a retried purchase's old payment is not it.
+      LEFT JOIN payment_receipts pr ON pr.payment_tx_digest = p.payment_tx_digest AND pr.purchase_id = p.id"""
 
 
 def _purchase(row: asyncpg.Record | None) -> Purchase | None:
     return None if row is None else Purchase(**dict(row))
 
 
-async def get_pod(conn: asyncpg.Connection, datapod_id: uuid.UUID) -> PodForSale | None:
-    """A DataPod as purchases need it."""
-    row = await conn.fetchrow(f"SELECT {_POD_COLUMNS} FROM datapods WHERE id = $1", datapod_id)
+async def get_pod(conn: asyncpg.Connection, datapod_id: uuid.UUID, *, share_lock: bool = False) -> PodForSale | None:
+    """A DataPod as purchases need it (FOR SHARE when `share_lock`: a delete or a new version waits)."""
+    row = await conn.fetchrow(f"SELECT {_POD_COLUMNS} FROM datapods WHERE id = $1"
+                              + (" FOR SHARE" if share_lock else ""), datapod_id)
     return None if row is None else PodForSale(**dict(row))
 
 
@@ -169,18 +189,22 @@ async def get_purchase(conn: asyncpg.Connection, purchase_id: uuid.UUID) -> Purc
 async def list_purchases(conn: asyncpg.Connection, buyer_id: uuid.UUID, *, limit: int,
                          before: tuple[dt.datetime, uuid.UUID] | None = None,
                          status: str | None = None,
-                         datapod_id: uuid.UUID | None = None) -> list[Purchase]:
-    """The buyer's purchases (of one DataPod, if given), newest first, keyset-paginated by
-    (created_at, id)."""
+                         datapod_id: uuid.UUID | None = None, category: str | None = None,
+                         since: dt.datetime | None = None, until: dt.datetime | None = None) -> list[Purchase]:
+    """The buyer's purchases (filtered by status, DataPod, category, and created in [since, until)),
+    newest first, keyset-paginated by (created_at, id)."""
     rows = await conn.fetch(
         f"""{_PURCHASE_SELECT}
             WHERE p.buyer_id = $1
               AND ($2::timestamptz IS NULL OR (p.created_at, p.id) < ($2, $3::uuid))
               AND ($4::text IS NULL OR p.status = $4)
               AND ($6::uuid IS NULL OR p.datapod_id = $6)
+              AND ($7::text IS NULL OR d.category = $7)
+              AND ($8::timestamptz IS NULL OR p.created_at >= $8)
+              AND ($9::timestamptz IS NULL OR p.created_at < $9)
             ORDER BY p.created_at DESC, p.id DESC LIMIT $5""",
         buyer_id, before[0] if before else None, before[1] if before else None, status, limit,
-        datapod_id)
+        datapod_id, category, since, until)
     return [_purchase(row) for row in rows]  # type: ignore[misc]
 
 
@@ -313,6 +337,19 @@ async def log_download(conn: asyncpg.Connection, purchase: Purchase) -> None:
                        purchase.id, purchase.buyer_id, purchase.datapod_id)
 
 
+async def log_link_download(conn: asyncpg.Connection, purchase: Purchase, link_issued_at: dt.datetime) -> bool:
+    """A download_logs row unless the purchase already has one since the link was issued (one per link);
+    whether it was written. Run in a transaction: the purchase row lock makes racing requests take turns."""
+    await conn.execute("SELECT 1 FROM purchases WHERE id = $1 FOR UPDATE", purchase.id)
+    row = await conn.fetchrow(
+        """INSERT INTO download_logs (purchase_id, buyer_id, datapod_id)
+           SELECT $1, $2, $3
+            WHERE NOT EXISTS (SELECT 1 FROM download_logs WHERE purchase_id = $1 AND downloaded_at >= $4)
+           RETURNING id""",
+        purchase.id, purchase.buyer_id, purchase.datapod_id, link_issued_at)
+    return row is not None
+
+
 async def add_review(conn: asyncpg.Connection, purchase: Purchase, rating: int, comment: str | None) -> Review:
     """Insert the purchase's review; a second one raises UniqueViolationError."""
     row = await conn.fetchrow(
@@ -321,6 +358,35 @@ async def add_review(conn: asyncpg.Connection, purchase: Purchase, rating: int, 
            RETURNING id, purchase_id, buyer_id, datapod_id, rating, comment, created_at""",
         purchase.id, purchase.buyer_id, purchase.datapod_id, rating, comment)
     return Review(**dict(row))
+
+
+async def get_review(conn: asyncpg.Connection, purchase_id: uuid.UUID) -> Review | None:
+    """The purchase's review, if any."""
+    row = await conn.fetchrow(
+        "SELECT id, purchase_id, buyer_id, datapod_id, rating, comment, created_at FROM reviews WHERE purchase_id = $1",
+        purchase_id)
+    return None if row is None else Review(**dict(row))
+
+
+async def update_review(conn: asyncpg.Connection, purchase_id: uuid.UUID, *, rating: int | None,
+                        comment: str | None, set_comment: bool) -> Review | None:
+    """Change the review's rating (when given) and comment (when `set_comment`; None clears it); None
+    when the purchase has no review. The rating triggers recompute the pod's and the seller's averages."""
+    row = await conn.fetchrow(
+        """UPDATE reviews SET rating = coalesce($2, rating),
+                              comment = CASE WHEN $4 THEN $3 ELSE comment END
+            WHERE purchase_id = $1
+           RETURNING id, purchase_id, buyer_id, datapod_id, rating, comment, created_at""",
+        purchase_id, rating, comment, set_comment)
+    return None if row is None else Review(**dict(row))
+
+
+async def delete_review(conn: asyncpg.Connection, purchase_id: uuid.UUID) -> Review | None:
+    """Delete the purchase's review (the triggers recompute the averages); None when there was none."""
+    row = await conn.fetchrow(
+        """DELETE FROM reviews WHERE purchase_id = $1
+           RETURNING id, purchase_id, buyer_id, datapod_id, rating, comment, created_at""", purchase_id)
+    return None if row is None else Review(**dict(row))
 
 
 async def datapod_rating(conn: asyncpg.Connection, datapod_id: uuid.UUID) -> tuple[Decimal, int]:

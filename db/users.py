@@ -23,12 +23,21 @@ class User:
     total_balance: Decimal
     created_at: dt.datetime
     is_admin: bool = False
+    avatar_url: str | None = None
+    bio: str | None = None
+    suspended_at: dt.datetime | None = None
+
+    @property
+    def suspended(self) -> bool:
+        """Whether an administrator has suspended the account."""
+        return self.suspended_at is not None
 
     def to_public(self) -> dict:
         """The user's own view of their account."""
         return {"id": str(self.id), "username": self.username, "email": self.email,
                 "name": self.name, "sui_address": self.sui_address, "kyc_status": self.kyc_status,
                 "total_balance": self.total_balance, "is_admin": self.is_admin,
+                "avatar_url": self.avatar_url, "bio": self.bio,
                 "created_at": self.created_at.isoformat()}
 
 
@@ -38,10 +47,12 @@ class Credentials:
 
     user_id: uuid.UUID
     password_hash: str | None
+    suspended: bool = False
 
 
 _USER_COLUMNS = """u.id, u.username, u.email, u.name, u.sui_address, u.kyc_status, u.total_balance,
-    u.created_at, EXISTS (SELECT 1 FROM admin a WHERE a.user_id = u.id) AS is_admin"""
+    u.created_at, EXISTS (SELECT 1 FROM admin a WHERE a.user_id = u.id) AS is_admin,
+    u.profile_image AS avatar_url, u.bio, u.suspended_at"""
 
 
 def _user(row: asyncpg.Record | None) -> User | None:
@@ -76,7 +87,8 @@ async def get_user_by_google_id(conn: asyncpg.Connection, google_id: str) -> Use
 async def get_credentials(conn: asyncpg.Connection, login: str) -> Credentials | None:
     """Id and password hash of the user whose username or email is `login`."""
     row = await conn.fetchrow(
-        "SELECT id AS user_id, password_hash FROM users WHERE username = $1 OR lower(email) = lower($1)",
+        """SELECT id AS user_id, password_hash, suspended_at IS NOT NULL AS suspended
+             FROM users WHERE username = $1 OR lower(email) = lower($1)""",
         login)
     return None if row is None else Credentials(**dict(row))
 

@@ -7,14 +7,11 @@ from aiohttp import web
 from db.pool import POOL
 from server.core.identity import Identity
 from server.edge.rest import client_ip, endpoint, ok_response
-from server.edge.schemas import obj, string
+from server.edge.schemas import EMAIL, PASSWORD, USERNAME, obj, string
 from server.services.auth import AUTH, get_account
 
 routes = web.RouteTableDef()
 
-USERNAME = string(3, 50, pattern="^[A-Za-z0-9_.-]+$")
-EMAIL = string(3, 255, format="email", pattern="^[^@\\s]+@[^@\\s]+\\.[^@\\s]+$")
-PASSWORD = string(8, 128)
 REGISTER_SCHEMA = obj({"username": USERNAME, "email": EMAIL, "password": PASSWORD, "name": string(1, 255)},
                       required=("username", "email", "password"))
 LOGIN_SCHEMA = obj({"login": string(3, 255), "password": string(1, 128)}, required=("login", "password"))

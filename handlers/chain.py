@@ -185,6 +185,14 @@ class ChainCommands:
 
 # --- wallets and transactions -----------------------------------------------------------------
 
+@routes.get("/api/v1/me/wallet")
+@endpoint(auth="user")
+async def handle_my_wallet(request: web.Request, identity: Identity) -> web.Response:
+    """The caller's wallet address, null before one is registered (a new account's page asks on every load)."""
+    async with request.app[POOL].acquire() as conn:
+        return ok_response(await service.own_wallet_address(conn, identity.user_id))
+
+
 @routes.put("/api/v1/me/wallet")
 @endpoint(body=obj({"public_key": string(64, 64, pattern=wallets.PUBLIC_KEY_RE.pattern)},
                    required=("public_key",)), auth="user")

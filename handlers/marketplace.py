@@ -28,9 +28,9 @@ from server.edge.rest import (
     path_uuid,
     query_payload,
 )
-from server.edge.schemas import PAGE_LIMIT, UUID, compile_schema, obj, string, update_schema, validate
+from server.edge.schemas import PAGE_LIMIT, UUID, compile_schema, obj, string, text, update_schema, validate
 from server.realtime.hub import ChannelRule
-from server.services import marketplace, nfts
+from server.services import marketplace, nfts, seller
 from server.services.datasets import CHUNK_BYTES, DatasetSpool, detect_format, upload_dir
 
 routes = web.RouteTableDef()
@@ -47,15 +47,27 @@ UPLOAD_SCHEMA = obj({"title": string(1, 255), "description": string(0, 10_000), 
                      "price_sui": PRICE_TEXT,
                      "tags": {"type": "array", "items": TAG, "maxItems": MAX_TAGS, "uniqueItems": True}},
                     required=("title", "category", "price_sui"))
-UPDATE_SCHEMA = update_schema({"title": string(1, 255), "description": string(0, 10_000), "price_sui": PRICE})
-SEARCH_SCHEMA = obj({"category": CATEGORY, "min_price": PRICE, "max_price": PRICE, "q": string(1, 200),
-                     "sort": {"enum": list(marketplace.SORTS)}, "order": {"enum": ["asc", "desc"]},
+UPDATE_SCHEMA = update_schema({"title": string(1, 255), "description": string(0, 10_000), "price_sui": PRICE,
+                               "category": CATEGORY,
+                               "tags": {"type": "array", "items": TAG, "maxItems": MAX_TAGS, "uniqueItems": True}})
+# The filters the search and its facets share; `column` and `column_type` describe one column together.
+FILTERS = {"category": CATEGORY, "min_price": PRICE, "max_price": PRICE, "q": string(1, 200),
+           "column": text(200), "column_type": {"enum": list(marketplace.COLUMN_TYPES)}}
+SEARCH_SCHEMA = obj({**FILTERS, "sort": {"enum": list(marketplace.SORTS)}, "order": {"enum": ["asc", "desc"]},
                      "cursor": CURSOR, "limit": PAGE_LIMIT})
+FACETS_SCHEMA = obj(FILTERS)
+SIMILAR_LIMIT = {"type": "integer", "minimum": 1, "maximum": marketplace.SIMILAR_MAX}
+SIMILAR_QUERY = obj({"limit": SIMILAR_LIMIT})
+SIMILAR_SCHEMA = obj({"datapod_id": UUID, "limit": SIMILAR_LIMIT}, required=("datapod_id",))
 PAGE_SCHEMA = obj({"cursor": CURSOR, "limit": PAGE_LIMIT})
 GET_SCHEMA = obj({"datapod_id": UUID}, required=("datapod_id",))
 DATAPOD_PATH = {"datapod_id": UUID}
 _UPLOAD = compile_schema(UPLOAD_SCHEMA)
+VERSION_SCHEMA = obj({})  # the multipart body is just the 'file' part
+_VERSION = compile_schema(VERSION_SCHEMA)
 _SEARCH = compile_schema(SEARCH_SCHEMA)
+_FACETS = compile_schema(FACETS_SCHEMA)
+_SIMILAR = compile_schema(SIMILAR_QUERY)
 _PAGE = compile_schema(PAGE_SCHEMA)
 
 
@@ -66,7 +78,8 @@ def _datapod_id(request: web.Request) -> uuid.UUID:
 # --- upload -----------------------------------------------------------------------------------
 
 
-async def _read_upload(request: web.Request, pod_id: uuid.UUID) -> tuple[dict[str, Any], DatasetSpool, str]:
+async def _read_upload(request: web.Request, pod_id: uuid.UUID, schema: dict[str, Any] = UPLOAD_SCHEMA,
+                       validator: Any = _UPLOAD) -> tuple[dict[str, Any], DatasetSpool, str]:
     """Stream the multipart body: the file into an encrypted spool, the other parts as checked metadata."""
     settings = request.app[SETTINGS]
     fields: dict[str, Any] = {}
@@ -74,8 +87,7 @@ async def _read_upload(request: web.Request, pod_id: uuid.UUID) -> tuple[dict[st
     spool: DatasetSpool | None = None
     fmt = ""
     try:
-        async for name, part in form_parts(request, UPLOAD_SCHEMA["properties"],
-                                           "a 'file' part and the metadata fields"):
+        async for name, part in form_parts(request, schema["properties"], "a 'file' part and the metadata fields"):
             if name == "file":
                 if spool is not None:
                     raise InvalidPayload("send one file", field="file")
@@ -97,7 +109,7 @@ async def _read_upload(request: web.Request, pod_id: uuid.UUID) -> tuple[dict[st
             raise InvalidPayload("'file' is required", field="file")
         if tags:
             fields["tags"] = list(dict.fromkeys(tags))
-        return validate(_UPLOAD, fields), spool, fmt  # before anything is stored
+        return validate(validator, fields), spool, fmt  # before anything is stored
     except BaseException:
         if spool is not None:
             spool.discard()
@@ -115,6 +127,21 @@ async def handle_upload_datapod(request: web.Request, identity: Identity) -> web
     pod = await marketplace.upload_datapod(request.app[POOL], request.app[BLOBS], request.app[MASTER_KEY],
                                            identity.user_id, spool, fmt, metadata)
     return ok_response(pod.to_public(), status=201)
+
+
+@routes.post("/api/v1/datapods/{datapod_id}/versions")
+@endpoint(auth="user", path=DATAPOD_PATH, form=VERSION_SCHEMA)
+async def handle_upload_version(request: web.Request, identity: Identity) -> web.Response:
+    """Publish a new version of the caller's DataPod's file (multipart: file); earlier buyers get it."""
+    datapod_id = _datapod_id(request)
+    limit = request.app[SETTINGS].max_upload_bytes
+    if request.content_length is not None and request.content_length > limit + FORM_OVERHEAD_BYTES:
+        raise PayloadTooLarge(f"the file exceeds the upload limit of {limit} bytes", field="file")
+    await seller.check_version_allowed(request.app[POOL], identity.user_id, datapod_id)  # before the body
+    _, spool, fmt = await _read_upload(request, datapod_id, VERSION_SCHEMA, _VERSION)  # sealed with the pod's id
+    version = await seller.publish_version(request.app[POOL], request.app[BLOBS], request.app[MASTER_KEY],
+                                           identity.user_id, datapod_id, spool, fmt)
+    return ok_response(version, status=201)
 
 
 # --- publishing and updates -------------------------------------------------------------------
@@ -139,7 +166,7 @@ async def handle_unpublish_datapod(request: web.Request, identity: Identity) -> 
 @routes.patch("/api/v1/datapods/{datapod_id}")
 @endpoint(auth="user", body=UPDATE_SCHEMA, path=DATAPOD_PATH)
 async def handle_update_datapod(request: web.Request, identity: Identity, body: dict) -> web.Response:
-    """Change the title, description or price of the caller's DataPod."""
+    """Change the title, description, price, category or tags of the caller's DataPod."""
     pod = await marketplace.update_datapod(request.app[POOL], identity.user_id, _datapod_id(request), body)
     return ok_response(pod.to_public())
 
@@ -152,6 +179,25 @@ async def handle_update_datapod(request: web.Request, identity: Identity, body: 
 async def handle_search_datapods(request: web.Request) -> web.Response:
     """Published DataPods: category, min_price/max_price, full-text q, sort, keyset cursor, limit <= 100."""
     return ok_response(await marketplace.search(request.app[POOL], query_payload(request, _SEARCH)))
+
+
+# Before /api/v1/datapods/{datapod_id}: the router tries routes in the order they are added.
+@routes.get("/api/v1/datapods/facets")
+@endpoint(query=FACETS_SCHEMA)
+async def handle_datapod_facets(request: web.Request) -> web.Response:
+    """Counts per category and price band of the published DataPods the search filters match."""
+    return ok_response(await marketplace.facets(request.app[POOL], query_payload(request, _FACETS)))
+
+
+@routes.get("/api/v1/datapods/{datapod_id}/similar")
+@endpoint(path=DATAPOD_PATH, query=SIMILAR_QUERY)
+async def handle_similar_datapods(request: web.Request) -> web.Response:
+    """Published DataPods most like a visible one (category, tags, columns, words), best first."""
+    datapod_id = _datapod_id(request)
+    payload = query_payload(request, _SIMILAR)
+    identity = await optional_identity(request)
+    return ok_response(await marketplace.similar(request.app[POOL], datapod_id, identity,
+                                                 payload.get("limit", marketplace.SIMILAR_DEFAULT)))
 
 
 @routes.get("/api/v1/datapods/{datapod_id}")
@@ -203,13 +249,25 @@ class MarketplaceNamespace(HubNamespace):
         ChannelRule(nfts.CHANNEL),
     )
     events = (marketplace.DATAPOD_PUBLISHED, marketplace.DATAPOD_UPDATED, marketplace.DATAPOD_UNPUBLISHED,
-              marketplace.DATAPOD_SOLD, marketplace.REVIEW_ADDED,
+              marketplace.DATAPOD_SOLD, marketplace.REVIEW_ADDED, marketplace.REVIEW_UPDATED,
+              marketplace.REVIEW_REMOVED,
               nfts.NFT_MINTED, nfts.NFT_LISTED, nfts.NFT_SOLD, nfts.NFT_LISTING_CANCELLED)
 
     @command(SEARCH_SCHEMA, user=False)
     async def on_search_datapods(self, ctx: Ctx, payload: dict) -> dict:
         """Search published DataPods (the same filters and cursor as GET /api/v1/datapods)."""
         return await marketplace.search(self.app[POOL], payload)
+
+    @command(FACETS_SCHEMA, user=False)
+    async def on_datapod_facets(self, ctx: Ctx, payload: dict) -> dict:
+        """Counts per category and price band (the same filters as search_datapods)."""
+        return await marketplace.facets(self.app[POOL], payload)
+
+    @command(SIMILAR_SCHEMA, user=False)
+    async def on_similar_datapods(self, ctx: Ctx, payload: dict) -> dict:
+        """Published DataPods most like a visible one (GET /api/v1/datapods/{id}/similar)."""
+        return await marketplace.similar(self.app[POOL], uuid.UUID(payload["datapod_id"]), ctx.identity,
+                                         payload.get("limit", marketplace.SIMILAR_DEFAULT))
 
     @command(GET_SCHEMA, user=False)
     async def on_get_datapod(self, ctx: Ctx, payload: dict) -> dict:

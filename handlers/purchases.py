@@ -1,4 +1,5 @@
-"""Purchases: start, follow, confirm, dispute, download, key envelope, review (REST and the /purchases namespace).
+"""Purchases: start, follow, confirm, dispute, download (and signed links), key envelope, reviews
+(REST and the /purchases namespace).
 
 Each route and command validates its payload and calls one function of server/services/purchases.py,
 which holds the rules. Starting a purchase only records it; the worker
@@ -14,10 +15,10 @@ from aiohttp import web
 from server.core.identity import Identity
 from server.core.settings import SETTINGS
 from server.edge.namespace import Ctx, HubNamespace, command
-from server.edge.rest import endpoint, ok_response, path_uuid, query_payload
+from server.edge.rest import endpoint, error_response, ok_response, path_uuid, query_payload
 from server.edge.schemas import DEFAULT_PAGE, MAX_PAGE, UUID, compile_schema, obj, string
 from server.realtime.hub import USER_CHANNEL, ChannelRule, own_user
-from server.services import escrow, kyc
+from server.services import escrow, kyc, seller
 from server.services import purchases as service
 
 routes = web.RouteTableDef()
@@ -26,12 +27,17 @@ routes = web.RouteTableDef()
 DIGEST = string(8, 100, pattern="^[A-Za-z0-9_:-]+$")
 START_SCHEMA = obj({"datapod_id": UUID, "payment_tx_digest": DIGEST}, required=("datapod_id", "payment_tx_digest"))
 PURCHASE_ID_SCHEMA = obj({"purchase_id": UUID}, required=("purchase_id",))
+# from/to: an ISO 8601 date or date-time (parsed by the service; `+` must be sent as %2B in a query).
+INSTANT = string(10, 40, pattern="^[0-9]{4}-[0-9]{2}-[0-9]{2}([T ][0-9:.]+(Z|[+-][0-9:]+)?)?$")
 LIST_SCHEMA = {**obj({"limit": {"type": "integer", "minimum": 1, "maximum": MAX_PAGE},
-                     "cursor": string(1, 200), "status": {"enum": list(service.STATUSES)}, "datapod_id": UUID}),
+                     "cursor": string(1, 200), "status": {"enum": list(service.STATUSES)}, "datapod_id": UUID,
+                     "category": string(1, 50), "from": INSTANT, "to": INSTANT}),
                "type": ["object", "null"]}
 LIST_VALIDATOR = compile_schema(LIST_SCHEMA)
 REVIEW_SCHEMA = obj({"rating": {"type": "integer", "minimum": 1, "maximum": 5},
                      "comment": string(0, 2000)}, required=("rating",))
+REVIEW_EDIT_SCHEMA = obj({"rating": {"type": "integer", "minimum": 1, "maximum": 5},
+                          "comment": {"type": ["string", "null"], "maxLength": 2000}}, minProperties=1)
 REFUND_SCHEMA = obj({"reason": string(1, 500)})
 DISPUTE_SCHEMA = obj({"reason": string(1, 1000)}, required=("reason",))
 DISPUTE_COMMAND_SCHEMA = obj({"purchase_id": UUID, "reason": string(1, 1000)}, required=("purchase_id", "reason"))
@@ -40,6 +46,8 @@ RESOLVE_SCHEMA = obj({"outcome": {"enum": ["release", "refund"]}, "note": string
 DISPUTES_QUERY = obj({"limit": {"type": "integer", "minimum": 1, "maximum": MAX_PAGE}, "cursor": string(1, 200)})
 DISPUTES_VALIDATOR = compile_schema({**DISPUTES_QUERY, "type": ["object", "null"]})
 PURCHASE_PATH = {"purchase_id": UUID}
+# A link's token: a JWT (base64url parts joined by dots); its length is bounded again by the service.
+LINK_PATH = {"token": string(20, service.MAX_LINK_TOKEN, pattern="^[A-Za-z0-9_.-]+$")}
 X25519_SCHEMA = obj({"public_key": string(43, 64)}, required=("public_key",))
 
 
@@ -155,6 +163,59 @@ async def handle_review(request: web.Request, identity: Identity, body: dict) ->
     return ok_response(review, status=201)
 
 
+@routes.patch("/api/v1/purchases/{purchase_id}/review")
+@endpoint(body=REVIEW_EDIT_SCHEMA, auth="user", path=PURCHASE_PATH)
+async def handle_edit_review(request: web.Request, identity: Identity, body: dict) -> web.Response:
+    """Change one's own review (rating and/or comment; a null or empty comment clears it)."""
+    return ok_response(await service.update_review(request.app, identity, _parse_id(request), body))
+
+
+@routes.delete("/api/v1/purchases/{purchase_id}/review")
+@endpoint(auth="user", path=PURCHASE_PATH)
+async def handle_delete_review(request: web.Request, identity: Identity) -> web.Response:
+    """Delete one's own review; the pod's average follows."""
+    return ok_response(await service.delete_review(request.app, identity, _parse_id(request)))
+
+
+@routes.post("/api/v1/purchases/{purchase_id}/download-link")
+@endpoint(auth="user", path=PURCHASE_PATH)
+async def handle_download_link(request: web.Request, identity: Identity) -> web.Response:
+    """A signed URL for the buyer's completed purchase, valid DOWNLOAD_LINK_TTL seconds (no header needed)."""
+    return ok_response(await service.create_download_link(request.app, identity, _parse_id(request)), status=201)
+
+
+@routes.get("/api/v1/downloads/{token}")
+@endpoint(path=LINK_PATH)
+async def handle_link_download(request: web.Request) -> web.StreamResponse:
+    """The decrypted dataset through a signed link: resumable (one byte range), checked before the first byte."""
+    try:
+        served = await service.open_link_download(
+            request.app, request.match_info["token"], range_header=request.headers.get("Range"),
+            if_range=request.headers.get("If-Range"), head=request.method == "HEAD")
+    except service.RangeNotSatisfiable as exc:
+        refused = error_response(exc)
+        refused.set_status(416)
+        refused.headers["Content-Range"] = f"bytes */{exc.extra['size']}"
+        return refused
+    download, byte_range = served.download, served.range
+    response = web.StreamResponse(status=206 if byte_range.partial else 200, headers={
+        "Content-Type": download.content_type, "Accept-Ranges": "bytes", "ETag": served.etag,
+        "Content-Disposition": f'attachment; filename="{download.filename}"',
+        "X-Content-SHA256": download.data_hash, "Cache-Control": "private, no-store",
+        "Referrer-Policy": "no-referrer"})  # the URL is the credential
+    if byte_range.partial:
+        response.headers["Content-Range"] = byte_range.content_range(download.size)
+    response.content_length = byte_range.end - byte_range.start + 1
+    await response.prepare(request)
+    if request.method != "HEAD" and not await served.write_to(response.write):
+        # Headers are out: the only honest signal left is an incomplete body (Content-Length).
+        if request.transport is not None:
+            request.transport.close()
+        return response
+    await response.write_eof()
+    return response
+
+
 @routes.put("/api/v1/me/x25519-key")
 @endpoint(body=X25519_SCHEMA, auth="user")
 async def handle_set_x25519_key(request: web.Request, identity: Identity, body: dict) -> web.Response:
@@ -201,7 +262,8 @@ class PurchasesNamespace(HubNamespace):
     allow_anonymous = False
     channels = (ChannelRule(USER_CHANNEL, own_user),)
     # On user:<id>, so /games and /assistant deliver them too to a subscriber of that channel.
-    events = (service.PURCHASE_PROGRESSED, service.SALE_COMPLETED, *escrow.EVENTS, kyc.STATUS_CHANGED)
+    events = (service.PURCHASE_PROGRESSED, service.SALE_COMPLETED, *escrow.EVENTS, kyc.STATUS_CHANGED,
+              seller.DATAPOD_VERSION_PUBLISHED)
 
     @command(START_SCHEMA)
     async def on_start_purchase(self, ctx: Ctx, payload: dict) -> dict:

@@ -15,6 +15,7 @@ import handlers
 from db import migrate
 from db.pool import POOL, create_pool
 from handlers import account_deletion as account_deletion_handlers
+from handlers import accounts as accounts_handlers
 from handlers import admin as admin_handlers
 from handlers import apidocs as apidocs_handlers
 from handlers import assistant as assistant_handlers
@@ -29,6 +30,7 @@ from handlers import mining as mining_handlers
 from handlers import network as network_handlers
 from handlers import nfts as nft_handlers
 from handlers import purchases as purchase_handlers
+from handlers import seller as seller_handlers
 from handlers import staking as staking_handlers
 from handlers import storage as storage_handlers
 from server.adapters.embedded import database_dsn
@@ -52,6 +54,7 @@ from server.realtime.outbox import run_relay
 from server.realtime.presence import MemoryPresence, PresenceTracker, RedisPresence, heartbeat_loop
 from server.realtime.redis import REDIS, REDIS_HEALTH, RedisHealth, connect_redis
 from server.services import demo
+from server.services.accounts import accounts_ctx
 from server.services.assistant import assistant_ctx
 from server.services.auth import AUTH, AuthService, auth_ctx
 from server.services.block_producer import block_producer_ctx
@@ -189,6 +192,7 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(redis_ctx)
     app.cleanup_ctx.append(realtime_ctx)
     app.cleanup_ctx.append(auth_ctx)
+    app.cleanup_ctx.append(accounts_ctx)
     app.cleanup_ctx.append(assistant_ctx)
     app.cleanup_ctx.append(block_producer_ctx)
     app.cleanup_ctx.append(blobs_ctx)
@@ -216,6 +220,7 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_routes(assistant_handlers.routes)
     app.router.add_routes(marketplace_handlers.routes)
     app.router.add_routes(purchase_handlers.routes)
+    app.router.add_routes(seller_handlers.routes)
     app.router.add_routes(games_handlers.routes)
     app.router.add_routes(nft_handlers.routes)
     app.router.add_routes(storage_handlers.routes)
@@ -224,6 +229,7 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_routes(staking_handlers.routes)
     app.router.add_routes(mining_handlers.routes)
     app.router.add_routes(account_deletion_handlers.routes)
+    app.router.add_routes(accounts_handlers.routes)
     app.router.add_routes(apidocs_handlers.routes)
     app.router.add_get("/{path:.*}", handle_static)  # last: every other route wins
     return app

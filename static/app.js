@@ -1,5 +1,5 @@
 // The dashboard: sign-in, then one tab per namespace, all live through hub.js.
-import { api, authorizedFetch, Hub, HubError, session, sessionEvents } from "./hub.js";
+import { api, Hub, HubError, session, sessionEvents } from "./hub.js";
 
 const $ = (selector) => document.querySelector(selector);
 const hub = new Hub({ onState: showConnectionState });
@@ -301,6 +301,16 @@ function applyDatapodEvent(event) {
   }
 }
 
+/** "More like this": published DataPods scored by the server (category, tags, columns, words). */
+async function showSimilar(id) {
+  const { items } = await api("GET", `/api/v1/datapods/${id}/similar?limit=6`);
+  if (detail.id !== id) return;
+  $("#similar").replaceChildren(...(items.length
+    ? items.map((pod) => element("li", { dataset: { key: pod.id } },
+      element("a", { href: `#datapod/${pod.id}` }, pod.title ?? pod.id), ` · ${pod.category ?? ""} · ${pod.price_sui} SUI`))
+    : [element("li", {}, "Nothing similar yet.")]));
+}
+
 async function loadDatapod(id) {
   const [pod, reviews] = await Promise.all([api("GET", `/api/v1/datapods/${id}`), fetchReviews(id)]);
   if (detail.id !== id) return;
@@ -309,6 +319,7 @@ async function loadDatapod(id) {
   $("#datapod-buy").replaceChildren(...buyControls(pod));
   $("#reviews").replaceChildren();
   appendReviews(reviews);
+  showSimilar(id).catch(() => {});  // a suggestion list: the page is whole without it
   // Events that came while the pod loaded: their values are absolute, so applying them again is harmless.
   for (const event of detail.pending.splice(0)) applyDatapodEvent(event);
 }
@@ -318,7 +329,8 @@ function clearDatapodView() {
     "datapod-price", "datapod-seller", "datapod-rating", "datapod-sold", "datapod-rows", "review-status", "review-error",
     "reviews-error"]) $(`#${id}`).textContent = "";
   $("#datapod-title").textContent = "Loading…";
-  for (const selector of ["#datapod-buy", "#datapod-schema tbody", "#datapod-sample thead", "#datapod-sample tbody", "#reviews"]) {
+  for (const selector of ["#datapod-buy", "#datapod-schema tbody", "#datapod-sample thead", "#datapod-sample tbody", "#reviews",
+    "#similar"]) {
     $(selector).replaceChildren();
   }
   $("#reviews-more").hidden = true;
@@ -447,8 +459,7 @@ async function showWallet() {
 
 async function loadWallet() {
   wallet.key = (await keyStore("readonly", (store) => store.get(me.id))) ?? null;
-  wallet.address = await api("GET", `/api/v1/users/${me.id}/wallet`).then(
-    (found) => found.address, (error) => { if (error.code === "not_found") return null; throw error; });
+  wallet.address = (await api("GET", "/api/v1/me/wallet")).address;
   await showWallet();
 }
 
@@ -469,11 +480,16 @@ async function ensureWallet() {
   return wallet;
 }
 
+/** A decimal amount in KVP base units (1e-8), exactly (money never goes through floats); digits past the 8th dropped. */
+function kvpUnits(amount) {
+  const [whole, fraction = ""] = String(amount).split(".");
+  return BigInt(whole) * 100000000n + BigInt(fraction.padEnd(8, "0").slice(0, 8));
+}
+
 /** A KVP amount (8 decimals) covering a SUI price (9 decimals): rounded up, never below the price. */
 function kvpAmount(price) {
-  const [whole, fraction = ""] = String(price).split(".");
-  let units = BigInt(whole) * 100000000n + BigInt(fraction.padEnd(8, "0").slice(0, 8));
-  if (/[1-9]/.test(fraction.slice(8))) units += 1n;
+  const fraction = String(price).split(".")[1] ?? "";
+  const units = kvpUnits(price) + (/[1-9]/.test(fraction.slice(8)) ? 1n : 0n);
   return `${units / 100000000n}.${String(units % 100000000n).padStart(8, "0")}`;
 }
 
@@ -519,6 +535,19 @@ function openTab(name) {
   document.querySelector(`nav button[data-tab="${name}"]`).click();
 }
 
+/** Ask before spending: what is paid, in which currency, and where the money waits until delivery. */
+function confirmPurchase(pod, amount, escrow) {
+  const dialog = $("#buy-dialog");
+  const days = Math.round(escrow.release_seconds / 86400);
+  $("#buy-dialog-text").textContent = `Pay ${amount} KVP for "${pod.title}" (priced ${pod.price_sui} SUI). ` +
+    `The payment waits in escrow until you confirm receipt, or for ${days > 0 ? `${days} days` : "a short while"}; ` +
+    "until then you can open a dispute from the Purchases tab.";
+  dialog.showModal();
+  return new Promise((resolve) => {
+    dialog.addEventListener("close", () => resolve(dialog.returnValue === "pay"), { once: true });
+  });
+}
+
 /** Pay the escrow on the KVP chain from this browser's wallet, then start the purchase with the digest. */
 async function buyDatapod(pod) {
   const previous = [...purchases.values()].find((p) => p.datapod_id === pod.id && !["failed", "refunded"].includes(p.status));
@@ -527,6 +556,11 @@ async function buyDatapod(pod) {
   // The payment waits in the server's escrow wallet until the buyer confirms or the window passes.
   const escrow = await api("GET", "/api/v1/escrow");
   const amount = kvpAmount(pod.price_sui);
+  const { available } = await api("GET", `/api/v1/wallets/${wallet.address}`);
+  if (kvpUnits(available) < kvpUnits(amount)) {
+    throw new Error(`Insufficient funds to pay ${amount} KVP (${available} KVP available). Get demo funds in the Purchases tab.`);
+  }
+  if (!(await confirmPurchase(pod, amount, escrow))) return;
   let tx;
   try {
     tx = await transfer(escrow.address, amount);
@@ -569,23 +603,53 @@ function purchaseRow(purchase) {
     button.addEventListener("click", () => download(purchase.id).catch((failure) => { error.textContent = failure.message; }));
     row.append(" ", button, " ", error);
   }
+  if (purchase.escrow_status) row.append(escrowPanel(purchase));
   return row;
 }
 
-/** The decrypted dataset: the server checks the GCM tag and the data hash before sending it. */
+const ESCROW_LABELS = {
+  holding: "Payment held in escrow: confirm receipt to pay the seller, or dispute it.",
+  disputed: "Disputed: an administrator will release or refund the payment.",
+  released: "Released to the seller.", refunded: "Refunded to you.",
+};
+
+/** The purchase's escrow: where the money is, and the buyer's two actions while it is held. */
+function escrowPanel(purchase) {
+  const settled = purchase.escrow_settled ? " Paid out on the chain." : "";
+  const panel = element("div", { class: "escrow", dataset: { escrowStatus: purchase.escrow_status } },
+    element("span", {}, (ESCROW_LABELS[purchase.escrow_status] ?? purchase.escrow_status) + settled));
+  if (purchase.escrow_status !== "holding" || purchase.status !== "completed") return panel;
+  const error = element("span", { class: "error", role: "alert" });
+  const act = (action) => action().then(refreshPurchase.bind(null, purchase.id), (failure) => { error.textContent = failure.message; });
+  const confirm = element("button", { type: "button" }, "Confirm receipt");
+  confirm.addEventListener("click", () => act(() => api("POST", `/api/v1/purchases/${purchase.id}/confirm`)));
+  const reason = element("input", { name: "reason", required: "", maxlength: "1000", "aria-label": "What is wrong with it?" });
+  const dispute = element("form", { class: "dispute" }, reason, " ", element("button", { type: "submit" }, "Dispute"));
+  dispute.addEventListener("submit", (event) => {
+    event.preventDefault();
+    act(() => api("POST", `/api/v1/purchases/${purchase.id}/dispute`, { reason: reason.value }));
+  });
+  panel.append(" ", confirm, " ", dispute, " ", error);
+  return panel;
+}
+
+/** Re-read one purchase (its escrow moved) and redraw its row. */
+async function refreshPurchase(purchaseId) {
+  showPurchase(await api("GET", `/api/v1/purchases/${purchaseId}`));
+}
+
+/**
+ * The decrypted dataset through a signed link (the server checks the GCM tag and the data hash before
+ * sending it). The browser fetches the link itself, so the file streams to disk instead of into
+ * memory, and an interrupted download can be resumed (the link serves byte ranges until it expires).
+ */
 async function download(purchaseId) {
-  const response = await authorizedFetch(`/api/v1/purchases/${purchaseId}/download`);
-  if (!response.ok) {
-    const envelope = await response.json().catch(() => null);
-    throw new Error(envelope?.error?.message ?? `Download failed (HTTP ${response.status})`);
-  }
-  const name = /filename="([^"]+)"/.exec(response.headers.get("Content-Disposition") ?? "")?.[1];
-  const url = URL.createObjectURL(await response.blob());
-  const link = element("a", { href: url, download: name ?? `datapod-${purchaseId}` });
-  document.body.append(link);
-  link.click();
-  link.remove();
-  setTimeout(() => URL.revokeObjectURL(url), 60_000);
+  const link = await api("POST", `/api/v1/purchases/${purchaseId}/download-link`);
+  // The server's Content-Disposition names the file; `download` keeps the page where it is.
+  const anchor = element("a", { href: link.url, download: "", rel: "noreferrer" });
+  document.body.append(anchor);
+  anchor.click();
+  anchor.remove();
 }
 
 async function watchPurchases() {
@@ -600,8 +664,15 @@ async function watchPurchases() {
   await hub.subscribe("/purchases", `user:${me.id}`, {
     onGap: load,
     onEvent(event) {
+      // Escrow events also reach a seller about their sales: only the buyer's own rows are redrawn.
+      if (event.type.startsWith("escrow_") && purchases.has(event.data.purchase_id)) {
+        refreshPurchase(event.data.purchase_id).catch(() => {});
+        return;
+      }
       if (event.type !== "purchase_progressed") return;
       showPurchase(event.data);
+      // Progress events carry the steps; the finished purchase's escrow comes from its own read.
+      if (["completed", "refunded"].includes(event.data.status)) refreshPurchase(event.data.purchase_id).catch(() => {});
       if (event.data.status === "completed" && event.data.datapod_id === detail.id) showReviewForm(detail.id).catch(() => {});
     },
   });

@@ -257,6 +257,12 @@ async def test_buy_a_datapod_follow_its_progress_and_download_the_dataset(aiohtt
     await until_live(page, "/purchases", f"user:{buyer_id}")
     await page.click("nav >> text=Marketplace")
     await card.get_by_role("button", name="Buy Browser weather").click()
+    # Nothing is spent before the buyer confirms the amount, the currency and the escrow.
+    dialog = page.get_by_role("dialog", name="Confirm your purchase")
+    await expect(dialog).to_contain_text("Pay 1.50000000 KVP")
+    await expect(dialog).to_contain_text("escrow")
+    assert await db.fetchval("SELECT count(*) FROM transactions WHERE sender = $1", wallet) == 0
+    await dialog.get_by_role("button", name="Pay").click()
     row = page.locator("#purchases li").first
     await expect(row).to_contain_text("Browser weather", timeout=10_000)
     await expect(row).to_have_attribute("data-status", "completed", timeout=20_000)
@@ -280,6 +286,12 @@ async def test_buy_a_datapod_follow_its_progress_and_download_the_dataset(aiohtt
                           "amount": Decimal("1.5"),
                           "status": "confirmed"}
     assert await db.fetchval("SELECT total_balance FROM users WHERE id = $1", buyer_id) == Decimal("8.5")
+
+    # The escrow is shown with the buyer's actions; confirming receipt releases it to the seller.
+    await expect(row.locator(".escrow")).to_contain_text("held in escrow")
+    await row.get_by_role("button", name="Confirm receipt").click()
+    await expect(row.locator(".escrow")).to_have_attribute("data-escrow-status", "released", timeout=10_000)
+    assert await db.fetchval("SELECT status FROM escrow_transactions") == "released"
 
 
 async def test_assistant_answer_survives_a_reload_mid_stream(aiohttp_client, settings, page,
@@ -428,6 +440,24 @@ async def test_datapod_page_shows_the_dataset_and_counts_viewers_live(client, pa
     await expect(second_page.locator("#datapod-sample tbody tr")).to_have_count(10)
     await expect(second_page.locator("#datapod-viewers")).to_have_text("1 viewing")
     await until_live(second_page, "/marketplace", f"datapod:{pod['id']}")
+
+
+async def test_datapod_page_suggests_more_like_this(client, page):
+    from tests.test_marketplace import auth, upload
+
+    seller, pod = await published_pod(client)
+    other = await upload(client, seller, title="Monthly city weather")
+    response = await client.post(f"/api/v1/datapods/{other['id']}/publish", headers=auth(seller))
+    assert response.status == 200, await response.text()
+    base_url = server_url(client)
+    await sign_up(page, base_url)
+    await page.goto(f"{base_url}/#datapod/{pod['id']}")
+    similar = page.locator("#similar li")
+    await expect(similar).to_have_count(1)
+    await similar.get_by_role("link", name="Monthly city weather").click()
+    await expect(page.get_by_role("heading", name="Monthly city weather", level=2)).to_be_visible()
+    assert page.url.endswith(f"#datapod/{other['id']}")
+    await expect(page.locator("#similar li").first).to_contain_text("City weather")
 
 
 async def test_sales_and_reviews_arrive_live_on_an_open_datapod_page(aiohttp_client, fast, db, page):

@@ -31,7 +31,7 @@ from tests.test_apidocs import with_apidocs
 
 REQUEST_TIMEOUT = 5.0   # seconds; longer counts as a hang (long polls are capped at 1 s below)
 ACK_TIMEOUT = 5.0
-TOTAL_BUDGET = 45.0     # seconds per fuzz run; examples are sized to finish well inside it
+TOTAL_BUDGET = 90.0     # seconds per fuzz run (about 130 operations); examples are sized to finish well inside it
 REST_EXAMPLES = 5       # per operation and generation mode
 SOCKET_EXAMPLES = 12    # per command and generation mode
 FUZZ = settings(deadline=None, database=None, derandomize=True, phases=[Phase.explicit, Phase.generate],

@@ -325,7 +325,7 @@ class LedgerMachine(RuleBasedStateMachine):
             async with self.conn.transaction():
                 if refund:
                     return await purchases.refund_purchase(self.conn, purchase_id, "test")
-                return await purchases.release_escrow(self.conn, purchase_id, "test")
+                return await purchases.release_escrow(self.conn, purchase_id, "test", Decimal(0))
         held = self.run(escrow_queries.get(self.conn, purchase_id))
         completed = self.run(self.conn.fetchval("SELECT status FROM purchases WHERE id = $1", purchase_id))
         decided = self.run(decide())

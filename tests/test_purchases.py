@@ -565,7 +565,7 @@ async def test_escrow_transitions_happen_exactly_once_under_concurrency(hub, db,
     async def attempt(n: int):
         async with pool.acquire() as conn, conn.transaction():
             if n % 2:
-                return "released" if await release_escrow(conn, purchase_id, "race") else None
+                return "released" if await release_escrow(conn, purchase_id, "race", Decimal(0)) else None
             return "refunded" if await refund_purchase(conn, purchase_id, "race") else None
 
     outcomes = [o for o in await asyncio.gather(*(attempt(n) for n in range(20))) if o]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import urllib.parse
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Mapping
@@ -128,6 +129,7 @@ class Settings:
     google_client_id: str | None = None
     google_jwks_url: str = "https://www.googleapis.com/oauth2/v3/certs"
     access_token_ttl: int = 900
+    download_link_ttl: int = 3600  # a signed download link works this long (the seed's one hour)
     refresh_token_ttl: int = 30 * 86_400  # a device stays signed in this long after its last refresh
     token_expiry_notice: float = 60.0  # sockets hear `token_expiring` this long before their token ends
     session_cache_ttl: float = 5.0
@@ -135,6 +137,13 @@ class Settings:
     signin_address_window: float = 60.0    # ...per this many seconds
     login_failures_per_account: int = 10   # wrong passwords per account...
     login_failure_window: float = 900.0    # ...per this many seconds
+    # Accounts (server/services/accounts.py): password reset by mail.
+    password_reset_ttl: int = 1800          # a reset token works this long, once
+    password_resets_per_address: int = 10   # reset requests per client address per hour (then 429)
+    password_resets_per_email: int = 3      # reset mails per address per hour (more are dropped silently)
+    smtp_url: str | None = None             # smtp[s]://user:pass@host:port; unset: mail is a log line
+    mail_from: str = "SourceNet Hub <no-reply@localhost>"
+    public_url: str | None = None           # the page's address in mailed links; unset: http://HOST:PORT
     max_payload_bytes: int = 1_048_576
     db_pool_max: int = 20
     migrate_on_start: bool = True
@@ -194,6 +203,14 @@ class Settings:
             raise ValueError(f"REDIS_POOL_SIZE must be at least 1, got {self.redis_pool_size}")
         if self.redis_pool_timeout <= 0:
             raise ValueError(f"REDIS_POOL_TIMEOUT must be greater than 0, got {self.redis_pool_timeout}")
+        if self.download_link_ttl < 1:
+            raise ValueError(f"DOWNLOAD_LINK_TTL must be at least 1 second, got {self.download_link_ttl}")
+        if self.smtp_url is not None and urllib.parse.urlsplit(self.smtp_url).scheme not in ("smtp", "smtps"):
+            raise ValueError("SMTP_URL must be smtp://user:password@host:port or smtps://...")
+        if self.public_url is not None and urllib.parse.urlsplit(self.public_url).scheme not in ("http", "https"):
+            raise ValueError(f"PUBLIC_URL must be an http(s) URL, got {self.public_url!r}")
+        if self.password_reset_ttl < 60:
+            raise ValueError(f"PASSWORD_RESET_TTL must be at least 60 seconds, got {self.password_reset_ttl}")
         for proxy in self.trusted_proxies:
             try:
                 ipaddress.ip_network(proxy, strict=False)
@@ -252,12 +269,19 @@ class Settings:
             google_client_id=_optional(env, "GOOGLE_CLIENT_ID"),
             google_jwks_url=env.get("GOOGLE_JWKS_URL") or defaults.google_jwks_url,
             access_token_ttl=_int(env, "ACCESS_TOKEN_TTL", defaults.access_token_ttl),
+            download_link_ttl=_int(env, "DOWNLOAD_LINK_TTL", defaults.download_link_ttl),
             refresh_token_ttl=_int(env, "REFRESH_TOKEN_TTL", defaults.refresh_token_ttl),
             token_expiry_notice=_float(env, "TOKEN_EXPIRY_NOTICE", defaults.token_expiry_notice),
             signin_attempts_per_address=_int(env, "SIGNIN_ATTEMPTS_PER_ADDRESS", defaults.signin_attempts_per_address),
             signin_address_window=_float(env, "SIGNIN_ADDRESS_WINDOW", defaults.signin_address_window),
             login_failures_per_account=_int(env, "LOGIN_FAILURES_PER_ACCOUNT", defaults.login_failures_per_account),
             login_failure_window=_float(env, "LOGIN_FAILURE_WINDOW", defaults.login_failure_window),
+            password_reset_ttl=_int(env, "PASSWORD_RESET_TTL", defaults.password_reset_ttl),
+            password_resets_per_address=_int(env, "PASSWORD_RESETS_PER_ADDRESS", defaults.password_resets_per_address),
+            password_resets_per_email=_int(env, "PASSWORD_RESETS_PER_EMAIL", defaults.password_resets_per_email),
+            smtp_url=_optional(env, "SMTP_URL"),
+            mail_from=env.get("MAIL_FROM") or defaults.mail_from,
+            public_url=_optional(env, "PUBLIC_URL"),
             max_payload_bytes=_int(env, "MAX_PAYLOAD_BYTES", defaults.max_payload_bytes),
             db_pool_max=_int(env, "DB_POOL_MAX", defaults.db_pool_max),
             log_format=env.get("LOG_FORMAT") or defaults.log_format,

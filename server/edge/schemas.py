@@ -113,6 +113,12 @@ def text(max_length: int = 255) -> dict[str, Any]:
     return string(1, max_length, pattern=_PRINTABLE)
 
 
+# Accounts: registration and profile edits validate usernames and passwords alike.
+USERNAME = string(3, 50, pattern="^[A-Za-z0-9_.-]+$")
+PASSWORD = string(8, 128)
+EMAIL = string(3, 255, format="email", pattern="^[^@\\s]+@[^@\\s]+\\.[^@\\s]+$")
+
+
 def update_schema(properties: dict[str, Any]) -> dict[str, Any]:
     """A PATCH body: any of these fields, at least one."""
     return obj(properties, minProperties=1)

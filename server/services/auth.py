@@ -31,7 +31,7 @@ from db import auth as auth_queries
 from db import users as user_queries
 from server.adapters.zklogin import StandInAddressDeriver, new_salt
 from server.core.cache import ExpiringCache
-from server.core.errors import Conflict, NotFound, RateLimited, Unauthorized, Unavailable
+from server.core.errors import Conflict, Forbidden, NotFound, RateLimited, Unauthorized, Unavailable
 from server.core.identity import Identity
 from server.core.settings import SETTINGS
 from server.realtime.hub import REALTIME
@@ -46,6 +46,10 @@ JWT_ALGORITHM = "HS256"
 
 # Why a session ended: `sessions.end_reason`, and the `reason` of the `signed_out` event.
 LOGGED_OUT, REVOKED, REFRESH_REUSE, EXPIRED = "logged_out", "revoked", "refresh_reuse", "expired"
+# Accounts (server/services/accounts.py): the user's other devices after a password change, every
+# device after a reset by mail, and an administrator's suspension.
+PASSWORD_CHANGED, PASSWORD_RESET, SUSPENDED = "password_changed", "password_reset", "suspended"
+SUSPENDED_MESSAGE = "this account is suspended; contact the administrators"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -282,7 +286,8 @@ class AuthService:
                 spend = await auth_queries.spend_refresh_token(conn, token_digest(refresh_token))
                 if spend.outcome == "spent":
                     user = await user_queries.get_user(conn, spend.user_id)  # type: ignore[arg-type]
-                    if user is not None:
+                    # A suspension ends the sessions; this also covers a refresh racing it.
+                    if user is not None and not user.suspended:
                         return SignedIn(await self._issue(conn, user.id, spend.session_id), user)  # type: ignore[arg-type]
             if spend.outcome == "reused":
                 log.warning("refresh_token_reused", session_id=spend.session_id, user_id=str(spend.user_id))
@@ -325,6 +330,9 @@ class AuthService:
                 raise Unauthorized("wrong username or password")
             if self._per_account is not None:
                 await self._per_account.reset(account)
+            # Said only after the right password, so it reveals nothing to someone guessing.
+            if credentials.suspended:
+                raise Forbidden(SUSPENDED_MESSAGE, field="account")
             if self.needs_rehash(password_hash):  # type: ignore[arg-type]
                 await user_queries.set_password_hash(conn, credentials.user_id, await self.hash_password(password))
             user = await user_queries.get_user(conn, credentials.user_id)
@@ -369,6 +377,8 @@ class AuthService:
                         conn, username=await _free_username(conn, email), email=email, password_hash=None,
                         name=claims.get("name"), google_id=sub, salt=salt, sui_address=address)
                     await auth_queries.record_registration(conn, user.id, ip_address, _device_text(device_info))
+            if user.suspended:
+                raise Forbidden(SUSPENDED_MESSAGE, field="account")
             return await self._sign_in(conn, user, ip_address, device_info)
 
     async def authenticate(self, pool: asyncpg.Pool, token: str | None) -> Identity:
@@ -399,6 +409,17 @@ class AuthService:
         """End sessions: their tokens stop working, and their sockets close on every node."""
         for session_id in session_ids:
             await auth_queries.end_session(conn, session_id, reason)
+        await self._forget(session_ids, reason)
+
+    async def end_user_sessions(self, conn: asyncpg.Connection, user_id: uuid.UUID, reason: str, *,
+                                keep: int | None = None) -> list[int]:
+        """End every open session of a user but `keep`, on every node; the ids that were open."""
+        session_ids = await auth_queries.end_user_sessions(conn, user_id, reason, keep)
+        await self._forget(session_ids, reason)
+        return session_ids
+
+    async def announce_ended(self, session_ids: list[int], reason: str) -> None:
+        """Sessions a committed transaction ended: drop their cached checks, close their sockets everywhere."""
         await self._forget(session_ids, reason)
 
     async def _forget(self, session_ids: list[int], reason: str) -> None:

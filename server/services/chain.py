@@ -93,6 +93,12 @@ async def own_wallet(conn: asyncpg.Connection, user_id: uuid.UUID) -> queries.Wa
     return wallet
 
 
+async def own_wallet_address(conn: asyncpg.Connection, user_id: uuid.UUID) -> dict[str, Any]:
+    """The user's own wallet address, or None before they register one."""
+    wallet = await queries.get_user_wallet(conn, user_id)
+    return {"user_id": str(user_id), "address": wallet.address if wallet else None}
+
+
 async def wallet_of_user(conn: asyncpg.Connection, user_id: uuid.UUID) -> dict[str, Any]:
     """A user's wallet address (public, as on every transaction), e.g. the seller's to pay."""
     wallet = await queries.get_user_wallet(conn, user_id)

@@ -118,6 +118,11 @@ async def escrow_ctx(app: web.Application) -> AsyncIterator[None]:
     yield
 
 
+def fee_rate(settings: Settings) -> Decimal:
+    """PLATFORM_FEE_RATE as a decimal fraction."""
+    return Decimal(settings.platform_fee_rate)
+
+
 def terms(settings: Settings, accounts: EscrowAccounts) -> dict[str, Any]:
     """What a buyer needs to pay into escrow, and the rules it follows."""
     on_sui = settings.sui_rpc_url is not None
@@ -153,10 +158,11 @@ async def record_hold(conn: asyncpg.Connection, escrow: queries.Escrow) -> None:
 
 # --- decisions ---------------------------------------------------------------------------------------
 
-async def release(conn: asyncpg.Connection, purchase_id: uuid.UUID, reason: str, *,
+async def release(conn: asyncpg.Connection, purchase_id: uuid.UUID, reason: str, *, fee_rate: Decimal,
                   actor_id: uuid.UUID | None = None) -> queries.Escrow | None:
-    """holding -> released; None when it was not holding."""
-    return await announce_decision(conn, await queries.release(conn, purchase_id), reason, actor_id)
+    """holding -> released, with the platform fee at `fee_rate`; None when it was not holding."""
+    return await announce_decision(conn, await queries.release(conn, purchase_id, fee_rate=fee_rate), reason,
+                                   actor_id)
 
 
 async def refund_unheld(conn: asyncpg.Connection, purchase_id: uuid.UUID, seller_id: uuid.UUID, amount: Decimal,
@@ -166,10 +172,10 @@ async def refund_unheld(conn: asyncpg.Connection, purchase_id: uuid.UUID, seller
     return await announce_decision(conn, owed, reason, None)
 
 
-async def release_due(pool: asyncpg.Pool, window_seconds: float) -> int:
+async def release_due(pool: asyncpg.Pool, window_seconds: float, fee_rate: Decimal) -> int:
     """Release the escrows of completed purchases held longer than the window; returns how many."""
     async with pool.acquire() as conn, conn.transaction():
-        released = await queries.release_due(conn, window_seconds)
+        released = await queries.release_due(conn, window_seconds, fee_rate)
         for escrow in released:
             await announce_decision(conn, escrow, WINDOW_PASSED, None)
     return len(released)
@@ -190,7 +196,7 @@ async def confirm_receipt(app: web.Application, identity: Identity, purchase_id:
         escrow = await _party_escrow(conn, identity, purchase_id, lock=True)
         if escrow.buyer_id != identity.user_id:
             raise Forbidden("only the buyer confirms receipt", field="purchase_id")
-        released = await queries.release(conn, purchase_id)
+        released = await queries.release(conn, purchase_id, fee_rate=fee_rate(app[SETTINGS]))
         if released is not None:
             await queries.add_step(conn, released, queries.STEP_CONFIRMED, actor_id=identity.user_id)
             await announce_decision(conn, released, BUYER_CONFIRMED, identity.user_id)
@@ -241,11 +247,6 @@ async def list_disputes(app: web.Application, cursor: str | None, limit: int) ->
 
 # --- settlement ------------------------------------------------------------------------------------
 
-def platform_fee(amount: Decimal, rate: Decimal) -> Decimal:
-    """The platform's cut of a release, rounded down to the KVP quantum (the seller never gets less)."""
-    return (amount * rate).quantize(AMOUNT_QUANTUM, rounding=ROUND_DOWN)
-
-
 async def _signed_transfer(conn: asyncpg.Connection, accounts: EscrowAccounts, source: chain_queries.WalletAccount,
                            payee: chain_queries.WalletAccount, amount: Decimal,
                            nonce: int) -> chain_queries.Transaction:
@@ -256,8 +257,7 @@ async def _signed_transfer(conn: asyncpg.Connection, accounts: EscrowAccounts, s
                                               signature=payload["signature"], submitted_by=source.user_id)
 
 
-async def _issue_payout(conn: asyncpg.Connection, accounts: EscrowAccounts, escrow: queries.Escrow,
-                        fee_rate: Decimal) -> bool:
+async def _issue_payout(conn: asyncpg.Connection, accounts: EscrowAccounts, escrow: queries.Escrow) -> bool:
     """Sign the payout transfers of a decided escrow; False while the payee has no wallet to pay."""
     payee = await chain_queries.get_user_wallet(conn, escrow.payee_id)
     if payee is None:
@@ -267,20 +267,19 @@ async def _issue_payout(conn: asyncpg.Connection, accounts: EscrowAccounts, escr
     fees = await chain_queries.get_wallet(conn, accounts.fees.address)
     assert source is not None and fees is not None
     amount = escrow.amount_sui.quantize(AMOUNT_QUANTUM, rounding=ROUND_DOWN)
-    fee = platform_fee(amount, fee_rate) if escrow.status == queries.RELEASED else Decimal(0)
+    fee = escrow.fee_amount if escrow.status == queries.RELEASED else Decimal(0)
     nonce = await chain_queries.next_nonce(conn, source.address)
     payout = await _signed_transfer(conn, accounts, source, payee, amount - fee, nonce)
     fee_tx = await _signed_transfer(conn, accounts, source, fees, fee, nonce + 1) if fee > 0 else None
-    await queries.record_payout(conn, escrow.id, fee, payout.hash, fee_tx.hash if fee_tx else None)
+    await queries.record_payout(conn, escrow.id, payout.hash, fee_tx.hash if fee_tx else None)
     log.info("escrow_payout_signed", purchase_id=str(escrow.purchase_id), status=escrow.status, tx=payout.hash)
     return True
 
 
-async def _settle_one(conn: asyncpg.Connection, accounts: EscrowAccounts, escrow: queries.Escrow,
-                      fee_rate: Decimal) -> bool:
+async def _settle_one(conn: asyncpg.Connection, accounts: EscrowAccounts, escrow: queries.Escrow) -> bool:
     """Move one decided escrow on: sign its payout, or mark it settled once sealed; True when settled."""
     if escrow.settlement_tx_hash is None:
-        await _issue_payout(conn, accounts, escrow, fee_rate)
+        await _issue_payout(conn, accounts, escrow)
         return False
     hashes = [h for h in (escrow.settlement_tx_hash, escrow.fee_tx_hash) if h]
     statuses = await queries.transaction_statuses(conn, hashes)
@@ -288,7 +287,7 @@ async def _settle_one(conn: asyncpg.Connection, accounts: EscrowAccounts, escrow
         # Only if the escrow wallet was drained off-chain: sign afresh rather than lose the payout.
         log.error("escrow_payout_rejected", purchase_id=str(escrow.purchase_id), txs=hashes)
         await queries.add_step(conn, escrow, queries.STEP_REISSUED, tx_hash=escrow.settlement_tx_hash)
-        await queries.record_payout(conn, escrow.id, Decimal(0), None, None)
+        await queries.record_payout(conn, escrow.id, None, None)
         return False
     if not all(statuses.get(h) == "confirmed" for h in hashes):
         return False
@@ -313,14 +312,13 @@ async def _settle_custodial(conn: asyncpg.Connection, escrow: queries.Escrow) ->
 
 async def settle_decided(pool: asyncpg.Pool, accounts: EscrowAccounts, settings: Settings) -> int:
     """One pass of the settlement sweep over decided escrows; returns how many became settled."""
-    fee_rate = Decimal(settings.platform_fee_rate)
     settled = 0
     async with pool.acquire() as conn, conn.transaction():
         for escrow in await queries.lock_unsettled(conn, SETTLE_BATCH):
             if settings.sui_rpc_url:
                 settled += await _settle_custodial(conn, escrow)
             else:
-                settled += await _settle_one(conn, accounts, escrow, fee_rate)
+                settled += await _settle_one(conn, accounts, escrow)
     return settled
 
 

@@ -22,6 +22,7 @@ import structlog
 
 from db import marketplace as queries
 from db import outbox
+from db import seller as seller_queries
 from server.adapters.blobs import BlobStore
 from server.core import jsonutil
 from server.core.errors import Forbidden, InvalidPayload, NotFound
@@ -41,10 +42,17 @@ DATAPOD_UPDATED = "datapod_updated"
 DATAPOD_UNPUBLISHED = "datapod_unpublished"
 DATAPOD_SOLD = "datapod_sold"
 REVIEW_ADDED = "review_added"
+REVIEW_UPDATED = "review_updated"
+REVIEW_REMOVED = "review_removed"
 
 # The search's sort keys, and the direction each takes when the client names none.
 DEFAULT_DESCENDING = {"newest": True, "price": False, "rating": True, "sales": True}
 SORTS = tuple(DEFAULT_DESCENDING)
+
+# Column types as server/services/datasets.py infers them (the `column_type` search filter).
+COLUMN_TYPES = ("integer", "number", "boolean", "string", "null", "array", "object", "mixed")
+SIMILAR_DEFAULT = 6
+SIMILAR_MAX = 20
 
 
 def datapod_channel(datapod_id: uuid.UUID | str) -> str:
@@ -123,7 +131,8 @@ def search_filter(payload: Mapping[str, Any], *, seller_id: uuid.UUID | None = N
     return queries.SearchFilter(
         category=payload["category"].lower() if "category" in payload else None, min_price=min_price,
         max_price=max_price, q=payload.get("q"), seller_id=seller_id, published_only=seller_id is None, sort=sort,
-        descending=descending, after=after, limit=_page_size(payload) + 1)
+        descending=descending, after=after, limit=_page_size(payload) + 1, column=payload.get("column"),
+        column_type=payload.get("column_type"))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -155,9 +164,12 @@ async def _get_visible(conn: asyncpg.Connection, datapod_id: uuid.UUID, identity
 
 
 async def get_datapod(pool: asyncpg.Pool, datapod_id: uuid.UUID, identity: Identity | None) -> queries.Datapod:
-    """A pod the caller may see (published, or their own); NotFound otherwise."""
+    """A pod the caller may see (published, or their own); NotFound otherwise. Counts a view unless its seller looks."""
     async with pool.acquire() as conn:
-        return await _get_visible(conn, datapod_id, identity)
+        pod = await _get_visible(conn, datapod_id, identity)
+        if identity is None or identity.user_id != pod.seller_id:
+            await seller_queries.count_view(conn, datapod_id)  # the seller's "views" figure
+        return pod
 
 
 async def search(pool: asyncpg.Pool, payload: Mapping[str, Any], *,
@@ -166,13 +178,54 @@ async def search(pool: asyncpg.Pool, payload: Mapping[str, Any], *,
     query = search_filter(payload, seller_id=seller_id)
     async with pool.acquire() as conn:
         found = await queries.search_datapods(conn, query)
+        if await _similarity_instead(conn, query, bool(found)):
+            query = dataclasses.replace(query, fuzzy=True)
+            async with conn.transaction():  # the threshold holds for this transaction only
+                await queries.set_similarity_threshold(conn)
+                found = await queries.search_datapods(conn, query)
     page = found[:query.limit - 1]
     next_cursor = None
     if len(found) >= query.limit:
         last = page[-1]
         value = getattr(last, queries.SORT_FIELDS[query.sort])
         next_cursor = _encode_cursor(query.sort, query.descending, value, last.id)
-    return {"items": [pod.to_public() for pod in page], "next_cursor": next_cursor}
+    return {"items": [pod.to_public() for pod in page], "next_cursor": next_cursor, "fuzzy": query.fuzzy}
+
+
+async def _similarity_instead(conn: asyncpg.Connection, query: queries.SearchFilter, found_any: bool) -> bool:
+    """Whether `q` should match titles by trigram similarity: full text matches nothing under these filters.
+
+    The decision ignores the cursor, so every page of one search takes the same mode and the
+    cursor needs no flag; without pg_trgm the search stays full text (and finds nothing).
+    """
+    if query.q is None or found_any or query.fuzzy:
+        return False
+    if query.after is not None and await queries.search_datapods(
+            conn, dataclasses.replace(query, after=None, limit=1)):
+        return False  # full text does match: this page is just past its end
+    return await queries.trigram_available(conn)
+
+
+async def facets(pool: asyncpg.Pool, payload: Mapping[str, Any]) -> dict[str, Any]:
+    """Counts per category and price band of the published DataPods a validated search payload matches."""
+    query = search_filter(payload)
+    async with pool.acquire() as conn:
+        found = await queries.search_facets(conn, query)
+        if await _similarity_instead(conn, query, found.total > 0):  # count what the search would list
+            query = dataclasses.replace(query, fuzzy=True)
+            async with conn.transaction():
+                await queries.set_similarity_threshold(conn)
+                found = await queries.search_facets(conn, query)
+    return {**found.to_public(), "fuzzy": query.fuzzy}
+
+
+async def similar(pool: asyncpg.Pool, datapod_id: uuid.UUID, identity: Identity | None,
+                  limit: int = SIMILAR_DEFAULT) -> dict[str, Any]:
+    """Published DataPods most like a visible one (published, or the caller's draft), best first, scored."""
+    async with pool.acquire() as conn:
+        await _get_visible(conn, datapod_id, identity)
+        found = await queries.similar_datapods(conn, datapod_id, limit)
+    return {"items": [{**pod.to_public(), "score": round(score, 4)} for pod, score in found]}
 
 
 async def list_reviews(pool: asyncpg.Pool, datapod_id: uuid.UUID, identity: Identity | None,
@@ -243,16 +296,22 @@ async def set_published(pool: asyncpg.Pool, user_id: uuid.UUID, datapod_id: uuid
 
 async def update_datapod(pool: asyncpg.Pool, user_id: uuid.UUID, datapod_id: uuid.UUID,
                          changes: Mapping[str, Any]) -> queries.Datapod:
-    """Change the title, description or price of the seller's DataPod; a published pod's changes are announced."""
+    """Change the title, description, price, category or tags of the seller's DataPod; a published pod's
+    changes are announced (a new category's channel and the old one both hear it)."""
     price = parse_price(changes["price_sui"], "price_sui") if "price_sui" in changes else None
+    category = changes["category"].lower() if "category" in changes else None
+    tags = list(dict.fromkeys(tag.strip() for tag in changes["tags"])) if "tags" in changes else None
     async with pool.acquire() as conn, conn.transaction():
         access = await _lock_own(conn, datapod_id, user_id)
         before = await queries.get_datapod(conn, datapod_id)
         pod = await queries.update_datapod(conn, datapod_id, title=changes.get("title"),
-                                           description=changes.get("description"), price_sui=price)
-        changed = {field: getattr(pod, field) for field in ("title", "description", "price_sui")
+                                           description=changes.get("description"), price_sui=price,
+                                           category=category, tags=tags)
+        changed = {field: getattr(pod, field) for field in ("title", "description", "price_sui", "category", "tags")
                    if getattr(pod, field) != getattr(before, field)}
         if access.published and changed:  # drafts are private: nothing to announce
-            await enqueue_datapod_event(conn, pod.id, pod.category, DATAPOD_UPDATED, {
-                "datapod_id": str(pod.id), "changes": changed, "updated_at": pod.updated_at.isoformat()})
+            event = {"datapod_id": str(pod.id), "changes": changed, "updated_at": pod.updated_at.isoformat()}
+            await enqueue_datapod_event(conn, pod.id, pod.category, DATAPOD_UPDATED, event)
+            if before is not None and before.category and before.category != pod.category:
+                await outbox.enqueue(conn, CATEGORY_CHANNEL.format(category=before.category), DATAPOD_UPDATED, event)
     return pod

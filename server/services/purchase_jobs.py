@@ -105,7 +105,8 @@ class PurchaseWorker:
 
     async def release_due_escrows(self) -> int:
         """Release escrows of completed purchases older than ESCROW_RELEASE_SECONDS; returns how many."""
-        return await escrow.release_due(self.pool, self.settings.escrow_release_seconds)
+        return await escrow.release_due(self.pool, self.settings.escrow_release_seconds,
+                                        escrow.fee_rate(self.settings))
 
     async def settle_escrows(self) -> int:
         """Sign the payouts of decided escrows, and mark sealed ones settled; returns how many settled."""

@@ -14,16 +14,24 @@ compare-and-set, and every event goes through the outbox in the transaction that
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import hashlib
 import re
+import secrets
+import time
 import unicodedata
 import uuid
+from decimal import Decimal
 from typing import Any, AsyncIterator, Callable
 
 import asyncpg
+import jwt
 import structlog
 from aiohttp import web
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from db import auth as auth_queries
 from db import escrow as escrow_queries
 from db import outbox
 from db import purchases as queries
@@ -33,9 +41,19 @@ from server.adapters.payments import PaymentClaim, Verdict
 from server.core import jsonutil
 from server.core.crypto import MASTER_KEY, unwrap_key
 from server.core.cursors import decode_time_cursor, encode_time_cursor
-from server.core.errors import Conflict, ErrorCode, Forbidden, HubError, InvalidPayload, NotFound, Unavailable
+from server.core.errors import (
+    Conflict,
+    ErrorCode,
+    Forbidden,
+    HubError,
+    InvalidPayload,
+    NotFound,
+    Unauthorized,
+    Unavailable,
+)
 from server.core.identity import Identity
 from server.core.protocol import DEFAULT_PAGE
+from server.core.settings import SETTINGS
 from server.realtime.hub import user_channel
 from server.services import delivery, escrow, marketplace
 
@@ -113,7 +131,9 @@ async def _delivery_material(conn: asyncpg.Connection, identity: Identity,
 async def start_purchase(app: web.Application, buyer_id: uuid.UUID, datapod_id: uuid.UUID, digest: str) -> dict:
     """Record a pending purchase and queue its job (one transaction); the buyer's view of it."""
     async with app[POOL].acquire() as conn, conn.transaction():
-        pod = await queries.get_pod(conn, datapod_id)
+        # Shared-locked until the purchase row exists, so a concurrent delete or new version either
+        # waits for it (and then sees it) or wins first (and the purchase sees the change).
+        pod = await queries.get_pod(conn, datapod_id, share_lock=True)
         if pod is None or not pod.published:
             raise NotFound("no such DataPod", field="datapod_id")
         if pod.seller_id == buyer_id:
@@ -147,14 +167,29 @@ async def get_purchase(app: web.Application, identity: Identity, purchase_id: uu
         return (await _own_purchase(conn, identity, purchase_id)).to_public()
 
 
+def _instant(params: dict, name: str) -> dt.datetime | None:
+    """A `from`/`to` filter: an ISO 8601 date or date-time (a bare date is midnight UTC, so is a naive time)."""
+    raw = params.get(name)
+    if not raw:
+        return None
+    try:
+        at = dt.datetime.fromisoformat(raw)
+    except ValueError:
+        raise InvalidPayload(f"{name} is not an ISO 8601 date or date-time", field=name) from None
+    return at if at.tzinfo is not None else at.replace(tzinfo=dt.timezone.utc)
+
+
 async def list_purchases(app: web.Application, buyer_id: uuid.UUID, params: dict) -> dict:
-    """A page of the buyer's purchases, newest first, with a keyset cursor."""
+    """A page of the buyer's purchases, newest first, with a keyset cursor (filters: status, DataPod,
+    category, created in [from, to))."""
     limit = params.get("limit", DEFAULT_PAGE)
     before = decode_time_cursor(params["cursor"]) if params.get("cursor") else None
+    since, until = _instant(params, "from"), _instant(params, "to")
     async with app[POOL].acquire() as conn:
         found = await queries.list_purchases(
             conn, buyer_id, limit=limit + 1, before=before, status=params.get("status"),
-            datapod_id=uuid.UUID(params["datapod_id"]) if params.get("datapod_id") else None)
+            datapod_id=uuid.UUID(params["datapod_id"]) if params.get("datapod_id") else None,
+            category=params.get("category"), since=since, until=until)
     page = found[:limit]
     return {"items": [purchase.to_public() for purchase in page],
             "next_cursor": encode_time_cursor(page[-1].created_at, page[-1].id) if len(found) > limit else None}
@@ -182,6 +217,43 @@ async def add_review(app: web.Application, identity: Identity, purchase_id: uuid
                  "review_count": count}
         await marketplace.enqueue_datapod_event(conn, purchase.datapod_id, None, marketplace.REVIEW_ADDED, event)
     return {**review.to_public(), "average_rating": average}
+
+
+async def update_review(app: web.Application, identity: Identity, purchase_id: uuid.UUID,
+                        changes: dict[str, Any]) -> dict:
+    """The buyer edits their review's rating and/or comment; the pod's viewers hear the new average."""
+    async with app[POOL].acquire() as conn, conn.transaction():
+        purchase = await _bought_purchase(conn, identity, purchase_id, "reviews")
+        before = await queries.get_review(conn, purchase.id)
+        if before is None:
+            raise NotFound("this purchase has no review yet", field="purchase_id")
+        review = await queries.update_review(conn, purchase.id, rating=changes.get("rating"),
+                                             comment=changes.get("comment") or None,
+                                             set_comment="comment" in changes)
+        if review is None:  # deleted by a concurrent request since it was read
+            raise NotFound("this purchase has no review", field="purchase_id")
+        average, count = await queries.datapod_rating(conn, purchase.datapod_id)
+        event = {"datapod_id": str(purchase.datapod_id), "rating": review.rating, "previous_rating": before.rating,
+                 "average_rating": average, "review_count": count}
+        await marketplace.enqueue_datapod_event(conn, purchase.datapod_id, None, marketplace.REVIEW_UPDATED, event)
+    return {**review.to_public(), "average_rating": average}
+
+
+async def delete_review(app: web.Application, identity: Identity, purchase_id: uuid.UUID) -> dict:
+    """The buyer deletes their review (whatever the purchase's status); the pod's viewers hear the new average."""
+    async with app[POOL].acquire() as conn, conn.transaction():
+        purchase = await _own_purchase(conn, identity, purchase_id)
+        if purchase.buyer_id != identity.user_id:
+            raise Forbidden("only the buyer deletes a purchase's review", field="purchase_id")
+        removed = await queries.delete_review(conn, purchase.id)
+        if removed is None:
+            raise NotFound("this purchase has no review", field="purchase_id")
+        average, count = await queries.datapod_rating(conn, purchase.datapod_id)
+        event = {"datapod_id": str(purchase.datapod_id), "rating": removed.rating, "average_rating": average,
+                 "review_count": count}
+        await marketplace.enqueue_datapod_event(conn, purchase.datapod_id, None, marketplace.REVIEW_REMOVED, event)
+    return {"purchase_id": str(purchase.id), "datapod_id": str(purchase.datapod_id), "deleted": True,
+            "average_rating": average, "review_count": count}
 
 
 # --- delivery ------------------------------------------------------------------------------------
@@ -218,11 +290,52 @@ class Download:
         log.info("purchase_downloaded", purchase_id=str(self.purchase_id), bytes=self.size)
         return True
 
+    async def write_range(self, write: Callable[[bytes], Any], start: int, end: int) -> bool:
+        """Decrypt bytes start..end (inclusive) into `write`; False, logged, when the blob failed part way.
+
+        GCM's counter mode could seek, but the blob store streams from the start, so the stream is
+        decrypted from byte 0 and the bytes before `start` are dropped (CPU, no memory). A range that
+        ends before the last byte stops early: pass one has already checked the tag over the whole blob.
+        """
+        position = 0
+
+        async def sink(plain: bytes) -> None:
+            nonlocal position
+            low, high = max(start - position, 0), min(end + 1 - position, len(plain))
+            position += len(plain)
+            if low < high:
+                await write(plain[low:high])
+            if position > end and end < self.size - 1:
+                raise _RangeServed
+
+        try:
+            await delivery.decrypt_to(self.stream, self.key, self.nonce, self.aad, self.expected_hash, sink)
+        except _RangeServed:
+            pass
+        except (delivery.IntegrityError, KeyError, HubError) as exc:
+            log.error("download_aborted", purchase_id=str(self.purchase_id), error=str(exc))
+            return False
+        log.info("purchase_downloaded", purchase_id=str(self.purchase_id), bytes=end - start + 1, start=start)
+        return True
+
+
+class _RangeServed(Exception):
+    """The requested range is written: stop decrypting."""
+
 
 async def open_download(app: web.Application, identity: Identity, purchase_id: uuid.UUID) -> Download:
     """The buyer's dataset checked (GCM tag and data_hash) before any byte is released; logs the download."""
     async with app[POOL].acquire() as conn:
         purchase, pod = await _delivery_material(conn, identity, purchase_id)
+    download = await _verified_download(app, purchase, pod)
+    async with app[POOL].acquire() as conn:
+        await queries.log_download(conn, purchase)
+    return download
+
+
+async def _verified_download(app: web.Application, purchase: queries.Purchase,
+                             pod: queries.PodForSale) -> Download:
+    """The purchase's dataset after pass one (GCM tag and data_hash) succeeded; nothing is logged."""
     key = unwrap_key(app[MASTER_KEY], pod.wrapped_key, str(pod.id).encode())
     blobs, nonce, aad = app[BLOBS], bytes.fromhex(pod.encryption_iv), str(pod.id).encode()
 
@@ -230,17 +343,153 @@ async def open_download(app: web.Application, identity: Identity, purchase_id: u
         return blobs.stream(pod.walrus_blob_id)
 
     try:
-        _, size = await delivery.verify_blob(stream, key, nonce, aad, pod.data_hash)
+        digest, size = await delivery.verify_blob(stream, key, nonce, aad, pod.data_hash)
     except KeyError:
         raise Unavailable("the dataset's blob is not available right now") from None
     except delivery.IntegrityError as exc:
         log.error("download_integrity_failed", purchase_id=str(purchase.id), datapod_id=str(pod.id), error=str(exc))
         raise IntegrityFailed("the stored dataset failed its integrity check; it was not served") from None
-    async with app[POOL].acquire() as conn:
-        await queries.log_download(conn, purchase)
     return Download(purchase_id=purchase.id, filename=download_filename(pod.title, pod.file_type),
-                    content_type=pod.file_type or "application/octet-stream", data_hash=pod.data_hash or "",
+                    content_type=pod.file_type or "application/octet-stream", data_hash=pod.data_hash or digest,
                     size=size, stream=stream, key=key, nonce=nonce, aad=aad, expected_hash=pod.data_hash)
+
+
+# --- signed download links -----------------------------------------------------------------------
+#
+# A link is a JWT (HS256) under its own key, derived by HKDF from MASTER_KEY for this one purpose,
+# with its own audience and type: an access token (signed with JWT_SECRET, no audience) never
+# passes as a link, and a link never passes as an access token. It names the buyer, the session
+# that made it and the purchase; each use re-checks all three against the database, so a refund,
+# a sign-out or a suspension ends it. It is a bearer link: whoever holds the URL gets that one
+# purchase's file, nothing else, until it expires.
+
+LINK_AUDIENCE = "sourcenet-hub:download"
+LINK_TYPE = "download_link"
+LINK_KEY_INFO = b"sourcenet-hub download-link signing key v1"
+LINK_PATH = "/api/v1/downloads/"
+MAX_LINK_TOKEN = 1000  # a link's token is ~400 characters; anything much longer is refused unread
+_RANGE = re.compile(r"bytes=(\d{0,19})-(\d{0,19})")
+
+
+def _link_key(master_key: bytes) -> bytes:
+    """The links' signing key: HKDF-SHA256 of the current MASTER_KEY (rotating the master key ends old links)."""
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=LINK_KEY_INFO).derive(bytes(master_key))
+
+
+async def create_download_link(app: web.Application, identity: Identity, purchase_id: uuid.UUID) -> dict[str, Any]:
+    """A URL that downloads the buyer's completed purchase without a header, for DOWNLOAD_LINK_TTL seconds."""
+    async with app[POOL].acquire() as conn:
+        purchase, _ = await _delivery_material(conn, identity, purchase_id)
+    issued = time.time()
+    expires = int(issued) + app[SETTINGS].download_link_ttl
+    # iat keeps milliseconds: the one-log-row-per-link rule compares it with download_logs times.
+    claims = {"typ": LINK_TYPE, "aud": LINK_AUDIENCE, "sub": str(identity.user_id), "sid": identity.session_id,
+              "pid": str(purchase.id), "jti": secrets.token_urlsafe(12), "iat": round(issued, 3), "exp": expires}
+    token = jwt.encode(claims, _link_key(app[MASTER_KEY]), algorithm="HS256")
+    log.info("download_link_created", purchase_id=str(purchase.id), expires=expires)
+    return {"url": LINK_PATH + token, "purchase_id": str(purchase.id),
+            "expires_at": dt.datetime.fromtimestamp(expires, dt.timezone.utc).isoformat()}
+
+
+def _link_claims(app: web.Application, token: str) -> dict[str, Any]:
+    """The verified claims of a link's token; Unauthorized for anything that is not a live link of ours."""
+    if not token or len(token) > MAX_LINK_TOKEN:
+        raise Unauthorized("not a download link")
+    try:
+        claims = jwt.decode(token, _link_key(app[MASTER_KEY]), algorithms=["HS256"], audience=LINK_AUDIENCE,
+                            options={"require": ["typ", "aud", "sub", "sid", "pid", "iat", "exp"]})
+        if claims["typ"] != LINK_TYPE:
+            raise jwt.InvalidTokenError("not a download link")
+        claims["sub"], claims["pid"] = uuid.UUID(claims["sub"]), uuid.UUID(claims["pid"])
+        claims["sid"], claims["iat"] = int(claims["sid"]), float(claims["iat"])
+    except jwt.ExpiredSignatureError:
+        raise Unauthorized("the download link has expired; ask for a new one") from None
+    except (jwt.InvalidTokenError, ValueError, TypeError, OverflowError):
+        raise Unauthorized("not a valid download link") from None
+    return claims
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ByteRange:
+    """The bytes a response carries: first and last (inclusive), and whether it answers a Range (206)."""
+
+    start: int
+    end: int
+    partial: bool
+
+    def content_range(self, size: int) -> str:
+        """The Content-Range header of a 206."""
+        return f"bytes {self.start}-{self.end}/{size}"
+
+
+class RangeNotSatisfiable(HubError):
+    """The Range asks for bytes the file does not have (HTTP 416, with `Content-Range: bytes */<size>`)."""
+
+    code = ErrorCode.INVALID_PAYLOAD
+
+
+def byte_range(header: str | None, if_range: str | None, etag: str, size: int) -> ByteRange:
+    """The range to serve for a Range header (RFC 9110): one range, or the whole file.
+
+    The whole file is served (200) without a Range, when If-Range names another version, and for
+    what this server does not do: several ranges, another unit, or a malformed header (which the RFC
+    lets a server ignore). A single range that starts past the end is RangeNotSatisfiable (416).
+    """
+    whole = ByteRange(0, size - 1, False)
+    if header is None or (if_range is not None and if_range.strip() != etag):
+        return whole
+    match = _RANGE.fullmatch(header.strip()[:100])
+    if match is None or match.group(1) == match.group(2) == "":
+        return whole
+    first, last = match.group(1), match.group(2)
+    if first == "":  # the last N bytes
+        if int(last) == 0 or size == 0:
+            raise RangeNotSatisfiable(f"the file has {size} bytes", field="Range", size=size)
+        return ByteRange(max(size - int(last), 0), size - 1, True)
+    if last != "" and int(last) < int(first):
+        return whole  # an invalid range: ignored, as the RFC allows
+    if int(first) >= size:
+        raise RangeNotSatisfiable(f"the file has {size} bytes", field="Range", size=size)
+    return ByteRange(int(first), size - 1 if last == "" else min(int(last), size - 1), True)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LinkDownload:
+    """A verified dataset and the bytes of it that one request through a link gets."""
+
+    download: Download
+    range: ByteRange
+    etag: str
+
+    async def write_to(self, write: Callable[[bytes], Any]) -> bool:
+        """Decrypt the served bytes into `write`; False when the blob failed part way."""
+        if not self.range.partial:
+            return await self.download.write_to(write)
+        return await self.download.write_range(write, self.range.start, self.range.end)
+
+
+async def open_link_download(app: web.Application, token: str, *, range_header: str | None = None,
+                             if_range: str | None = None, head: bool = False) -> LinkDownload:
+    """What a signed link serves, after re-checking it (session, buyer, completed purchase) and the blob.
+
+    The first GET through a link that starts at byte 0 writes the download_logs row; resumed ranges,
+    repeats and HEAD do not (one row per link).
+    """
+    claims = _link_claims(app, token)
+    async with app[POOL].acquire() as conn:
+        session = await auth_queries.get_session_state(conn, claims["sid"])
+        if session is None or not session.active or session.user_id != claims["sub"]:
+            raise Unauthorized("the session that made this download link has ended")
+        buyer = Identity(user_id=claims["sub"], session_id=claims["sid"])
+        purchase, pod = await _delivery_material(conn, buyer, claims["pid"])
+    download = await _verified_download(app, purchase, pod)
+    etag = f'"{download.data_hash}"'
+    served = byte_range(range_header, if_range, etag, download.size)
+    if served.start == 0 and not head:
+        issued = dt.datetime.fromtimestamp(claims["iat"], dt.timezone.utc)
+        async with app[POOL].acquire() as conn, conn.transaction():
+            await queries.log_link_download(conn, purchase, issued)
+    return LinkDownload(download, served, etag)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -305,9 +554,10 @@ async def forget_x25519_key(app: web.Application, user_id: uuid.UUID) -> dict[st
 
 # --- escrow and refunds ------------------------------------------------------------------------
 
-async def release_escrow(conn: asyncpg.Connection, purchase_id: uuid.UUID, reason: str) -> escrow_queries.Escrow | None:
-    """holding -> released (buyer confirmed, or the window passed); None if it was not holding."""
-    return await escrow.release(conn, purchase_id, reason)
+async def release_escrow(conn: asyncpg.Connection, purchase_id: uuid.UUID, reason: str,
+                         fee_rate: Decimal) -> escrow_queries.Escrow | None:
+    """holding -> released with the platform fee at `fee_rate`; None if it was not holding."""
+    return await escrow.release(conn, purchase_id, reason, fee_rate=fee_rate)
 
 
 async def refund_purchase(
@@ -348,7 +598,8 @@ async def resolve_dispute(app: web.Application, admin: Identity, purchase_id: uu
     """An administrator ends a dispute: release to the seller or refund the buyer (exactly once)."""
     async with app[POOL].acquire() as conn, conn.transaction():
         if outcome == "release":
-            decided = await escrow_queries.release(conn, purchase_id, from_statuses=(escrow_queries.DISPUTED,),
+            decided = await escrow_queries.release(conn, purchase_id, fee_rate=escrow.fee_rate(app[SETTINGS]),
+                                                   from_statuses=(escrow_queries.DISPUTED,),
                                                    resolved_by=admin.user_id, note=note)
             await escrow.announce_decision(conn, decided, note, admin.user_id)
         else:
