@@ -14,11 +14,12 @@ from typing import Any
 from aiohttp import web
 
 from server.core import jsonutil
-from server.core.errors import InvalidPayload
+from server.core.errors import HubError, InvalidPayload
 from server.edge.namespace import Ctx, HubNamespace, command
-from server.edge.rest import endpoint, ok_response
+from server.edge.rest import endpoint, int_query, ok_response, session_lives
 from server.edge.schemas import COUNT, UUID, obj, string
-from server.realtime.hub import USER_CHANNEL, ChannelRule, own_user
+from server.realtime.hub import SIGNED_OUT_EVENT, USER_CHANNEL, ChannelRule, own_user
+from server.realtime.redis import REDIS
 from server.services import assistant as service
 from server.services.assistant import (
     CONVERSATION_CHANNEL,
@@ -49,6 +50,19 @@ REST_SEND_SCHEMA = obj({"content": CONTENT, "client_msg_id": CLIENT_MSG_ID, "str
                        required=("content", "client_msg_id"))
 DEFAULT_PAGE = 50
 CONVERSATION_PATH = {"conversation_id": UUID}
+MESSAGE_PATH = {"message_id": UUID}
+
+
+def _rest_body(schema: dict, path_field: str) -> dict:
+    """A socket command's schema as its REST body: the id it names moves to the URL path."""
+    return obj({name: value for name, value in schema["properties"].items() if name != path_field},
+               required=tuple(name for name in schema["required"] if name != path_field))
+
+
+REST_RENAME_SCHEMA = _rest_body(RENAME_SCHEMA, "conversation_id")
+REST_EDIT_SCHEMA = _rest_body(EDIT_SCHEMA, "message_id")
+# `from` is resume_stream's `after_seq`: the number of deltas the client already has.
+REST_STREAM_QUERY = obj({"from": RESUME_SCHEMA["properties"]["after_seq"]})
 
 
 class AssistantNamespace(HubNamespace):
@@ -156,6 +170,9 @@ class AssistantNamespace(HubNamespace):
 
 routes = web.RouteTableDef()
 SSE_KEEPALIVE_SECONDS = 15.0
+# With Redis, another process may write the answer: its deltas reach this one's history but do not
+# wake the reader, so the stream re-reads the history this often (a short poll, cheap: one XRANGE).
+CROSS_NODE_POLL_SECONDS = 0.2
 
 
 @routes.get("/api/v1/conversations")
@@ -220,8 +237,97 @@ async def handle_send_message(request: web.Request, identity, body) -> web.Strea
     return response
 
 
+@routes.get("/api/v1/conversations/{conversation_id}")
+@endpoint(auth="user", path=CONVERSATION_PATH)
+async def handle_get_conversation(request: web.Request, identity) -> web.Response:
+    """The conversation and the messages of its current branch (see `on_get_conversation`)."""
+    return ok_response(await service.get_conversation(request.app, identity.user_id,
+                                                      request.match_info["conversation_id"]))
+
+
+@routes.patch("/api/v1/conversations/{conversation_id}")
+@endpoint(body=REST_RENAME_SCHEMA, auth="user", path=CONVERSATION_PATH)
+async def handle_rename_conversation(request: web.Request, identity, body) -> web.Response:
+    """Rename a conversation (see `on_rename_conversation`)."""
+    return ok_response(await service.rename_conversation(request.app, identity.user_id,
+                                                         request.match_info["conversation_id"], body["title"]))
+
+
+@routes.delete("/api/v1/conversations/{conversation_id}")
+@endpoint(auth="user", path=CONVERSATION_PATH)
+async def handle_delete_conversation(request: web.Request, identity) -> web.Response:
+    """Delete a conversation and its messages (see `on_delete_conversation`)."""
+    return ok_response(await service.delete_conversation(request.app, identity.user_id,
+                                                         request.match_info["conversation_id"]))
+
+
+async def _no_watch(gen: service.Generation) -> None:
+    """A REST start's watch: nothing to subscribe; the client follows with GET .../stream?from=0."""
+
+
+@routes.patch("/api/v1/messages/{message_id}")
+@endpoint(body=REST_EDIT_SCHEMA, auth="user", path=MESSAGE_PATH)
+async def handle_edit_message(request: web.Request, identity, body) -> web.Response:
+    """Fork: a new version of the user's message and a new answer, made current (see `on_edit_message`)."""
+    return ok_response(await service.edit_message(request.app, identity.user_id, request.match_info["message_id"],
+                                                  body["content"], body.get("client_msg_id"), _no_watch))
+
+
+@routes.post("/api/v1/messages/{message_id}/regenerate")
+@endpoint(auth="user", path=MESSAGE_PATH)
+async def handle_regenerate(request: web.Request, identity) -> web.Response:
+    """A new answer to the same user message, made current (see `on_regenerate`)."""
+    return ok_response(await service.regenerate(request.app, identity.user_id, request.match_info["message_id"],
+                                                _no_watch))
+
+
+@routes.post("/api/v1/messages/{message_id}/switch")
+@endpoint(auth="user", path=MESSAGE_PATH)
+async def handle_switch_branch(request: web.Request, identity) -> web.Response:
+    """Make the branch through this message current (see `on_switch_branch`)."""
+    return ok_response(await service.switch_branch(request.app, identity.user_id, request.match_info["message_id"]))
+
+
+@routes.get("/api/v1/messages/{message_id}/stream")
+@endpoint(auth="user", path=MESSAGE_PATH, query=REST_STREAM_QUERY)
+async def handle_answer_stream(request: web.Request, identity) -> web.StreamResponse:
+    """An answer as Server-Sent Events: what resume_stream returns after delta `from` (or
+    `Last-Event-ID`), then its live events, ending with `message_completed` or `message_failed`."""
+    header = request.headers.get("Last-Event-ID")
+    after_seq = int_query(request, "from", minimum=0) or 0
+    if header is not None:  # a browser's EventSource reconnecting: the ids are delta seqs
+        if not (header.isascii() and header.isdigit() and len(header) <= 10):
+            raise InvalidPayload("Last-Event-ID must be a delta seq", field="Last-Event-ID")
+        after_seq = int(header)
+    poll = CROSS_NODE_POLL_SECONDS if request.app[REDIS] is not None else None
+    events = service.follow_answer(request.app, identity.user_id, request.match_info["message_id"], after_seq,
+                                   SSE_KEEPALIVE_SECONDS, poll)
+    first = await anext(events)  # refusals (not_found, forbidden, bad id) answer as plain errors
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                           "X-Accel-Buffering": "no"})
+    await response.prepare(request)
+    try:
+        await response.write(_sse(*first, first[1]["seq"]))  # ids are seqs: Last-Event-ID resumes
+        async for item in events:
+            if not await session_lives(request):
+                # Signed out, revoked or suspended since the stream began: nothing more goes out.
+                await response.write(_sse(SIGNED_OUT_EVENT, {"message_id": request.match_info["message_id"]}))
+                break
+            if item is None:
+                await response.write(b": keepalive\n\n")
+                continue
+            await response.write(_sse(*item, item[1]["seq"] if item[0] == MESSAGE_DELTA else None))
+    except HubError as error:  # the conversation was deleted meanwhile
+        await response.write(_sse("error", error.to_error()))
+    except ConnectionResetError:
+        pass  # the client went away; the answer goes on
+    finally:
+        await events.aclose()
+    return response
+
+
 @routes.post("/api/v1/messages/{message_id}/stop")
-@endpoint(auth="user", path={"message_id": UUID})
+@endpoint(auth="user", path=MESSAGE_PATH)
 async def handle_stop(request: web.Request, identity) -> web.Response:
     """Stop an answer (see `on_stop_generation`)."""
     return ok_response(await service.stop_generation(request.app, identity.user_id, request.match_info["message_id"]))

@@ -6,10 +6,10 @@ import structlog
 from aiohttp import web
 
 from server.core import jsonutil
-from server.core.errors import InvalidPayload, Unauthorized
+from server.core.errors import InvalidPayload
 from server.core.identity import Identity
 from server.core.settings import SETTINGS
-from server.edge.rest import current_identity, endpoint, ok_response, optional_identity
+from server.edge.rest import endpoint, ok_response, optional_identity, session_lives
 from server.edge.schemas import obj, string
 from server.realtime.history import EPOCH_PATTERN, Event, check_epoch
 from server.realtime.hub import FIRST_ID, HISTORY_GAP_EVENT, REALTIME, SIGNED_OUT_EVENT
@@ -69,15 +69,6 @@ async def handle_events(request: web.Request) -> web.Response:
                         "epoch": result.epoch, "history_gap": result.gap, "has_more": result.has_more})
 
 
-async def _session_lives(request: web.Request) -> bool:
-    """Whether the stream's token still stands (the check is cached a few seconds)."""
-    try:
-        await current_identity(request)
-    except Unauthorized:
-        return False
-    return True
-
-
 def _sse(event_type: str, data: object, event_id: str | None = None) -> bytes:
     head = f"id: {event_id}\n" if event_id else ""
     return f"{head}event: {event_type}\n".encode() + b"data: " + jsonutil.dumpb(data) + b"\n\n"
@@ -106,7 +97,7 @@ async def handle_event_stream(request: web.Request) -> web.StreamResponse:
     try:
         while True:
             result = await realtime.wait_after(channel, since, SSE_KEEPALIVE_SECONDS, _poll_interval(request))
-            if identity is not None and not await _session_lives(request):
+            if identity is not None and not await session_lives(request):
                 # Signed out, revoked or expired since the stream began: nothing more goes out.
                 await response.write(_sse(SIGNED_OUT_EVENT, {"channel": channel}))
                 return response

@@ -21,6 +21,7 @@ from server.core.errors import (
     InvalidPayload,
     NotFound,
     PayloadTooLarge,
+    Unauthorized,
     error_from_exception,
 )
 from server.core.identity import Identity
@@ -155,6 +156,16 @@ async def current_identity(request: web.Request) -> Identity:
     header = request.headers.get("Authorization", "")
     token = header[7:].strip() if header[:7].lower() == "bearer " else None
     return await request.app[AUTH].authenticate(request.app[POOL], token)
+
+
+async def session_lives(request: web.Request) -> bool:
+    """Whether a long response's token still stands (signed out, revoked, suspended or expired ends it);
+    the check is cached a few seconds, so a stream may ask on every event."""
+    try:
+        await current_identity(request)
+    except Unauthorized:
+        return False
+    return True
 
 
 async def optional_identity(request: web.Request) -> Identity | None:

@@ -77,6 +77,7 @@ MESSAGE_FAILED = "message_failed"
 FINAL_EVENTS = (MESSAGE_COMPLETED, MESSAGE_FAILED)  # the events that end an answer's stream
 # The REST stream's first event (the send's ack); it is written to that stream only, never published.
 MESSAGE_ACCEPTED = "message_accepted"
+MESSAGE_RESUMED = "message_resumed"  # the REST stream's first event: what resume_stream returns
 
 
 def conversation_channel(conversation_id: uuid.UUID | str) -> str:
@@ -943,6 +944,72 @@ async def resume_stream(app: web.Application, user_id: uuid.UUID, message_id: st
         return {**base, "status": "streaming", "seq": start + len(run), "reset": False, "deltas": run}
     return {**base, "status": "streaming", "seq": start + len(run), "reset": True, "content": content,
             "content_seq": saved_seq, "deltas": run}
+
+
+def final_event(message: db.Message) -> tuple[str, dict[str, Any]]:
+    """The event that ended a finished answer, rebuilt from its saved row (as the job published it)."""
+    base = {"message_id": str(message.id), "status": message.status, "seq": message.seq}
+    if message.status in ("complete", "stopped"):
+        return MESSAGE_COMPLETED, {**base, "finish_reason": message.finish_reason,
+                                   "usage": message.to_public()["usage"]}
+    return MESSAGE_FAILED, {**base, **(message.error or {})}
+
+
+async def follow_answer(app: web.Application, user_id: uuid.UUID, message_id: str, after_seq: int,
+                        keepalive: float, poll_interval: float | None,
+                        ) -> AsyncIterator[tuple[str, dict[str, Any]] | None]:
+    """The user's answer after delta `after_seq`, then live to its end, for a reader without a socket.
+
+    Yields `(MESSAGE_RESUMED, what resume_stream returns)`, then the answer's live events read from
+    the conversation channel's history (only deltas after the last seq applied), and ends after its
+    final event (`message_completed` or `message_failed`, rebuilt from the row if it had ended).
+    Yields None after `keepalive` quiet seconds. The channel is followed as `GET
+    /api/v1/events/stream` follows one: a publish on this process wakes the reader at once, other
+    processes' are found by re-reading the history every `poll_interval` seconds. The first step
+    raises the command's errors (not_found, forbidden...) before anything is yielded.
+    """
+    realtime = app[REALTIME]
+    message_uuid = parse_uuid(message_id, "message_id")
+    wanted = str(message_uuid)  # as events spell it, whatever case the client used
+    position: dict[str, Any] = {}
+
+    async def join(channel: str) -> None:
+        # The reader's "subscribe": its place in the channel before the answer's state is read, so
+        # every event published after that read is found in the history.
+        position.update(channel=channel, since=await realtime.bus.latest_id(channel))
+
+    while True:  # once, and again whenever the history was trimmed past the reader
+        resumed = await resume_stream(app, user_id, message_id, after_seq, join)
+        yield MESSAGE_RESUMED, resumed
+        after_seq = resumed["seq"]
+        while resumed["status"] == "streaming":
+            result = await realtime.wait_after(position["channel"], position["since"], keepalive, poll_interval)
+            if result.gap:
+                break
+            if not result.events:
+                async with app[POOL].acquire() as conn:
+                    row = await _owned_message(conn, user_id, message_uuid)  # not_found once deleted
+                if row.status != "streaming":  # ended, but its final event was not published (publish failed)
+                    yield final_event(row)
+                    return
+                yield None
+                continue
+            position["since"] = result.events[-1].id
+            for event in result.events:
+                if event.data.get("message_id") != wanted:
+                    continue  # the conversation's other answers, its title
+                if event.type == MESSAGE_DELTA:
+                    if event.data["seq"] <= after_seq:
+                        continue
+                    after_seq = event.data["seq"]
+                yield event.type, event.data
+                if event.type in FINAL_EVENTS:
+                    return
+        else:  # it had ended when read: its final event, rebuilt from the saved row
+            async with app[POOL].acquire() as conn:
+                row = await _owned_message(conn, user_id, message_uuid)
+            yield final_event(row)
+            return
 
 
 async def _history_deltas(app: web.Application, message: db.Message) -> dict[int, str]:
