@@ -32,28 +32,16 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import asyncpg  # noqa: E402
+from rewards import admin, with_database  # noqa: E402 - bench/rewards.py, beside this script
 
 from db import migrate  # noqa: E402
 from db.pool import init_connection  # noqa: E402
 from server.services import mining  # noqa: E402
 from server.services.chain import SealConfig, seal_block, verify_chain  # noqa: E402
-
-
-def with_database(dsn: str, name: str) -> str:
-    return urlunsplit(urlsplit(dsn)._replace(path="/" + name))
-
-
-async def admin(dsn: str, statement: str) -> None:
-    conn = await asyncpg.connect(dsn)
-    try:
-        await conn.execute(statement)
-    finally:
-        await conn.close()
 
 
 async def setup(pool: asyncpg.Pool, miners: int, mobile: int, config: mining.MiningConfig) -> list[tuple]:

@@ -395,15 +395,6 @@ async def add_tokens(conn: asyncpg.Connection, pool_id: int, delta: Decimal) -> 
     return RewardPool(**dict(row)) if row else None
 
 
-async def insert_mining_reward(conn: asyncpg.Connection, *, miner: MinerAccount, height: int, pool_id: int | None,
-                               amount: Decimal) -> int:
-    """Record one miner's reward for a block (once per miner per block: mining_rewards_block_miner_key)."""
-    return await conn.fetchval(
-        """INSERT INTO mining_rewards (miner_wallet, block_id, pool_id, amount, device_type, reward, user_id)
-           VALUES ($1, $2, $3, $4, $5, $4, $6) RETURNING reward_id""",
-        miner.account, height, pool_id, amount, miner.device_type, miner.user_id)
-
-
 async def mining_rewards_by_block(conn: asyncpg.Connection, heights: list[int]) -> dict[int, list[Decimal]]:
     """Recorded reward amounts by block (verification)."""
     rows = await conn.fetch("SELECT block_id, amount FROM mining_rewards WHERE block_id = ANY($1::int[])", heights)

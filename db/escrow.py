@@ -260,13 +260,6 @@ async def refund_unsettled(conn: asyncpg.Connection, buyer_id: uuid.UUID, datapo
                              AND e.settled_at IS NULL)""", buyer_id, datapod_id)
 
 
-async def open_count(conn: asyncpg.Connection, user_id: uuid.UUID) -> int:
-    """Escrows still holding money that the user paid or will be paid (as buyer or seller)."""
-    return await conn.fetchval(
-        """SELECT count(*) FROM escrow_transactions e JOIN purchases p ON p.id = e.purchase_id
-            WHERE e.status IN ('holding', 'disputed') AND (e.seller_id = $1 OR p.buyer_id = $1)""", user_id)
-
-
 # --- verification ------------------------------------------------------------------------------
 
 async def lifecycle_mismatches(conn: asyncpg.Connection, escrow_user_id: uuid.UUID, limit: int) -> list[str]:

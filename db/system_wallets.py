@@ -46,8 +46,3 @@ async def create(conn: asyncpg.Connection, name: str, username: str, public_key:
     await conn.execute("INSERT INTO system_wallets (name, user_id, wrapped_private_key) VALUES ($1, $2, $3)",
                        name, user_id, wrapped_private_key)
     return SystemWallet(name, user_id, address, public_key, wrapped_private_key)
-
-
-async def system_user_ids(conn: asyncpg.Connection) -> dict[str, uuid.UUID]:
-    """Every system wallet's account, by name."""
-    return {row["name"]: row["user_id"] for row in await conn.fetch("SELECT name, user_id FROM system_wallets")}

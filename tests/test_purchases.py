@@ -578,17 +578,6 @@ async def test_escrow_transitions_happen_exactly_once_under_concurrency(hub, db,
     assert relayed_or_pending - before in (0, 2)
 
 
-async def test_escrow_is_released_after_the_window(fast, aiohttp_client, db):
-    hub = await aiohttp_client(create_app(fast.replace(escrow_release_seconds=1)))
-    seller, buyer, seller_id, buyer_id, pod = await people(hub, db)
-    purchase_id = uuid.UUID(await buy(hub, db, buyer, buyer_id, seller_id, pod))
-
-    async def released():
-        return await db.fetchval("SELECT status FROM escrow_transactions WHERE purchase_id = $1",
-                                 purchase_id) == "released"
-    await wait_until(released, timeout=10)
-
-
 # --- durability: crash and resume, racing workers ---------------------------------------------------
 
 class SlowVerifier:

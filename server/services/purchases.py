@@ -281,14 +281,8 @@ class Download:
     expected_hash: str | None
 
     async def write_to(self, write: Callable[[bytes], Any]) -> bool:
-        """Decrypt into `write` (pass two); False, logged, when the blob failed part way."""
-        try:
-            await delivery.decrypt_to(self.stream, self.key, self.nonce, self.aad, self.expected_hash, write)
-        except (delivery.IntegrityError, KeyError, HubError) as exc:
-            log.error("download_aborted", purchase_id=str(self.purchase_id), error=str(exc))
-            return False
-        log.info("purchase_downloaded", purchase_id=str(self.purchase_id), bytes=self.size)
-        return True
+        """Decrypt the whole file into `write` (pass two); False, logged, when the blob failed part way."""
+        return await self.write_range(write, 0, self.size - 1)
 
     async def write_range(self, write: Callable[[bytes], Any], start: int, end: int) -> bool:
         """Decrypt bytes start..end (inclusive) into `write`; False, logged, when the blob failed part way.
