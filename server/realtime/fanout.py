@@ -42,7 +42,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from socketio import packet as sio_packet
 
-from server.core.aio import wait_event
+from server.core import jsonutil
+from server.core.aio import Batcher, wait_event
 from server.realtime.engine import (
     DEFAULT_CLOSE_GRACE_SECONDS,
     SLOW_CONSUMER_REASON,
@@ -274,6 +275,10 @@ class RedisFanoutManager(socketio.AsyncRedisManager, FanoutMixin):
         self.on_resubscribed: Callable[[], Awaitable[None]] | None = None
         self.publish_health = RedisHealth("redis_pubsub")
         self._publisher = connect_redis(url, **publisher_options)
+        # Write-behind: this node's clients already have the emit, so the caller need not wait for
+        # the other nodes' copy. Queued messages go out in order, a batch as one PUBLISH of a JSON
+        # array (`_listen` unpacks it): one command and one reply per batch, not per message.
+        self._outgoing: Batcher[bytes] = Batcher(self._publish_batch, name="pubsub.publish")
         # A connection of its own that blocks reading (no socket timeout; keepalive finds dead peers)
         # and never retries: redis-py would reconnect and resubscribe silently, hiding the hole.
         self._listener = aioredis.Redis.from_url(url, socket_connect_timeout=2.0, socket_keepalive=True,
@@ -289,14 +294,39 @@ class RedisFanoutManager(socketio.AsyncRedisManager, FanoutMixin):
         return await wait_event(self._listening, timeout)
 
     async def _publish(self, data: Any) -> None:
+        # Encoded now, not when the batch leaves: the caller may reuse `data` after the emit.
+        await self._outgoing.send(jsonutil.dumpb(data))
+
+    async def _publish_batch(self, messages: list[bytes]) -> list[None]:
         try:
-            await self._publisher.publish(self.channel, self.json.dumps(data))
+            await self._publisher.publish(self.channel, b"[" + b",".join(messages) + b"]")
         except UNAVAILABLE_ERRORS as exc:
             # This node's clients already got the emit; other nodes learn of the hole from
             # positions and from their own listener's reconnect.
             self.publish_health.record_error(exc, "pubsub.publish")
+        except Exception:
+            log.exception("pubsub_publish_failed", messages=len(messages))
         else:
             self.publish_health.record_ok()
+        return [None] * len(messages)
+
+    async def flush(self) -> None:
+        """Wait until every message queued for the other nodes has been published (or failed)."""
+        await self._outgoing.flush()
+
+    async def _listen(self) -> AsyncIterator[Any]:
+        # python-socketio's loop takes decoded messages as dicts; a batch holds several, in order.
+        channel = self.channel.encode()
+        async for message in self._redis_listen_with_retries():
+            if message["channel"] != channel or message["type"] != "message" or "data" not in message:
+                continue
+            try:
+                decoded = jsonutil.loads(message["data"])
+            except ValueError:
+                log.warning("pubsub_message_undecodable", size=len(message["data"]))
+                continue
+            for item in decoded if isinstance(decoded, list) else (decoded,):
+                yield item
 
     async def _redis_listen_with_retries(self) -> AsyncIterator[Any]:
         reconnecting = False
@@ -328,6 +358,9 @@ class RedisFanoutManager(socketio.AsyncRedisManager, FanoutMixin):
         if listener_task is not None:
             listener_task.cancel()
             await asyncio.gather(listener_task, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(2.0):
+                await self.flush()
         await self._publisher.aclose()
         await self._listener.aclose()
 

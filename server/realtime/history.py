@@ -42,6 +42,7 @@ import redis.asyncio as aioredis
 import structlog
 
 from server.core import jsonutil
+from server.core.aio import Batcher
 from server.core.errors import InvalidPayload
 from server.realtime.redis import BusUnavailable, RedisHealth, redis_text
 
@@ -323,29 +324,50 @@ class MemoryHistory:
 # Each entry records the id before it ("p"), so after trimming the oldest retained entry still
 # tells which event was the newest one dropped: that makes the gap check exact. A meta hash beside
 # the stream holds the channel's position: the last offset ("o") and the epoch ("e"). Atomic, so
-# two nodes appending at once cannot interleave between the increment and the XADD, and offsets
-# follow stream order exactly.
+# two nodes appending at once cannot interleave between reading the position and the XADD, and
+# offsets follow stream order exactly.
 _APPEND_LUA = """
-local offset = redis.call('HINCRBY', KEYS[2], 'o', 1)
-local epoch = redis.call('HGET', KEYS[2], 'e')
-if offset == 1 or not epoch then
-  -- A new sequence of offsets: whatever the stream still holds belongs to a lost epoch.
-  redis.call('DEL', KEYS[1])
-  epoch = ARGV[6]
-  redis.call('HSET', KEYS[2], 'e', epoch)
+-- A batch: KEYS holds (stream, position) per event; ARGV the trim mode, cap, ttl and an epoch for
+-- channels that start a new one, then (type, data) per event. One script call per batch, and each
+-- channel's position is read and written once per batch: Redis spends more on every call than on
+-- the appends themselves.
+local trim, cap, ttl, new_epoch = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local channels, order, out = {}, {}, {}
+for i = 1, #KEYS / 2 do
+  local stream = KEYS[2 * i - 1]
+  local state = channels[stream]
+  if not state then
+    local position = KEYS[2 * i]
+    local meta = redis.call('HMGET', position, 'o', 'e')
+    local offset, epoch = tonumber(meta[1]) or 0, meta[2]
+    if offset == 0 or not epoch then
+      -- A new sequence of offsets: whatever the stream still holds belongs to a lost epoch.
+      redis.call('DEL', stream)
+      epoch = new_epoch
+    end
+    local last = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)
+    state = {position = position, offset = offset, epoch = epoch, prev = last[1] and last[1][1] or ''}
+    channels[stream] = state
+    order[#order + 1] = stream
+  end
+  state.offset = state.offset + 1
+  local type, data = ARGV[2 * i + 3], ARGV[2 * i + 4]
+  local id
+  if trim == '~' then
+    id = redis.call('XADD', stream, 'MAXLEN', '~', cap, '*', 't', type, 'd', data, 'p', state.prev, 'o', state.offset)
+  else
+    id = redis.call('XADD', stream, 'MAXLEN', cap, '*', 't', type, 'd', data, 'p', state.prev, 'o', state.offset)
+  end
+  state.prev = id
+  out[i] = {id, state.offset, state.epoch}
 end
-local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
-local prev = ''
-if last[1] then prev = last[1][1] end
-local id
-if ARGV[1] == '~' then
-  id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 't', ARGV[3], 'd', ARGV[4], 'p', prev, 'o', offset)
-else
-  id = redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[2], '*', 't', ARGV[3], 'd', ARGV[4], 'p', prev, 'o', offset)
+for _, stream in ipairs(order) do
+  local state = channels[stream]
+  redis.call('HSET', state.position, 'o', state.offset, 'e', state.epoch)
+  redis.call('PEXPIRE', stream, ttl)
+  redis.call('PEXPIRE', state.position, ttl)
 end
-redis.call('PEXPIRE', KEYS[1], ARGV[5])
-redis.call('PEXPIRE', KEYS[2], ARGV[5])
-return {id, offset, epoch}
+return out
 """
 
 # One atomic snapshot: oldest id, the id before it, newest id, entries from ARGV[1] on, and the
@@ -384,6 +406,9 @@ class RedisHistory:
         self._trim = "~" if approximate else "="
         self._append = redis.register_script(_APPEND_LUA)
         self._read = redis.register_script(_READ_LUA)
+        # Concurrent publishes share round trips and script calls: one per batch, not one each.
+        self._appends: Batcher[tuple[str, str, bytes]] = Batcher(self._append_batch, name="history.append",
+                                                                 max_batch=500)
 
     def key(self, channel: str) -> str:
         """Redis key of a channel's stream."""
@@ -393,31 +418,43 @@ class RedisHistory:
         """Redis key of a channel's position (last offset and epoch)."""
         return f"{self.prefix}position:{channel}"
 
-    def _append_call(self, channel: str, type: str, raw: bytes, client: Any = None) -> Awaitable[Any]:
-        args = [self._trim, self.cap, type, raw, max(1, int(self.ttl * 1000)), new_epoch()]
-        return self._append(keys=[self.key(channel), self.meta_key(channel)], args=args, client=client)
+    async def _append_batch(self, events: list[tuple[str, str, bytes]]) -> list[Any]:
+        """Store a batch of (channel, type, raw data) with one script call; one reply per event."""
+        keys: list[str] = []
+        args: list[Any] = [self._trim, self.cap, max(1, int(self.ttl * 1000)), new_epoch()]
+        for channel, type, raw in events:
+            keys += (self.key(channel), self.meta_key(channel))
+            args += (type, raw)
+        return await self.health.call("history.append", lambda: self._append(keys=keys, args=args))
+
+    async def _appended(self, events: list[tuple[str, str, bytes]]) -> list[Any]:
+        """Replies for events appended through the batcher, in order; raises the first failure."""
+        futures = [self._appends.submit(event) for event in events]
+        replies: list[Any] = []
+        failure: BaseException | None = None
+        for future in futures:  # every future is awaited, so no failure goes unretrieved
+            try:
+                replies.append(await future)
+            except Exception as exc:  # noqa: BLE001 - the first one is raised below
+                failure = failure or exc
+        if failure is not None:
+            raise failure
+        return replies
 
     async def append(self, channel: str, type: str, data: dict[str, Any]) -> Event:
         """Store an event and return it with its id and position; BusUnavailable if Redis is down."""
         raw, payload = _normalise(data)
-        reply = await self.health.call("history.append", lambda: self._append_call(channel, type, raw))
+        [reply] = await self._appended([(channel, type, raw)])
         return self._stored(channel, type, payload, reply)
 
     async def append_many(self, events: list[tuple[str, str, dict[str, Any]]]) -> list[Event]:
-        """Store (channel, type, data) events in order in one pipelined round trip.
+        """Store (channel, type, data) events in order, batched with any concurrent appends.
 
         Not atomic: if Redis fails midway, some events may be stored; callers retry the batch,
         so delivery is at least once.
         """
         prepared = [(channel, type, *_normalise(data)) for channel, type, data in events]
-
-        async def run() -> list[Any]:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for channel, type, raw, _ in prepared:
-                    await self._append_call(channel, type, raw, client=pipe)
-                return await pipe.execute()
-
-        replies = await self.health.call("history.append_many", run)
+        replies = await self._appended([(channel, type, raw) for channel, type, raw, _ in prepared])
         return [self._stored(channel, type, payload, reply)
                 for reply, (channel, type, _, payload) in zip(replies, prepared)]
 
