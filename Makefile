@@ -28,6 +28,12 @@ $(NODE_DEPS): tests/node/package-lock.json
 	@command -v npm >/dev/null || { echo "Node.js and npm are required for the interop test"; exit 1; }
 	npm ci --prefix tests/node --no-audit --no-fund --loglevel=error
 
+# The load generator and Node server of bench/fanout.py, which the fan-out regression guard runs
+# (tests/test_perf_guard.py).
+BENCH_NODE_DEPS := bench/node/node_modules/.package-lock.json
+$(BENCH_NODE_DEPS): bench/node/package-lock.json
+	npm ci --prefix bench/node --no-audit --no-fund --loglevel=error
+
 # Debian's chromium for the browser tests (Playwright's own browser download does not work here).
 CHROMIUM := /usr/bin/chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -43,8 +49,8 @@ run: $(RUN_STAMP)
 check: $(RUN_STAMP)
 	$(BIN)/sourcenet-hub check
 
-test: $(STAMP) $(NODE_DEPS) $(CHROMIUM)
+test: $(STAMP) $(NODE_DEPS) $(BENCH_NODE_DEPS) $(CHROMIUM)
 	$(BIN)/python -m pytest
 
 clean:
-	rm -rf $(VENV) .data tests/node/node_modules
+	rm -rf $(VENV) .data tests/node/node_modules bench/node/node_modules
