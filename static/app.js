@@ -1,15 +1,48 @@
 // The dashboard: sign-in, then one tab per namespace, all live through hub.js.
 import { api, Hub, HubError, session, sessionEvents } from "./hub.js";
+import { addressOf, BackupError, createBackup, generateWalletKey, openBackup, parseBackup } from "./wallet-backup.js";
 
 const $ = (selector) => document.querySelector(selector);
 const hub = new Hub({ onState: showConnectionState });
 window.hub = hub; // a handle for the browser tests and for debugging from the console
 let me = null;
 
+// An outage shows a banner (not only the badge) until the hub is back; then a short "reconnected"
+// and the page re-reads what failed meanwhile, so no stale "Failed to fetch" stays on screen.
+const connection = { down: false, timer: null };
+
+function showBanner(kind, text) {
+  const banner = $("#offline-banner");
+  clearTimeout(connection.timer);
+  banner.dataset.kind = kind;
+  banner.textContent = text;
+  banner.hidden = false;
+  if (kind === "online") connection.timer = setTimeout(() => { banner.hidden = true; }, 5000);
+}
+
 function showConnectionState(state) {
   const badge = $("#connection");
   badge.dataset.state = state;
   badge.textContent = state;
+  if (state === "reconnecting" && me) {
+    connection.down = true;
+    showBanner("offline", "Connection lost: reconnecting… Live updates resume by themselves, with what was missed.");
+  } else if ((state === "recovered" || state === "connected") && connection.down) {
+    connection.down = false;
+    showBanner("online", "Reconnected: live updates are back, and what was missed has been caught up.");
+    retryFailed();
+  }
+}
+
+window.addEventListener("offline", () => showBanner("offline", "You are offline: the page reconnects when the network is back."));
+window.addEventListener("online", () => { if (!connection.down) showBanner("online", "Back online."); retryFailed(); });
+
+/** Re-run what failed while the hub was unreachable: its error goes once it succeeds. */
+function retryFailed() {
+  if ($("#market-error").textContent) loadDatapods().catch(() => {});
+  if (me && $("#wallet-error").textContent) {
+    loadWallet().then(() => { $("#wallet-error").textContent = ""; }, () => {});
+  }
 }
 
 function element(tag, attributes = {}, ...children) {
@@ -85,20 +118,84 @@ sessionEvents.addEventListener("token", () => { if (!me && !starting) start(); }
 
 // --- tabs ---------------------------------------------------------------------------------
 
-for (const button of document.querySelectorAll("nav button")) {
-  button.addEventListener("click", () => {
-    for (const other of document.querySelectorAll("nav button")) other.setAttribute("aria-selected", String(other === button));
-    for (const tab of document.querySelectorAll(".tab")) tab.hidden = tab.id !== `tab-${button.dataset.tab}`;
-  });
+// The WAI-ARIA tabs pattern: one tab in the Tab order, arrow keys (and Home/End) move between
+// them and open the view. Every view has a URL (#/<view>, #/datapods/<id>): links, back and reload.
+
+const VIEWS = ["marketplace", "purchases", "assistant", "games", "chain", "dao"];
+const VIEW_NAMES = { marketplace: "Marketplace", purchases: "Purchases", assistant: "Assistant", games: "Games",
+  chain: "Chain", dao: "DAO" };
+const tabButtons = () => [...document.querySelectorAll('nav [role="tab"]')].filter((tab) => !tab.hidden);
+
+function showTab(name) {
+  for (const tab of document.querySelectorAll('nav [role="tab"]')) {
+    const selected = tab.dataset.tab === name;
+    tab.setAttribute("aria-selected", String(selected));
+    tab.tabIndex = selected ? 0 : -1;
+  }
+  for (const panel of document.querySelectorAll(".tab")) panel.hidden = panel.id !== `tab-${name}`;
 }
+
+/** Go to a view: a new history entry (a click), or in place of the current one (arrow keys). */
+function openTab(name, { replace = false } = {}) {
+  const hash = `#/${name}`;
+  if (location.hash === hash) route();
+  else if (replace) location.replace(hash);
+  else location.hash = hash;
+}
+
+for (const button of document.querySelectorAll('nav [role="tab"]')) {
+  button.addEventListener("click", () => openTab(button.dataset.tab));
+}
+$("nav").addEventListener("keydown", (event) => {
+  const tabs = tabButtons();
+  const index = tabs.indexOf(document.activeElement);
+  if (index < 0) return;
+  const next = { ArrowRight: index + 1, ArrowLeft: index - 1, Home: 0, End: tabs.length - 1 }[event.key];
+  if (next === undefined) return;
+  event.preventDefault();
+  const tab = tabs[(next + tabs.length) % tabs.length];
+  tab.focus();
+  openTab(tab.dataset.tab, { replace: true });
+});
 
 // --- marketplace --------------------------------------------------------------------------
 
+/** A money string without its padding: "1.500000000" is "1.5", "2.000000000" is "2". */
+function formatAmount(amount) {
+  if (amount === undefined || amount === null) return "?";
+  const text = String(amount);
+  return text.includes(".") ? text.replace(/0+$/, "").replace(/\.$/, "") : text;
+}
+
+function formatSize(bytes) {
+  if (bytes === undefined || bytes === null) return null;
+  const units = ["bytes", "kB", "MB", "GB", "TB"];
+  let value = Number(bytes);
+  let unit = 0;
+  while (value >= 1000 && unit < units.length - 1) { value /= 1000; unit += 1; }
+  return unit ? `${value.toFixed(value < 10 ? 1 : 0)} ${units[unit]}` : `${value} bytes`;
+}
+
+const formatDate = (iso) => (iso ? new Date(iso).toLocaleDateString(undefined, { year: "numeric", month: "short", day: "numeric" }) : null);
+const datapodHref = (id) => `#/datapods/${id}`;
+
+function cardRating(pod) {
+  const rating = Number(pod.average_rating ?? 0);
+  return rating > 0 ? `★ ${rating.toFixed(1)}` : "No ratings yet";
+}
+
 function datapodCard(pod) {
+  const seller = pod.seller?.name || pod.seller?.username;
+  const facts = [
+    pod.category, seller ? `by ${seller}` : null, cardRating(pod), pod.row_count != null ? `${pod.row_count} rows` : null,
+    formatSize(pod.file_size), `sold ${pod.purchase_count ?? 0}`,
+  ].filter(Boolean);
   const card = element("li", { dataset: { datapodId: pod.id } },
-    element("h4", {}, element("a", { href: `#datapod/${pod.id}` }, pod.title ?? pod.id)),
+    element("h4", {}, element("a", { href: datapodHref(pod.id) }, pod.title ?? pod.id)),
+    element("p", { class: "price" }, `${formatAmount(pod.price_sui)} SUI`),
     element("p", {}, pod.description ?? ""),
-    element("p", { class: "meta" }, `${pod.category ?? ""} · ${pod.price_sui ?? "?"} SUI · sold ${pod.purchase_count ?? 0}`));
+    element("p", { class: "meta" }, facts.join(" · "),
+      pod.created_at ? element("span", {}, " · ", element("time", { datetime: pod.created_at }, formatDate(pod.created_at))) : null));
   card.append(...buyControls(pod));
   return card;
 }
@@ -122,24 +219,93 @@ function buyControls(pod) {
   return [buy, error];
 }
 
-async function loadDatapods(form = $("#market-search")) {
+const MARKET_PAGE = 20;
+const market = { cursor: null, total: null, request: 0 };
+
+/** The search form as the API's query parameters (docs/protocol.md, search_datapods). */
+function marketFilters(form = $("#market-search")) {
   const params = new URLSearchParams();
-  for (const [name, value] of new FormData(form)) if (value) params.set(name, value);
+  for (const [name, value] of new FormData(form)) {
+    if (!value || name === "sort") continue;
+    params.set(name, String(value).trim());
+  }
+  return params;
+}
+
+function showCategories(facets) {
+  const select = $("#market-search").elements.category;
+  const chosen = select.value;
+  const options = (facets?.categories ?? []).filter((entry) => entry.category)
+    .map((entry) => element("option", { value: entry.category }, `${entry.category} (${entry.count})`));
+  if (chosen && !options.some((option) => option.value === chosen)) options.push(element("option", { value: chosen }, chosen));
+  select.replaceChildren(element("option", { value: "" }, "All categories"), ...options);
+  select.value = chosen;
+}
+
+function showMarketCount() {
+  const shown = $("#datapods").children.length;
+  const total = market.total ?? shown;
+  $("#market-count").textContent = total === 0 ? "No DataPods found."
+    : `${total} DataPod${total === 1 ? "" : "s"}${shown < total ? ` · showing ${shown}` : ""}`;
+  $("#market-empty").hidden = shown > 0;
+  $("#market-more").hidden = !market.cursor;
+}
+
+/** The first page of the search (or the next one, `more`), with the result count and the categories. */
+async function loadDatapods({ more = false } = {}) {
+  const form = $("#market-search");
+  const filters = marketFilters(form);
+  const params = new URLSearchParams(filters);
+  const [sort, order] = form.elements.sort.value.split(":");
+  params.set("sort", sort);
+  if (order) params.set("order", order);
+  params.set("limit", String(MARKET_PAGE));
+  if (more && market.cursor) params.set("cursor", market.cursor);
+  const withoutCategory = new URLSearchParams(filters);
+  withoutCategory.delete("category");
+  const request = ++market.request; // a slow answer to an older search must not overwrite a newer one
   const list = $("#datapods");
   try {
-    const page = await api("GET", `/api/v1/datapods?${params}`);
-    list.replaceChildren(...(page.items ?? page.datapods ?? []).map((pod) => {
-      const card = datapodCard(pod);
-      card.dataset.key = pod.id;
-      card.pod = pod; // live updates (a sale, an edit) merge into what the list showed
-      return card;
-    }));
+    const [page, counted, categories] = await Promise.all([
+      api("GET", `/api/v1/datapods?${params}`),
+      more ? null : api("GET", `/api/v1/datapods/facets?${filters}`),
+      more ? null : api("GET", `/api/v1/datapods/facets?${withoutCategory}`).catch(() => null),
+    ]);
+    if (request !== market.request) return;
+    $("#market-error").textContent = "";
+    const cards = (page.items ?? []).filter((pod) => !more || !list.querySelector(`[data-key="${CSS.escape(pod.id)}"]`))
+      .map((pod) => {
+        const card = datapodCard(pod);
+        card.dataset.key = pod.id;
+        card.pod = pod; // live updates (a sale, an edit) merge into what the list showed
+        return card;
+      });
+    if (more) list.append(...cards);
+    else list.replaceChildren(...cards);
+    market.cursor = page.next_cursor ?? null;
+    if (counted) market.total = counted.total;
+    if (categories) showCategories(categories);
+    showMarketCount();
+    if (page.fuzzy && list.children.length) $("#market-count").textContent += " · showing titles close to your search";
   } catch (error) {
-    list.replaceChildren(element("li", { class: "error" }, `Could not load datapods: ${error.message}`));
+    if (request !== market.request) return;
+    $("#market-error").textContent = `Could not load datapods: ${error.message}`;
   }
 }
 
-$("#market-search").addEventListener("submit", (event) => { event.preventDefault(); loadDatapods(event.target); });
+$("#market-search").addEventListener("submit", (event) => { event.preventDefault(); loadDatapods(); });
+$("#market-search").elements.sort.addEventListener("change", () => loadDatapods());
+$("#market-search").elements.category.addEventListener("change", () => loadDatapods());
+$("#market-reset").addEventListener("click", () => { $("#market-search").reset(); loadDatapods(); });
+$("#market-more").addEventListener("click", async () => {
+  const button = $("#market-more");
+  button.disabled = true;
+  try {
+    await loadDatapods({ more: true });
+  } finally {
+    button.disabled = false;
+  }
+});
 
 /** Merge one `market` event into the list: a publication adds a card, an unpublication removes one. */
 function applyMarketEvent(event) {
@@ -147,7 +313,11 @@ function applyMarketEvent(event) {
   const id = data.id ?? data.datapod_id;
   const existing = $("#datapods").querySelector(`[data-key="${CSS.escape(id)}"]`);
   if (event.type === "datapod_unpublished") {
-    existing?.remove();
+    if (existing) {
+      existing.remove();
+      if (market.total) market.total -= 1;
+      showMarketCount();
+    }
     return;
   }
   // Only a publication adds a card: a sale or a review of a pod the list does not show stays out.
@@ -156,6 +326,10 @@ function applyMarketEvent(event) {
   const merged = { ...(existing?.pod ?? {}), ...changes, id };
   const card = upsert($("#datapods"), id, datapodCard(merged), { prepend: !existing });
   card.pod = merged;
+  if (!existing) {
+    market.total = (market.total ?? 0) + 1;
+    showMarketCount();
+  }
 }
 
 async function watchMarket() {
@@ -178,10 +352,11 @@ async function watchMarket() {
 }
 
 // --- the DataPod page ---------------------------------------------------------------------
-// A hash route (#datapod/<id>) inside the Marketplace tab, so a reload or a shared link reopens it.
-// While it is open the page watches `datapod:<id>`: the server counts it as a viewer until it leaves.
+// A hash route (#/datapods/<id>; the older #datapod/<id> still opens) inside the Marketplace tab, so
+// a reload or a shared link reopens it. While it is open a signed-in page watches `datapod:<id>`:
+// the server counts it as a viewer until it leaves. Signed out, the page reads it over REST only.
 
-const DATAPOD_ROUTE = /^#datapod\/([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})$/i;
+const DATAPOD_ROUTE = /^#(?:\/datapods\/|datapod\/)([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})$/i;
 const REVIEW_PAGE = 10;
 const detail = { id: null, pod: null, pending: [], nextCursor: null, purchase: null };
 
@@ -199,7 +374,7 @@ function showPod(pod) {
   $("#datapod-title").textContent = pod.title ?? pod.id;
   $("#datapod-description").textContent = pod.description ?? "";
   $("#datapod-category").textContent = pod.category ?? "–";
-  $("#datapod-price").textContent = `${pod.price_sui} SUI`;
+  $("#datapod-price").textContent = `${formatAmount(pod.price_sui)} SUI`;
   $("#datapod-seller").textContent = pod.seller?.username ?? pod.seller?.name ?? "unknown";
   $("#datapod-rating").textContent = ratingText(pod);
   $("#datapod-sold").textContent = String(pod.purchase_count ?? 0);
@@ -307,12 +482,13 @@ async function showSimilar(id) {
   if (detail.id !== id) return;
   $("#similar").replaceChildren(...(items.length
     ? items.map((pod) => element("li", { dataset: { key: pod.id } },
-      element("a", { href: `#datapod/${pod.id}` }, pod.title ?? pod.id), ` · ${pod.category ?? ""} · ${pod.price_sui} SUI`))
+      element("a", { href: datapodHref(pod.id) }, pod.title ?? pod.id), ` · ${pod.category ?? ""} · ${formatAmount(pod.price_sui)} SUI`))
     : [element("li", {}, "Nothing similar yet.")]));
 }
 
 async function loadDatapod(id) {
   const [pod, reviews] = await Promise.all([api("GET", `/api/v1/datapods/${id}`), fetchReviews(id)]);
+  pod.row_count ??= pod.schema?.row_count;
   if (detail.id !== id) return;
   showPod(pod);
   showDataset(pod);
@@ -342,10 +518,18 @@ async function openDatapod(id) {
   closeDatapod();
   Object.assign(detail, { id, pod: null, pending: [], nextCursor: null, purchase: null });
   clearDatapodView();
-  openTab("marketplace");
+  showTab("marketplace");
   $("#market-list").hidden = true;
   $("#datapod-view").hidden = false;
   $("#datapod-back").focus();
+  if (!me) { // signed out: no socket (the page opens none for anonymous visitors), no purchases
+    await loadDatapod(id).catch((error) => {
+      if (detail.id !== id) return;
+      $("#datapod-title").textContent = "DataPod";
+      $("#datapod-error").textContent = `Could not load this DataPod: ${error.message}`;
+    });
+    return;
+  }
   // Subscribed before the pod is read, so nothing that changes it meanwhile is missed.
   const subscription = hub.subscribe("/marketplace", `datapod:${id}`, {
     onPresence(count) { if (detail.id === id) $("#datapod-viewers").textContent = `${count} viewing`; },
@@ -379,18 +563,28 @@ function closeDatapod() {
   $("#market-list").hidden = false;
   // Leaving stops this page counting as a viewer, for everyone else on the page. Not awaited: a
   // socket sends its commands in order, so a page reopened at once subscribes after this leaves.
-  hub.unsubscribe("/marketplace", `datapod:${id}`).catch(() => {});
+  if (me) hub.unsubscribe("/marketplace", `datapod:${id}`).catch(() => {});
 }
 
-/** Show what the address names: a DataPod page (#datapod/<id>) or the list. */
+/** Show what the address names: a DataPod page (#/datapods/<id>), a view (#/<view>), else the marketplace. */
 async function route() {
   const match = DATAPOD_ROUTE.exec(location.hash);
-  if (match) await openDatapod(match[1].toLowerCase());
-  else closeDatapod();
+  if (match) {
+    await openDatapod(match[1].toLowerCase());
+    return;
+  }
+  closeDatapod();
+  const view = /^#\/([a-z]+)$/.exec(location.hash)?.[1];
+  const known = VIEWS.includes(view);
+  // Signed out, a private view's link shows the marketplace and the sign-in form says why;
+  // signing in then opens the view the link named.
+  $("#sign-in-notice").textContent = !me && known && view !== "marketplace"
+    ? `Sign in to open ${VIEW_NAMES[view]}.` : $("#sign-in-notice").dataset.reason ?? "";
+  showTab(known && (me || view === "marketplace") ? view : "marketplace");
 }
 
-window.addEventListener("hashchange", () => { if (me) route(); });
-$("#datapod-back").addEventListener("click", () => { location.hash = ""; });
+window.addEventListener("hashchange", () => { if (!starting) route(); });
+$("#datapod-back").addEventListener("click", () => { location.hash = "#/marketplace"; });
 $("#reviews-more").addEventListener("click", async () => {
   const id = detail.id;
   const button = $("#reviews-more");
@@ -430,11 +624,15 @@ $("#review-form").addEventListener("submit", async (event) => {
 });
 
 // --- wallet -------------------------------------------------------------------------------
-// The wallet key is an Ed25519 key made by WebCrypto and kept, not extractable, in this browser's
-// IndexedDB (one per account); the hub only ever sees the public key and signatures.
+// The wallet key is an Ed25519 key made by WebCrypto and kept in this browser's IndexedDB (one per
+// account); the hub only ever sees the public key and signatures. It travels as a backup file
+// encrypted under a passphrase (wallet-backup.js), opened in the other browser. The demo users'
+// keys are public like their password: static/demo-wallets/<username>.json, passphrase DEMO_PASSPHRASE.
 
-const wallet = { address: null, key: null };
+const wallet = { address: null, key: null, demo: null };
 const hex = (bytes) => [...new Uint8Array(bytes)].map((b) => b.toString(16).padStart(2, "0")).join("");
+const DEMO_USERS = ["alice", "bob", "carol"];
+const DEMO_PASSPHRASE = "demo-password";
 
 function keyStore(mode, action) {
   return new Promise((resolve, reject) => {
@@ -449,17 +647,37 @@ function keyStore(mode, action) {
   });
 }
 
+/** The demo user's backup file when the signed-in account is a demo user whose registered wallet it is. */
+async function demoBackup() {
+  if (!DEMO_USERS.includes(me.username) || !wallet.address) return null;
+  const response = await fetch(`/demo-wallets/${me.username}.json`).catch(() => null);
+  if (!response?.ok) return null;
+  const backup = parseBackup(await response.text());
+  return backup.address === wallet.address ? backup : null;
+}
+
 async function showWallet() {
+  const usable = Boolean(wallet.address && wallet.key);
   $("#wallet-address").textContent = wallet.address ?? "none yet";
-  $("#wallet-create").hidden = Boolean(wallet.address && wallet.key);
+  $("#wallet-create").hidden = Boolean(wallet.address);
+  $("#wallet-backup").hidden = !usable;
+  $("#wallet-demo").hidden = usable || !wallet.demo;
+  $("#wallet").dataset.keyHere = String(usable);
+  $("#wallet-key-state").textContent = !wallet.address ? "No wallet yet: create one here, or restore one from a backup file."
+    : usable ? "This browser holds your wallet key: it can pay."
+    : wallet.demo ? "This demo account's wallet key is not in this browser yet: use the demo wallet, or restore a backup file."
+    : "Your wallet key is not in this browser: restore it from your backup file to pay from here.";
   if (!wallet.address) return;
   const summary = await api("GET", `/api/v1/wallets/${wallet.address}`);
   $("#wallet-balance").textContent = summary.available;
 }
 
 async function loadWallet() {
-  wallet.key = (await keyStore("readonly", (store) => store.get(me.id))) ?? null;
+  const stored = (await keyStore("readonly", (store) => store.get(me.id))) ?? null;
   wallet.address = (await api("GET", "/api/v1/me/wallet")).address;
+  // A key kept for another wallet than the account's (an older one, a mix-up) cannot pay for it.
+  wallet.key = stored && (!wallet.address || (await addressOf(stored.publicKey)) === wallet.address) ? stored : null;
+  wallet.demo = wallet.key ? null : await demoBackup().catch(() => null);
   await showWallet();
 }
 
@@ -467,17 +685,47 @@ async function loadWallet() {
 async function ensureWallet() {
   if (wallet.address && wallet.key) return wallet;
   if (wallet.address && !wallet.key) {
-    throw new Error("Your wallet was created in another browser: its key is not here, so this browser cannot pay.");
+    throw new Error(wallet.demo
+      ? "This demo account's wallet key is not in this browser yet: choose \"Use the demo wallet\" in the Purchases tab."
+      : "Your wallet key is not in this browser: restore it from your backup file in the Purchases tab to pay from here.");
   }
   // Kept before it is registered: a key the hub knows must never be lost by this page.
   if (!wallet.key) {
-    const pair = await crypto.subtle.generateKey({ name: "Ed25519" }, false, ["sign", "verify"]);
-    wallet.key = { privateKey: pair.privateKey, publicKey: hex(await crypto.subtle.exportKey("raw", pair.publicKey)) };
+    wallet.key = await generateWalletKey();
     await keyStore("readwrite", (store) => store.put(wallet.key, me.id));
   }
   wallet.address = (await api("PUT", "/api/v1/me/wallet", { public_key: wallet.key.publicKey })).address;
   await showWallet();
   return wallet;
+}
+
+/**
+ * Take a key from a backup: it must be this account's registered wallet (or, for an account with
+ * none yet, it becomes it). Kept in this browser only once it is known to fit.
+ */
+async function restoreWallet(backup, passphrase) {
+  const current = (await api("GET", "/api/v1/me/wallet")).address;
+  if (current && backup.address !== current) {
+    throw new BackupError(`This backup is for the wallet ${backup.address}, not for this account's wallet ${current}.`);
+  }
+  const key = await openBackup(backup, passphrase);
+  if (current && key.address !== current) throw new BackupError("This backup's key is not this account's wallet key.");
+  const stored = { privateKey: key.privateKey, publicKey: key.publicKey };
+  await keyStore("readwrite", (store) => store.put(stored, me.id));
+  wallet.key = stored;
+  wallet.demo = null;
+  if (!current) wallet.address = (await api("PUT", "/api/v1/me/wallet", { public_key: key.publicKey })).address;
+  else wallet.address = current;
+  await showWallet();
+}
+
+function saveFile(name, text) {
+  const url = URL.createObjectURL(new Blob([text], { type: "application/json" }));
+  const anchor = element("a", { href: url, download: name });
+  document.body.append(anchor);
+  anchor.click();
+  anchor.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 10_000);
 }
 
 /** A decimal amount in KVP base units (1e-8), exactly (money never goes through floats); digits past the 8th dropped. */
@@ -501,15 +749,47 @@ async function transfer(receiver, amount) {
   return api("POST", "/api/v1/transactions", { sender: wallet.address, receiver, amount, nonce, signature });
 }
 
-async function walletAction(action) {
+async function walletAction(action, busy) {
   $("#wallet-error").textContent = "";
   $("#wallet-message").textContent = "";
+  if (busy) busy.disabled = true;
   try {
     await action();
   } catch (error) {
     $("#wallet-error").textContent = error.message;
+  } finally {
+    if (busy) busy.disabled = false;
   }
 }
+
+$("#wallet-export-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  const form = event.target;
+  walletAction(async () => {
+    if (form.passphrase.value !== form.repeat.value) throw new Error("The two passphrases differ.");
+    if (!wallet.key) throw new Error("This browser does not hold the wallet key: there is nothing to back up here.");
+    saveFile(`sourcenet-wallet-${wallet.address}.json`, await createBackup(wallet.key, form.passphrase.value));
+    form.reset();
+    $("#wallet-message").textContent = "Backup file saved. Keep it and its passphrase apart and safe: " +
+      "whoever has both can spend from this wallet, and without them the key cannot be recovered.";
+  }, form.querySelector("button"));
+});
+$("#wallet-import-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  const form = event.target;
+  walletAction(async () => {
+    const [file] = form.file.files;
+    if (!file) throw new Error("Choose the backup file first.");
+    await restoreWallet(parseBackup(await file.text()), form.passphrase.value);
+    form.reset();
+    $("#wallet-message").textContent = "Wallet restored: this browser can pay from it now.";
+  }, form.querySelector("button"));
+});
+$("#wallet-demo").addEventListener("click", (event) => walletAction(async () => {
+  if (!wallet.demo) throw new Error("This account has no demo wallet.");
+  await restoreWallet(wallet.demo, DEMO_PASSPHRASE);
+  $("#wallet-message").textContent = "Demo wallet ready: this browser can pay from it now.";
+}, event.currentTarget));
 
 $("#wallet-create").addEventListener("click", () => walletAction(async () => {
   await ensureWallet();
@@ -530,10 +810,6 @@ const STEP_LABELS = {
   failed: "failed", refunded: "refunded",
 };
 const purchases = new Map(); // purchase id -> what is known of it, with the steps seen so far
-
-function openTab(name) {
-  document.querySelector(`nav button[data-tab="${name}"]`).click();
-}
 
 /** Ask before spending: what is paid, in which currency, and where the money waits until delivery. */
 function confirmPurchase(pod, amount, escrow) {
@@ -953,13 +1229,22 @@ async function start() {
   }
   const signedOut = sessionStorage.getItem(SIGNED_OUT_KEY);
   sessionStorage.removeItem(SIGNED_OUT_KEY);
-  $("#sign-in-notice").textContent = !me && signedOut ? SIGNED_OUT_TEXT[signedOut] ?? SIGNED_OUT_TEXT.revoked : "";
-  if (!me) showConnectionState("signed out");
+  const notice = $("#sign-in-notice");
+  notice.dataset.reason = !me && signedOut ? SIGNED_OUT_TEXT[signedOut] ?? SIGNED_OUT_TEXT.revoked : "";
+  notice.textContent = notice.dataset.reason;
   $("#sign-in").hidden = Boolean(me);
-  $("#dashboard").hidden = !me;
   $("#sign-out").hidden = !me;
-  if (!me) return;
+  document.body.dataset.signedIn = String(Boolean(me));
+  $("#dashboard").hidden = false;
+  for (const tab of document.querySelectorAll("nav [data-private]")) tab.hidden = !me;
+  if (!me) {
+    // Anyone may browse: the marketplace over REST, with no socket until someone signs in.
+    showConnectionState("signed out");
+    await Promise.all([route(), loadDatapods()]);
+    return;
+  }
   $("#whoami").textContent = me.username;
+  detail.id = null; // a DataPod page opened signed out: opened again, now live and with its Buy button
   hub.reauthenticate();
   await Promise.all([route(), watchMarket(), watchPurchases(), watchChain(), watchAssistant(), watchGames(), watchDao()]);
 }

@@ -403,11 +403,11 @@ async def test_datapod_page_shows_the_dataset_and_counts_viewers_live(client, pa
 
     view = page.locator("#datapod-view")
     await expect(view.get_by_role("heading", name="City weather", level=2)).to_be_visible()
-    assert page.url.endswith(f"#datapod/{pod['id']}")
+    assert page.url.endswith(f"#/datapods/{pod['id']}")
     await expect(page.locator("#market-list")).to_be_hidden()
     await expect(page.locator("#datapod-description")).to_have_text("Daily weather for two cities")
     await expect(page.locator("#datapod-category")).to_have_text("climate")
-    await expect(page.locator("#datapod-price")).to_have_text("1.500000000 SUI")
+    await expect(page.locator("#datapod-price")).to_have_text("1.5 SUI")
     await expect(page.locator("#datapod-seller")).to_have_text(seller["user"]["username"])
     await expect(page.locator("#datapod-rating")).to_have_text("No reviews yet")
     await expect(page.locator("#datapod-sold")).to_have_text("0")
@@ -456,7 +456,7 @@ async def test_datapod_page_suggests_more_like_this(client, page):
     await expect(similar).to_have_count(1)
     await similar.get_by_role("link", name="Monthly city weather").click()
     await expect(page.get_by_role("heading", name="Monthly city weather", level=2)).to_be_visible()
-    assert page.url.endswith(f"#datapod/{other['id']}")
+    assert page.url.endswith(f"#/datapods/{other['id']}")
     await expect(page.locator("#similar li").first).to_contain_text("City weather")
 
 
@@ -492,7 +492,7 @@ async def test_sales_and_reviews_arrive_live_on_an_open_datapod_page(aiohttp_cli
     from tests.test_marketplace import auth
     response = await client.patch(f"/api/v1/datapods/{pod['id']}", json={"price_sui": "2.25"}, headers=auth(seller))
     assert response.status == 200
-    await expect(page.locator("#datapod-price")).to_have_text("2.250000000 SUI", timeout=10_000)
+    await expect(page.locator("#datapod-price")).to_have_text("2.25 SUI", timeout=10_000)
 
 
 async def signed_in_buyer(page, base_url: str, db) -> dict:
@@ -716,7 +716,8 @@ SIGNED_OUT_ELSEWHERE = "You were signed out: this account signed out in another 
 async def shows_signed_out(page, notice: str) -> None:
     """The sign-in form with a notice, no error, and no socket left to reconnect."""
     await expect(page.locator("#sign-in")).to_be_visible()
-    await expect(page.locator("#dashboard")).to_be_hidden()
+    await expect(page.locator("#whoami")).to_be_empty()
+    await expect(page.get_by_role("tab", name="Purchases")).to_be_hidden()  # signed out: the marketplace only
     await expect(page.locator("#sign-in-notice")).to_have_text(notice)
     await expect(page.locator("#sign-in-error")).to_be_empty()
     await expect(page.locator("#connection")).to_have_text("signed out")

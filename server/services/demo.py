@@ -36,7 +36,7 @@ DEMO_USERS = (
 
 
 def demo_wallet(username: str) -> Wallet:
-    """A demo seller's wallet: its key derived from the name, so as public as DEMO_PASSWORD (demo only)."""
+    """A demo user's wallet: its key derived from the name, so as public as DEMO_PASSWORD (demo only)."""
     seed = hashlib.sha256(f"sourcenet-demo-wallet:{username}".encode()).digest()
     return Wallet(Ed25519PrivateKey.from_private_bytes(seed))
 
@@ -100,10 +100,12 @@ async def _load(conn: asyncpg.Connection, settings: Settings, master_key: bytes,
             users[username] = await user_queries.create_user(
                 conn, username=username, email=f"{username}@demo.sourcenet.local",
                 password_hash=password_hash, name=name)
-            if role == "seller":  # publishing for sale needs an Approved KYC; buyers pay to a wallet
+            if role == "seller":  # publishing for sale needs an Approved KYC
                 await kyc_queries.set_user_status(conn, users[username].id, kyc_queries.APPROVED)
-                wallet = demo_wallet(username)
-                await chain_queries.set_wallet(conn, users[username].id, wallet.public_key, wallet.address)
+            # Every demo user's wallet, so each can pay (and be paid) from any browser: the page imports
+            # its key from static/demo-wallets/<username>.json (encrypted with DEMO_PASSWORD).
+            wallet = demo_wallet(username)
+            await chain_queries.set_wallet(conn, users[username].id, wallet.public_key, wallet.address)
         for dataset in demo_datasets():
             pod_id = uuid.uuid5(uuid.NAMESPACE_URL, f"sourcenet-demo:{dataset['title']}")
             # Sealed exactly as seller uploads are (server/services/datasets.py): same profile, same encryption.
