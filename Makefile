@@ -50,7 +50,8 @@ check: $(RUN_STAMP)
 	$(BIN)/sourcenet-hub check
 
 test: $(STAMP) $(NODE_DEPS) $(BENCH_NODE_DEPS) $(CHROMIUM)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $${TEST_WORKERS:-3} --dist worksteal -m "not serial"; status=$$?; \
+	$(BIN)/python -m pytest -m serial || status=1; exit $$status
 
 clean:
 	rm -rf $(VENV) .data tests/node/node_modules bench/node/node_modules

