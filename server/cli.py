@@ -1,4 +1,4 @@
-"""The `sourcenet-hub` command: serve, migrate, demo-data, check, create-admin, chain verify, rotate-master-key."""
+"""The `sourcenet-hub` command: serve, cluster, migrate, demo-data, check, create-admin, chain, rotate-master-key."""
 
 from __future__ import annotations
 
@@ -53,6 +53,18 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
                 shutdown_timeout=settings.shutdown_timeout * SHUTDOWN_STEP_SHARE, access_log=None)
     log.info("stopped")
     return 0
+
+
+def cmd_cluster(settings: Settings, args: argparse.Namespace) -> int:
+    """Run HAProxy in front of N supervised `serve` processes (and what they share) until SIGINT/SIGTERM."""
+    from server import cluster
+
+    try:
+        return asyncio.run(cluster.run(settings, args.processes, port=args.port or settings.port,
+                                       host=args.host or settings.host, demo_data=not args.no_demo_data))
+    except RuntimeError as exc:
+        print(f"cluster: {exc}", file=sys.stderr)
+        return 1
 
 
 def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
@@ -215,6 +227,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
     serve.add_argument("--no-demo-data", action="store_true", help="do not load demo data on first start")
+    cluster = sub.add_parser("cluster", help="run N hub processes behind HAProxy on this machine (deploy/haproxy.cfg)")
+    cluster.add_argument("--processes", type=int, default=2, help="how many hub processes (default 2)")
+    cluster.add_argument("--host", help="HAProxy's address (default HOST)")
+    cluster.add_argument("--port", type=int, help="HAProxy's port (default PORT); the hubs take free loopback ports")
+    cluster.add_argument("--no-demo-data", action="store_true", help="do not load demo data")
     migrate = sub.add_parser("migrate", help="upgrade the database to the latest schema")
     migrate.add_argument("--down", metavar="REVISION", help="downgrade to REVISION (e.g. base) instead")
     sub.add_parser("demo-data", help="load a realistic demo data set")
@@ -234,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = {"serve": cmd_serve, "migrate": cmd_migrate, "demo-data": cmd_demo_data,
+COMMANDS = {"serve": cmd_serve, "cluster": cmd_cluster, "migrate": cmd_migrate, "demo-data": cmd_demo_data,
             "check": cmd_check, "create-admin": cmd_create_admin, "chain": cmd_chain,
             "rotate-master-key": cmd_rotate_master_key}
 

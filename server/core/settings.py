@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import re
 import urllib.parse
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -160,6 +161,9 @@ class Settings:
     outbox_poll_interval: float = 1.0
     log_format: str = "console"
     # KVP chain. The producer is off unless turned on (tests); `from_env` turns it on for serve.
+    # Prefixes this process's Engine.IO session ids (`hub1.` + id), so a load balancer can send a
+    # long-polling client's requests back to the process that holds its session (deploy/haproxy.cfg).
+    node_name: str = ""
     block_producer: bool = False
     block_interval_seconds: float = 30.0
     pow_difficulty: int = 12
@@ -222,6 +226,9 @@ class Settings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
+        if self.node_name and not re.fullmatch(r"[A-Za-z0-9_-]{1,32}", self.node_name):
+            # The dot ends the prefix in Engine.IO session ids; HAProxy matches `hub1.` to route.
+            raise ValueError(f"HUB_NODE_NAME must be 1-32 letters, digits, '-' or '_', got {self.node_name!r}")
         """Build settings from environment variables, falling back to the defaults above."""
         env = os.environ if env is None else env
         defaults = cls()
@@ -315,6 +322,7 @@ class Settings:
             staking_pool=env.get("STAKING_POOL") or defaults.staking_pool,
             staking_lockup_blocks=_int(env, "STAKING_LOCKUP_BLOCKS", defaults.staking_lockup_blocks),
             staking_reward_per_block_rate=_amount(env, "STAKING_REWARD_PER_BLOCK_RATE")
+            node_name=env.get("HUB_NODE_NAME", "").strip(),
             or defaults.staking_reward_per_block_rate,
             game_session_idle_seconds=_float(env, "GAME_SESSION_IDLE_SECONDS", defaults.game_session_idle_seconds),
             game_leaderboard_interval=_float(env, "GAME_LEADERBOARD_INTERVAL", defaults.game_leaderboard_interval),

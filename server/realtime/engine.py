@@ -527,7 +527,10 @@ class LeanEngineServer(engineio.AsyncServer):
     "check nothing"); `"*"` or a callable keep python-engineio's meaning.
     """
 
-    def __init__(self, *args: Any, cors_allowed_origins: Any = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, cors_allowed_origins: Any = None, node_name: str = "", **kwargs: Any) -> None:
+        # A load balancer routes a polling request on its sid's prefix to the process that holds the
+        # session (deploy/haproxy.cfg); that works for clients without a cookie jar too.
+        self.sid_prefix = f"{node_name}." if node_name else ""
         self.allowed_origins: frozenset[str] = frozenset()
         if cors_allowed_origins is None or isinstance(cors_allowed_origins, str):
             cors_allowed_origins = [cors_allowed_origins] if cors_allowed_origins else []
@@ -538,6 +541,10 @@ class LeanEngineServer(engineio.AsyncServer):
         self.frames = FrameWriter()
         # LeanSocket runs websockets on aiohttp's WebSocketResponse itself.
         self.lean = self.async_mode == "aiohttp"
+
+    def generate_id(self) -> str:
+        """A new Engine.IO session id, prefixed with this process's node name when it has one."""
+        return self.sid_prefix + super().generate_id()
 
     def origin_allowed(self, origin: str | None, environ: dict) -> bool:
         """Whether a browser page from `origin` may use this server (engineio asks for each request)."""
