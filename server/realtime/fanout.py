@@ -52,6 +52,7 @@ from server.realtime.engine import (
     close_frame,
     packet_frame,
 )
+from server.realtime.history import JsonWire
 from server.realtime.redis import UNAVAILABLE_ERRORS, RedisHealth, connect_redis
 
 log = structlog.get_logger(__name__)
@@ -159,7 +160,10 @@ class FanoutMixin(socketio.AsyncManager):
 
     def broadcast(self, event: str, args: list, namespace: str, room: Any, skip_sid: Any) -> int:
         """Deliver an event (args as a list) to the local participants; returns how many got it."""
-        pkt = self.server.packet_class(sio_packet.EVENT, namespace=namespace, data=[event] + args)
+        # A stored event's wire object holds no bytes: python-socketio's walk for attachments is
+        # skipped (it cost as much as the encoding of a delta).
+        binary = False if len(args) == 1 and type(args[0]) is JsonWire else None
+        pkt = self.server.packet_class(sio_packet.EVENT, namespace=namespace, data=[event] + args, binary=binary)
         encoded = _Broadcast(pkt.encode())
         return self._deliver(encoded, pkt.packet_type == sio_packet.BINARY_EVENT, namespace, room,
                              skip_sid)
@@ -292,6 +296,19 @@ class RedisFanoutManager(socketio.AsyncRedisManager, FanoutMixin):
     async def wait_listening(self, timeout: float) -> bool:
         """Wait up to `timeout` seconds for the listener to subscribe; returns whether it did."""
         return await wait_event(self._listening, timeout)
+
+    async def emit(self, event: str, data: Any, namespace: str | None = None, room: Any = None,
+                   skip_sid: Any = None, callback: Any = None, to: Any = None, **kwargs: Any) -> None:
+        """Emit here and to the other nodes; a stored event's wire object without the binary walk."""
+        if callback is not None or kwargs.get("ignore_queue") or type(data) is not JsonWire:
+            return await super().emit(event, data, namespace=namespace, room=room, skip_sid=skip_sid,
+                                      callback=callback, to=to, **kwargs)
+        # AsyncPubSubManager.emit for data known to hold no bytes (it walks every emit's data).
+        message = {"method": "emit", "event": event, "data": [data], "binary": False,
+                   "namespace": namespace or "/", "room": to or room, "skip_sid": skip_sid, "callback": None,
+                   "host_id": self.host_id}
+        await self._handle_emit(message)  # this node's clients
+        await self._publish(message)  # the other nodes
 
     async def _publish(self, data: Any) -> None:
         # Encoded now, not when the batch leaves: the caller may reuse `data` after the emit.

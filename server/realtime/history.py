@@ -141,6 +141,13 @@ def _check_limit(limit: object) -> int:
 # --- events and history ----------------------------------------------------------------------
 
 
+class JsonWire(dict):
+    """A stored event's wire object: its data was decoded from JSON, so it holds no bytes and
+    Socket.IO need not walk it looking for binary attachments (fanout.py skips that walk)."""
+
+    __slots__ = ()
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Event:
     """One server event as it is stored, replayed and sent.
@@ -157,10 +164,11 @@ class Event:
     offset: int | None = None
     epoch: str | None = None
 
-    def to_wire(self) -> dict[str, Any]:
+    def to_wire(self) -> JsonWire:
         """The protocol's server event object."""
-        return {"id": self.id, "channel": self.channel, "type": self.type, "data": self.data,
-                "ts": self.ts, "offset": self.offset, "epoch": self.epoch}
+        # Every Event is built from JSON-decoded data (`_normalise` or a read from Redis).
+        return JsonWire(id=self.id, channel=self.channel, type=self.type, data=self.data, ts=self.ts,
+                        offset=self.offset, epoch=self.epoch)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -50,6 +50,7 @@ SERVER_SHUTDOWN_EVENT = "server_shutdown"  # {reconnect: true}: this process is 
 SIGNED_OUT_EVENT = "signed_out"  # {reason}: the sign-in session ended; the server disconnects right behind it
 TOKEN_EXPIRING_EVENT = "token_expiring"  # {expires_at, expires_in}: send `refresh_token` before then
 FIRST_ID = "0-0"  # older than any event id
+NAMESPACES_CACHE_SIZE = 10_000  # channels whose namespaces a Realtime remembers
 ROOM_PREFIX = "ch:"  # keeps channel rooms apart from python-socketio's per-sid rooms
 SESSION_ROOM_PREFIX = "session:"  # a sign-in session's sockets; no channel, so no client can join
 _PARAM_RE = re.compile(r"\{([a-z_]+)\}")
@@ -163,6 +164,8 @@ class Realtime:
         self.node_id = node_id or uuid.uuid4().hex
         self.bus = EventBus(history, self._deliver)
         self._rules: list[tuple[str, ChannelRule]] = []
+        # channel -> namespaces_for(channel): every publish asks, and matching runs every rule's regex.
+        self._namespaces: dict[str, tuple[str, ...]] = {}
         self._waiters: dict[str, asyncio.Event] = {}
         self._user_connections: collections.Counter[tuple[str, str]] = collections.Counter()
         self._on_published = on_published
@@ -179,6 +182,7 @@ class Realtime:
     def register(self, namespace: str, rules: Iterable[ChannelRule]) -> None:
         """Declare the channels a namespace serves."""
         self._rules.extend((namespace, rule) for rule in rules)
+        self._namespaces.clear()
 
     def _match(self, channel: str, namespace: str | None) -> tuple[ChannelRule, dict[str, str]]:
         check_channel(channel)
@@ -202,9 +206,15 @@ class Realtime:
             raise Forbidden(f"you may not watch '{channel}'", field="channel")
         return rule, access
 
-    def namespaces_for(self, channel: str) -> list[str]:
+    def namespaces_for(self, channel: str) -> tuple[str, ...]:
         """Every namespace where the channel can be watched (its events go to each)."""
-        return sorted({owner for owner, rule in self._rules if rule.match(channel) is not None})
+        found = self._namespaces.get(channel)
+        if found is None:
+            if len(self._namespaces) >= NAMESPACES_CACHE_SIZE:
+                self._namespaces.clear()  # channels come and go (one per conversation): stay bounded
+            found = self._namespaces[channel] = tuple(sorted(
+                {owner for owner, rule in self._rules if rule.match(channel) is not None}))
+        return found
 
     # --- sessions -----------------------------------------------------------------------------
 
