@@ -14,7 +14,10 @@ from typing import Any
 
 import asyncpg
 
-CONVERSATION_COLUMNS = "id, user_id, title, total_tokens, current_leaf_id, created_at, updated_at"
+from server.core.money import plain_decimal
+
+CONVERSATION_COLUMNS = ("id, user_id, title, total_tokens, current_leaf_id, created_at, updated_at, model, "
+                        "system_prompt, title_auto")
 MESSAGE_COLUMNS = ("id, conversation_id, parent_id, role, content, status, model, finish_reason, "
                    "prompt_tokens, completion_tokens, tokens, tokens_estimated, tool_calls, error, "
                    "client_msg_id, seq, created_at, updated_at")
@@ -31,12 +34,16 @@ class Conversation:
     current_leaf_id: uuid.UUID | None
     created_at: dt.datetime
     updated_at: dt.datetime
+    model: str | None = None  # None: AI_MODEL
+    system_prompt: str | None = None
+    title_auto: bool = False  # the title was given by the server, not the user
 
     def to_public(self) -> dict[str, Any]:
         """The conversation as the protocol shows it."""
         return {"id": str(self.id), "title": self.title, "total_tokens": self.total_tokens,
                 "current_leaf_id": str(self.current_leaf_id) if self.current_leaf_id else None,
-                "created_at": self.created_at.isoformat(), "updated_at": self.updated_at.isoformat()}
+                "created_at": self.created_at.isoformat(), "updated_at": self.updated_at.isoformat(),
+                "model": self.model, "system_prompt": self.system_prompt}
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -106,10 +113,12 @@ async def conversation_owner(conn: asyncpg.Connection, conversation_id: uuid.UUI
     return await conn.fetchval("SELECT user_id FROM ai_conversations WHERE id = $1", conversation_id)
 
 
-async def create_conversation(conn: asyncpg.Connection, user_id: uuid.UUID, title: str | None) -> Conversation:
+async def create_conversation(conn: asyncpg.Connection, user_id: uuid.UUID, title: str | None,
+                              model: str | None = None, system_prompt: str | None = None) -> Conversation:
+    """A new conversation of the user (`model` None: AI_MODEL)."""
     return Conversation(**await conn.fetchrow(
-        f"INSERT INTO ai_conversations (user_id, title) VALUES ($1, $2) RETURNING {CONVERSATION_COLUMNS}",
-        user_id, title))
+        f"""INSERT INTO ai_conversations (user_id, title, model, system_prompt) VALUES ($1, $2, $3, $4)
+            RETURNING {CONVERSATION_COLUMNS}""", user_id, title, model, system_prompt))
 
 
 async def get_conversation(conn: asyncpg.Connection, conversation_id: uuid.UUID, *,
@@ -131,16 +140,38 @@ async def list_conversations(conn: asyncpg.Connection, user_id: uuid.UUID, limit
 
 async def rename_conversation(conn: asyncpg.Connection, conversation_id: uuid.UUID,
                               title: str) -> Conversation | None:
+    """The user's own title: no automatic title replaces it."""
     return _conversation(await conn.fetchrow(
-        f"UPDATE ai_conversations SET title = $2 WHERE id = $1 RETURNING {CONVERSATION_COLUMNS}",
-        conversation_id, title))
+        f"""UPDATE ai_conversations SET title = $2, title_auto = false WHERE id = $1
+            RETURNING {CONVERSATION_COLUMNS}""", conversation_id, title))
+
+
+async def update_settings(conn: asyncpg.Connection, conversation_id: uuid.UUID, *, set_model: bool,
+                          model: str | None, set_system_prompt: bool,
+                          system_prompt: str | None) -> Conversation | None:
+    """Change a conversation's model and/or system prompt (each only when its `set_` flag is true)."""
+    return _conversation(await conn.fetchrow(
+        f"""UPDATE ai_conversations SET model = CASE WHEN $2 THEN $3 ELSE model END,
+                   system_prompt = CASE WHEN $4 THEN $5 ELSE system_prompt END
+             WHERE id = $1 RETURNING {CONVERSATION_COLUMNS}""",
+        conversation_id, set_model, model, set_system_prompt, system_prompt))
 
 
 async def set_title_if_unset(conn: asyncpg.Connection, conversation_id: uuid.UUID, title: str) -> bool:
     """Set an automatic title unless the conversation already has one; True when it was set."""
     status = await conn.execute(
-        "UPDATE ai_conversations SET title = $2 WHERE id = $1 AND (title IS NULL OR title = '')",
-        conversation_id, title)
+        """UPDATE ai_conversations SET title = $2, title_auto = true
+            WHERE id = $1 AND (title IS NULL OR title = '')""", conversation_id, title)
+    return status.endswith(" 1")
+
+
+async def replace_auto_title(conn: asyncpg.Connection, conversation_id: uuid.UUID, expected: str,
+                             title: str) -> bool:
+    """Replace the automatic title `expected` by a better one; False when it changed meanwhile
+    (renamed by the user, or deleted)."""
+    status = await conn.execute(
+        """UPDATE ai_conversations SET title = $3
+            WHERE id = $1 AND title_auto AND title = $2""", conversation_id, expected, title)
     return status.endswith(" 1")
 
 
@@ -230,7 +261,8 @@ async def finish_message(conn: asyncpg.Connection, message_id: uuid.UUID, *, sta
                          finish_reason: str | None, prompt_tokens: int | None, completion_tokens: int | None,
                          estimated: bool, tool_calls: list | None, error: dict | None) -> Message | None:
     """Record a generation's final state (only while it is still streaming)."""
-    total = None if prompt_tokens is None and completion_tokens is None else (prompt_tokens or 0) + (completion_tokens or 0)
+    counted = prompt_tokens is not None or completion_tokens is not None
+    total = (prompt_tokens or 0) + (completion_tokens or 0) if counted else None
     return _message(await conn.fetchrow(
         f"""UPDATE ai_messages SET status = $2, content = $3, seq = $4, finish_reason = $5,
                    prompt_tokens = $6, completion_tokens = $7, tokens = $8, tokens_estimated = $9,
@@ -283,17 +315,71 @@ async def generations_in_last_minute(conn: asyncpg.Connection, user_id: uuid.UUI
     return row["n"], float(row["oldest"] or 0)
 
 
-async def tokens_today(conn: asyncpg.Connection, user_id: uuid.UUID) -> tuple[int, float]:
-    """Tokens the user's answers used since midnight UTC, and seconds until the next midnight."""
+@dataclasses.dataclass(frozen=True, slots=True)
+class TokensToday:
+    """A user's tokens since midnight UTC (the daily quota's day) and when that day ends."""
+
+    day: dt.date
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    reset_in: float  # seconds until the next midnight UTC
+
+
+# The quota's day: since midnight UTC (started_at is timestamptz, compared as an instant).
+_TODAY = "started_at >= date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'"
+
+
+async def tokens_today(conn: asyncpg.Connection, user_id: uuid.UUID) -> TokensToday:
+    """Tokens the user's answers (and automatic titles) used since midnight UTC, and seconds until
+    the next midnight."""
     row = await conn.fetchrow(
-        """SELECT coalesce(sum(tokens), 0) AS used,
+        f"""SELECT (now() AT TIME ZONE 'UTC')::date AS day,
+                  coalesce(sum(prompt_tokens), 0) AS prompt, coalesce(sum(completion_tokens), 0) AS completion,
+                  coalesce(sum(tokens), 0) AS used,
                   extract(epoch FROM date_trunc('day', now() AT TIME ZONE 'UTC') + interval '1 day'
                                      - (now() AT TIME ZONE 'UTC')) AS reset_in
              FROM ai_usage
-            WHERE user_id = $1
-              AND started_at >= date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'""",
+            WHERE user_id = $1 AND {_TODAY}""",
         user_id)
-    return int(row["used"]), float(row["reset_in"])
+    return TokensToday(row["day"], int(row["prompt"]), int(row["completion"]), int(row["used"]),
+                       float(row["reset_in"]))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ConversationUsage:
+    """One conversation's tokens today (its answers and its automatic title)."""
+
+    conversation_id: uuid.UUID
+    title: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    answers: int
+
+
+async def usage_by_conversation_today(conn: asyncpg.Connection, user_id: uuid.UUID,
+                                      limit: int) -> list[ConversationUsage]:
+    """The user's existing conversations that used tokens today, most tokens first."""
+    rows = await conn.fetch(
+        f"""SELECT u.conversation_id, c.title, sum(u.prompt_tokens) AS prompt_tokens,
+                   sum(u.completion_tokens) AS completion_tokens, sum(u.tokens) AS total_tokens,
+                   count(*) FILTER (WHERE u.kind = 'answer') AS answers
+              FROM ai_usage u JOIN ai_conversations c ON c.id = u.conversation_id AND c.user_id = u.user_id
+             WHERE u.user_id = $1 AND {_TODAY.replace('started_at', 'u.started_at')}
+             GROUP BY u.conversation_id, c.title
+             ORDER BY sum(u.tokens) DESC, u.conversation_id LIMIT $2""", user_id, limit)
+    return [ConversationUsage(**row) for row in rows]
+
+
+async def record_title_usage(conn: asyncpg.Connection, user_id: uuid.UUID, conversation_id: uuid.UUID,
+                             prompt_tokens: int, completion_tokens: int) -> None:
+    """Count the tokens of the model call that titled a conversation towards the user's quota."""
+    await conn.execute(
+        """INSERT INTO ai_usage (message_id, user_id, conversation_id, prompt_tokens, completion_tokens, tokens,
+                                 kind)
+           VALUES (gen_random_uuid(), $1, $2, $3, $4, $5, 'title')""",
+        user_id, conversation_id, prompt_tokens, completion_tokens, prompt_tokens + completion_tokens)
 
 
 # --- read-only marketplace queries for the tools ------------------------------------------------
@@ -304,7 +390,7 @@ _POD_SUMMARY = """d.id, d.title, d.category, d.price_sui, d.average_rating, d.pu
 
 def pod_summary(row: asyncpg.Record) -> dict[str, Any]:
     return {"datapod_id": str(row["id"]), "title": row["title"], "category": row["category"],
-            "price_sui": str(row["price_sui"].normalize()) if row["price_sui"] is not None else None,
+            "price_sui": plain_decimal(row["price_sui"]),
             "average_rating": float(row["average_rating"]), "purchase_count": row["purchase_count"],
             "description": row["description"]}
 
@@ -352,7 +438,7 @@ async def list_categories(conn: asyncpg.Connection) -> list[dict[str, Any]]:
              FROM datapods WHERE published AND category IS NOT NULL
             GROUP BY category ORDER BY count(*) DESC, category""")
     return [{"category": r["category"], "datapods": r["datapods"],
-             "min_price_sui": str(r["min_price"].normalize()), "max_price_sui": str(r["max_price"].normalize())}
+             "min_price_sui": plain_decimal(r["min_price"]), "max_price_sui": plain_decimal(r["max_price"])}
             for r in rows]
 
 
@@ -362,5 +448,5 @@ async def my_purchases(conn: asyncpg.Connection, user_id: uuid.UUID, limit: int 
              FROM purchases p JOIN datapods d ON d.id = p.datapod_id
             WHERE p.buyer_id = $1 ORDER BY p.created_at DESC LIMIT $2""", user_id, limit)
     return [{"purchase_id": str(r["id"]), "datapod_id": str(r["datapod_id"]), "title": r["title"],
-             "status": r["status"], "amount_sui": str(r["amount_sui"].normalize()),
+             "status": r["status"], "amount_sui": plain_decimal(r["amount_sui"]),
              "purchased_at": r["created_at"].isoformat()} for r in rows]

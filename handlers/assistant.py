@@ -9,18 +9,20 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import re
 from typing import Any
 
 from aiohttp import web
 
-from server.core import jsonutil
-from server.core.errors import HubError, InvalidPayload
+from server.core import jsonutil, protocol
+from server.core.errors import HubError, InvalidPayload, NotFound
 from server.edge.namespace import Ctx, HubNamespace, command
-from server.edge.rest import endpoint, int_query, ok_response, session_lives
-from server.edge.schemas import COUNT, UUID, obj, string
+from server.edge.rest import client_ip, endpoint, int_query, ok_response, query_payload, session_lives
+from server.edge.schemas import COUNT, PAGE_LIMIT, UUID, compile_schema, obj, string
 from server.realtime.hub import SIGNED_OUT_EVENT, USER_CHANNEL, ChannelRule, own_user
 from server.realtime.redis import REDIS
 from server.services import assistant as service
+from server.services import assistant_history as history
 from server.services.assistant import (
     CONVERSATION_CHANNEL,
     FINAL_EVENTS,
@@ -33,7 +35,11 @@ MAX_CONTENT_SCHEMA_CHARS = 1_000_000  # the configurable limit (AI_MAX_INPUT_CHA
 CLIENT_MSG_ID = string(1, 100)
 CONTENT = string(1, MAX_CONTENT_SCHEMA_CHARS)
 TITLE = string(1, 255)
-CREATE_CONVERSATION_SCHEMA = {"anyOf": [{"type": "null"}, obj({"title": TITLE})]}
+MODEL = {"type": ["string", "null"], "minLength": 1, "maxLength": 200}  # null: AI_MODEL
+# The configurable limit (AI_SYSTEM_PROMPT_MAX_CHARS) is checked in code.
+SYSTEM_PROMPT = {"type": ["string", "null"], "maxLength": MAX_CONTENT_SCHEMA_CHARS}
+CREATE_CONVERSATION_SCHEMA = {"anyOf": [{"type": "null"}, obj({"title": TITLE, "model": MODEL,
+                                                               "system_prompt": SYSTEM_PROMPT})]}
 LIST_CONVERSATIONS_SCHEMA = {"anyOf": [{"type": "null"}, obj({
     "limit": {"type": "integer", "minimum": 1, "maximum": 100},
     "before": {"type": "string", "format": "date-time", "maxLength": 40}})]}
@@ -59,10 +65,27 @@ def _rest_body(schema: dict, path_field: str) -> dict:
                required=tuple(name for name in schema["required"] if name != path_field))
 
 
-REST_RENAME_SCHEMA = _rest_body(RENAME_SCHEMA, "conversation_id")
+UPDATE_SCHEMA = obj({"conversation_id": UUID, "title": TITLE, "model": MODEL, "system_prompt": SYSTEM_PROMPT},
+                    required=("conversation_id",), minProperties=2)
+REST_UPDATE_SCHEMA = {**_rest_body(UPDATE_SCHEMA, "conversation_id"), "minProperties": 1}
 REST_EDIT_SCHEMA = _rest_body(EDIT_SCHEMA, "message_id")
 # `from` is resume_stream's `after_seq`: the number of deltas the client already has.
 REST_STREAM_QUERY = obj({"from": RESUME_SCHEMA["properties"]["after_seq"]})
+
+# History: search, export, share, feedback (server/services/assistant_history.py).
+SEARCH_SCHEMA = obj({"q": string(1, history.SEARCH_MAX_CHARS), "limit": PAGE_LIMIT, "cursor": string(1, 200)},
+                    required=("q",))
+EXPORT_SCHEMA = obj({"conversation_id": UUID, "format": {"enum": list(history.EXPORT_FORMATS)}},
+                    required=("conversation_id", "format"))
+RATING = {"enum": list(history.RATINGS)}
+FEEDBACK_SCHEMA = obj({"message_id": UUID, "rating": RATING,
+                       "comment": {"type": ["string", "null"], "maxLength": history.FEEDBACK_COMMENT_MAX_CHARS}},
+                      required=("message_id", "rating"))
+REST_FEEDBACK_SCHEMA = _rest_body(FEEDBACK_SCHEMA, "message_id")
+REST_EXPORT_QUERY = _rest_body(EXPORT_SCHEMA, "conversation_id")
+FEEDBACK_LIST_QUERY = obj({"rating": RATING, "cursor": string(1, 200), "limit": PAGE_LIMIT})
+SHARE_TOKEN_RE = re.compile("^[A-Za-z0-9_-]{16,100}$")  # secrets.token_urlsafe's alphabet
+SHARE_TOKEN_PATH = {"token": string(16, 100, pattern=SHARE_TOKEN_RE.pattern)}
 
 
 class AssistantNamespace(HubNamespace):
@@ -76,7 +99,7 @@ class AssistantNamespace(HubNamespace):
     )
     events = (service.CONVERSATION_CREATED, service.CONVERSATION_TITLED, service.CONVERSATION_DELETED,
               service.MESSAGE_STARTED, service.CONTEXT_TRIMMED, service.MESSAGE_DELTA, service.TOOL_CALLED,
-              service.TOOL_RETURNED, service.MESSAGE_COMPLETED, service.MESSAGE_FAILED)
+              service.TOOL_RETURNED, service.MESSAGE_COMPLETED, service.MESSAGE_FAILED, service.USAGE_CHANGED)
 
     async def _join(self, ctx: Ctx, channel: str) -> None:
         """Subscribe the caller's connection to a channel (room first, like `subscribe`)."""
@@ -90,8 +113,11 @@ class AssistantNamespace(HubNamespace):
 
     @command(CREATE_CONVERSATION_SCHEMA)
     async def on_create_conversation(self, ctx: Ctx, payload: dict | None) -> dict:
-        """A new, empty conversation (titled automatically after the first answer unless given)."""
-        return await service.create_conversation(self.app, ctx.user_id, (payload or {}).get("title"))
+        """A new, empty conversation (titled automatically after the first answer unless given),
+        optionally with its `model` and `system_prompt`."""
+        payload = payload or {}
+        return await service.create_conversation(self.app, ctx.user_id, payload.get("title"), payload.get("model"),
+                                                 payload.get("system_prompt"))
 
     @command(LIST_CONVERSATIONS_SCHEMA)
     async def on_list_conversations(self, ctx: Ctx, payload: dict | None) -> dict:
@@ -165,6 +191,59 @@ class AssistantNamespace(HubNamespace):
         return await service.resume_stream(self.app, ctx.user_id, payload["message_id"], payload["after_seq"],
                                            functools.partial(self._join, ctx))
 
+    # --- settings and usage: a conversation's model and system prompt, the day's tokens --------------
+
+    @command(UPDATE_SCHEMA)
+    async def on_update_conversation(self, ctx: Ctx, payload: dict) -> dict:
+        """Change a conversation's `title`, `model` and/or `system_prompt` (only the fields given)."""
+        return await service.update_conversation(self.app, ctx.user_id, payload["conversation_id"],
+                                                 {k: v for k, v in payload.items() if k != "conversation_id"})
+
+    @command(None)
+    async def on_list_models(self, ctx: Ctx, payload: dict | None) -> dict:
+        """The models a conversation may choose (the endpoint's, filtered by AI_MODEL_ALLOWLIST)."""
+        return await service.list_models(self.app)
+
+    @command(None)
+    async def on_get_usage(self, ctx: Ctx, payload: dict | None) -> dict:
+        """The caller's tokens today, the daily quota and what remains, the rate limit, by conversation."""
+        return await service.get_usage(self.app, ctx.user_id)
+
+    # --- history: search, export, share, feedback -------------------------------------------------
+
+    @command(SEARCH_SCHEMA)
+    async def on_search_conversations(self, ctx: Ctx, payload: dict) -> dict:
+        """Full-text search of the caller's conversations (titles and messages), most recently active first."""
+        return await history.search_conversations(self.app, ctx.user_id, payload["q"],
+                                                  payload.get("limit", DEFAULT_PAGE), payload.get("cursor"))
+
+    @command(EXPORT_SCHEMA)
+    async def on_export_conversation(self, ctx: Ctx, payload: dict) -> dict:
+        """The conversation's current branch as a Markdown or JSON document (its text in `content`)."""
+        return await history.export_conversation(self.app, ctx.user_id, payload["conversation_id"],
+                                                 payload["format"])
+
+    @command(CONVERSATION_REF)
+    async def on_share_conversation(self, ctx: Ctx, payload: dict) -> dict:
+        """A read-only link to the conversation (its token is shown only when created)."""
+        return await history.share_conversation(self.app, ctx.user_id, payload["conversation_id"])
+
+    @command(CONVERSATION_REF)
+    async def on_unshare_conversation(self, ctx: Ctx, payload: dict) -> dict:
+        """Revoke the conversation's read-only link."""
+        return await history.unshare_conversation(self.app, ctx.user_id, payload["conversation_id"])
+
+    @command(FEEDBACK_SCHEMA)
+    async def on_give_feedback(self, ctx: Ctx, payload: dict) -> dict:
+        """Rate an answer `up` or `down` (an optional comment); replaces the caller's earlier rating."""
+        return await history.give_feedback(self.app, ctx.user_id, payload["message_id"], payload["rating"],
+                                           payload.get("comment"))
+
+    @command(MESSAGE_REF)
+    async def on_withdraw_feedback(self, ctx: Ctx, payload: dict) -> dict:
+        """Withdraw the caller's rating of an answer."""
+        return await history.withdraw_feedback(self.app, ctx.user_id, payload["message_id"])
+
 
 # --- REST fallback ----------------------------------------------------------------------------------
 
@@ -192,9 +271,10 @@ async def handle_list_conversations(request: web.Request, identity) -> web.Respo
 @routes.post("/api/v1/conversations")
 @endpoint(body=CREATE_CONVERSATION_SCHEMA, auth="user")
 async def handle_create_conversation(request: web.Request, identity, body) -> web.Response:
-    """A new, empty conversation."""
-    return ok_response(await service.create_conversation(request.app, identity.user_id, (body or {}).get("title")),
-                       201)
+    """A new, empty conversation (see `on_create_conversation`)."""
+    body = body or {}
+    return ok_response(await service.create_conversation(request.app, identity.user_id, body.get("title"),
+                                                         body.get("model"), body.get("system_prompt")), 201)
 
 
 @routes.get("/api/v1/conversations/{conversation_id}/messages")
@@ -246,11 +326,11 @@ async def handle_get_conversation(request: web.Request, identity) -> web.Respons
 
 
 @routes.patch("/api/v1/conversations/{conversation_id}")
-@endpoint(body=REST_RENAME_SCHEMA, auth="user", path=CONVERSATION_PATH)
-async def handle_rename_conversation(request: web.Request, identity, body) -> web.Response:
-    """Rename a conversation (see `on_rename_conversation`)."""
-    return ok_response(await service.rename_conversation(request.app, identity.user_id,
-                                                         request.match_info["conversation_id"], body["title"]))
+@endpoint(body=REST_UPDATE_SCHEMA, auth="user", path=CONVERSATION_PATH)
+async def handle_update_conversation(request: web.Request, identity, body) -> web.Response:
+    """Rename a conversation, or change its model or system prompt (see `on_update_conversation`)."""
+    return ok_response(await service.update_conversation(request.app, identity.user_id,
+                                                         request.match_info["conversation_id"], body))
 
 
 @routes.delete("/api/v1/conversations/{conversation_id}")
@@ -336,3 +416,100 @@ async def handle_stop(request: web.Request, identity) -> web.Response:
 def _sse(event_type: str, data: Any, event_id: Any = None) -> bytes:
     head = f"id: {event_id}\n" if event_id is not None else ""
     return f"{head}event: {event_type}\n".encode() + b"data: " + jsonutil.dumpb(data) + b"\n\n"
+
+
+# --- REST: settings and usage ----------------------------------------------------------------------------
+
+@routes.get("/api/v1/assistant/models")
+@endpoint(auth="user")
+async def handle_list_models(request: web.Request, identity) -> web.Response:
+    """The models a conversation may choose (see `on_list_models`)."""
+    return ok_response(await service.list_models(request.app))
+
+
+@routes.get("/api/v1/me/usage")
+@endpoint(auth="user")
+async def handle_get_usage(request: web.Request, identity) -> web.Response:
+    """The caller's assistant usage today (see `on_get_usage`)."""
+    return ok_response(await service.get_usage(request.app, identity.user_id))
+
+
+# --- REST: history: search, export, share, feedback ---------------------------------------------------
+
+SEARCH_VALIDATOR = compile_schema(SEARCH_SCHEMA)
+EXPORT_QUERY_VALIDATOR = compile_schema(REST_EXPORT_QUERY)
+FEEDBACK_LIST_VALIDATOR = compile_schema(FEEDBACK_LIST_QUERY)
+
+
+@routes.get("/api/v1/conversations/search")
+@endpoint(auth="user", query=SEARCH_SCHEMA)
+async def handle_search_conversations(request: web.Request, identity) -> web.Response:
+    """Full-text search of the caller's conversations (see `on_search_conversations`)."""
+    params = query_payload(request, SEARCH_VALIDATOR)
+    return ok_response(await history.search_conversations(request.app, identity.user_id, params["q"],
+                                                          params.get("limit", DEFAULT_PAGE), params.get("cursor")))
+
+
+@routes.get("/api/v1/conversations/{conversation_id}/export")
+@endpoint(auth="user", path=CONVERSATION_PATH, query=REST_EXPORT_QUERY)
+async def handle_export_conversation(request: web.Request, identity) -> web.Response:
+    """The conversation's current branch as a file to download: Markdown or JSON (`format`)."""
+    params = query_payload(request, EXPORT_QUERY_VALIDATOR)
+    document = await history.export_conversation(request.app, identity.user_id,
+                                                 request.match_info["conversation_id"], params["format"])
+    return web.Response(text=document["content"], content_type=document["content_type"], charset="utf-8",
+                        headers={"Content-Disposition": f'attachment; filename="{document["filename"]}"',
+                                 "Cache-Control": "private, no-store"})
+
+
+@routes.post("/api/v1/conversations/{conversation_id}/share")
+@endpoint(auth="user", path=CONVERSATION_PATH)
+async def handle_share_conversation(request: web.Request, identity) -> web.Response:
+    """A read-only link to the conversation: 201 with its token when created, 200 when it was shared already."""
+    result = await history.share_conversation(request.app, identity.user_id, request.match_info["conversation_id"])
+    return ok_response(result, 201 if result["created"] else 200)
+
+
+@routes.delete("/api/v1/conversations/{conversation_id}/share")
+@endpoint(auth="user", path=CONVERSATION_PATH)
+async def handle_unshare_conversation(request: web.Request, identity) -> web.Response:
+    """Revoke the conversation's read-only link (see `on_unshare_conversation`)."""
+    return ok_response(await history.unshare_conversation(request.app, identity.user_id,
+                                                          request.match_info["conversation_id"]))
+
+
+@routes.get("/api/v1/shared/{token}")
+@endpoint(path=SHARE_TOKEN_PATH)
+async def handle_read_shared(request: web.Request) -> web.Response:
+    """A shared conversation, for anyone with its link: title and current branch (rate-limited per address)."""
+    token = request.match_info["token"]
+    if not SHARE_TOKEN_RE.fullmatch(token):  # no link has another shape: no need to count or look it up
+        raise NotFound("no conversation is shared under this link", field="token")
+    response = ok_response(await history.read_shared(request.app, token, client_ip(request)))
+    response.headers["Cache-Control"] = "no-store"  # a revoked link must stop working at once, caches included
+    return response
+
+
+@routes.put("/api/v1/messages/{message_id}/feedback")
+@endpoint(body=REST_FEEDBACK_SCHEMA, auth="user", path=MESSAGE_PATH)
+async def handle_give_feedback(request: web.Request, identity, body) -> web.Response:
+    """Rate an answer (see `on_give_feedback`)."""
+    return ok_response(await history.give_feedback(request.app, identity.user_id, request.match_info["message_id"],
+                                                   body["rating"], body.get("comment")))
+
+
+@routes.delete("/api/v1/messages/{message_id}/feedback")
+@endpoint(auth="user", path=MESSAGE_PATH)
+async def handle_withdraw_feedback(request: web.Request, identity) -> web.Response:
+    """Withdraw the caller's rating of an answer (see `on_withdraw_feedback`)."""
+    return ok_response(await history.withdraw_feedback(request.app, identity.user_id,
+                                                       request.match_info["message_id"]))
+
+
+@routes.get("/api/v1/admin/assistant/feedback")
+@endpoint(auth="admin", query=FEEDBACK_LIST_QUERY)
+async def handle_list_feedback(request: web.Request, identity) -> web.Response:
+    """Administrators: every user's ratings of answers, newest first (`rating` filters), paged by `cursor`."""
+    params = query_payload(request, FEEDBACK_LIST_VALIDATOR)
+    return ok_response(await history.list_feedback(request.app, params.get("rating"), params.get("cursor"),
+                                                   params.get("limit", protocol.DEFAULT_PAGE)))

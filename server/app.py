@@ -22,6 +22,7 @@ from handlers import assistant as assistant_handlers
 from handlers import auth as auth_handlers
 from handlers import chain as chain_handlers
 from handlers import dao as dao_handlers
+from handlers import dataset_query as dataset_query_handlers
 from handlers import events as events_handlers
 from handlers import games as games_handlers
 from handlers import kyc as kyc_handlers
@@ -56,6 +57,7 @@ from server.realtime.redis import REDIS, REDIS_HEALTH, RedisHealth, connect_redi
 from server.services import demo
 from server.services.accounts import accounts_ctx
 from server.services.assistant import assistant_ctx
+from server.services.assistant_history import assistant_history_ctx
 from server.services.auth import AUTH, AuthService, auth_ctx
 from server.services.block_producer import block_producer_ctx
 from server.services.dao import dao_ctx
@@ -195,6 +197,7 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(auth_ctx)
     app.cleanup_ctx.append(accounts_ctx)
     app.cleanup_ctx.append(assistant_ctx)
+    app.cleanup_ctx.append(assistant_history_ctx)
     app.cleanup_ctx.append(block_producer_ctx)
     app.cleanup_ctx.append(blobs_ctx)
     app.cleanup_ctx.append(escrow_ctx)
@@ -222,6 +225,7 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_routes(marketplace_handlers.routes)
     app.router.add_routes(purchase_handlers.routes)
     app.router.add_routes(seller_handlers.routes)
+    app.router.add_routes(dataset_query_handlers.routes)
     app.router.add_routes(games_handlers.routes)
     app.router.add_routes(nft_handlers.routes)
     app.router.add_routes(storage_handlers.routes)

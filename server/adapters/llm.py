@@ -20,10 +20,12 @@ import dataclasses
 import email.utils
 import math
 import random
+import sys
 import time
 from typing import Any, AsyncIterator
 
 import openai
+import orjson
 import structlog
 
 from server.core.settings import Settings
@@ -122,7 +124,8 @@ def classify(exc: BaseException) -> ModelError:
 
 
 class ChatModel:
-    """A streaming chat client for one endpoint and model."""
+    """A chat client for one endpoint: streamed answers (AI_MODEL unless a call names another
+    model), short completions, and the endpoint's model list."""
 
     def __init__(self, settings: Settings) -> None:
         self.model = settings.ai_model
@@ -136,10 +139,33 @@ class ChatModel:
     async def close(self) -> None:
         await self.client.close()
 
+    async def list_models(self) -> list[str]:
+        """The ids of the models the endpoint serves (its `/v1/models`), as it lists them."""
+        try:
+            page = await self.client.models.list()
+            return [item.id async for item in page]
+        except Exception as exc:  # noqa: BLE001 - one error type for the caller
+            raise classify(exc) from exc
+
+    async def complete(self, messages: list[dict[str, Any]], *, model: str | None = None,
+                       max_tokens: int = 32) -> tuple[str, int | None, int | None]:
+        """One short non-streamed completion, not retried: its text and the usage the endpoint
+        reported (prompt, completion; None when it sent none)."""
+        try:
+            response = await self.client.chat.completions.create(
+                model=model or self.model, messages=messages, max_tokens=max_tokens, stream=False)
+            text = response.choices[0].message.content or ""
+        except Exception as exc:  # noqa: BLE001 - a malformed answer (no choices, not JSON) included
+            raise classify(exc) from exc
+        usage = getattr(response, "usage", None)
+        if usage is None:
+            return text, None, None
+        return text, usage.prompt_tokens, usage.completion_tokens
+
     async def open_stream(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
-                          tool_choice: str | dict[str, Any] | None = None) -> Any:
+                          tool_choice: str | dict[str, Any] | None = None, model: str | None = None) -> Any:
         """Start a streamed completion; retries what may be retried before any text was produced."""
-        kwargs: dict[str, Any] = {"model": self.model, "messages": messages, "stream": True,
+        kwargs: dict[str, Any] = {"model": model or self.model, "messages": messages, "stream": True,
                                   "stream_options": {"include_usage": True},
                                   "max_tokens": self.max_output_tokens}
         if tools:
@@ -149,7 +175,10 @@ class ChatModel:
         attempt = 0
         while True:
             try:
-                return await self.client.chat.completions.create(**kwargs)
+                # The raw response: the request, its status errors and our retries stay the
+                # library's, but the chunks are read by `read_chunks` (see there why).
+                raw = await self.client.chat.completions.with_raw_response.create(**kwargs)
+                return raw.http_response
             except Exception as exc:  # noqa: BLE001 - classified below
                 error = classify(exc)
                 if not error.retryable or error.code == "internal_error" or attempt >= self.max_retries:
@@ -164,14 +193,67 @@ class ChatModel:
                 await asyncio.sleep(delay)
 
     async def stream(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
-                     tool_choice: str | dict[str, Any] | None = None) -> AsyncIterator[Any]:
-        """The chunks of one streamed completion; closing the generator closes the HTTP stream."""
-        stream = await self.open_stream(messages, tools, tool_choice)
+                     tool_choice: str | dict[str, Any] | None = None,
+                     model: str | None = None) -> AsyncIterator[Any]:
+        """The chunks of one streamed completion (`model`: else AI_MODEL); closing the generator
+        closes the HTTP stream."""
+        response = await self.open_stream(messages, tools, tool_choice, model)
+        # The openai client's HTTP library (httpx, or its fork httpx2 in openai 3.x) raises its own
+        # exception types while the body streams: take them from the module the response comes from.
+        transport = sys.modules[type(response).__module__.partition(".")[0]]
         try:
-            async for chunk in stream:
+            async for chunk in read_chunks(response):
                 yield chunk
+        except ModelError:
+            raise
+        except transport.TimeoutException as exc:
+            raise ModelError("upstream_timeout", "the model did not answer in time", True) from exc
+        except (transport.TransportError, transport.StreamError, OSError) as exc:
+            raise ModelError("upstream_unreachable", "the model endpoint cannot be reached", True) from exc
         except Exception as exc:  # noqa: BLE001 - one error type for the caller
             raise classify(exc) from exc
         finally:
             # On stop (cancellation) this closes the connection: the server sees the disconnect.
-            await stream.close()
+            await response.aclose()
+
+
+class Chunk(dict):
+    """A decoded stream chunk read by attribute, as the library's models are (`chunk.choices[0].delta`);
+    a field the server left out reads as None."""
+
+    __slots__ = ()
+
+    def __getattr__(self, name: str) -> Any:
+        return _attributes(self.get(name))
+
+
+def _attributes(value: Any) -> Any:
+    if isinstance(value, dict):
+        return Chunk(value)
+    if isinstance(value, list):
+        return [Chunk(item) if isinstance(item, dict) else item for item in value]
+    return value
+
+
+async def read_chunks(response: Any) -> AsyncIterator[Chunk]:
+    """The chunks of a Chat Completions event stream, until `data: [DONE]`.
+
+    Not the library's stream: it builds a typed model of every chunk, about 125 us of CPU each
+    (bench/assistant.py), more than everything else the hub does for a token. Here a chunk is
+    parsed by orjson and read through `Chunk`. Server-Sent Events framing: `data:` lines, joined
+    by newlines, make one event at the blank line that ends it; other fields are ignored.
+    """
+    data: list[str] = []
+    async for line in response.aiter_lines():
+        if line.startswith("data:"):
+            data.append(line[6:] if line.startswith("data: ") else line[5:])
+            continue
+        if line or not data:
+            continue
+        text, data = "\n".join(data), []
+        if text.startswith("[DONE]"):
+            return
+        decoded = orjson.loads(text)
+        if isinstance(decoded, dict) and decoded.get("error"):
+            raise ModelError("upstream_error", "the model endpoint reported an error mid-answer", True)
+        yield Chunk(decoded)

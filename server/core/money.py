@@ -15,3 +15,11 @@ def money(value: Decimal) -> str:
 def amount_text(value: Decimal | None) -> str | None:
     """`money` for a nullable column."""
     return None if value is None else money(value)
+
+
+def plain_decimal(value: Decimal | None) -> str | None:
+    """A NUMERIC as plain text without trailing zeros ("1.5", "10", never "1E+1"); None stays None."""
+    if value is None:
+        return None
+    text = f"{Decimal(value):f}"
+    return text.rstrip("0").rstrip(".") if "." in text else text

@@ -98,6 +98,17 @@ class Settings:
     ai_generation_timeout: float = 300.0
     ai_save_interval: float = 0.5
     ai_stale_after: float = 30.0
+    # The models a conversation may choose (besides AI_MODEL, always allowed); empty: AI_MODEL only.
+    ai_model_allowlist: tuple[str, ...] = ()
+    ai_system_prompt_max_chars: int = 2000  # a conversation's own system prompt
+    # "Ask your data" (server/services/dataset_query.py): read-only SQL over a dataset its owner holds.
+    dataset_query_timeout: float = 5.0
+    dataset_query_max_rows: int = 200
+    # The plaintext and DuckDB's copy both sit in memory, several times the file: keep it modest.
+    dataset_query_max_bytes: int = 64 * 1024 * 1024
+    dataset_query_memory_mb: int = 512
+    dataset_query_concurrency: int = 2
+    dataset_queries_per_minute: int = 30
     sui_rpc_url: str | None = None
     escrow_address: str | None = None
     escrow_release_seconds: int = 259_200
@@ -150,6 +161,9 @@ class Settings:
     migrate_on_start: bool = True
     demo_data_on_first_start: bool = False
     shutdown_timeout: float = 10.0
+    # Prefixes this process's Engine.IO session ids (`hub1.` + id), so a load balancer can send a
+    # long-polling client's requests back to the process that holds its session (deploy/haproxy.cfg).
+    node_name: str = ""
     history_cap: int = 1000
     history_ttl: int = 86_400
     presence_ttl: int = 30
@@ -161,9 +175,6 @@ class Settings:
     outbox_poll_interval: float = 1.0
     log_format: str = "console"
     # KVP chain. The producer is off unless turned on (tests); `from_env` turns it on for serve.
-    # Prefixes this process's Engine.IO session ids (`hub1.` + id), so a load balancer can send a
-    # long-polling client's requests back to the process that holds its session (deploy/haproxy.cfg).
-    node_name: str = ""
     block_producer: bool = False
     block_interval_seconds: float = 30.0
     pow_difficulty: int = 12
@@ -203,6 +214,8 @@ class Settings:
 
     def __post_init__(self) -> None:
         """Refuse values that cannot work, or not together; the message names the variable."""
+        if self.ai_system_prompt_max_chars < 0:
+            raise ValueError(f"AI_SYSTEM_PROMPT_MAX_CHARS must be 0 or more, got {self.ai_system_prompt_max_chars}")
         if self.redis_pool_size < 1:
             raise ValueError(f"REDIS_POOL_SIZE must be at least 1, got {self.redis_pool_size}")
         if self.redis_pool_timeout <= 0:
@@ -213,6 +226,9 @@ class Settings:
             raise ValueError("SMTP_URL must be smtp://user:password@host:port or smtps://...")
         if self.public_url is not None and urllib.parse.urlsplit(self.public_url).scheme not in ("http", "https"):
             raise ValueError(f"PUBLIC_URL must be an http(s) URL, got {self.public_url!r}")
+        if self.node_name and not re.fullmatch(r"[A-Za-z0-9_-]{1,32}", self.node_name):
+            # The dot ends the prefix in Engine.IO session ids; HAProxy matches `hub1.` to route.
+            raise ValueError(f"HUB_NODE_NAME must be 1-32 letters, digits, '-' or '_', got {self.node_name!r}")
         if self.password_reset_ttl < 60:
             raise ValueError(f"PASSWORD_RESET_TTL must be at least 60 seconds, got {self.password_reset_ttl}")
         for proxy in self.trusted_proxies:
@@ -226,9 +242,6 @@ class Settings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
-        if self.node_name and not re.fullmatch(r"[A-Za-z0-9_-]{1,32}", self.node_name):
-            # The dot ends the prefix in Engine.IO session ids; HAProxy matches `hub1.` to route.
-            raise ValueError(f"HUB_NODE_NAME must be 1-32 letters, digits, '-' or '_', got {self.node_name!r}")
         """Build settings from environment variables, falling back to the defaults above."""
         env = os.environ if env is None else env
         defaults = cls()
@@ -251,6 +264,14 @@ class Settings:
             ai_max_retries=_int(env, "AI_MAX_RETRIES", defaults.ai_max_retries),
             ai_max_tool_rounds=_int(env, "AI_MAX_TOOL_ROUNDS", defaults.ai_max_tool_rounds),
             ai_tool_choice=env.get("AI_TOOL_CHOICE") or defaults.ai_tool_choice,
+            ai_model_allowlist=tuple(m.strip() for m in env.get("AI_MODEL_ALLOWLIST", "").split(",") if m.strip()),
+            ai_system_prompt_max_chars=_int(env, "AI_SYSTEM_PROMPT_MAX_CHARS", defaults.ai_system_prompt_max_chars),
+            dataset_query_timeout=_float(env, "DATASET_QUERY_TIMEOUT", defaults.dataset_query_timeout),
+            dataset_query_max_rows=_int(env, "DATASET_QUERY_MAX_ROWS", defaults.dataset_query_max_rows),
+            dataset_query_max_bytes=_int(env, "DATASET_QUERY_MAX_BYTES", defaults.dataset_query_max_bytes),
+            dataset_query_memory_mb=_int(env, "DATASET_QUERY_MEMORY_MB", defaults.dataset_query_memory_mb),
+            dataset_query_concurrency=_int(env, "DATASET_QUERY_CONCURRENCY", defaults.dataset_query_concurrency),
+            dataset_queries_per_minute=_int(env, "DATASET_QUERIES_PER_MINUTE", defaults.dataset_queries_per_minute),
             sui_rpc_url=_optional(env, "SUI_RPC_URL"),
             escrow_address=_optional(env, "ESCROW_ADDRESS"),
             escrow_release_seconds=_int(env, "ESCROW_RELEASE_SECONDS", defaults.escrow_release_seconds),
@@ -301,6 +322,7 @@ class Settings:
             event_burst=_int(env, "EVENT_BURST", defaults.event_burst),
             block_producer=_bool(env, "BLOCK_PRODUCER", True),
             shutdown_timeout=_float(env, "SHUTDOWN_TIMEOUT", defaults.shutdown_timeout),
+            node_name=env.get("HUB_NODE_NAME", "").strip(),
             block_interval_seconds=_float(env, "BLOCK_INTERVAL", defaults.block_interval_seconds),
             pow_difficulty=_int(env, "POW_DIFFICULTY", defaults.pow_difficulty),
             block_reward=_amount(env, "BLOCK_REWARD"),
@@ -322,7 +344,6 @@ class Settings:
             staking_pool=env.get("STAKING_POOL") or defaults.staking_pool,
             staking_lockup_blocks=_int(env, "STAKING_LOCKUP_BLOCKS", defaults.staking_lockup_blocks),
             staking_reward_per_block_rate=_amount(env, "STAKING_REWARD_PER_BLOCK_RATE")
-            node_name=env.get("HUB_NODE_NAME", "").strip(),
             or defaults.staking_reward_per_block_rate,
             game_session_idle_seconds=_float(env, "GAME_SESSION_IDLE_SECONDS", defaults.game_session_idle_seconds),
             game_leaderboard_interval=_float(env, "GAME_LEADERBOARD_INTERVAL", defaults.game_leaderboard_interval),

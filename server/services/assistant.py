@@ -6,7 +6,8 @@ tree; `send_message`, `edit_message` and `regenerate` each start an answer throu
 admit-and-start transaction (ownership, idempotency on `client_msg_id`, the per-user limits, the
 new rows), then let the caller watch the conversation before the job starts, so it misses no
 event. The conversation list's events (`conversation_created`, `conversation_titled`,
-`conversation_deleted`) go to the owner's user channel.
+`conversation_deleted`) go to the owner's user channel, as does `usage_changed` (the day's tokens,
+after each answer and each model-written title is counted).
 
 Jobs are server-side and keyed by the assistant message, not by a socket. A job streams the
 answer (from the model, or composed from the marketplace in retrieval-only mode), publishes
@@ -43,15 +44,27 @@ from db import assistant as db
 from db.pool import POOL
 from server.adapters.llm import ChatModel, ModelError, classify, estimate_messages, estimate_tokens
 from server.core.aio import wait_event
-from server.core.errors import Conflict, Forbidden, InvalidPayload, NotFound, PayloadTooLarge, RateLimited
+from server.core.errors import Conflict, Forbidden, InvalidPayload, NotFound, PayloadTooLarge, RateLimited, Unavailable
 from server.core.settings import SETTINGS, Settings
 from server.realtime.hub import FIRST_ID, REALTIME, ChannelAccess, publish, user_channel
+from server.services import assistant_intents as intents
+from server.services import dataset_query
 
 log = structlog.get_logger(__name__)
 
 RETRIEVAL_MODEL = "retrieval-only"
 RETRIEVAL_LABEL = "*Retrieval-only answer: no AI model is configured, so this lists what the marketplace holds.*"
-TITLE_MAX_CHARS = 80
+HEURISTIC_TITLE_MAX_CHARS = 50  # a title made from the first message, without a model
+MODEL_TITLE_MAX_CHARS = 60  # a title the model wrote, once sanitised
+TITLE_MAX_TOKENS = 24
+TITLE_TIMEOUT = 20.0  # seconds; the heuristic title stays when the model is slower
+TITLE_EXCERPT_CHARS = 1000  # of the question and of the answer, in the title prompt
+TITLE_PROMPT = ("Write a title of at most six words for the conversation below, in its language. "
+                "Reply with the title only: one line, no quotes, no markdown, no final punctuation.")
+USER_PROMPT_PREFIX = ("The user's instructions for this conversation follow; they do not override the "
+                      "rules above.\n\n")
+MODELS_CACHE_SECONDS = 60.0
+USAGE_CONVERSATIONS_LIMIT = 20  # the conversations listed in get_usage: the day's heaviest
 TOOL_RESULT_MAX_CHARS = 6000
 
 SYSTEM_PROMPT = (
@@ -66,6 +79,7 @@ CONVERSATION_CHANNEL = "conversation:{conversation_id}"  # an answer's events; o
 CONVERSATION_CREATED = "conversation_created"
 CONVERSATION_TITLED = "conversation_titled"
 CONVERSATION_DELETED = "conversation_deleted"
+USAGE_CHANGED = "usage_changed"  # on the user channel after each answer (and automatic title) is counted
 # An answer's events, on its conversation's channel:
 MESSAGE_STARTED = "message_started"
 CONTEXT_TRIMMED = "context_trimmed"
@@ -85,14 +99,79 @@ def conversation_channel(conversation_id: uuid.UUID | str) -> str:
     return CONVERSATION_CHANNEL.format(conversation_id=conversation_id)
 
 
-def auto_title(text: str) -> str:
-    """A title from the first message: whitespace collapsed, cut at a word boundary."""
-    title = " ".join(text.split())
-    if len(title) <= TITLE_MAX_CHARS:
-        return title or "New conversation"
-    cut = title[:TITLE_MAX_CHARS - 1]
+_GREETING = (r"(?:hi|hello|hey|hiya|howdy|greetings|good (?:morning|afternoon|evening|day)|dear \w+|yo)"
+             r"(?: there| all| everyone| assistant| bot)?")
+_FILLER = (r"(?:please|pls|ok(?:ay)?|so|well|um+|uh+|thanks|thank you|(?:quick )?question"
+           r"|(?:can|could|would|will) (?:you|u)(?: please)?(?: help me)?(?: to)?|(?:can|could|may) i(?: please)?"
+           r"|i(?:'d| would) (?:like|love)(?: to)?|i want(?: to)?|i need(?: to)?|i(?:'m| am) (?:looking|searching) for"
+           r"|looking for|help me(?: to)?|tell me(?: about)?|show me|find me|give me|get me|let me know"
+           r"|(?:do|does) (?:you|anyone|anybody) know|is it possible to)")
+_QUESTION = (r"(?:what|which|who|whom|whose|where|when|why|how(?: much| many)?|is there|are there"
+             r"|is|are|was|were|do|does|did|can|could|should|would|will|have|has)")
+_LEAD_WORD = r"(?:a|an|the|some|any|me|you|i|it|there|about)"
+_LEADING = re.compile(rf"^(?:{_GREETING}|{_FILLER}|{_QUESTION}|{_LEAD_WORD})\b[\s,!.?:;-]*", re.IGNORECASE)
+_TRAILING = re.compile(r"[\s,]+(?:please|pls|thanks|thank you|thx|for me|for us|do you (?:have|offer|sell|know)"
+                       r"|are (?:there|available)|is (?:there|available)|available)[\s!.?]*$", re.IGNORECASE)
+_CONNECTORS = {"a", "an", "the", "and", "or", "of", "for", "to", "in", "on", "with", "about", "by", "from", "at"}
+_MARKUP = re.compile(r"[*_`#>\"“”„«»\[\]]+")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _cut_words(title: str, limit: int) -> str:
+    """At most `limit` characters, cut at a word boundary (mid-word only for one long word)."""
+    if len(title) <= limit:
+        return title
+    cut = title[:limit + 1]
     space = cut.rfind(" ")
-    return (cut[:space] if space > TITLE_MAX_CHARS // 2 else cut).rstrip(" ,.;:") + "…"
+    return cut[:space] if space > 0 else title[:limit]
+
+
+def heuristic_title(text: str) -> str:
+    """A title from the first message without a model: greetings, filler and question words
+    dropped, the key words kept, cut at a word boundary (at most 50 characters), capitalised."""
+    original = " ".join(_MARKUP.sub(" ", _CONTROL.sub(" ", text)).split())
+    title = original
+    while True:
+        shorter = _LEADING.sub("", title, count=1)
+        if shorter == title:
+            break
+        title = shorter
+    while True:
+        shorter = _TRAILING.sub("", title)
+        if shorter == title:
+            break
+        title = shorter
+    title = title.strip(" ?!.,;:…-")
+    if not any(ch.isalnum() for ch in title):
+        title = original.strip(" ?!.,;:…-")  # nothing but filler ("Hi!"): the words as they were
+    if len(title) > HEURISTIC_TITLE_MAX_CHARS:
+        words = _cut_words(title, HEURISTIC_TITLE_MAX_CHARS).split(" ")
+        while len(words) > 1 and words[-1].lower() in _CONNECTORS:
+            words.pop()  # "Weather data for" reads cut off: "Weather data"
+        title = " ".join(words).rstrip(" ?!.,;:…-")
+    if not title:
+        return "New conversation"
+    return title[0].upper() + title[1:]
+
+
+def sanitise_title(text: str) -> str | None:
+    """The model's title as one clean line (no quotes, no markdown, at most 60 characters); None
+    when nothing usable is left."""
+    line = next((ln for ln in text.splitlines() if ln.strip()), "")
+    line = re.sub(r"^\s*(?:#+|[-*>•]|\d+[.)])\s+", "", line)  # a heading or list marker
+    line = re.sub(r"^\s*(?:conversation )?title\s*:\s*", "", line, flags=re.IGNORECASE)
+    line = " ".join(_MARKUP.sub("", _CONTROL.sub(" ", line)).split())
+    line = line.strip(" '‘’.,;:!-")
+    if not any(ch.isalnum() for ch in line):
+        return None
+    return _cut_words(line, MODEL_TITLE_MAX_CHARS).rstrip(" '‘’.,;:!-")
+
+
+def title_messages(question: str, answer: str) -> list[dict[str, Any]]:
+    """The prompt that asks the model for a conversation's title."""
+    return [{"role": "system", "content": TITLE_PROMPT},
+            {"role": "user", "content": f"User: {question[:TITLE_EXCERPT_CHARS]}\n\n"
+                                        f"Assistant: {answer[:TITLE_EXCERPT_CHARS]}"}]
 
 
 # --- tools ----------------------------------------------------------------------------------------
@@ -116,6 +195,11 @@ TOOL_SPECS = [
           {"datapod_ids": {"type": "array", "items": _UUID, "minItems": 2, "maxItems": 5}}, ("datapod_ids",)),
     _tool("list_categories", "The marketplace's categories with counts and price ranges.", {}),
     _tool("my_purchases", "The signed-in user's purchases.", {}),
+    _tool("query_dataset", "Run one read-only SQL SELECT (DuckDB) over the full dataset of a DataPod the user "
+          "bought or sells; the table is named data, its columns are the DataPod's schema (get_datapod). "
+          "Returns columns and rows (at most a few hundred; truncated says when there were more).",
+          {"datapod_id": _UUID, "sql": {"type": "string", "minLength": 1, "maxLength": dataset_query.MAX_SQL_CHARS}},
+          ("datapod_id", "sql")),
 ]
 _TOOL_VALIDATORS = {spec["function"]["name"]: jsonschema.Draft202012Validator(spec["function"]["parameters"])
                     for spec in TOOL_SPECS}
@@ -133,8 +217,9 @@ def first_tool_choice(setting: str) -> str | dict[str, Any] | None:
                      f"got {setting!r}")
 
 
-async def run_tool(conn: asyncpg.Connection, user_id: uuid.UUID, name: str, args: dict[str, Any]) -> Any:
-    """Run one read-only tool; raises ValueError for unknown tools or bad arguments."""
+async def run_tool(conn: asyncpg.Connection, user_id: uuid.UUID, name: str, args: dict[str, Any],
+                   app: web.Application | None = None) -> Any:
+    """Run one read-only tool; raises ValueError for unknown tools or bad arguments (query_dataset needs `app`)."""
     validator = _TOOL_VALIDATORS.get(name)
     if validator is None:
         raise ValueError(f"unknown tool {name!r}")
@@ -154,6 +239,10 @@ async def run_tool(conn: asyncpg.Connection, user_id: uuid.UUID, name: str, args
         return [p for p in pods if p is not None]
     if name == "list_categories":
         return await db.list_categories(conn)
+    if name == "query_dataset":
+        if app is None:
+            raise ValueError("query_dataset is not available here")
+        return await dataset_query.tool_result(app, user_id, args)
     return await db.my_purchases(conn, user_id)
 
 
@@ -198,6 +287,8 @@ class Generation:
     task: asyncio.Task | None = None
     listeners: list[asyncio.Queue] = dataclasses.field(default_factory=list)
     done: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    model: str | None = None  # the model that answers (the conversation's); None: the default
+    system_prompt: str | None = None  # the conversation's own, after the platform's
 
     @property
     def channel(self) -> str:
@@ -225,10 +316,50 @@ class Assistant:
         self.model = ChatModel(self.settings) if self.settings.openai_base_url else None
         self.first_tool_choice = first_tool_choice(self.settings.ai_tool_choice)
         self.jobs: dict[uuid.UUID, Generation] = {}
+        self.title_jobs: set[asyncio.Task] = set()
+        self._models: tuple[float, list[str]] | None = None  # (when read, the endpoint's model ids)
 
     @property
     def model_name(self) -> str:
         return self.settings.ai_model if self.model else RETRIEVAL_MODEL
+
+    @property
+    def allowed_models(self) -> frozenset[str]:
+        """The models a conversation may choose: AI_MODEL_ALLOWLIST, and AI_MODEL always."""
+        return frozenset(self.settings.ai_model_allowlist) | {self.settings.ai_model}
+
+    def answering_model(self, chosen: str | None) -> str:
+        """The model a conversation's answers use: its choice while still allowed, else the default."""
+        if self.model is None:
+            return RETRIEVAL_MODEL
+        return chosen if chosen in self.allowed_models else self.settings.ai_model
+
+    def check_model(self, chosen: str | None) -> None:
+        """A conversation's model choice: None (the default) or an allowed model; InvalidPayload otherwise."""
+        if chosen is None:
+            return
+        if self.model is None:
+            raise InvalidPayload("no model is configured: the assistant is retrieval-only", field="model")
+        if chosen not in self.allowed_models:
+            raise InvalidPayload("this model is not offered (see list_models)", field="model")
+
+    async def list_models(self) -> dict[str, Any]:
+        """The endpoint's models that are allowed (its list is read at most once a minute)."""
+        if self.model is None:
+            return {"mode": "retrieval_only", "default": RETRIEVAL_MODEL,
+                    "models": [{"id": RETRIEVAL_MODEL, "default": True}]}
+        now = time.monotonic()
+        if self._models is None or now - self._models[0] > MODELS_CACHE_SECONDS:
+            try:
+                ids = await self.model.list_models()
+            except ModelError as exc:
+                raise Unavailable("the model endpoint cannot list its models", reason=exc.code) from exc
+            self._models = (now, ids)
+        allowed = self.allowed_models
+        default = self.settings.ai_model
+        return {"mode": "model", "default": default,
+                "models": [{"id": i, "default": i == default} for i in dict.fromkeys(self._models[1])
+                           if i in allowed]}
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -259,6 +390,10 @@ class Assistant:
 
     async def shutdown(self) -> None:
         """Cancel every running job; each marks its answer interrupted."""
+        for job in list(self.title_jobs):
+            job.cancel()  # a title is a nicety: the heuristic one stays
+        if self.title_jobs:
+            await asyncio.wait(list(self.title_jobs), timeout=5)
         jobs = list(self.jobs.values())
         for gen in jobs:
             gen.stop_reason = gen.stop_reason or "shutdown"
@@ -348,7 +483,7 @@ class Assistant:
         try:
             await self._gen_event(gen, MESSAGE_STARTED, {
                 "message_id": str(gen.message_id), "conversation_id": str(gen.conversation_id),
-                "parent_id": str(gen.parent_id), "model": self.model_name,
+                "parent_id": str(gen.parent_id), "model": gen.model or self.model_name,
                 "mode": "model" if self.model else "retrieval_only", "user_message": gen.user_message})
             async with asyncio.timeout(settings.ai_generation_timeout):
                 if self.model is not None:
@@ -410,7 +545,9 @@ class Assistant:
                     error=error.to_event() if error else None)
                 titled = None
                 if row is not None and status == "complete" and gen.user_message is not None:
-                    titled = auto_title(gen.user_message["content"])
+                    # The first complete exchange claims the title (once: set_title_if_unset) with
+                    # the heuristic one; with a model, a job then asks it for a better one.
+                    titled = heuristic_title(gen.user_message["content"])
                     if not await db.set_title_if_unset(conn, gen.conversation_id, titled):
                         titled = None
         if row is None:
@@ -426,14 +563,64 @@ class Assistant:
             data = {"conversation_id": str(gen.conversation_id), "title": titled, "auto": True}
             await self._gen_event(gen, CONVERSATION_TITLED, data)
             await self._publish(user_channel(gen.user_id), CONVERSATION_TITLED, data)
+            if self.model is not None and gen.user_message is not None:
+                job = asyncio.create_task(self._title_job(gen, titled, gen.user_message["content"], gen.content),
+                                          name=f"assistant-title:{gen.conversation_id}")
+                self.title_jobs.add(job)
+                job.add_done_callback(self.title_jobs.discard)
+        await self._publish_usage(gen.user_id, gen.conversation_id)
         log.info("assistant_generation_finished", message_id=str(gen.message_id), status=status,
                  seq=gen.seq, code=error.code if error else None)
+
+    async def _title_job(self, gen: Generation, heuristic: str, question: str, answer: str) -> None:
+        """Ask the model for the conversation's title; it replaces the heuristic one unless the user
+        renamed it meanwhile. Any failure keeps the heuristic title. Its tokens count to the quota."""
+        assert self.model is not None
+        messages = title_messages(question, answer)
+        try:
+            async with asyncio.timeout(TITLE_TIMEOUT):
+                text, prompt_tokens, completion_tokens = await self.model.complete(
+                    messages, model=gen.model, max_tokens=TITLE_MAX_TOKENS)
+        except Exception as exc:  # noqa: BLE001 - the heuristic title stays
+            log.info("assistant_title_failed", conversation_id=str(gen.conversation_id),
+                     error=str(classify(exc)))
+            return
+        title = sanitise_title(text)
+        try:
+            async with self.pool.acquire() as conn:
+                async with conn.transaction():
+                    await db.record_title_usage(
+                        conn, gen.user_id, gen.conversation_id,
+                        prompt_tokens if prompt_tokens is not None else estimate_messages(messages),
+                        completion_tokens if completion_tokens is not None else estimate_tokens(text))
+                    replaced = bool(title) and title != heuristic and await db.replace_auto_title(
+                        conn, gen.conversation_id, heuristic, title)
+        except Exception:  # noqa: BLE001 - a background job: nobody else would see it
+            log.warning("assistant_title_save_failed", conversation_id=str(gen.conversation_id), exc_info=True)
+            return
+        if replaced:
+            data = {"conversation_id": str(gen.conversation_id), "title": title, "auto": True}
+            await self._publish(gen.channel, CONVERSATION_TITLED, data)
+            await self._publish(user_channel(gen.user_id), CONVERSATION_TITLED, data)
+        await self._publish_usage(gen.user_id, gen.conversation_id)
+
+    async def _publish_usage(self, user_id: uuid.UUID, conversation_id: uuid.UUID) -> None:
+        """`usage_changed` on the user's channel: the day's usage after an answer or title was counted."""
+        try:
+            async with self.pool.acquire() as conn:
+                summary = await usage_summary(self.settings, conn, user_id)
+        except Exception:  # noqa: BLE001 - get_usage still answers
+            log.warning("assistant_usage_read_failed", user_id=str(user_id), exc_info=True)
+            return
+        await self._publish(user_channel(user_id), USAGE_CHANGED,
+                            {**summary, "conversation_id": str(conversation_id)})
 
     # --- context ----------------------------------------------------------------------------
 
     async def context(self, gen: Generation) -> tuple[list[dict[str, Any]], int]:
-        """System prompt + the newest turns that fit the budget (whole tool pairs, oldest dropped
-        first); returns the messages and how many stored messages were left out."""
+        """System prompts (the platform's, then the conversation's) + the newest turns that fit the
+        budget (whole tool pairs, oldest dropped first); returns the messages and how many stored
+        messages were left out."""
         async with self.pool.acquire() as conn:
             rows = await db.branch(conn, gen.parent_id)
         units: list[list[dict[str, Any]]] = []
@@ -450,6 +637,9 @@ class Assistant:
                 unit.append({"role": "assistant", "content": row.content})
                 units.append(unit)
         system = [{"role": "system", "content": SYSTEM_PROMPT}]
+        if gen.system_prompt:
+            # After the platform's, never instead of it: its rules still hold.
+            system.append({"role": "system", "content": USER_PROMPT_PREFIX + gen.system_prompt})
         budget = self.settings.ai_context_tokens - self.settings.ai_max_output_tokens - estimate_messages(system)
         kept: list[list[dict[str, Any]]] = []
         used = 0
@@ -477,8 +667,12 @@ class Assistant:
                 "message_id": str(gen.message_id), "dropped_messages": dropped,
                 "budget_tokens": self.settings.ai_context_tokens})
         rounds = self.settings.ai_max_tool_rounds
+        specs = TOOL_SPECS
+        if rounds and not await dataset_query.holds_data(self.app, gen.user_id):
+            # Offered only to users with a dataset to query: the others' prompts stay as they were.
+            specs = [spec for spec in TOOL_SPECS if spec["function"]["name"] != "query_dataset"]
         for round_no in range(rounds + 1):
-            tools = TOOL_SPECS if round_no < rounds else None
+            tools = specs if round_no < rounds else None
             # Forcing every round would loop until the rounds run out: only the first is forced.
             tool_choice = self.first_tool_choice if tools and round_no == 0 else None
             text_before = gen.seq
@@ -487,7 +681,7 @@ class Assistant:
             usage = None
             prompt_estimate = estimate_messages(messages)
             # aclosing: a stop cancels us between chunks too, and the HTTP stream must close then.
-            async with contextlib.aclosing(self.model.stream(messages, tools, tool_choice)) as chunks:
+            async with contextlib.aclosing(self.model.stream(messages, tools, tool_choice, gen.model)) as chunks:
                 async for chunk in chunks:
                     if gen.stop_reason is not None:
                         raise asyncio.CancelledError  # see emit()
@@ -536,6 +730,10 @@ class Assistant:
             for c in calls]})
         for call in calls:
             result, ok = await self._call_tool(gen, call["id"], call["name"], call["arguments"])
+            if ok and call["name"] == "query_dataset":
+                # The rows stream into the answer as a table; the model then explains them.
+                table = dataset_query.QueryResult.from_public(result).to_markdown()
+                await self.emit(gen, ("\n\n" if gen.content else "") + table + "\n\n")
             content = json.dumps(result, default=str)
             if len(content) > TOOL_RESULT_MAX_CHARS:
                 content = content[:TOOL_RESULT_MAX_CHARS] + "…(truncated)"
@@ -546,7 +744,8 @@ class Assistant:
     async def _call_tool(self, gen: Generation, call_id: str, name: str, arguments: str) -> tuple[Any, bool]:
         """Run a tool with a time bound, announcing it; errors go back to the model as results."""
         try:
-            args = json.loads(arguments or "{}")
+            # strict=False: models write raw newlines inside JSON strings (an SQL query over lines).
+            args = json.loads(arguments or "{}", strict=False)
             if not isinstance(args, dict):
                 raise ValueError("arguments must be a JSON object")
         except ValueError:
@@ -560,8 +759,11 @@ class Assistant:
                 raise ValueError("arguments are not valid JSON")
             # asyncio.timeout, not wait_for: a stop cancelling this task as the tool's timeout
             # fires must not be swallowed (gh-86296, see server.aio).
-            async with self.pool.acquire() as conn, asyncio.timeout(self.settings.ai_tool_timeout):
-                result = await run_tool(conn, gen.user_id, name, args)
+            timeout = self.settings.ai_tool_timeout
+            if name == "query_dataset":  # decrypting and loading come on top of the query's own limit
+                timeout = max(timeout, self.settings.dataset_query_timeout + 30)
+            async with self.pool.acquire() as conn, asyncio.timeout(timeout):
+                result = await run_tool(conn, gen.user_id, name, args, self.app)
             ok = True
         except asyncio.TimeoutError:
             result, ok = {"error": "the tool took too long"}, False
@@ -576,19 +778,57 @@ class Assistant:
     # --- retrieval-only ---------------------------------------------------------------------
 
     async def _retrieve(self, gen: Generation) -> None:
-        """Answer without a model: search the marketplace for the question, compose the results."""
-        question = gen.user_message["content"] if gen.user_message else ""
-        if not question:
+        """Answer without a model: the intent router (assistant_intents) reads the marketplace by
+        documented rules; each read is announced as a tool call. The disclaimer opens the branch's
+        first retrieval-only answer only."""
+        async with self.pool.acquire() as conn:
+            path = await db.branch(conn, gen.parent_id)
+        question = path[-1].content if path and path[-1].role == "user" else ""
+        if not question and gen.user_message:
+            question = gen.user_message["content"]
+        earlier = [m for m in path[:-1] if m.role == "assistant"]
+        previous: list[uuid.UUID] = []
+        if earlier:  # a follow-up ("which one...", "them") means the DataPods of the previous answer
+            ids = [i for call in earlier[-1].tool_calls or () for i in call.get("datapod_ids") or ()]
+            previous = [uuid.UUID(i) for i in dict.fromkeys(ids)]
+
+        async def tool(name: str, arguments: dict[str, Any], run: intents.Run) -> Any:
+            call_id = f"call_{gen.message_id.hex[:8]}_{len(gen.tool_calls)}"
+            await self._gen_event(gen, TOOL_CALLED, {
+                "message_id": str(gen.message_id), "call_id": call_id, "name": name, "arguments": arguments})
+            started = time.perf_counter()
+            try:
+                async with self.pool.acquire() as conn, asyncio.timeout(self.settings.ai_tool_timeout):
+                    raw = await run(conn)
+                result, ok = intents.public(raw), True
+            except asyncio.TimeoutError:
+                raw, result, ok = None, {"error": "the tool took too long"}, False
+            except Exception as exc:  # noqa: BLE001 - a failed read is reported in the answer, not fatal
+                log.warning("assistant_intent_tool_failed", name=name, exc_info=True)
+                raw, result, ok = None, {"error": type(exc).__name__}, False
+            ids = datapod_ids(result)
+            await self._gen_event(gen, TOOL_RETURNED, {
+                "message_id": str(gen.message_id), "call_id": call_id, "name": name, "ok": ok,
+                "datapod_ids": ids, "result": result,
+                "duration_ms": round((time.perf_counter() - started) * 1000, 1)})
+            content = json.dumps(result, default=str)
+            if len(content) > TOOL_RESULT_MAX_CHARS:
+                content = content[:TOOL_RESULT_MAX_CHARS] + "…(truncated)"
+            gen.tool_calls.append({"id": call_id, "name": name, "arguments": json.dumps(arguments, default=str),
+                                   "result": content, "ok": ok, "datapod_ids": ids})
+            if not ok:
+                raise intents.ToolFailed(result["error"])
+            return raw
+
+        async def read(run: intents.Run) -> Any:
             async with self.pool.acquire() as conn:
-                parent = await db.get_message(conn, gen.parent_id)
-            question = parent.content if parent else ""
-        call_id = f"call_{gen.message_id.hex[:8]}_0"
-        arguments = json.dumps({"query": question[:500], "limit": 5})
-        found, _ = await self._call_tool(gen, call_id, "search_datapods", arguments)
-        gen.tool_calls.append({"id": call_id, "name": "search_datapods", "arguments": arguments,
-                               "result": json.dumps(found, default=str)[:TOOL_RESULT_MAX_CHARS], "ok": True,
-                               "datapod_ids": datapod_ids(found)})
-        for piece in _chunks(_compose(found if isinstance(found, list) else [], question)):
+                return await run(conn)
+
+        ask = intents.Ask(question, gen.user_id, tool, previous, self.app, read)
+        intent, answer = await intents.route(ask)
+        log.info("assistant_intent", message_id=str(gen.message_id), intent=intent)
+        first = not any(m.model == RETRIEVAL_MODEL and m.content for m in earlier)
+        for piece in _chunks(_compose(answer, first)):
             await self.emit(gen, piece)
         gen.finish_reason = "stop"
 
@@ -596,18 +836,9 @@ class Assistant:
 ASSISTANT: web.AppKey[Assistant] = web.AppKey("assistant", Assistant)
 
 
-def _compose(pods: list[dict[str, Any]], question: str) -> str:
-    lines = [RETRIEVAL_LABEL, ""]
-    if not pods:
-        lines.append("No published DataPod matches your words. Try other keywords or browse the categories.")
-        return "\n".join(lines)
-    lines.append(f"DataPods matching “{auto_title(question)}”:")
-    lines.append("")
-    for n, pod in enumerate(pods, 1):
-        rating = f"{pod['average_rating']:.1f}★" if pod["average_rating"] else "not rated yet"
-        lines.append(f"{n}. **{pod['title']}** ({pod['category'] or 'uncategorised'}) — {pod['price_sui']} SUI, "
-                     f"{rating}, {pod['purchase_count']} sold. {pod['description']} [datapod:{pod['datapod_id']}]")
-    return "\n".join(lines)
+def _compose(answer: str, first: bool) -> str:
+    """A retrieval-only answer: the disclaimer on the conversation's first one, then the intent's markdown."""
+    return f"{RETRIEVAL_LABEL}\n\n{answer}" if first else answer
 
 
 def _chunks(text: str) -> list[str]:
@@ -638,8 +869,9 @@ async def own_conversation(access: ChannelAccess) -> bool:
     return owner == access.identity.user_id
 
 
-async def _owned_conversation(conn: asyncpg.Connection, user_id: uuid.UUID, conversation_id: uuid.UUID, *,
-                              for_update: bool = False) -> db.Conversation:
+async def owned_conversation(conn: asyncpg.Connection, user_id: uuid.UUID, conversation_id: uuid.UUID, *,
+                             for_update: bool = False) -> db.Conversation:
+    """The caller's conversation; NotFound when there is none, Forbidden when it is someone else's."""
     row = await db.get_conversation(conn, conversation_id, for_update=for_update)
     if row is None:
         raise NotFound("no such conversation", field="conversation_id")
@@ -648,7 +880,8 @@ async def _owned_conversation(conn: asyncpg.Connection, user_id: uuid.UUID, conv
     return row
 
 
-async def _owned_message(conn: asyncpg.Connection, user_id: uuid.UUID, message_id: uuid.UUID) -> db.Message:
+async def owned_message(conn: asyncpg.Connection, user_id: uuid.UUID, message_id: uuid.UUID) -> db.Message:
+    """The caller's message; NotFound when there is none, Forbidden when it is someone else's."""
     row = await db.get_message(conn, message_id)
     if row is None:
         raise NotFound("no such message", field="message_id")
@@ -659,10 +892,23 @@ async def _owned_message(conn: asyncpg.Connection, user_id: uuid.UUID, message_i
 
 # --- conversations --------------------------------------------------------------------------------
 
-async def create_conversation(app: web.Application, user_id: uuid.UUID, title: str | None) -> dict[str, Any]:
+def check_system_prompt(settings: Settings, text: str | None) -> str | None:
+    """A conversation's system prompt: within AI_SYSTEM_PROMPT_MAX_CHARS; blank is none."""
+    if text is None or not text.strip():
+        return None
+    limit = settings.ai_system_prompt_max_chars
+    if len(text) > limit:
+        raise PayloadTooLarge(f"a system prompt may hold at most {limit} characters", field="system_prompt")
+    return text.strip()
+
+
+async def create_conversation(app: web.Application, user_id: uuid.UUID, title: str | None,
+                              model: str | None = None, system_prompt: str | None = None) -> dict[str, Any]:
     """A new, empty conversation, announced on the owner's user channel."""
+    app[ASSISTANT].check_model(model)
+    system_prompt = check_system_prompt(app[SETTINGS], system_prompt)
     async with app[POOL].acquire() as conn:
-        row = await db.create_conversation(conn, user_id, title)
+        row = await db.create_conversation(conn, user_id, title, model, system_prompt)
     conversation = row.to_public()
     await publish(app, user_channel(user_id), CONVERSATION_CREATED, {"conversation": conversation})
     return {"conversation": conversation}
@@ -685,7 +931,7 @@ async def get_conversation(app: web.Application, user_id: uuid.UUID, conversatio
     """The user's conversation and the messages of its current branch, oldest first."""
     conversation_uuid = parse_uuid(conversation_id, "conversation_id")
     async with app[POOL].acquire() as conn:
-        row = await _owned_conversation(conn, user_id, conversation_uuid)
+        row = await owned_conversation(conn, user_id, conversation_uuid)
         messages = await db.branch(conn, row.current_leaf_id)
     return {"conversation": row.to_public(), "messages": [m.to_public() for m in messages]}
 
@@ -693,24 +939,75 @@ async def get_conversation(app: web.Application, user_id: uuid.UUID, conversatio
 async def rename_conversation(app: web.Application, user_id: uuid.UUID, conversation_id: str,
                               title: str) -> dict[str, Any]:
     """Give the user's conversation a title (whitespace collapsed), announced on both channels."""
-    title = " ".join(title.split())
-    if not title:
-        raise InvalidPayload("the title is empty", field="title")
+    return await update_conversation(app, user_id, conversation_id, {"title": title})
+
+
+async def update_conversation(app: web.Application, user_id: uuid.UUID, conversation_id: str,
+                              changes: dict[str, Any]) -> dict[str, Any]:
+    """Change the user's conversation: `title` (whitespace collapsed; announced on both channels, and
+    never replaced by an automatic one), `model` (null: the default) and/or `system_prompt` (null
+    or blank: none); only the fields given. All are checked before anything is written."""
+    if not changes.keys() & {"title", "model", "system_prompt"}:
+        raise InvalidPayload("nothing to change: give title, model or system_prompt")
+    title = None
+    if "title" in changes:
+        title = " ".join(changes["title"].split())
+        if not title:
+            raise InvalidPayload("the title is empty", field="title")
+    if "model" in changes:
+        app[ASSISTANT].check_model(changes["model"])
+    system_prompt = check_system_prompt(app[SETTINGS], changes.get("system_prompt"))
     conversation_uuid = parse_uuid(conversation_id, "conversation_id")
     async with app[POOL].acquire() as conn:
-        await _owned_conversation(conn, user_id, conversation_uuid)
-        row = await db.rename_conversation(conn, conversation_uuid, title)
-    data = {"conversation_id": conversation_id, "title": title, "auto": False}
-    await publish(app, conversation_channel(row.id), CONVERSATION_TITLED, data)
-    await publish(app, user_channel(user_id), CONVERSATION_TITLED, data)
+        async with conn.transaction():
+            row = await owned_conversation(conn, user_id, conversation_uuid, for_update=True)
+            if title is not None:
+                row = await db.rename_conversation(conn, conversation_uuid, title)
+            if "model" in changes or "system_prompt" in changes:
+                row = await db.update_settings(
+                    conn, conversation_uuid, set_model="model" in changes, model=changes.get("model"),
+                    set_system_prompt="system_prompt" in changes, system_prompt=system_prompt)
+    if title is not None:
+        data = {"conversation_id": conversation_id, "title": title, "auto": False}
+        await publish(app, conversation_channel(row.id), CONVERSATION_TITLED, data)
+        await publish(app, user_channel(user_id), CONVERSATION_TITLED, data)
     return {"conversation": row.to_public()}
+
+
+async def list_models(app: web.Application) -> dict[str, Any]:
+    """The models a conversation may choose (the endpoint's, filtered by AI_MODEL_ALLOWLIST)."""
+    return await app[ASSISTANT].list_models()
+
+
+async def usage_summary(settings: Settings, conn: asyncpg.Connection, user_id: uuid.UUID) -> dict[str, Any]:
+    """The user's tokens today (the quota's day, UTC), what the quota leaves and the rate limit."""
+    today = await db.tokens_today(conn, user_id)
+    started, _ = await db.generations_in_last_minute(conn, user_id)
+    quota = settings.ai_daily_token_quota
+    return {"day": today.day.isoformat(), "resets_in": round(today.reset_in, 3),
+            "today": {"prompt_tokens": today.prompt_tokens, "completion_tokens": today.completion_tokens,
+                      "total_tokens": today.total_tokens},
+            "quota": {"daily_tokens": quota, "used_tokens": today.total_tokens,
+                      "remaining_tokens": max(0, quota - today.total_tokens)},
+            "rate": {"messages_per_minute": settings.ai_messages_per_minute, "messages_last_minute": started}}
+
+
+async def get_usage(app: web.Application, user_id: uuid.UUID) -> dict[str, Any]:
+    """The user's usage today, and the conversations that used the most tokens today (at most 20)."""
+    async with app[POOL].acquire() as conn:
+        summary = await usage_summary(app[SETTINGS], conn, user_id)
+        rows = await db.usage_by_conversation_today(conn, user_id, USAGE_CONVERSATIONS_LIMIT)
+    return {**summary, "conversations": [
+        {"conversation_id": str(r.conversation_id), "title": r.title, "prompt_tokens": r.prompt_tokens,
+         "completion_tokens": r.completion_tokens, "total_tokens": r.total_tokens, "answers": r.answers}
+        for r in rows]}
 
 
 async def delete_conversation(app: web.Application, user_id: uuid.UUID, conversation_id: str) -> dict[str, Any]:
     """Delete the user's conversation and its messages; a running answer in it is dropped."""
     conversation_uuid = parse_uuid(conversation_id, "conversation_id")
     async with app[POOL].acquire() as conn:
-        await _owned_conversation(conn, user_id, conversation_uuid)
+        await owned_conversation(conn, user_id, conversation_uuid)
         await db.delete_conversation(conn, conversation_uuid)
     await app[ASSISTANT].drop_conversation(conversation_uuid)
     await publish(app, user_channel(user_id), CONVERSATION_DELETED, {"conversation_id": conversation_id})
@@ -748,10 +1045,10 @@ async def admit(settings: Settings, conn: asyncpg.Connection, user_id: uuid.UUID
     if count >= settings.ai_messages_per_minute:
         raise RateLimited(f"at most {settings.ai_messages_per_minute} messages per minute",
                           retry_after=max(0.1, 60.0 - oldest))
-    used, reset_in = await db.tokens_today(conn, user_id)
-    if used >= settings.ai_daily_token_quota:
+    today = await db.tokens_today(conn, user_id)
+    if today.total_tokens >= settings.ai_daily_token_quota:
         raise RateLimited(f"the daily quota of {settings.ai_daily_token_quota} tokens is used up "
-                          "(it resets at midnight UTC)", retry_after=reset_in)
+                          "(it resets at midnight UTC)", retry_after=today.reset_in)
 
 
 async def _admit_and_start(app: web.Application, user_id: uuid.UUID, locate: Locate, watch: Watch, *,
@@ -780,12 +1077,14 @@ async def _admit_and_start(app: web.Application, user_id: uuid.UUID, locate: Loc
                     conn, conversation_id=conversation.id, parent_id=parent_id, role="user", content=content,
                     client_msg_id=client_msg_id)
                 parent_id = user_message.id
+            model = assistant.answering_model(conversation.model)
             answer = await db.insert_message(
                 conn, conversation_id=conversation.id, parent_id=parent_id, role="assistant", content="",
-                status="streaming", model=assistant.model_name)
+                status="streaming", model=model)
             await db.set_leaf(conn, conversation.id, answer.id)
     gen = Generation(message_id=answer.id, conversation_id=conversation.id, user_id=user_id,
-                     parent_id=parent_id, user_message=user_message.to_public() if user_message else None)
+                     parent_id=parent_id, user_message=user_message.to_public() if user_message else None,
+                     model=model, system_prompt=conversation.system_prompt)
     await watch(gen)
     assistant.start(gen)
     if user_message is None:
@@ -801,7 +1100,7 @@ async def send_message(app: web.Application, user_id: uuid.UUID, conversation_id
     conversation_uuid = parse_uuid(conversation_id, "conversation_id")
 
     async def after_current_leaf(conn: asyncpg.Connection) -> tuple[db.Conversation, uuid.UUID | None]:
-        conversation = await _owned_conversation(conn, user_id, conversation_uuid, for_update=True)
+        conversation = await owned_conversation(conn, user_id, conversation_uuid, for_update=True)
         return conversation, conversation.current_leaf_id
 
     return await _admit_and_start(app, user_id, after_current_leaf, watch, content=content,
@@ -815,10 +1114,10 @@ async def edit_message(app: web.Application, user_id: uuid.UUID, message_id: str
     message_uuid = parse_uuid(message_id, "message_id")
 
     async def beside_original(conn: asyncpg.Connection) -> tuple[db.Conversation, uuid.UUID | None]:
-        original = await _owned_message(conn, user_id, message_uuid)
+        original = await owned_message(conn, user_id, message_uuid)
         if original.role != "user":
             raise InvalidPayload("only the user's own messages can be edited", field="message_id")
-        conversation = await _owned_conversation(conn, user_id, original.conversation_id, for_update=True)
+        conversation = await owned_conversation(conn, user_id, original.conversation_id, for_update=True)
         return conversation, original.parent_id
 
     return await _admit_and_start(app, user_id, beside_original, watch, content=content,
@@ -830,12 +1129,12 @@ async def regenerate(app: web.Application, user_id: uuid.UUID, message_id: str, 
     message_uuid = parse_uuid(message_id, "message_id")
 
     async def beside_previous(conn: asyncpg.Connection) -> tuple[db.Conversation, uuid.UUID | None]:
-        previous = await _owned_message(conn, user_id, message_uuid)
+        previous = await owned_message(conn, user_id, message_uuid)
         if previous.role != "assistant" or previous.parent_id is None:
             raise InvalidPayload("only an answer can be regenerated", field="message_id")
         if previous.status == "streaming":
             raise Conflict("this answer is still being written", field="message_id")
-        conversation = await _owned_conversation(conn, user_id, previous.conversation_id, for_update=True)
+        conversation = await owned_conversation(conn, user_id, previous.conversation_id, for_update=True)
         return conversation, previous.parent_id
 
     return await _admit_and_start(app, user_id, beside_previous, watch)
@@ -879,8 +1178,8 @@ async def switch_branch(app: web.Application, user_id: uuid.UUID, message_id: st
     message_uuid = parse_uuid(message_id, "message_id")
     async with app[POOL].acquire() as conn:
         async with conn.transaction():
-            message = await _owned_message(conn, user_id, message_uuid)
-            conversation = await _owned_conversation(conn, user_id, message.conversation_id, for_update=True)
+            message = await owned_message(conn, user_id, message_uuid)
+            conversation = await owned_conversation(conn, user_id, message.conversation_id, for_update=True)
             leaf = await db.newest_leaf_under(conn, message.id)
             await db.set_leaf(conn, conversation.id, leaf)
             row = await db.get_conversation(conn, conversation.id)
@@ -892,7 +1191,7 @@ async def stop_generation(app: web.Application, user_id: uuid.UUID, message_id: 
     """Stop the user's answer: at once on the process running it, else at its job's next save."""
     message_uuid = parse_uuid(message_id, "message_id")
     async with app[POOL].acquire() as conn:
-        message = await _owned_message(conn, user_id, message_uuid)
+        message = await owned_message(conn, user_id, message_uuid)
     if message.role != "assistant":
         raise InvalidPayload("only an answer can be stopped", field="message_id")
     if message.status != "streaming":
@@ -915,7 +1214,7 @@ async def resume_stream(app: web.Application, user_id: uuid.UUID, message_id: st
     """
     message_uuid = parse_uuid(message_id, "message_id")
     async with app[POOL].acquire() as conn:
-        message = await _owned_message(conn, user_id, message_uuid)
+        message = await owned_message(conn, user_id, message_uuid)
     if message.role != "assistant":
         raise InvalidPayload("only an answer has a stream", field="message_id")
     await join(conversation_channel(message.conversation_id))
@@ -988,7 +1287,7 @@ async def follow_answer(app: web.Application, user_id: uuid.UUID, message_id: st
                 break
             if not result.events:
                 async with app[POOL].acquire() as conn:
-                    row = await _owned_message(conn, user_id, message_uuid)  # not_found once deleted
+                    row = await owned_message(conn, user_id, message_uuid)  # not_found once deleted
                 if row.status != "streaming":  # ended, but its final event was not published (publish failed)
                     yield final_event(row)
                     return
@@ -1007,7 +1306,7 @@ async def follow_answer(app: web.Application, user_id: uuid.UUID, message_id: st
                     return
         else:  # it had ended when read: its final event, rebuilt from the saved row
             async with app[POOL].acquire() as conn:
-                row = await _owned_message(conn, user_id, message_uuid)
+                row = await owned_message(conn, user_id, message_uuid)
             yield final_event(row)
             return
 

@@ -269,7 +269,7 @@ def download_filename(title: str, file_type: str | None) -> str:
 class Download:
     """A purchased dataset whose blob passed its integrity check, ready to be decrypted to the buyer."""
 
-    purchase_id: uuid.UUID
+    purchase_id: uuid.UUID | None  # None: the seller's own dataset (dataset_query.py)
     filename: str
     content_type: str
     data_hash: str
@@ -330,6 +330,12 @@ async def open_download(app: web.Application, identity: Identity, purchase_id: u
 async def _verified_download(app: web.Application, purchase: queries.Purchase,
                              pod: queries.PodForSale) -> Download:
     """The purchase's dataset after pass one (GCM tag and data_hash) succeeded; nothing is logged."""
+    return await verified_dataset(app, pod, purchase.id)
+
+
+async def verified_dataset(app: web.Application, pod: queries.PodForSale,
+                           purchase_id: uuid.UUID | None = None) -> Download:
+    """A pod's dataset after pass one succeeded: a purchase's, or (purchase_id None) its seller's own."""
     key = unwrap_key(app[MASTER_KEY], pod.wrapped_key, str(pod.id).encode())
     blobs, nonce, aad = app[BLOBS], bytes.fromhex(pod.encryption_iv), str(pod.id).encode()
 
@@ -341,9 +347,9 @@ async def _verified_download(app: web.Application, purchase: queries.Purchase,
     except KeyError:
         raise Unavailable("the dataset's blob is not available right now") from None
     except delivery.IntegrityError as exc:
-        log.error("download_integrity_failed", purchase_id=str(purchase.id), datapod_id=str(pod.id), error=str(exc))
+        log.error("download_integrity_failed", purchase_id=str(purchase_id), datapod_id=str(pod.id), error=str(exc))
         raise IntegrityFailed("the stored dataset failed its integrity check; it was not served") from None
-    return Download(purchase_id=purchase.id, filename=download_filename(pod.title, pod.file_type),
+    return Download(purchase_id=purchase_id, filename=download_filename(pod.title, pod.file_type),
                     content_type=pod.file_type or "application/octet-stream", data_hash=pod.data_hash or digest,
                     size=size, stream=stream, key=key, nonce=nonce, aad=aad, expected_hash=pod.data_hash)
 
