@@ -56,7 +56,7 @@ import asyncpg  # noqa: E402
 from aiohttp import web  # noqa: E402
 
 from bench.fanout import Proc, cpu_seconds, free_port  # noqa: E402
-from bench.rewards import admin, start_server, wait_ready, with_database  # noqa: E402
+from bench.rewards import admin, start_server, stop_server, wait_ready, with_database  # noqa: E402
 
 TARGET_FIRST_TOKEN_P99_MS = 15.0
 TARGET_INTER_TOKEN_P99_MS = 5.0
@@ -392,11 +392,7 @@ async def run(args: argparse.Namespace, admin_dsn: str) -> None:
                 for c in conversations:
                     await c.close()
         finally:
-            process.terminate()
-            try:
-                process.wait(timeout=30)
-            except Exception:  # noqa: BLE001 - a hung server is killed
-                process.kill()
+            stop_server(process, timeout=30)
             upstream.stop()
             await admin(admin_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     for answer in answers:

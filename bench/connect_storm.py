@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import aiohttp  # noqa: E402
 
 from bench.fanout import NODE_DIR, ensure_node_modules, wait_port  # noqa: E402
-from bench.rewards import admin, free_port, start_server, wait_ready, with_database  # noqa: E402
+from bench.rewards import admin, free_port, start_server, stop_server, wait_ready, with_database  # noqa: E402
 from server.realtime.history import RedisHistory  # noqa: E402
 from server.realtime.redis import connect_redis  # noqa: E402
 
@@ -111,11 +111,7 @@ async def main() -> None:
             ours = await storm(url, "/marketplace", args.clients, str(tokens_file), CHANNEL, str(first))
             expected_replay = args.clients * (args.history - 1)
         finally:
-            process.terminate()
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
+            stop_server(process)
             keys = [key async for key in redis.scan_iter(match=prefix + "*")]
             if keys:
                 await redis.delete(*keys)

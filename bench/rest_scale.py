@@ -22,7 +22,6 @@ import asyncio
 import itertools
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import aiohttp  # noqa: E402
 import asyncpg  # noqa: E402
 
-from bench.rewards import admin, free_port, percentile, start_server, wait_ready, with_database  # noqa: E402
+from bench.rewards import admin, free_port, percentile, start_server, stop_server, wait_ready, with_database  # noqa: E402
 from db import marketplace as pod_queries  # noqa: E402
 from db import purchases as purchase_queries  # noqa: E402
 from db import seller as seller_queries  # noqa: E402
@@ -228,11 +227,7 @@ async def main() -> None:
             token, buyer_id = await buyer(url, dsn)
             results = await measure(url, dsn, token, buyer_id, args.requests)
         finally:
-            process.terminate()
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
+            stop_server(process)
             if args.keep or args.reuse:
                 print(f"database kept: {name} (--reuse {name})")
             else:

@@ -108,6 +108,16 @@ def start_server(dsn: str, port: int, data_dir: Path, log_path: Path, profile: s
                             stderr=subprocess.STDOUT)
 
 
+def stop_server(process: subprocess.Popen, timeout: float = 15.0) -> None:
+    """SIGTERM (a graceful shutdown), then SIGKILL if the server has not exited within `timeout` s."""
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 async def wait_ready(url: str, process: subprocess.Popen, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     async with aiohttp.ClientSession() as http:
@@ -235,11 +245,7 @@ async def main() -> None:
             stats = await drive(url, token, session_ids, args.game_servers, args.warmup, args.duration)
             result = await check(dsn, stats.acked_total)
         finally:
-            process.terminate()
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
+            stop_server(process)
             await admin(admin_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     ms = [v * 1000 for v in stats.latencies]
     print(f"sessions: {args.sessions}, game-server connections: {args.game_servers}, "

@@ -61,6 +61,7 @@ from server.services.assistant_history import assistant_history_ctx
 from server.services.auth import AUTH, AuthService, auth_ctx
 from server.services.block_producer import block_producer_ctx
 from server.services.dao import dao_ctx
+from server.services.dataset_query import dataset_query_ctx
 from server.services.datasets import blobs_ctx
 from server.services.demo_game import demo_game_ctx
 from server.services.escrow import escrow_ctx
@@ -198,6 +199,7 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(accounts_ctx)
     app.cleanup_ctx.append(assistant_ctx)
     app.cleanup_ctx.append(assistant_history_ctx)
+    app.cleanup_ctx.append(dataset_query_ctx)
     app.cleanup_ctx.append(block_producer_ctx)
     app.cleanup_ctx.append(blobs_ctx)
     app.cleanup_ctx.append(escrow_ctx)

@@ -96,25 +96,49 @@ class ScriptedModel:
     Each script entry is one request's answer: `{"status": 429, "headers": {...}}` for an error,
     `{"text": [...], "usage": {...} or None}` for a streamed answer, or
     `{"tool_calls": [{"name": ..., "arguments": {...}}]}` for a streamed tool call; `delay` slows
-    the text down, `break` drops the connection after it. `requests`
-    records what the server was sent.
+    the text down, `break` drops the connection after it. `requests` records the streamed requests.
+
+    A non-streamed request (the assistant's title call) never takes a step of the script, which
+    is meant for answers: it gets `title` (or HTTP `title_status`) after `title_delay` seconds, with
+    `title_usage`, and is recorded in `title_requests`. Without a `title` it fails (HTTP 503), so
+    the heuristic title stays and the call counts no tokens in tests that are not about titles.
     """
 
-    def __init__(self, script: list[dict[str, Any]]) -> None:
+    def __init__(self, script: list[dict[str, Any]], *, title: str | None = None, title_status: int | None = None,
+                 title_delay: float = 0.0, title_usage: dict[str, int] | None = None) -> None:
         self.script = list(script)
         self.requests: list[dict[str, Any]] = []
         self.times: list[float] = []
         self.disconnects = 0
+        self.title, self.title_status, self.title_delay = title, title_status, title_delay
+        self.title_usage = title_usage
+        self.title_requests: list[dict[str, Any]] = []
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self.completions)
         app.router.add_get("/v1/models", self.models)
         self.app = app
 
+    async def title_completion(self, body: dict[str, Any]) -> web.Response:
+        self.title_requests.append(body)
+        await asyncio.sleep(self.title_delay)
+        if self.title_status or self.title is None:
+            return web.json_response({"error": {"message": "scripted failure", "type": "server_error"}},
+                                     status=self.title_status or 503)
+        answer: dict[str, Any] = {
+            "id": "chatcmpl-title", "object": "chat.completion", "created": 0, "model": body["model"],
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": self.title}, "finish_reason": "stop"}]}
+        if self.title_usage is not None:
+            answer["usage"] = self.title_usage
+        return web.json_response(answer)
+
     async def models(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [{"id": "scripted", "object": "model"}]})
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        self.requests.append(await request.json())
+        body = await request.json()
+        if not body.get("stream"):
+            return await self.title_completion(body)
+        self.requests.append(body)
         self.times.append(time.monotonic())
         step = self.script.pop(0) if len(self.script) > 1 else self.script[0]
         if "status" in step:

@@ -10,7 +10,6 @@ import urllib.request
 import uuid
 
 import pytest
-from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from db.pool import POOL
@@ -23,41 +22,11 @@ USAGE = {"prompt_tokens": 42, "completion_tokens": 3, "total_tokens": 45}
 TITLE_USAGE = {"prompt_tokens": 30, "completion_tokens": 7, "total_tokens": 37}
 
 
-class TitledModel(ScriptedModel):
-    """ScriptedModel that also answers non-streamed completions (the title call) with `title`, or
-    with HTTP `title_status`, after `title_delay` seconds; those requests go to `title_requests`."""
-
-    def __init__(self, script: list[dict], title: str = "Title", title_status: int | None = None,
-                 title_delay: float = 0.0) -> None:
-        super().__init__(script)
-        self.title, self.title_status, self.title_delay = title, title_status, title_delay
-        self.title_requests: list[dict] = []
-
-    async def completions(self, request: web.Request) -> web.StreamResponse:
-        body = await request.json()
-        if body.get("stream"):
-            return await super().completions(request)
-        self.title_requests.append(body)
-        await asyncio.sleep(self.title_delay)
-        if self.title_status:
-            return web.json_response({"error": {"message": "scripted failure", "type": "server_error"}},
-                                     status=self.title_status)
-        return web.json_response({
-            "id": "chatcmpl-title", "object": "chat.completion", "created": 0, "model": body["model"],
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": self.title},
-                         "finish_reason": "stop"}],
-            "usage": TITLE_USAGE})
-
-
-async def titled_model(script: list[dict], **options) -> tuple[TitledModel, TestServer]:
-    model = TitledModel(script, **options)
+async def titled_model(script: list[dict], **options) -> tuple[ScriptedModel, TestServer]:
+    model = ScriptedModel(script, title=options.pop("title", "Title"), title_usage=TITLE_USAGE, **options)
     server = TestServer(model.app)
     await server.start_server()
     return model, server
-
-
-def streamed(model: ScriptedModel) -> list[dict]:
-    return [r for r in model.requests if r.get("stream")]
 
 
 def auth(user) -> dict:
@@ -204,7 +173,7 @@ async def test_the_conversation_model_and_system_prompt_are_sent_upstream(aiohtt
         message_id = (await alice.send(conversation_id, "hi"))["assistant_message"]["id"]
         await wait_finished(alice.sock, message_id)
         assert events(alice.sock, "message_started", message_id)[0]["model"] == "scripted-large"
-        request = streamed(model)[0]
+        request = model.requests[0]
         assert request["model"] == "scripted-large"
         assert [m["role"] for m in request["messages"]] == ["system", "system", "user"]
         assert request["messages"][0]["content"] == SYSTEM_PROMPT  # the platform's rules come first, unchanged
@@ -231,7 +200,7 @@ async def test_the_conversation_model_and_system_prompt_are_sent_upstream(aiohtt
         assert body["model"] is None and body["system_prompt"] is None and body["title"] == "Pirate"
         again = (await alice.send(conversation_id, "again"))["assistant_message"]["id"]
         await wait_finished(alice.sock, again)
-        request = streamed(model)[-1]
+        request = model.requests[-1]
         assert request["model"] == "scripted" and [m["role"] for m in request["messages"]].count("system") == 1
         # Someone else cannot change it.
         mallory = await sign_in(client, sockets)
@@ -255,7 +224,7 @@ async def test_the_system_prompt_counts_in_the_context_budget(aiohttp_client, se
         message_id = (await alice.send(crowded, "hi"))["assistant_message"]["id"]
         failed = await wait_finished(alice.sock, message_id)
         assert failed["type"] == "message_failed" and failed["code"] == "context_too_long"
-        assert len(streamed(model)) == 1
+        assert len(model.requests) == 1
     finally:
         await server.close()
 

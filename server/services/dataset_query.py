@@ -33,8 +33,7 @@ import re
 import threading
 import time
 import uuid
-import weakref
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, AsyncIterator, Callable, Iterator, TypeVar
 
 import duckdb
 import structlog
@@ -352,23 +351,21 @@ class _Gate:
     per_user: AttemptLimiter
 
 
-_GATES: "weakref.WeakKeyDictionary[web.Application, _Gate]" = weakref.WeakKeyDictionary()
+DATASET_QUERY_GATE: web.AppKey[_Gate] = web.AppKey("dataset_query_gate", _Gate)
 
 
-def _gate(app: web.Application) -> _Gate:
-    """The app's concurrency slots and per-user limiter, made on first use (shared through Redis when set)."""
-    gate = _GATES.get(app)
-    if gate is None:
-        settings = app[SETTINGS]
-        gate = _GATES[app] = _Gate(
-            running=asyncio.Semaphore(max(1, settings.dataset_query_concurrency)),
-            per_user=AttemptLimiter("dataset_query", max(1, settings.dataset_queries_per_minute), 60.0,
-                                    redis=app.get(REDIS), prefix=settings.redis_prefix, health=app.get(REDIS_HEALTH)))
-    return gate
+async def dataset_query_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The process's query slots and the per-user limiter (counted in Redis when there is one)."""
+    settings = app[SETTINGS]
+    app[DATASET_QUERY_GATE] = _Gate(
+        running=asyncio.Semaphore(max(1, settings.dataset_query_concurrency)),
+        per_user=AttemptLimiter("dataset_query", max(1, settings.dataset_queries_per_minute), 60.0,
+                                redis=app[REDIS], prefix=settings.redis_prefix, health=app[REDIS_HEALTH]))
+    yield
 
 
 async def _admit(app: web.Application, user_id: uuid.UUID) -> None:
-    retry_after = await _gate(app).per_user.hit(str(user_id))
+    retry_after = await app[DATASET_QUERY_GATE].per_user.hit(str(user_id))
     if retry_after:
         raise RateLimited(f"at most {app[SETTINGS].dataset_queries_per_minute} dataset queries per minute",
                           retry_after=retry_after)
@@ -422,7 +419,7 @@ async def _with_dataset(app: web.Application, user_id: uuid.UUID, datapod_id: uu
     """Check access, take a slot, decrypt, and run `work` in a worker thread on the loaded sandbox."""
     pod, purchase_id = await _held_pod(app, user_id, datapod_id)
     settings = app[SETTINGS]
-    running = _gate(app).running
+    running = app[DATASET_QUERY_GATE].running
     try:
         async with asyncio.timeout(settings.dataset_query_timeout):
             await running.acquire()
