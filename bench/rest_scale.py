@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import hashlib
 import itertools
 import os
 import statistics
@@ -86,8 +88,8 @@ async def seed(dsn: str, datapods: int) -> None:
                           ($2::text[])[1 + n % 10],
                           round((random() * 50)::numeric, 2),
                           'bench-blob-' || n, 1000 + n % 100000, md5(n::text) || md5(n::text),
-                          substr(md5(n::text), 1, 24), 'text/csv', 1000 + (n * 7919) % 100000000,
-                          jsonb_build_object('format', 'csv', 'row_count', (n * 104729) % 1000000,
+                          substr(md5(n::text), 1, 24), 'text/csv', 1000 + (n::bigint * 7919) % 100000000,
+                          jsonb_build_object('format', 'csv', 'row_count', (n::bigint * 104729) % 1000000,
                               'columns', jsonb_build_array(
                                   jsonb_build_object('name', ($1::text[])[1 + (n * 5) % 25], 'type', 'number'),
                                   jsonb_build_object('name', 'date', 'type', 'string'))),
@@ -215,6 +217,10 @@ async def main() -> None:
     dsn = with_database(admin_dsn, name)
     if not args.reuse:
         await admin(admin_dsn, f'CREATE DATABASE "{name}"')
+    # A kept database holds the server's wallets wrapped under its MASTER_KEY: every run on it must
+    # use the same keys, derived from its name (bench data only).
+    for variable in ("JWT_SECRET", "MASTER_KEY"):
+        os.environ[variable] = base64.urlsafe_b64encode(hashlib.sha256(f"{variable}:{name}".encode()).digest()).decode()
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory(prefix="hub-bench-rest-") as tmp:
