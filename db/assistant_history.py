@@ -180,6 +180,14 @@ async def put_feedback(conn: asyncpg.Connection, message_id: uuid.UUID, user_id:
             RETURNING {_FEEDBACK}""", message_id, user_id, rating, comment))
 
 
+async def feedback_on(conn: asyncpg.Connection, user_id: uuid.UUID, message_ids: list[uuid.UUID]) -> list[Feedback]:
+    """The user's ratings of these answers (those rated only)."""
+    rows = await conn.fetch(
+        f"SELECT {_FEEDBACK} FROM ai_message_feedback WHERE user_id = $1 AND message_id = ANY($2::uuid[])",
+        user_id, message_ids)
+    return [Feedback(**row) for row in rows]
+
+
 async def delete_feedback(conn: asyncpg.Connection, message_id: uuid.UUID, user_id: uuid.UUID) -> bool:
     """Withdraw the user's rating of an answer; whether there was one."""
     status = await conn.execute(

@@ -83,6 +83,17 @@ async def address_transactions(conn: asyncpg.Connection, address: str, before: i
     return found
 
 
+# The chain's latest transfers, every status, newest first: the primary key gives filter and order.
+LATEST_TRANSACTIONS = f"""
+    SELECT {chain.TX_COLUMNS} FROM transactions
+     WHERE transaction_id < $1 ORDER BY transaction_id DESC LIMIT $2"""
+
+
+async def latest_transactions(conn: asyncpg.Connection, before: int, limit: int) -> list[chain.Transaction]:
+    """The chain's transfers (every status) newest first, below the key `before`."""
+    return [chain.Transaction(**dict(row)) for row in await conn.fetch(LATEST_TRANSACTIONS, before, limit)]
+
+
 # --- the balance ledger -----------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -145,6 +156,10 @@ USER_MINING_REWARDS = f"""
     SELECT {_REWARD_COLUMNS} FROM mining_rewards
      WHERE user_id = $1 AND reward_id < $2 ORDER BY reward_id DESC LIMIT $3"""
 
+LATEST_MINING_REWARDS = f"""
+    SELECT {_REWARD_COLUMNS} FROM mining_rewards
+     WHERE reward_id < $1 ORDER BY reward_id DESC LIMIT $2"""
+
 # Served by the index alone: idx_mining_rewards_user_order carries the amount.
 USER_MINING_TOTAL = "SELECT count(*), coalesce(sum(amount), 0) FROM mining_rewards WHERE user_id = $1"
 
@@ -158,6 +173,11 @@ async def user_mining_rewards(conn: asyncpg.Connection, user_id: uuid.UUID, befo
                               ) -> list[MiningReward]:
     """A user's mining rewards newest first, below the key `before`."""
     return [MiningReward(**dict(row)) for row in await conn.fetch(USER_MINING_REWARDS, user_id, before, limit)]
+
+
+async def latest_mining_rewards(conn: asyncpg.Connection, before: int, limit: int) -> list[MiningReward]:
+    """Every miner's rewards newest first, below the key `before`."""
+    return [MiningReward(**dict(row)) for row in await conn.fetch(LATEST_MINING_REWARDS, before, limit)]
 
 
 async def user_mining_total(conn: asyncpg.Connection, user_id: uuid.UUID) -> tuple[int, Decimal]:

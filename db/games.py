@@ -95,6 +95,7 @@ class SessionForReward:
     reward_types: list[str] | None
     revenue_share: Decimal
     owner_id: uuid.UUID | None
+    username: str | None  # the player's name, for the events (None once the account is deleted)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -213,10 +214,13 @@ async def game_by_token_hash(conn: asyncpg.Connection, token_hash: str) -> Game 
 
 # --- sessions ----------------------------------------------------------------------------------
 
-async def player_wallet(conn: asyncpg.Connection, user_id: uuid.UUID) -> str | None:
-    """The wallet a user plays under: their KVP wallet, else their Sui address, else `user:<id>`."""
-    return await conn.fetchval(
-        "SELECT coalesce(wallet_address, sui_address, 'user:' || id::text) FROM users WHERE id = $1", user_id)
+async def player(conn: asyncpg.Connection, user_id: uuid.UUID) -> tuple[str, str] | None:
+    """The wallet a user plays under (their KVP wallet, else their Sui address, else `user:<id>`) and
+    their username; None for no such user."""
+    row = await conn.fetchrow(
+        """SELECT coalesce(wallet_address, sui_address, 'user:' || id::text) AS wallet, username
+           FROM users WHERE id = $1""", user_id)
+    return None if row is None else (row["wallet"], row["username"])
 
 
 async def start_session(conn: asyncpg.Connection, game_id: int, user_id: uuid.UUID,
@@ -277,6 +281,49 @@ async def session_rewards(conn: asyncpg.Connection, session_id: int, limit: int)
     return [StoredReward(**dict(row)) for row in rows]
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class GameEarnings:
+    """What one player earned in one game, over all their sessions of it."""
+
+    game_id: int
+    name: str | None
+    sessions: int
+    rewards_earned: Decimal
+    reward_count: int
+    last_played_at: dt.datetime
+
+    def to_public(self) -> dict[str, Any]:
+        return {"game_id": self.game_id, "name": self.name, "sessions": self.sessions,
+                "rewards_earned": money(self.rewards_earned), "reward_count": self.reward_count,
+                "last_played_at": self.last_played_at.isoformat()}
+
+
+async def user_sessions(conn: asyncpg.Connection, user_id: uuid.UUID, game_id: int | None, before: int,
+                        limit: int) -> list[tuple[GameSession, str | None]]:
+    """A player's sessions (of one game, or all) with id below `before`, newest first, with each game's name."""
+    rows = await conn.fetch(
+        f"""SELECT {_prefixed(_SESSION_COLUMNS, "s")}, g.name AS game_name
+            FROM game_sessions s JOIN games g ON g.game_id = s.game_id
+            WHERE s.user_id = $1 AND s.session_id < $2 AND ($3::int IS NULL OR s.game_id = $3)
+            ORDER BY s.session_id DESC LIMIT $4""", user_id, before, game_id, limit)
+    found = []
+    for row in rows:
+        values = dict(row)
+        name = values.pop("game_name")
+        found.append((GameSession(**values), name))
+    return found
+
+
+async def user_earnings(conn: asyncpg.Connection, user_id: uuid.UUID) -> list[GameEarnings]:
+    """A player's sessions and earnings per game, the most recently played game first."""
+    rows = await conn.fetch(
+        """SELECT s.game_id, g.name, count(*)::int AS sessions, sum(s.rewards_earned) AS rewards_earned,
+                  sum(s.reward_count)::int AS reward_count, max(s.session_start) AS last_played_at
+           FROM game_sessions s JOIN games g ON g.game_id = s.game_id
+           WHERE s.user_id = $1 GROUP BY s.game_id, g.name ORDER BY last_played_at DESC, s.game_id""", user_id)
+    return [GameEarnings(**dict(row)) for row in rows]
+
+
 # --- reward batches ----------------------------------------------------------------------------
 
 
@@ -285,8 +332,8 @@ async def lock_sessions_for_rewards(conn: asyncpg.Connection, session_ids: Itera
     rows = await conn.fetch(
         """SELECT s.session_id, s.game_id, s.user_id, s.player_wallet, s.status, s.rewards_earned,
                   s.reward_count, g.status AS game_status, g.max_reward_per_event, g.max_reward_per_minute,
-                  g.max_reward_per_session, g.reward_types, g.revenue_share, g.owner_id
-           FROM game_sessions s JOIN games g ON g.game_id = s.game_id
+                  g.max_reward_per_session, g.reward_types, g.revenue_share, g.owner_id, u.username
+           FROM game_sessions s JOIN games g ON g.game_id = s.game_id LEFT JOIN users u ON u.id = s.user_id
            WHERE s.session_id = ANY($1::int[]) ORDER BY s.session_id FOR UPDATE OF s""",
         sorted(set(session_ids)))
     return {row["session_id"]: SessionForReward(**dict(row)) for row in rows}

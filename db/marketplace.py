@@ -57,6 +57,7 @@ class DatapodSummary:
     purchase_count: int
     average_rating: Decimal
     tags: list[str]
+    row_count: int | None
     created_at: dt.datetime
     updated_at: dt.datetime
 
@@ -64,8 +65,9 @@ class DatapodSummary:
         """The JSON view of a listing entry."""
         return {"id": str(self.id), "title": self.title, "description": self.description,
                 "category": self.category, "price_sui": self.price_sui, "tags": self.tags,
-                "file_type": self.file_type, "file_size": self.file_size, "published": self.published,
-                "purchase_count": self.purchase_count, "average_rating": self.average_rating,
+                "file_type": self.file_type, "file_size": self.file_size, "row_count": self.row_count,
+                "published": self.published, "purchase_count": self.purchase_count,
+                "average_rating": self.average_rating,
                 "seller": {"id": str(self.seller_id) if self.seller_id else None,
                            "username": self.seller_username, "name": self.seller_name,
                            "average_rating": self.seller_rating},
@@ -161,7 +163,7 @@ _SUMMARY_COLUMNS = """d.id, d.seller_id, u.username AS seller_username, u.name A
     u.average_rating AS seller_rating, d.title, d.description, d.category, d.price_sui, d.file_type,
     d.file_size, d.published, d.purchase_count, d.average_rating,
     coalesce(ARRAY(SELECT jsonb_array_elements_text(d.schema -> 'tags')), '{}') AS tags,
-    d.created_at, d.updated_at"""
+    (d.schema ->> 'row_count')::bigint AS row_count, d.created_at, d.updated_at"""
 _DETAIL_COLUMNS = _SUMMARY_COLUMNS + """, d.data_hash, d.walrus_blob_id, d.walrus_storage_size,
     d.encryption_key_hash, d.schema - 'tags' AS schema, d.sample_data,
     (SELECT count(*) FROM reviews r WHERE r.datapod_id = d.id) AS review_count"""

@@ -66,6 +66,13 @@ async def handle_me(request: web.Request, identity: Identity) -> web.Response:
     return ok_response((await get_account(request.app[POOL], identity.user_id)).to_public())
 
 
+@routes.get("/api/v1/auth/google")
+@endpoint()
+async def handle_google_config(request: web.Request) -> web.Response:
+    """Whether Google sign-in is configured (`configured`) and the OAuth client id to ask Google with."""
+    return ok_response(request.app[AUTH].google_sign_in())
+
+
 @routes.post("/api/v1/auth/google")
 @endpoint(body=GOOGLE_SCHEMA)
 async def handle_google(request: web.Request, body: dict) -> web.Response:

@@ -362,6 +362,24 @@ async def handle_explorer_block_rewards(request: web.Request) -> web.Response:
         return ok_response(await explorer.block_mining_rewards(conn, _block_ref(request), after, _limit(request)))
 
 
+@routes.get("/api/v1/chain/transactions")
+@endpoint(query=NEWEST_PAGE_QUERY)
+async def handle_explorer_latest_transactions(request: web.Request) -> web.Response:
+    """A page of the chain's transfers, every status, newest first (?before, ?limit)."""
+    before = int_query(request, "before", minimum=1)
+    async with request.app[POOL].acquire() as conn:
+        return ok_response(await explorer.latest_transactions(conn, before, _limit(request)))
+
+
+@routes.get("/api/v1/chain/mining-rewards")
+@endpoint(query=NEWEST_PAGE_QUERY)
+async def handle_explorer_latest_rewards(request: web.Request) -> web.Response:
+    """A page of every miner's rewards, newest first (?before, ?limit)."""
+    before = int_query(request, "before", minimum=1)
+    async with request.app[POOL].acquire() as conn:
+        return ok_response(await explorer.latest_mining_rewards(conn, before, _limit(request)))
+
+
 @routes.get("/api/v1/chain/addresses/{address}")
 @endpoint(path={"address": KVP_ADDRESS})
 async def handle_explorer_address(request: web.Request) -> web.Response:

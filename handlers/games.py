@@ -73,6 +73,7 @@ QUERY_LIMIT = {"type": "integer", "minimum": 0, "maximum": MAX_PAGE}  # 0 reads 
 GAMES_QUERY = obj({"status": {"enum": list(service.GAME_STATUSES)}, "after": QUERY_COUNT, "limit": QUERY_LIMIT})
 LEADERBOARD_QUERY = obj({"period": {"enum": list(service.PERIODS)}, "limit": QUERY_LIMIT})
 ALLOCATIONS_QUERY = obj({"before": INTEGER_ID, "limit": PAGE_LIMIT})
+MY_SESSIONS_QUERY = obj({"game_id": INTEGER_ID, "before": INTEGER_ID, "limit": PAGE_LIMIT})
 POOL_PATH = {"pool_id": COUNT}
 GAME_CALLER_DOC = "\n\nCalled by the session's player (`Authorization: Bearer <token>`) or its game server " \
                   "(`Authorization: Game <game token>`)."
@@ -272,6 +273,17 @@ async def handle_get_session(request: web.Request) -> web.Response:
     limit = max(1, _int_param(request.query.get("rewards"), "rewards", default=20, maximum=MAX_PAGE))
     async with request.app[POOL].acquire() as conn:
         return ok_response(await service.session_with_rewards(conn, session_id, limit))
+
+
+@routes.get("/api/v1/me/game-sessions")
+@endpoint(auth="user", query=MY_SESSIONS_QUERY)
+async def handle_my_sessions(request: web.Request, identity: Identity) -> web.Response:
+    """The caller's own sessions, newest first (?game_id, ?before, ?limit), and their earnings per game."""
+    game_id = int_query(request, "game_id", minimum=1)
+    before = int_query(request, "before", minimum=1)
+    limit = int_query(request, "limit", minimum=1, maximum=MAX_PAGE) or DEFAULT_PAGE
+    async with request.app[POOL].acquire() as conn:
+        return ok_response(await service.player_sessions(conn, identity.user_id, game_id, before, limit))
 
 
 @routes.post("/api/v1/game-sessions/{session_id}/rewards")

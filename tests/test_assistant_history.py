@@ -293,6 +293,22 @@ async def test_feedback_upsert_withdraw_and_only_on_own_answers(client, sockets,
     assert await db.fetchval("SELECT count(*) FROM ai_message_feedback") == 0
 
 
+async def test_the_branch_read_carries_the_callers_own_ratings(client, sockets):
+    alice = await sign_in(client, sockets)
+    conversation_id = await alice.conversation()
+    first = (await answered(alice, conversation_id, "Any ocean temperature data?"))["assistant_message"]["id"]
+    second = (await answered(alice, conversation_id, "Any rain data?"))["assistant_message"]["id"]
+    assert (await alice.ok("get_conversation", {"conversation_id": conversation_id}))["feedback"] == []
+    await alice.ok("give_feedback", {"message_id": second, "rating": "down", "comment": "No units."})
+
+    read = await alice.ok("get_conversation", {"conversation_id": conversation_id})
+    assert [(f["message_id"], f["rating"], f["comment"]) for f in read["feedback"]] == [(second, "down", "No units.")]
+    status, body = await rest(client, "GET", f"/api/v1/conversations/{conversation_id}", alice)
+    assert status == 200 and body["data"]["feedback"] == read["feedback"]
+    switched = await alice.ok("switch_branch", {"message_id": first})
+    assert [f["message_id"] for f in switched["feedback"]] == [second]  # the branch through the first holds both
+
+
 async def test_admins_list_feedback_newest_first(client, sockets, db):
     admin = await register(client)
     await make_admin(db, admin)

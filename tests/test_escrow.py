@@ -99,7 +99,8 @@ async def test_platform_fee_goes_to_the_fee_wallet(fast, aiohttp_client, db):
     assert await escrow_balance(hub, db) == 0
     terms = (await (await hub.get("/api/v1/escrow")).json())["data"]
     assert terms == {"chain": "kvp", "address": escrow_address(hub), "platform_fee_rate": "0.1",
-                     "release_seconds": fast.escrow_release_seconds, "custodial": True}
+                     "release_seconds": fast.escrow_release_seconds, "block_seconds": fast.block_interval_seconds,
+                     "custodial": True}
 
 
 async def test_dispute_freezes_release_and_an_admin_refunds_from_the_queue(fast, aiohttp_client, db, sockets):

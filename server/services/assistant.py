@@ -41,6 +41,7 @@ import structlog
 from aiohttp import web
 
 from db import assistant as db
+from db import assistant_history as history_db
 from db.pool import POOL
 from server.adapters.llm import ChatModel, ModelError, classify, estimate_messages, estimate_tokens
 from server.core.aio import wait_event
@@ -933,7 +934,16 @@ async def get_conversation(app: web.Application, user_id: uuid.UUID, conversatio
     async with app[POOL].acquire() as conn:
         row = await owned_conversation(conn, user_id, conversation_uuid)
         messages = await db.branch(conn, row.current_leaf_id)
-    return {"conversation": row.to_public(), "messages": [m.to_public() for m in messages]}
+        return await branch_answer(conn, user_id, row, messages)
+
+
+async def branch_answer(conn: asyncpg.Connection, user_id: uuid.UUID, conversation: db.Conversation,
+                        messages: list[db.Message]) -> dict[str, Any]:
+    """A conversation's branch as get_conversation and switch_branch answer it: with the caller's
+    ratings of its answers (`feedback`), so a page shows them again."""
+    rated = await history_db.feedback_on(conn, user_id, [m.id for m in messages if m.role == "assistant"])
+    return {"conversation": conversation.to_public(), "messages": [m.to_public() for m in messages],
+            "feedback": [f.to_public() for f in rated]}
 
 
 async def rename_conversation(app: web.Application, user_id: uuid.UUID, conversation_id: str,
@@ -1184,7 +1194,7 @@ async def switch_branch(app: web.Application, user_id: uuid.UUID, message_id: st
             await db.set_leaf(conn, conversation.id, leaf)
             row = await db.get_conversation(conn, conversation.id)
             messages = await db.branch(conn, leaf)
-    return {"conversation": row.to_public(), "messages": [m.to_public() for m in messages]}
+            return await branch_answer(conn, user_id, row, messages)
 
 
 async def stop_generation(app: web.Application, user_id: uuid.UUID, message_id: str) -> dict[str, Any]:

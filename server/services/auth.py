@@ -193,6 +193,10 @@ class AuthService:
         self._google_keys = GoogleKeys(google_jwks_url)
         self._addresses = StandInAddressDeriver()
 
+    def google_sign_in(self) -> dict[str, Any]:
+        """Whether Google sign-in is configured, and the (public) OAuth client id a page asks Google for."""
+        return {"configured": bool(self._google_client_id), "client_id": self._google_client_id or None}
+
     async def hash_password(self, password: str) -> str:
         """argon2id hash, computed off the event loop (it is deliberately slow)."""
         return await asyncio.to_thread(self._hasher.hash, password)

@@ -129,6 +129,8 @@ def terms(settings: Settings, accounts: EscrowAccounts) -> dict[str, Any]:
     return {"chain": "sui" if on_sui else "kvp",
             "address": settings.escrow_address if on_sui else accounts.escrow.address,
             "platform_fee_rate": settings.platform_fee_rate, "release_seconds": settings.escrow_release_seconds,
+            # A KVP payment counts once sealed in a block: the page tells the buyer how long that takes.
+            "block_seconds": None if on_sui else settings.block_interval_seconds,
             "custodial": True}
 
 

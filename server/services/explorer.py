@@ -83,6 +83,20 @@ async def block_mining_rewards(conn: asyncpg.Connection, ref: int | str, after: 
     return {"height": height, "items": [reward.to_public() for reward in page], "next": next_key}
 
 
+async def latest_transactions(conn: asyncpg.Connection, before: int | None, limit: int) -> dict[str, Any]:
+    """A page of the chain's transfers, every status, newest first (the explorer's first paint)."""
+    found = await queries.latest_transactions(conn, before or queries.MAX_INTEGER_KEY, limit + 1)
+    page, next_key = _page(found, limit, lambda tx: tx.id)
+    return {"items": [tx.to_public() for tx in page], "next": next_key}
+
+
+async def latest_mining_rewards(conn: asyncpg.Connection, before: int | None, limit: int) -> dict[str, Any]:
+    """A page of every miner's rewards, newest first."""
+    found = await queries.latest_mining_rewards(conn, before or queries.MAX_INTEGER_KEY, limit + 1)
+    page, next_key = _page(found, limit, lambda reward: reward.id)
+    return {"items": [reward.to_public() for reward in page], "next": next_key}
+
+
 # --- addresses --------------------------------------------------------------------------------
 
 async def _address(conn: asyncpg.Connection, address: str) -> chain_queries.WalletAccount:

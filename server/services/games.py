@@ -210,9 +210,10 @@ async def start_session(app: web.Application, user_id: uuid.UUID, game_id: int) 
                 raise NotFound("no such game", field="game_id")
             if game.status != "active":
                 raise Conflict(f"the game is {game.status}, not active", field="game_id")
-            wallet = await queries.player_wallet(conn, user_id)
-            if wallet is None:
+            found = await queries.player(conn, user_id)
+            if found is None:
                 raise Unauthorized("the account no longer exists")
+            wallet, username = found
             session = await queries.start_session(conn, game_id, user_id, wallet)
         if session is None:
             running = await queries.active_session(conn, game_id, user_id)
@@ -221,7 +222,7 @@ async def start_session(app: web.Application, user_id: uuid.UUID, game_id: int) 
             return {**running.to_public(), "resumed": True}
     try:
         await publish(app, game_channel(game_id), SESSION_STARTED, {
-            "session_id": session.session_id, "game_id": game_id, "user_id": str(user_id),
+            "session_id": session.session_id, "game_id": game_id, "user_id": str(user_id), "username": username,
             "player_wallet": session.player_wallet, "started_at": session.session_start.isoformat()})
     except Exception:  # noqa: BLE001 - the session exists; the announcement is best effort
         log.warning("session_started_not_published", session_id=session.session_id, exc_info=True)
@@ -275,6 +276,21 @@ async def session_with_rewards(conn: asyncpg.Connection, session_id: int, limit:
         raise NotFound("no such session", field="session_id")
     rewards = await queries.session_rewards(conn, session_id, limit)
     return {**session.to_public(), "rewards": [reward_ack(r) for r in rewards]}
+
+
+async def player_sessions(conn: asyncpg.Connection, user_id: uuid.UUID, game_id: int | None, before: int | None,
+                          limit: int) -> dict[str, Any]:
+    """A player's own sessions, newest first (one game's, or all), a page at a time, with what they
+    earned per game over all their sessions; `next_before` is the following page's `before`."""
+    found = await queries.user_sessions(conn, user_id, game_id, before or MAX_INTEGER_ID, limit + 1)
+    page = found[:limit]
+    earnings = await queries.user_earnings(conn, user_id)
+    total = sum((e.rewards_earned for e in earnings), Decimal(0))
+    return {"sessions": [{**session.to_public(), "game_name": name} for session, name in page],
+            "next_before": page[-1][0].session_id if len(found) > limit else None,
+            "earnings": [e.to_public() for e in earnings],
+            "total": {"sessions": sum(e.sessions for e in earnings), "rewards_earned": queries.money(total),
+                      "reward_count": sum(e.reward_count for e in earnings)}}
 
 
 async def sweep_idle(pool: asyncpg.Pool, idle_seconds: float) -> int:
@@ -431,7 +447,7 @@ def _decide_one(report: RewardReport, sessions: dict[int, queries.SessionForRewa
 def reward_event(session: queries.SessionForReward, stored: queries.StoredReward) -> dict[str, Any]:
     """The data of `reward_earned`."""
     return {**reward_ack(stored), "game_id": session.game_id, "user_id": str(session.user_id),
-            "player_wallet": session.player_wallet}
+            "username": session.username, "player_wallet": session.player_wallet}
 
 
 async def book_rewards(conn: asyncpg.Connection, batch: list[RewardReport],
