@@ -1,8 +1,16 @@
 // The dashboard: sign-in, then one tab per namespace, all live through hub.js.
 import { api, Hub, HubError, session, sessionEvents } from "./hub.js";
+import { $, datapodHref, element, formatAmount, formatDate, formatSize, upsert } from "./ui.js";
+import * as account from "./views/account.js";
+import * as assistant from "./views/assistant.js";
+import * as chain from "./views/chain.js";
+import * as dao from "./views/dao.js";
+import * as games from "./views/games.js";
+import * as kyc from "./views/kyc.js";
+import * as nfts from "./views/nfts.js";
+import * as studio from "./views/studio.js";
 import { addressOf, BackupError, createBackup, generateWalletKey, openBackup, parseBackup } from "./wallet-backup.js";
 
-const $ = (selector) => document.querySelector(selector);
 const hub = new Hub({ onState: showConnectionState });
 window.hub = hub; // a handle for the browser tests and for debugging from the console
 let me = null;
@@ -45,30 +53,6 @@ function retryFailed() {
   }
 }
 
-function element(tag, attributes = {}, ...children) {
-  const node = document.createElement(tag);
-  for (const [name, value] of Object.entries(attributes)) {
-    if (name === "dataset") Object.assign(node.dataset, value);
-    else if (value !== undefined && value !== null) node.setAttribute(name, value);
-  }
-  node.append(...children.filter((child) => child !== undefined && child !== null));
-  return node;
-}
-
-// How many entries a live feed (blocks, transactions, mining, rewards) keeps: a tab left open for a
-// day would otherwise hold every block and reward since it opened.
-const FEED_LENGTH = 100;
-
-function upsert(list, key, node, { prepend = true, keep = Infinity } = {}) {
-  node.dataset.key = key;
-  const existing = list.querySelector(`[data-key="${CSS.escape(key)}"]`);
-  if (existing) existing.replaceWith(node);
-  else if (prepend) list.prepend(node);
-  else list.append(node);
-  node.classList.add("new");
-  while (list.children.length > keep) (prepend ? list.lastElementChild : list.firstElementChild).remove();
-  return node;
-}
 
 // --- sign-in ------------------------------------------------------------------------------
 
@@ -89,7 +73,7 @@ $("#sign-out").addEventListener("click", async () => {
   hub.close(); // this tab's own sockets need no signed_out
   await api("POST", "/api/v1/auth/logout").catch(() => {});
   session.clear();
-  sessionStorage.removeItem(CONVERSATION_KEY);
+  forgetViewState();
   location.reload();
 });
 
@@ -110,20 +94,30 @@ sessionEvents.addEventListener("signedout", (event) => {
   me = null;
   hub.close();
   sessionStorage.setItem(SIGNED_OUT_KEY, event.detail.reason);
-  sessionStorage.removeItem(CONVERSATION_KEY);
+  forgetViewState();
   location.reload();
 });
 // Signed in from another tab while this one shows the form: follow it.
 sessionEvents.addEventListener("token", () => { if (!me && !starting) start(); });
+
+/** Drop what views kept for this tab ("hub.view." keys): the next user of the tab starts afresh. */
+function forgetViewState() {
+  for (const key of Object.keys(sessionStorage)) if (key.startsWith("hub.view.")) sessionStorage.removeItem(key);
+}
 
 // --- tabs ---------------------------------------------------------------------------------
 
 // The WAI-ARIA tabs pattern: one tab in the Tab order, arrow keys (and Home/End) move between
 // them and open the view. Every view has a URL (#/<view>, #/datapods/<id>): links, back and reload.
 
-const VIEWS = ["marketplace", "purchases", "assistant", "games", "chain", "dao"];
-const VIEW_NAMES = { marketplace: "Marketplace", purchases: "Purchases", assistant: "Assistant", games: "Games",
-  chain: "Chain", dao: "DAO" };
+// The views in static/views/: each exports start(context), run once signed in, and may export
+// route(path), given what follows "#/<view>/" whenever its address opens (reload, link, back);
+// route may run before start has finished. A view may also export signedOut({ api }), run when the
+// page shows the sign-in form (to offer another way in, say).
+const VIEW_MODULES = { studio, assistant, chain, games, dao, nfts, kyc, account };
+const VIEWS = ["marketplace", "purchases", ...Object.keys(VIEW_MODULES)];
+const VIEW_NAMES = { marketplace: "Marketplace", purchases: "Purchases", studio: "Seller studio", assistant: "Assistant",
+  chain: "Explorer", games: "Games", dao: "DAO", nfts: "NFTs", kyc: "KYC", account: "Account" };
 const tabButtons = () => [...document.querySelectorAll('nav [role="tab"]')].filter((tab) => !tab.hidden);
 
 function showTab(name) {
@@ -131,6 +125,7 @@ function showTab(name) {
     const selected = tab.dataset.tab === name;
     tab.setAttribute("aria-selected", String(selected));
     tab.tabIndex = selected ? 0 : -1;
+    if (selected) tab.scrollIntoView({ block: "nearest", inline: "nearest" });
   }
   for (const panel of document.querySelectorAll(".tab")) panel.hidden = panel.id !== `tab-${name}`;
 }
@@ -160,24 +155,6 @@ $("nav").addEventListener("keydown", (event) => {
 
 // --- marketplace --------------------------------------------------------------------------
 
-/** A money string without its padding: "1.500000000" is "1.5", "2.000000000" is "2". */
-function formatAmount(amount) {
-  if (amount === undefined || amount === null) return "?";
-  const text = String(amount);
-  return text.includes(".") ? text.replace(/0+$/, "").replace(/\.$/, "") : text;
-}
-
-function formatSize(bytes) {
-  if (bytes === undefined || bytes === null) return null;
-  const units = ["bytes", "kB", "MB", "GB", "TB"];
-  let value = Number(bytes);
-  let unit = 0;
-  while (value >= 1000 && unit < units.length - 1) { value /= 1000; unit += 1; }
-  return unit ? `${value.toFixed(value < 10 ? 1 : 0)} ${units[unit]}` : `${value} bytes`;
-}
-
-const formatDate = (iso) => (iso ? new Date(iso).toLocaleDateString(undefined, { year: "numeric", month: "short", day: "numeric" }) : null);
-const datapodHref = (id) => `#/datapods/${id}`;
 
 function cardRating(pod) {
   const rating = Number(pod.average_rating ?? 0);
@@ -200,10 +177,38 @@ function datapodCard(pod) {
   return card;
 }
 
-/** A Buy button and the place for its error, for anyone signed in but the seller; none otherwise. */
+// A purchase that gives (or is about to give) the buyer the dataset: the pod is theirs, no second Buy.
+const OWNING_STATUSES = ["pending_payment", "processing", "completed"];
+
+/** The signed-in user's purchase of a pod that makes it theirs, if any. */
+const ownPurchaseOf = (podId) => [...purchases.values()].find((p) => p.datapod_id === podId && OWNING_STATUSES.includes(p.status));
+
+/**
+ * What a signed-in user can do with a pod: Buy, or "Owned · Download" once bought (progress while
+ * the purchase runs); nothing for its seller or a visitor. Kept in a box that ownership changes redraw.
+ */
 function buyControls(pod) {
-  if (!me || pod.seller?.id === me.id) return [];
+  const box = element("div", { class: "buy-area", dataset: { datapodId: pod.id } });
+  box.pod = pod;
+  fillBuyControls(box);
+  return [box];
+}
+
+function fillBuyControls(box) {
+  const { pod } = box;
+  if (!me || pod.seller?.id === me.id) { box.replaceChildren(); return; }
   const error = element("p", { class: "error", role: "alert" });
+  const owned = ownPurchaseOf(pod.id);
+  if (owned) {
+    const state = owned.status === "completed" ? "Owned" : "Purchase in progress";
+    box.replaceChildren(element("span", { class: "owned" }, state));
+    if (owned.status === "completed") {
+      const button = element("button", { type: "button", class: "download", "aria-label": `Download ${pod.title ?? "this DataPod"}` }, "Download");
+      button.addEventListener("click", () => download(owned.id).catch((failure) => { error.textContent = failure.message; }));
+      box.append(" · ", button, error);
+    } else box.append(" · ", element("a", { href: "#/purchases" }, "see its progress"));
+    return;
+  }
   const buy = element("button", { type: "button", class: "buy", "aria-label": `Buy ${pod.title ?? "this DataPod"}` }, "Buy");
   buy.addEventListener("click", async () => {
     buy.disabled = true;
@@ -216,7 +221,12 @@ function buyControls(pod) {
       buy.disabled = false;
     }
   });
-  return [buy, error];
+  box.replaceChildren(buy, error);
+}
+
+/** Redraw every Buy box on screen (cards and the DataPod page): a purchase started, ended or loaded. */
+function refreshBuyControls() {
+  for (const box of document.querySelectorAll(".buy-area")) if (box.pod) fillBuyControls(box);
 }
 
 const MARKET_PAGE = 20;
@@ -369,13 +379,24 @@ function ratingText(pod) {
   return `${pod.average_rating} / 5 from ${count} review${count === 1 ? "" : "s"}`;
 }
 
+/** The seller as a profile line: name, username, and their rating as a seller. */
+function sellerText(seller) {
+  if (!seller) return "unknown";
+  const who = seller.name && seller.name !== seller.username ? `${seller.name} (@${seller.username})` : seller.username ?? seller.name;
+  const rating = Number(seller.average_rating ?? 0);
+  return rating > 0 ? `${who} · ★ ${rating.toFixed(1)} as a seller` : `${who} · no seller rating yet`;
+}
+
 function showPod(pod) {
   detail.pod = pod;
   $("#datapod-title").textContent = pod.title ?? pod.id;
   $("#datapod-description").textContent = pod.description ?? "";
   $("#datapod-category").textContent = pod.category ?? "–";
   $("#datapod-price").textContent = `${formatAmount(pod.price_sui)} SUI`;
-  $("#datapod-seller").textContent = pod.seller?.username ?? pod.seller?.name ?? "unknown";
+  $("#datapod-seller").textContent = sellerText(pod.seller);
+  $("#datapod-size").textContent = formatSize(pod.file_size) ?? "–";
+  $("#datapod-tags").replaceChildren(...(pod.tags?.length ? pod.tags.map((tag) => element("span", { class: "tag" }, tag)) : ["none"]));
+  $("#datapod-updated").textContent = formatDate(pod.updated_at ?? pod.created_at) ?? "–";
   $("#datapod-rating").textContent = ratingText(pod);
   $("#datapod-sold").textContent = String(pod.purchase_count ?? 0);
 }
@@ -574,13 +595,16 @@ async function route() {
     return;
   }
   closeDatapod();
-  const view = /^#\/([a-z]+)$/.exec(location.hash)?.[1];
+  const [, view, path = ""] = /^#\/([a-z]+)(?:\/(.*))?$/.exec(location.hash) ?? [];
   const known = VIEWS.includes(view);
   // Signed out, a private view's link shows the marketplace and the sign-in form says why;
   // signing in then opens the view the link named.
-  $("#sign-in-notice").textContent = !me && known && view !== "marketplace"
-    ? `Sign in to open ${VIEW_NAMES[view]}.` : $("#sign-in-notice").dataset.reason ?? "";
-  showTab(known && (me || view === "marketplace") ? view : "marketplace");
+  const notice = $("#sign-in-notice");
+  notice.textContent = [notice.dataset.reason, !me && known && view !== "marketplace" ? `Sign in to open ${VIEW_NAMES[view]}.` : ""]
+    .filter(Boolean).join(" ");
+  const shown = known && (me || view === "marketplace") ? view : "marketplace";
+  showTab(shown);
+  if (me && VIEW_MODULES[shown]?.route) await VIEW_MODULES[shown].route(decodeURIComponent(path));
 }
 
 window.addEventListener("hashchange", () => { if (!starting) route(); });
@@ -749,6 +773,21 @@ async function transfer(receiver, amount) {
   return api("POST", "/api/v1/transactions", { sender: wallet.address, receiver, amount, nonce, signature });
 }
 
+/** Sign text with this browser's wallet key (Ed25519): the signature in hex. */
+async function signText(text) {
+  await ensureWallet();
+  return hex(await crypto.subtle.sign("Ed25519", wallet.key.privateKey, new TextEncoder().encode(text)));
+}
+
+// What the views may do with the wallet; the key itself never leaves this module.
+const walletApi = {
+  address: () => wallet.address,
+  ensure: ensureWallet,
+  sign: signText,
+  transfer: async (receiver, amount) => { await ensureWallet(); return transfer(receiver, amount); },
+  refresh: () => showWallet(),
+};
+
 async function walletAction(action, busy) {
   $("#wallet-error").textContent = "";
   $("#wallet-message").textContent = "";
@@ -810,6 +849,7 @@ const STEP_LABELS = {
   failed: "failed", refunded: "refunded",
 };
 const purchases = new Map(); // purchase id -> what is known of it, with the steps seen so far
+let escrowTerms = null; // GET /api/v1/escrow: where payments go, the escrow window, the block interval
 
 /** Ask before spending: what is paid, in which currency, and where the money waits until delivery. */
 function confirmPurchase(pod, amount, escrow) {
@@ -826,11 +866,10 @@ function confirmPurchase(pod, amount, escrow) {
 
 /** Pay the escrow on the KVP chain from this browser's wallet, then start the purchase with the digest. */
 async function buyDatapod(pod) {
-  const previous = [...purchases.values()].find((p) => p.datapod_id === pod.id && !["failed", "refunded"].includes(p.status));
-  if (previous) throw new Error("You already bought this DataPod (see the Purchases tab).");
+  if (ownPurchaseOf(pod.id)) throw new Error("You already bought this DataPod (see the Purchases tab).");
   await ensureWallet();
   // The payment waits in the server's escrow wallet until the buyer confirms or the window passes.
-  const escrow = await api("GET", "/api/v1/escrow");
+  const escrow = escrowTerms = await api("GET", "/api/v1/escrow");
   const amount = kvpAmount(pod.price_sui);
   const { available } = await api("GET", `/api/v1/wallets/${wallet.address}`);
   if (kvpUnits(available) < kvpUnits(amount)) {
@@ -861,6 +900,7 @@ function showPurchase(update) {
   if (update.step && STEP_LABELS[update.step] && !merged.steps.includes(update.step)) merged.steps.push(update.step);
   purchases.set(id, merged);
   upsert($("#purchases"), id, purchaseRow(merged));
+  if (known.status !== merged.status) refreshBuyControls();
 }
 
 function purchaseRow(purchase) {
@@ -872,6 +912,17 @@ function purchaseRow(purchase) {
     element("span", { class: "status" }, STEP_LABELS[purchase.step] ?? purchase.status ?? ""), " ",
     element("progress", { max: "100", value: String(percent), "aria-label": label }),
     element("span", { class: "percent" }, ` ${percent}%`));
+  if (!done && ["payment_pending", "payment_verifying", undefined].includes(purchase.step)) {
+    // Until its block is sealed the payment is not on the chain: the bar waits for the next block.
+    const interval = escrowTerms?.block_seconds;
+    row.append(element("p", { class: "hint wait" }, "Waiting for your payment to be sealed in a block" +
+      (interval ? ` (the chain seals one every ${formatAmount(interval)} s)` : "") + ": then the dataset key is prepared for you."));
+  }
+  if (purchase.payment_tx_digest) {
+    const hash = purchase.payment_tx_digest;
+    row.append(element("p", { class: "meta" }, "Payment ",
+      element("a", { href: `#/chain/tx/${encodeURIComponent(hash)}`, title: hash }, `${hash.slice(0, 12)}…`)));
+  }
   if (purchase.reason) row.append(" ", element("span", { class: "error" }, purchase.reason));
   if (purchase.status === "completed") {
     const error = element("span", { class: "error", role: "alert" });
@@ -936,6 +987,7 @@ async function watchPurchases() {
       showPurchase({ ...purchase, step: purchase.status === "completed" ? "completed" : undefined });
     }
   };
+  escrowTerms = await api("GET", "/api/v1/escrow").catch(() => null);
   await Promise.all([load(), loadWallet().catch((error) => { $("#wallet-error").textContent = error.message; })]);
   await hub.subscribe("/purchases", `user:${me.id}`, {
     onGap: load,
@@ -954,264 +1006,6 @@ async function watchPurchases() {
   });
 }
 
-// --- chain --------------------------------------------------------------------------------
-
-const blockTimes = [];
-
-function drawBlockTimes() {
-  const canvas = $("#block-times");
-  const context = canvas.getContext("2d");
-  context.clearRect(0, 0, canvas.width, canvas.height);
-  const gaps = blockTimes.slice(1).map((t, i) => t - blockTimes[i]).slice(-60);
-  const highest = Math.max(1, ...gaps);
-  const width = canvas.width / 60;
-  context.fillStyle = "#3656d8";
-  gaps.forEach((gap, i) => {
-    const height = (gap / highest) * (canvas.height - 10);
-    context.fillRect(i * width, canvas.height - height, width - 2, height);
-  });
-}
-
-async function watchChain() {
-  await hub.subscribe("/chain", "chain:blocks", {
-    onEvent(event) {
-      const block = event.data;
-      upsert($("#blocks"), String(block.height ?? event.id), element("li", { dataset: { height: block.height } },
-        `#${block.height} · ${String(block.hash ?? block.block_hash ?? "").slice(0, 16)}… · ${block.tx_count ?? 0} tx · reward ${block.reward ?? "?"}`), { keep: FEED_LENGTH });
-      blockTimes.push(event.ts);
-      if (blockTimes.length > 61) blockTimes.splice(0, blockTimes.length - 61); // the chart shows 60 gaps
-      drawBlockTimes();
-    },
-  });
-  await hub.subscribe("/chain", "chain:transactions", {
-    onEvent(event) {
-      const tx = event.data;
-      upsert($("#transactions"), tx.hash ?? event.id, element("li", {}, `${event.type}: ${tx.hash ?? ""} ${tx.amount ?? ""}`),
-        { keep: FEED_LENGTH });
-    },
-  });
-  await hub.subscribe("/chain", "chain:mining", {
-    onEvent(event) {
-      upsert($("#mining"), event.id, element("li", {}, `${event.type}: ${JSON.stringify(event.data)}`), { keep: FEED_LENGTH });
-    },
-  });
-}
-
-// --- assistant ----------------------------------------------------------------------------
-
-const CONVERSATION_KEY = "hub.conversation";
-const assistant = { conversationId: null, streamingId: null, applied: new Map(), resuming: new Map() };
-
-function messageNode(message) {
-  const node = document.getElementById(`m-${message.id}`) ??
-    element("div", { id: `m-${message.id}`, class: `message ${message.role}`, dataset: { status: message.status ?? "" } },
-      element("span", { class: "text" }), element("ul", { class: "cards" }));
-  if (!node.isConnected) $("#messages").append(node);
-  return node;
-}
-
-function setText(message, text) {
-  messageNode(message).querySelector(".text").textContent = text;
-}
-
-function appendDelta(data) {
-  const applied = assistant.applied.get(data.message_id) ?? 0;
-  if (data.seq <= applied) return; // already shown (live and resumed copies overlap)
-  if (data.seq > applied + 1) { catchUp(data.message_id); return; }
-  assistant.applied.set(data.message_id, data.seq);
-  const text = messageNode({ id: data.message_id, role: "assistant" }).querySelector(".text");
-  text.textContent += data.text;
-}
-
-async function resume(messageId, afterSeq) {
-  const data = await hub.call("/assistant", "resume_stream", { message_id: messageId, after_seq: afterSeq });
-  if (data.reset) {
-    setText({ id: messageId, role: "assistant" }, data.content ?? "");
-    assistant.applied.set(messageId, data.content_seq ?? data.seq);
-  }
-  for (const delta of data.deltas) appendDelta({ message_id: messageId, ...delta });
-  finish(messageId, data.status);
-}
-
-/** Fetch what is missing of an answer: one resume at a time, again if more went missing meanwhile. */
-function catchUp(messageId) {
-  const running = assistant.resuming.get(messageId);
-  if (running) {
-    running.again = true; // every delta of a gap would otherwise send its own resume_stream
-    return running.promise;
-  }
-  const entry = { again: false };
-  entry.promise = (async () => {
-    try {
-      do {
-        entry.again = false;
-        await resume(messageId, assistant.applied.get(messageId) ?? 0);
-      } while (entry.again);
-    } finally {
-      assistant.resuming.delete(messageId);
-    }
-  })();
-  assistant.resuming.set(messageId, entry);
-  return entry.promise;
-}
-
-function finish(messageId, status) {
-  messageNode({ id: messageId, role: "assistant" }).dataset.status = status;
-  if (status !== "streaming" && assistant.streamingId === messageId) assistant.streamingId = null;
-  if (status === "streaming") assistant.streamingId = messageId;
-}
-
-function showCards(data) {
-  const cards = messageNode({ id: data.message_id, role: "assistant" }).querySelector(".cards");
-  for (const pod of Array.isArray(data.result) ? data.result : []) {
-    if (pod && pod.id) upsert(cards, pod.id, datapodCard(pod), { prepend: false });
-  }
-}
-
-async function openConversation(conversationId) {
-  assistant.conversationId = conversationId;
-  sessionStorage.setItem(CONVERSATION_KEY, conversationId);
-  const data = await hub.call("/assistant", "get_conversation", { conversation_id: conversationId });
-  $("#messages").replaceChildren();
-  for (const message of data.messages) {
-    setText(message, message.content ?? "");
-    assistant.applied.set(message.id, message.seq ?? 0);
-    finish(message.id, message.status);
-    messageNode(message).dataset.status = message.status ?? "";
-  }
-  await hub.subscribe("/assistant", `conversation:${conversationId}`, {
-    onEvent(event) {
-      const data = event.data;
-      if (event.type === "message_started") {
-        if (data.user_message) setText(data.user_message, data.user_message.content);
-        messageNode({ id: data.message_id, role: "assistant" });
-        finish(data.message_id, "streaming");
-      } else if (event.type === "message_delta") appendDelta(data);
-      else if (event.type === "tool_returned") showCards(data);
-      else if (event.type === "message_completed" || event.type === "message_failed") {
-        // Not complete in the page until every delta up to the final seq is shown.
-        if ((data.seq ?? 0) > (assistant.applied.get(data.message_id) ?? 0)) catchUp(data.message_id);
-        else finish(data.message_id, data.status);
-      }
-    },
-  });
-  // A refresh in the middle of an answer: fetch what was missed, then follow it live.
-  for (const message of data.messages) {
-    if (message.status === "streaming") await catchUp(message.id);
-  }
-}
-
-async function loadConversations() {
-  const data = await hub.call("/assistant", "list_conversations", {});
-  $("#conversations").replaceChildren(...data.conversations.map((c) => {
-    const item = element("li", { dataset: { key: c.id } }, element("a", { href: "#" }, c.title ?? "Untitled"));
-    item.querySelector("a").addEventListener("click", (event) => { event.preventDefault(); openConversation(c.id); });
-    return item;
-  }));
-}
-
-$("#new-conversation").addEventListener("click", async () => {
-  const data = await hub.call("/assistant", "create_conversation", {});
-  await loadConversations();
-  await openConversation(data.conversation.id);
-});
-
-$("#chat-form").addEventListener("submit", async (event) => {
-  event.preventDefault();
-  const form = event.target;
-  const content = form.content.value.trim();
-  if (!content) return;
-  if (!assistant.conversationId) {
-    const created = await hub.call("/assistant", "create_conversation", {});
-    await openConversation(created.conversation.id);
-  }
-  const ack = await hub.call("/assistant", "send_message", {
-    conversation_id: assistant.conversationId, content, client_msg_id: crypto.randomUUID() });
-  form.content.value = "";
-  setText(ack.user_message, ack.user_message.content);
-  messageNode(ack.assistant_message);
-  finish(ack.assistant_message.id, ack.assistant_message.status);
-  loadConversations();
-});
-
-$("#stop").addEventListener("click", async () => {
-  if (assistant.streamingId) await hub.call("/assistant", "stop_generation", { message_id: assistant.streamingId });
-});
-
-async function watchAssistant() {
-  await loadConversations();
-  const remembered = sessionStorage.getItem(CONVERSATION_KEY);
-  if (remembered) await openConversation(remembered).catch(() => sessionStorage.removeItem(CONVERSATION_KEY));
-}
-
-// --- games --------------------------------------------------------------------------------
-
-function showLeaderboard(board) {
-  $("#leaderboard").replaceChildren(...(board.entries ?? []).map((entry) =>
-    element("li", { dataset: { userId: entry.user_id } }, `${entry.username ?? entry.user_id} · ${entry.total}`)));
-}
-
-async function watchGame(game) {
-  showLeaderboard(await api("GET", `/api/v1/games/${game.game_id}/leaderboard`).catch(() => ({ entries: [] })));
-  await hub.subscribe("/games", `game:${game.game_id}`, {
-    onPresence(count) {
-      const row = $("#games").querySelector(`[data-key="${game.game_id}"] .watchers`);
-      if (row) row.textContent = `${count} watching`;
-    },
-    onEvent(event) {
-      const session = $("#games").querySelector(`[data-key="${game.game_id}"] .session`);
-      if (event.type === "leaderboard_changed") showLeaderboard(event.data);
-      else if (event.type === "reward_earned") {
-        upsert($("#game-rewards"), event.id, element("li", {},
-          `${event.data.player_wallet ?? event.data.user_id} earned ${event.data.value ?? ""} (${event.data.reward_type ?? "reward"})`), { keep: FEED_LENGTH });
-        if (session) session.textContent = ` · session ${event.data.session_id} playing, ${event.data.session_total} earned`;
-      } else if (event.type === "session_started" && session) {
-        session.textContent = ` · session ${event.data.session_id} playing`;
-      } else if (event.type === "session_ended" && session) {
-        session.textContent = ` · session ${event.data.session_id} ${event.data.status}, ${event.data.rewards_earned} earned`;
-      }
-    },
-  });
-}
-
-async function watchGames() {
-  const data = await api("GET", "/api/v1/games").catch(() => ({ games: [] }));
-  $("#games").replaceChildren(...data.games.map((game) => {
-    const row = element("li", { dataset: { key: String(game.game_id) } }, `${game.name} `, element("span", { class: "watchers" }),
-      element("span", { class: "session" }));
-    return row;
-  }));
-  if (data.games.length) await watchGame(data.games[0]);
-}
-
-// --- DAO ----------------------------------------------------------------------------------
-
-function proposalRow(proposal) {
-  const tally = proposal.tally ?? proposal;
-  const result = proposal.result ? ` · ${proposal.status ?? "Closed"}: ${proposal.result}` : "";
-  return element("li", { dataset: { proposalId: String(proposal.id ?? proposal.proposal_id) } },
-    element("strong", {}, proposal.title ?? `Proposal ${proposal.proposal_id}`), " ",
-    element("span", { class: "tally" }, `yes ${tally.yes ?? 0} · no ${tally.no ?? 0} · abstain ${tally.abstain ?? 0}${result}`));
-}
-
-async function watchDao() {
-  const data = await api("GET", "/api/v1/proposals?limit=20").catch(() => ({ proposals: [] }));
-  const list = $("#proposals");
-  list.replaceChildren();
-  for (const proposal of data.proposals) {
-    const row = upsert(list, String(proposal.id), proposalRow(proposal), { prepend: false });
-    row.proposal = proposal;
-    await hub.subscribe("/chain", `dao:${proposal.id}`, {
-      onEvent(event) {
-        const current = list.querySelector(`[data-key="${proposal.id}"]`);
-        const merged = { ...(current?.proposal ?? proposal), tally: event.data, ...(event.type === "proposal_closed"
-          ? { status: "Closed", result: event.data.result } : {}) };
-        const updated = upsert(list, String(proposal.id), proposalRow(merged), { prepend: false });
-        updated.proposal = merged;
-      },
-    });
-  }
-}
 
 // --- start --------------------------------------------------------------------------------
 
@@ -1240,13 +1034,14 @@ async function start() {
   if (!me) {
     // Anyone may browse: the marketplace over REST, with no socket until someone signs in.
     showConnectionState("signed out");
-    await Promise.all([route(), loadDatapods()]);
+    await Promise.all([route(), loadDatapods(), ...Object.values(VIEW_MODULES).map((view) => view.signedOut?.({ api }))]);
     return;
   }
   $("#whoami").textContent = me.username;
   detail.id = null; // a DataPod page opened signed out: opened again, now live and with its Buy button
   hub.reauthenticate();
-  await Promise.all([route(), watchMarket(), watchPurchases(), watchChain(), watchAssistant(), watchGames(), watchDao()]);
+  const context = { hub, api, me, datapodCard, openTab, wallet: walletApi };
+  await Promise.all([route(), watchMarket(), watchPurchases(), ...Object.values(VIEW_MODULES).map((view) => view.start(context))]);
 }
 
 start();

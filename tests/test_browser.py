@@ -20,7 +20,7 @@ from server.core.crypto import MASTER_KEY
 from server.edge.security_headers import CONTENT_SECURITY_POLICY
 from server.realtime.hub import REALTIME, publish
 from server.services.escrow import ESCROW_ACCOUNTS
-from tests.helpers import register, register_seller, server_url
+from tests.helpers import register, register_seller, server_url, wait_until
 from tests.llm_server import llm_server  # noqa: F401 - a fixture
 
 CHROMIUM = os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")
@@ -121,7 +121,12 @@ async def sign_up(page, base_url: str) -> str:
 async def until_live(page, namespace: str, channel: str) -> None:
     """Wait until the page's subscription is acked: from then on nothing published is missed."""
     key = f"{namespace} {channel}"
-    await page.wait_for_function(f"window.hub.subscriptions.get({key!r})?.joined === true")
+
+    # Polled from here: page.wait_for_function re-checks with an in-page eval, which the page's CSP
+    # refuses (a violation) whenever its first check fails.
+    async def joined() -> bool:
+        return await page.evaluate("(key) => window.hub?.subscriptions.get(key)?.joined === true", key)
+    await wait_until(joined, timeout=10, interval=0.05)
 
 
 async def test_sign_up_then_live_marketplace_and_chain_with_recovery(client, page):
@@ -135,7 +140,7 @@ async def test_sign_up_then_live_marketplace_and_chain_with_recovery(client, pag
         "id": pod_id, "title": "Live weather feed", "category": "climate", "price_sui": "1.5"})
     await expect(page.locator(f'#datapods [data-key="{pod_id}"]')).to_contain_text("Live weather feed")
 
-    await page.click("nav >> text=Chain")
+    await page.click("nav >> text=Explorer")
     await until_live(page, "/chain", "chain:blocks")
     await publish(client.app, "chain:blocks", "block_added", {"height": 1, "hash": "ab" * 32, "tx_count": 2})
     await expect(page.locator('#blocks [data-key="1"]')).to_contain_text("#1")
@@ -151,7 +156,7 @@ async def test_sign_up_then_live_marketplace_and_chain_with_recovery(client, pag
 
 async def test_the_page_sees_a_hole_in_the_offsets_and_fills_it(client, page):
     await sign_up(page, server_url(client))
-    await page.click("nav >> text=Chain")
+    await page.click("nav >> text=Explorer")
     await until_live(page, "/chain", "chain:blocks")
     await publish(client.app, "chain:blocks", "block_added", {"height": 1, "hash": "ab" * 32})
     await expect(page.locator('#blocks [data-key="1"]')).to_be_visible()
@@ -193,7 +198,7 @@ async def test_market_list_misses_nothing_published_while_it_loads(client, page)
 
 async def test_live_feeds_keep_the_newest_hundred(client, page):
     await sign_up(page, server_url(client))
-    await page.click("nav >> text=Chain")
+    await page.click("nav >> text=Explorer")
     await until_live(page, "/chain", "chain:blocks")
     for height in range(1, 106):
         await publish(client.app, "chain:blocks", "block_added", {"height": height, "hash": "ef" * 32})
@@ -262,6 +267,12 @@ async def test_buy_a_datapod_follow_its_progress_and_download_the_dataset(aiohtt
     await expect(dialog).to_contain_text("Pay 1.50000000 KVP")
     await expect(dialog).to_contain_text("escrow")
     assert await db.fetchval("SELECT count(*) FROM transactions WHERE sender = $1", wallet) == 0
+    # Every text a purchase row showed, kept as it appears: the waiting step may last less than a poll.
+    await page.evaluate("""() => {
+        window.rowTexts = [];
+        new MutationObserver(() => window.rowTexts.push(document.querySelector("#purchases")?.textContent ?? ""))
+            .observe(document.querySelector("#purchases"), {subtree: true, childList: true, characterData: true});
+    }""")
     await dialog.get_by_role("button", name="Pay").click()
     row = page.locator("#purchases li").first
     await expect(row).to_contain_text("Browser weather", timeout=10_000)
@@ -277,6 +288,20 @@ async def test_buy_a_datapod_follow_its_progress_and_download_the_dataset(aiohtt
     download = await info.value
     assert download.suggested_filename == "Browser-weather.csv"
     assert Path(await download.path()).read_bytes() == DATASET
+
+    await expect(row.locator(".wait")).to_have_count(0)
+    # While the payment waited for its block the row said so, with the chain's block interval.
+    assert any("sealed in a block (the chain seals one every 0.5 s)" in text
+               for text in await page.evaluate("window.rowTexts"))
+    payment_hash = await db.fetchval("SELECT payment_tx_digest FROM purchases WHERE buyer_id = $1", buyer_id)
+    await expect(row.get_by_role("link", name=f"{payment_hash[:12]}…")).to_have_attribute(
+        "href", f"#/chain/tx/{payment_hash}")
+    # The pod is the buyer's now: "Owned · Download" on its card instead of a second Buy.
+    await page.click("nav >> text=Marketplace")
+    await expect(card.locator(".owned")).to_have_text("Owned")
+    await expect(card.get_by_role("button", name="Buy Browser weather")).to_have_count(0)
+    await expect(card.get_by_role("button", name="Download Browser weather")).to_be_visible()
+    await page.click("nav >> text=Purchases")
 
     # What the page paid is what the server verified: one confirmed transfer, buyer to the escrow wallet.
     paid = await db.fetchrow("SELECT t.sender, t.receiver, t.amount, t.status FROM purchases p "
@@ -311,7 +336,8 @@ async def test_assistant_answer_survives_a_reload_mid_stream(aiohttp_client, set
         answer = page.locator("#messages .message.assistant").last
         await expect(answer.locator(".text")).not_to_be_empty(timeout=20_000)
         message_id = uuid.UUID((await answer.get_attribute("id")).removeprefix("m-"))
-        shown = await answer.locator(".text").text_content()
+        # The answer shows as rendered markdown; its source text is what the stream delivered.
+        shown = await answer.locator(".text").evaluate("node => node.markdownSource")
 
         await page.reload()
         async with client.app[POOL].acquire() as conn:
@@ -322,7 +348,7 @@ async def test_assistant_answer_survives_a_reload_mid_stream(aiohttp_client, set
         await expect(answer).to_have_attribute("data-status", "complete", timeout=30_000)
         async with client.app[POOL].acquire() as conn:
             saved = await conn.fetchrow("SELECT content, status FROM ai_messages WHERE id = $1", message_id)
-        final = await answer.locator(".text").text_content()
+        final = await answer.locator(".text").evaluate("node => node.markdownSource")
         assert saved["status"] == "complete"
         assert final == saved["content"]                 # nothing lost, nothing doubled
         assert final.startswith(shown) and len(final) > len(shown)
@@ -347,7 +373,8 @@ async def test_games_tab_shows_rewards_and_the_leaderboard_live(client, db, sock
     server = await game_server(client, sockets, token)
     assert (await reward(server, session_id, 1, "12.5"))["ok"] is True
     await expect(page.locator("#game-rewards li")).to_contain_text("12.5", timeout=10_000)
-    await expect(page.locator("#leaderboard li").first).to_contain_text(gamer["user"]["username"], timeout=10_000)
+    board = page.locator(f'#games [data-key="{game["game_id"]}"] .leaderboard li')
+    await expect(board.first).to_contain_text(gamer["user"]["username"], timeout=10_000)
 
 
 async def test_dao_tab_shows_live_tallies(client, page):
@@ -360,10 +387,10 @@ async def test_dao_tab_shows_live_tallies(client, page):
     await page.click("nav >> text=DAO")
     row = page.locator(f'#proposals [data-key="{proposal_id}"]')
     await expect(row).to_contain_text("Fund the explorer")
-    await expect(row).to_contain_text("yes 0")
+    await expect(row).to_contain_text("Yes 0")
     await until_live(page, "/chain", f"dao:{proposal_id}")
     assert (await rest_vote(client, alice, proposal_id, vote_body(alice.wallet, proposal_id, "Yes")))[0] == 201
-    await expect(row).to_contain_text("yes 1", timeout=10_000)
+    await expect(row).to_contain_text("Yes 1", timeout=10_000)
 
 
 # --- the DataPod page -----------------------------------------------------------------------------
@@ -408,7 +435,9 @@ async def test_datapod_page_shows_the_dataset_and_counts_viewers_live(client, pa
     await expect(page.locator("#datapod-description")).to_have_text("Daily weather for two cities")
     await expect(page.locator("#datapod-category")).to_have_text("climate")
     await expect(page.locator("#datapod-price")).to_have_text("1.5 SUI")
-    await expect(page.locator("#datapod-seller")).to_have_text(seller["user"]["username"])
+    await expect(page.locator("#datapod-seller")).to_have_text(f"{seller['user']['username']} · no seller rating yet")
+    await expect(page.locator("#datapod-size")).to_have_text(re.compile(r"^\d+(\.\d)? (bytes|kB)$"))
+    await expect(page.locator("#datapod-licence")).to_contain_text("may not resell")
     await expect(page.locator("#datapod-rating")).to_have_text("No reviews yet")
     await expect(page.locator("#datapod-sold")).to_have_text("0")
     await expect(page.locator("#datapod-rows")).to_have_text("25 rows, 5 columns (csv)")
@@ -589,11 +618,12 @@ async def test_the_page_works_under_its_csp_with_no_violation(client, page):
     await sign_up(page, server_url(client))
     await expect(page.locator("#connection")).to_have_text("connected")
     await until_live(page, "/marketplace", "market")
-    for tab in ("Purchases", "Assistant", "Games", "Chain", "DAO", "Marketplace"):
+    for tab in ("Purchases", "Seller studio", "Assistant", "Explorer", "Games", "DAO", "NFTs", "KYC", "Account",
+                "Marketplace"):
         await page.click(f"nav >> text={tab}")
     await until_live(page, "/chain", "chain:blocks")
     await publish(client.app, "chain:blocks", "block_added", {"height": 1, "hash": "ab" * 32})
-    await page.click("nav >> text=Chain")
+    await page.click("nav >> text=Explorer")
     await expect(page.locator('#blocks [data-key="1"]')).to_be_visible()  # the canvas chart drew too
     await page.click("nav >> text=Purchases")
     await page.get_by_role("button", name="Create wallet").click()  # WebCrypto and IndexedDB
@@ -645,7 +675,7 @@ async def test_the_page_refreshes_silently_and_its_sockets_stay_live(aiohttp_cli
     refreshes: list[int] = []
     count_refreshes(page, refreshes)
     username = await sign_up(page, server_url(client))
-    await page.click("nav >> text=Chain")
+    await page.click("nav >> text=Explorer")
     await until_live(page, "/chain", "chain:blocks")
     first_token = await page.evaluate("localStorage.getItem('hub.token')")
     sockets = await page.evaluate(SOCKET_IDS)

@@ -190,4 +190,4 @@ async def test_the_games_tab_shows_the_demo_playing(aiohttp_client, settings, db
     await expect(row).to_contain_text("Block Runner")
     await expect(row.locator(".session")).to_contain_text("playing", timeout=10_000)
     await expect(page.locator("#game-rewards li").first).to_contain_text("earned", timeout=10_000)
-    await expect(page.locator("#leaderboard li").first).to_contain_text(re.compile("alice|bob|carol"), timeout=10_000)
+    await expect(row.locator(".leaderboard li").first).to_contain_text(re.compile("alice|bob|carol"), timeout=10_000)
