@@ -71,11 +71,14 @@ async def model_client(aiohttp_client, settings, script: list[dict]):
 
 async def ask(page, text: str) -> None:
     """Type a question and send it with Enter; wait until its answer is finished."""
+    answers = page.locator("#messages .message.assistant")
+    before = await answers.count()
     box = page.locator("#chat-input")
     await box.fill(text)
     await box.press("Enter")
-    answer = page.locator("#messages .message.assistant").last
-    await expect(answer).to_have_attribute("data-status", re.compile("complete|stopped|failed"), timeout=15_000)
+    # The new answer, not the last one before it (already finished): only then is .last this answer.
+    await expect(answers).to_have_count(before + 1)
+    await expect(answers.last).to_have_attribute("data-status", re.compile("complete|stopped|failed"), timeout=15_000)
 
 
 def conversation_in_address(page) -> str:
