@@ -222,6 +222,52 @@ export async function api(method, path, body) {
   return envelope.data;
 }
 
+/** The envelope of an XMLHttpRequest's answer; a made-up error one when the body is not JSON (a proxy's 413). */
+function envelopeOf(xhr) {
+  try {
+    return JSON.parse(xhr.responseText);
+  } catch {
+    return { ok: false, error: {
+      code: xhr.status === 413 ? "payload_too_large" : "unavailable",
+      message: `the server answered ${xhr.status} ${xhr.statusText}`.trim(),
+    } };
+  }
+}
+
+/**
+ * POST a multipart form with XMLHttpRequest (fetch reports no upload progress), authorised as
+ * api() is: the session's bearer token, and on a 401 one silent refresh and one retry. Resolves with
+ * the envelope's data, rejects with a HubError. onProgress(fraction or null, sent) follows the bytes.
+ */
+export function upload(path, form, { onProgress, signal }) {
+  return new Promise((resolve, reject) => {
+    const attempt = (token, retried) => {
+      const xhr = new XMLHttpRequest();
+      xhr.open("POST", path);
+      if (token) xhr.setRequestHeader("Authorization", `Bearer ${token}`);
+      xhr.upload.addEventListener("progress", (event) => {
+        onProgress(event.lengthComputable && event.total ? event.loaded / event.total : null, false);
+      });
+      xhr.upload.addEventListener("load", () => onProgress(1, true));
+      xhr.addEventListener("load", () => {
+        if (xhr.status === 401 && token && !retried && session.refreshToken) {
+          refreshSession(token).then((fresh) => attempt(fresh, true), () => reject(new HubError(envelopeOf(xhr).error)));
+          return;
+        }
+        const envelope = envelopeOf(xhr);
+        if (envelope.ok) resolve(envelope.data);
+        else reject(new HubError(envelope.error));
+      });
+      xhr.addEventListener("error", () => reject(new HubError({ code: "network", message:
+        "the connection broke off before the server answered (a file over the upload limit is cut off this way)" })));
+      xhr.addEventListener("abort", () => reject(new HubError({ code: "aborted", message: "cancelled" })));
+      signal?.addEventListener("abort", () => xhr.abort(), { once: true });
+      xhr.send(form);
+    };
+    attempt(session.token, false);
+  });
+}
+
 /** Event ids are "<ms>-<seq>": compare numerically, part by part. */
 export function compareIds(a, b) {
   const [am, as] = a.split("-").map(BigInt);

@@ -5,7 +5,7 @@
 // DataPods" and "Sellers: figures, new versions, deletion").
 import { html, render, useEffect, useRef } from "../vendor/preact-htm.module.js";
 import uPlot from "../vendor/uPlot.esm.js";
-import { api, HubError, refreshSession, session } from "../hub.js";
+import { api, HubError, upload } from "../hub.js";
 import { formatAmount, formatDate, formatSize } from "../ui.js";
 
 const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
@@ -97,51 +97,6 @@ function publishProblem(error) {
 
 // --- uploads with progress -----------------------------------------------------------------------------------
 
-function envelopeOf(xhr) {
-  try {
-    return JSON.parse(xhr.responseText);
-  } catch {
-    return { ok: false, error: {
-      code: xhr.status === 413 ? "payload_too_large" : "unavailable",
-      message: `the server answered ${xhr.status} ${xhr.statusText}`.trim(),
-    } };
-  }
-}
-
-/**
- * POST a multipart form with XMLHttpRequest (fetch reports no upload progress), authorised as hub.js's
- * api() is: the session's bearer token, and on a 401 one silent refresh and one retry. Resolves with
- * the envelope's data, rejects with a HubError. onProgress(fraction or null, sent) follows the bytes.
- */
-function sendForm(path, form, { onProgress, signal }) {
-  return new Promise((resolve, reject) => {
-    const attempt = (token, retried) => {
-      const xhr = new XMLHttpRequest();
-      xhr.open("POST", path);
-      if (token) xhr.setRequestHeader("Authorization", `Bearer ${token}`);
-      xhr.upload.addEventListener("progress", (event) => {
-        onProgress(event.lengthComputable && event.total ? event.loaded / event.total : null, false);
-      });
-      xhr.upload.addEventListener("load", () => onProgress(1, true));
-      xhr.addEventListener("load", () => {
-        if (xhr.status === 401 && token && !retried && session.refreshToken) {
-          refreshSession(token).then((fresh) => attempt(fresh, true), () => reject(new HubError(envelopeOf(xhr).error)));
-          return;
-        }
-        const envelope = envelopeOf(xhr);
-        if (envelope.ok) resolve(envelope.data);
-        else reject(new HubError(envelope.error));
-      });
-      xhr.addEventListener("error", () => reject(new HubError({ code: "network", message:
-        "the connection broke off before the server answered (a file over the upload limit is cut off this way)" })));
-      xhr.addEventListener("abort", () => reject(new HubError({ code: "aborted", message: "cancelled" })));
-      signal?.addEventListener("abort", () => xhr.abort(), { once: true });
-      xhr.send(form);
-    };
-    attempt(session.token, false);
-  });
-}
-
 /** Progress of one upload as the view shows it. */
 function progressOf(file, fraction, sent) {
   if (sent) {
@@ -172,7 +127,7 @@ async function uploadDataset(formElement) {
   uploadController = new AbortController();
   update({ upload: { ...IDLE, ...progressOf(file, 0, false), name: file.name } });
   try {
-    const pod = await sendForm("/api/v1/datapods", body, {
+    const pod = await upload("/api/v1/datapods", body, {
       signal: uploadController.signal,
       onProgress(fraction, sent) {
         const next = progressOf(file, fraction, sent);
@@ -204,7 +159,7 @@ async function uploadVersion(id, formElement) {
   body.append("file", file, file.name);
   updateDetail(id, { version: { ...IDLE, ...progressOf(file, 0, false) } });
   try {
-    const version = await sendForm(`/api/v1/datapods/${id}/versions`, body, {
+    const version = await upload(`/api/v1/datapods/${id}/versions`, body, {
       onProgress(fraction, sent) {
         const next = progressOf(file, fraction, sent);
         if (next.percent === null) next.percent = store.detail?.version?.percent ?? 0;
