@@ -15,6 +15,7 @@ from typing import Any
 
 import asyncpg
 
+from db.ledger import BALANCE_LOCK
 from server.core.jsonutil import iso
 from server.core.money import amount_text
 
@@ -50,8 +51,8 @@ NEXT_NONCE = "SELECT coalesce(max(nonce) + 1, 0) FROM transactions WHERE sender 
 
 
 async def get_wallet(conn: asyncpg.Connection, address: str, *, lock: bool = False) -> WalletAccount | None:
-    """The wallet with this address (FOR UPDATE of its owner's row when `lock`)."""
-    row = await conn.fetchrow(WALLET_BY_ADDRESS + (" FOR UPDATE" if lock else ""), address)
+    """The wallet with this address (its owner's row locked as a balance lock when `lock`)."""
+    row = await conn.fetchrow(WALLET_BY_ADDRESS + (BALANCE_LOCK if lock else ""), address)
     return WalletAccount(**dict(row)) if row else None
 
 
@@ -170,7 +171,7 @@ async def block_transactions(conn: asyncpg.Connection, heights: list[int]) -> di
 async def lock_balances(conn: asyncpg.Connection, user_ids: list[uuid.UUID]) -> dict[uuid.UUID, Decimal]:
     """Lock users' rows in id order (no deadlock between sealers) and return their balances."""
     rows = await conn.fetch(
-        "SELECT id, total_balance FROM users WHERE id = ANY($1::uuid[]) ORDER BY id FOR UPDATE", user_ids)
+        "SELECT id, total_balance FROM users WHERE id = ANY($1::uuid[]) ORDER BY id" + BALANCE_LOCK, user_ids)
     return {row["id"]: row["total_balance"] for row in rows}
 
 

@@ -40,6 +40,13 @@ MINTING_REASONS = (MINING_REWARD, POOL_GRANT, FAUCET, GAME_REWARD, OPENING_BALAN
 # its row is the only one of its reference and is left out of the zero-sum check too.
 BURN_REASONS = (ACCOUNT_CLOSED_BURN,)
 
+# How a balance change locks its users rows. NO KEY UPDATE, not UPDATE: a balance is no key, and
+# FOR UPDATE would also block the KEY SHARE lock that every insert of a row referencing the user
+# takes (a purchase, an escrow row, a session). A transaction holding one user's balance lock while
+# it inserts such a row for another then deadlocked with a sealer locking both (seen in
+# bench/purchases.py). Balance writers still exclude each other, as UPDATE ... SET total_balance does.
+BALANCE_LOCK = " FOR NO KEY UPDATE"
+
 
 class UnknownAccount(LookupError):
     """A balance change names a user that does not exist."""
@@ -73,7 +80,7 @@ async def apply_balance_changes(conn: asyncpg.Connection,
         net[change.user_id] = net.get(change.user_id, Decimal(0)) + change.delta
     ids = sorted(net)
     rows = await conn.fetch(
-        """WITH locked AS (SELECT id FROM users WHERE id = ANY($1::uuid[]) ORDER BY id FOR UPDATE)
+        f"""WITH locked AS (SELECT id FROM users WHERE id = ANY($1::uuid[]) ORDER BY id{BALANCE_LOCK})
            UPDATE users u SET total_balance = u.total_balance + v.delta
              FROM unnest($1::uuid[], $2::numeric[]) AS v(id, delta), locked
             WHERE u.id = v.id AND locked.id = v.id

@@ -13,6 +13,8 @@ from decimal import Decimal
 
 import asyncpg
 
+from db.ledger import BALANCE_LOCK
+
 PRODUCT = "staking"
 ACTIVE = "active"
 CLOSED = "closed"
@@ -48,7 +50,7 @@ def _stake(row: asyncpg.Record | None) -> Stake | None:
 async def lock_account(conn: asyncpg.Connection, user_id: uuid.UUID) -> asyncpg.Record | None:
     """The user's balance and wallet address, their row locked (the same lock a transfer submission takes)."""
     return await conn.fetchrow(
-        "SELECT total_balance AS balance, wallet_address AS address FROM users WHERE id = $1 FOR UPDATE", user_id)
+        "SELECT total_balance AS balance, wallet_address AS address FROM users WHERE id = $1" + BALANCE_LOCK, user_id)
 
 
 async def pool_exists(conn: asyncpg.Connection, name: str) -> bool:

@@ -576,3 +576,24 @@ async def test_burning_a_miners_blocks_updates_the_tip(client, db):
     tip = (await call(client, "GET", "/api/v1/blocks/3"))[1]["data"]
     assert tip["burned"] and tip["burned_block_ids"] == [1, 3] and tip["last_burn_time"] is not None
     assert (await verify_chain(db)).ok                                # burning does not break the hashes
+
+
+async def test_a_balance_lock_lets_rows_that_reference_the_user_be_written(db, db_dsn):
+    """A sealer's balance lock must not block the KEY SHARE lock of an insert that references the
+    user: a transaction holding another balance lock while it inserts such a row deadlocked with it."""
+    user_id = await db.fetchval(
+        "INSERT INTO users (username, email, password_hash) VALUES ('locked', 'locked@example.org', 'x') RETURNING id")
+    other = await asyncpg.connect(db_dsn)
+    try:
+        async with db.transaction():
+            assert user_id in await queries.lock_balances(db, [user_id])
+            # The referencing insert goes through while the balance stays locked...
+            await asyncio.wait_for(other.execute(
+                "INSERT INTO sessions (user_id, token) VALUES ($1, 'sha256-of-a-token')", user_id), timeout=5)
+            # ...and a second balance writer still waits for the first.
+            balance_write = asyncio.ensure_future(queries.lock_balances(other, [user_id]))
+            await asyncio.sleep(0.3)
+            assert not balance_write.done()
+        await asyncio.wait_for(balance_write, timeout=5)
+    finally:
+        await other.close()
