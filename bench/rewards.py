@@ -96,13 +96,15 @@ async def setup(dsn: str, sessions: int) -> tuple[int, str, list[int]]:
     return game_id, token, [row["session_id"] for row in rows]
 
 
-def start_server(dsn: str, port: int, data_dir: Path, log_path: Path, profile: str | None) -> subprocess.Popen:
+def start_server(dsn: str, port: int, data_dir: Path, log_path: Path, profile: str | None,
+                 env: dict[str, str] | None = None) -> subprocess.Popen:
+    """The hub on `port`; `env` overrides the environment built here (e.g. BLOCK_PRODUCER, PURCHASE_WORKERS)."""
     secret = lambda: base64.urlsafe_b64encode(secrets.token_bytes(32)).decode()  # noqa: E731
     env = {**os.environ, "DATABASE_URL": dsn, "PORT": str(port), "HOST": "127.0.0.1", "DATA_DIR": str(data_dir),
            "JWT_SECRET": os.environ.get("JWT_SECRET") or secret(),
            "MASTER_KEY": os.environ.get("MASTER_KEY") or secret(), "BLOCK_PRODUCER": "false", "LOG_FORMAT": "json",
            # Idle sessions must not time out while the driver is connecting.
-           "GAME_SESSION_IDLE_SECONDS": "3600"}
+           "GAME_SESSION_IDLE_SECONDS": "3600", **(env or {})}
     python = [sys.executable, "-m", "cProfile", "-o", profile] if profile else [sys.executable]
     return subprocess.Popen([*python, "-m", "server", "serve", "--host", "127.0.0.1", "--port", str(port),
                              "--no-demo-data"], cwd=ROOT, env=env, stdout=log_path.open("w"),
