@@ -268,6 +268,23 @@ async def enqueue_job(conn: asyncpg.Connection, purchase_id: uuid.UUID) -> None:
         purchase_id, JOBS_NOTIFY_CHANNEL)
 
 
+async def wake_payment_checks(conn: asyncpg.Connection, tx_hashes: list[str]) -> int:
+    """Jobs waiting out a backoff to verify one of these payments run now, and a worker is woken:
+    their transactions were just sealed (or rejected) in a block. How many were woken."""
+    woken = await conn.fetchval(
+        """WITH woken AS (
+               UPDATE purchase_jobs j SET run_after = now()
+                 FROM purchases p
+                WHERE p.id = j.purchase_id AND p.payment_tx_digest = ANY($1::text[])
+                  AND j.step = 'verify' AND j.run_after > now() AND j.locked_by IS NULL
+               RETURNING 1)
+           SELECT count(*) FROM woken""",
+        tx_hashes)
+    if woken:
+        await conn.execute("SELECT pg_notify($1, '')", JOBS_NOTIFY_CHANNEL)
+    return woken
+
+
 async def claim_job(conn: asyncpg.Connection, worker_id: str, lease_seconds: float,
                     purchase_id: uuid.UUID | None = None) -> Job | None:
     """Lease the oldest runnable job (SKIP LOCKED: concurrent workers never claim the same one)."""

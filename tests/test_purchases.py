@@ -830,3 +830,28 @@ async def test_sui_verifier_refuses_buyers_without_an_address_and_node_errors_ar
     verdict = await SuiChainVerifier(FakeSuiClient(answer)).verify(
         dataclasses.replace(claim(), seller_sui_address="0x" + "cd" * 30))
     assert verdict.outcome is Outcome.VERIFIED, verdict
+
+
+async def test_a_payment_sealed_while_its_job_waits_out_a_backoff_is_checked_at_once(db, aiohttp_client, fast):
+    """A job that found its payment not sealed yet waits out a backoff, then the workers' poll (30 s
+    here); the block that seals the payment wakes it instead."""
+    from server.services.block_producer import wake_payment_checks
+
+    hub = await aiohttp_client(create_app(fast.replace(purchase_poll_interval=30, payment_verify_timeout=60)))
+    seller, buyer, seller_id, buyer_id, pod = await people(hub, db)
+    digest = await pay(hub, db, buyer_id, status="pending")  # signed and submitted, in no block yet
+    code, body = await start(hub, buyer, pod, digest)
+    assert code == 202
+    purchase_id = uuid.UUID(body["data"]["id"])
+
+    async def backing_off() -> bool:
+        return await db.fetchval("SELECT last_error IS NOT NULL AND locked_by IS NULL FROM purchase_jobs "
+                                 "WHERE purchase_id = $1", purchase_id) is True
+    await wait_until(backing_off, timeout=10)
+    sealed = await chain_service.seal_block(db, chain_service.SealConfig())
+    assert digest in [tx.hash for tx in sealed.confirmed]
+    await wake_payment_checks(db, sealed)
+
+    async def completed() -> bool:
+        return await status_of(db, purchase_id) == "completed"
+    await wait_until(completed, timeout=5)  # not the 30 s poll

@@ -19,6 +19,7 @@ import structlog
 from aiohttp import web
 
 from db import chain as queries
+from db import purchases as purchase_queries
 from db.pool import POOL, leadership
 from server.core.settings import SETTINGS, Settings
 from server.realtime.redis import REDIS_HEALTH
@@ -75,9 +76,22 @@ class BlockProducer:
                         await asyncio.sleep(max(0.0, next_at - time.monotonic()))
                         self.last = await seal_block(conn, self.config)
                         self.sealed += 1
+                        await wake_payment_checks(conn, self.last)
                         next_at = max(next_at + interval, time.monotonic())
                 finally:
                     self.leading = False
+
+
+async def wake_payment_checks(conn: asyncpg.Connection, sealed: Sealed) -> None:
+    """Purchases whose payment this block decided check it now, not after their backoff and the
+    workers' next poll (a payment not sealed yet when its job first looked waits for this)."""
+    hashes = [tx.hash for tx in sealed.confirmed] + [tx.hash for tx, _ in sealed.rejected]
+    if not hashes:
+        return
+    try:
+        await purchase_queries.wake_payment_checks(conn, hashes)
+    except (asyncpg.PostgresError, OSError):  # the poll still finds them: a missed wake only costs time
+        log.warning("payment_checks_not_woken", height=sealed.block.height, exc_info=True)
 
 
 BLOCK_PRODUCER: web.AppKey[BlockProducer] = web.AppKey("block_producer", BlockProducer)
