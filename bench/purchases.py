@@ -33,6 +33,7 @@ waits until every purchase has ended (polling the database), and prints:
 
 The client runs in this process, beside the server and PostgreSQL: on a small machine read the
 figures as a floor.
+With BENCH_SHOW_ERRORS=1 it also prints every error line the server logged (counted otherwise).
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import aiohttp  # noqa: E402
 import asyncpg  # noqa: E402
 
+from bench.cluster import delete_keys  # noqa: E402
 from bench.rewards import admin, free_port, percentile, start_server, stop_server, wait_ready, with_database  # noqa: E402
 from db import ledger  # noqa: E402
 from db.pool import init_connection  # noqa: E402
@@ -423,18 +425,6 @@ async def run_once(args: argparse.Namespace, workers: int, admin_dsn: str) -> Ru
                 await delete_keys(os.environ["REDIS_URL"], prefix)
         run.log = read_log(log_path)
     return run
-
-
-async def delete_keys(redis_url: str, prefix: str) -> None:
-    from server.realtime.redis import connect_redis
-
-    redis = connect_redis(redis_url)
-    try:
-        keys = [key async for key in redis.scan_iter(match=prefix + "*")]
-        if keys:
-            await redis.delete(*keys)
-    finally:
-        await redis.aclose()
 
 
 # --- report --------------------------------------------------------------------------------------

@@ -119,7 +119,8 @@ async def test_profile_password_devices_and_sign_out_everywhere(client, device, 
     if size == "phone":
         await fits_a_phone(page)
     await panel.get_by_role("button", name=re.compile(r"^Sign out Chrome on Linux, last active ")).click()
-    # (The shell shows "Sign in to open Games." over the reason on a private view's address; it keeps the reason.)
+    # (On a private view's address the notice adds "Sign in to open Games." to the reason;
+    # data-reason holds the reason alone.)
     await expect(other.locator("#sign-in-notice")).to_have_attribute("data-reason", SIGNED_OUT, timeout=10_000)
     await expect(other.locator("#login-form")).to_be_visible()
     await expect(sessions).to_have_count(1)

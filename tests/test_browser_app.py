@@ -59,15 +59,20 @@ async def sign_in(tab, base_url: str, login: str, password: str, path: str = "#/
     await expect(tab.locator("#whoami")).to_have_text(login)
 
 
-async def can_pay(tab, pod_title: str) -> None:
-    """Funds from the faucet, then Buy opens the confirmation: this browser holds the key that pays."""
+async def open_buy_dialog(tab, pod_title: str):
+    """Funds from the faucet, then Buy opens the confirmation (in KVP): this browser holds the key that pays."""
     await tab.get_by_role("button", name="Get demo funds").click()
     await expect(tab.locator("#wallet-message")).to_contain_text("Received")
     await tab.get_by_role("tab", name="Marketplace").click()
     await tab.get_by_role("button", name=f"Buy {pod_title}").click()
     dialog = tab.get_by_role("dialog", name="Confirm your purchase")
     await expect(dialog).to_contain_text("KVP")
-    await dialog.get_by_role("button", name="Cancel").click()
+    return dialog
+
+
+async def can_pay(tab, pod_title: str) -> None:
+    """The confirmation opens for this browser's wallet; cancelled, nothing is paid."""
+    await (await open_buy_dialog(tab, pod_title)).get_by_role("button", name="Cancel").click()
 
 
 def open_backup(document: dict, passphrase: str) -> bytes:

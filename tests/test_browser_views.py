@@ -12,7 +12,7 @@ from server.core.crypto import MASTER_KEY
 from server.services.demo import DEMO_PASSWORD, load_if_empty
 from tests.helpers import server_url
 from tests.test_browser import browser, no_csp_violations, watch_csp  # noqa: F401 - fixtures
-from tests.test_browser_app import OVERFLOW, VIEWS, sign_in
+from tests.test_browser_app import OVERFLOW, VIEWS, open_buy_dialog, sign_in
 
 AXE = Path(__file__).parent / "node" / "node_modules" / "axe-core" / "axe.min.js"
 # What the scans fail on: axe's two worst impact levels (WCAG 2.1 A and AA rules, contrast included).
@@ -82,13 +82,7 @@ async def test_each_demo_user_buys_from_a_fresh_browser(aiohttp_client, db, sett
         await page.get_by_role("button", name="Use the demo wallet").click()
         await expect(page.locator("#wallet-message")).to_have_text(
             "Demo wallet ready: this browser can pay from it now.", timeout=15_000)
-        await page.get_by_role("button", name="Get demo funds").click()
-        await expect(page.locator("#wallet-message")).to_contain_text("Received")
-
-        await page.get_by_role("tab", name="Marketplace").click()
-        await page.get_by_role("button", name=f"Buy {seller_pod}").click()
-        dialog = page.get_by_role("dialog", name="Confirm your purchase")
-        await expect(dialog).to_contain_text("KVP")
+        dialog = await open_buy_dialog(page, seller_pod)
         await dialog.get_by_role("button", name="Pay").click()
         await expect(page.get_by_role("tabpanel", name="Purchases")).to_be_visible()
         row = page.locator("#purchases li", has_text=seller_pod)

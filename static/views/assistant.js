@@ -834,11 +834,7 @@ function MarkdownText({ text, pods }) {
   return html`<div class="text markdown" ref=${ref} dangerouslySetInnerHTML=${{ __html: rendered }}></div>`;
 }
 
-// Answers whose cards the user opened: kept apart from the DOM, so a redraw that replaces the
-// message (its answer completing, a resume) leaves them open.
-const openCards = new Set();
-
-function Cards({ messageId, pods }) {
+function Cards({ pods }) {
   const ref = useRef(null);
   useLayoutEffect(() => {
     const list = ref.current;
@@ -851,11 +847,7 @@ function Cards({ messageId, pods }) {
     }
   }, [pods]);
   const count = pods.length;
-  const toggle = (event) => {
-    if (event.currentTarget.open) openCards.add(messageId);
-    else openCards.delete(messageId);
-  };
-  return html`<details class="pods" open=${openCards.has(messageId)} onToggle=${toggle}>
+  return html`<details class="pods">
     <summary>${count} DataPod${count === 1 ? "" : "s"} in this answer</summary>
     <ul class="cards" ref=${ref}></ul>
   </details>`;
@@ -956,7 +948,7 @@ function Message({ message }) {
         : html`<${MarkdownText} text=${message.content} pods=${message.pods} />`}
     ${streaming && !message.content ? html`<p class="typing">Thinking…</p>` : null}
     ${failed ? html`<p class="failure">${failureText(message)}</p>` : null}
-    ${!user && message.pods.length ? html`<${Cards} messageId=${message.id} pods=${message.pods} />` : null}
+    ${!user && message.pods.length ? html`<${Cards} pods=${message.pods} />` : null}
     ${state.editing === message.id ? null : html`<div class="message-actions">
       <${Branches} message=${message} />
       ${streaming ? null : html`<button type="button" class="small" onClick=${() => copy(message)}
