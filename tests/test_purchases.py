@@ -31,7 +31,7 @@ from server.app import create_app
 from server.core import wallets
 from server.core.crypto import MASTER_KEY, encrypt_dataset, wrap_key
 from server.services import chain as chain_service
-from server.services import delivery
+from server.services import delivery, purchase_jobs
 from server.services.escrow import ESCROW_ACCOUNTS
 from server.services.purchase_jobs import MAX_ATTEMPTS, PURCHASE_WORKER, PurchaseWorker
 from server.services.purchases import refund_purchase, release_escrow
@@ -48,12 +48,15 @@ pytestmark = pytest.mark.usefixtures("chain_verified")
 
 
 @pytest.fixture
-async def hub(fast, aiohttp_client):
+async def hub(fast, aiohttp_client, monkeypatch):
     """The real app (worker included) on this test's database.
 
     `fast` comes first so that the app closes before the test's database is dropped: the other
     order left the worker failing against a dropped database for seconds after each test.
+    The worker's escrow sweep runs once at start, not every second: `settle` runs it itself, and a
+    sweep of the worker's own committing after `settle` sealed its block left a payout unsealed.
     """
+    monkeypatch.setattr(purchase_jobs, "ESCROW_SWEEP_SECONDS", 3600)
     return await aiohttp_client(create_app(fast))
 
 
