@@ -56,6 +56,7 @@ import asyncpg  # noqa: E402
 from aiohttp import web  # noqa: E402
 
 from bench.fanout import Proc, cpu_seconds, free_port  # noqa: E402
+from bench.lean_socket import LeanSocket  # noqa: E402
 from bench.rewards import admin, start_server, stop_server, wait_ready, with_database  # noqa: E402
 
 TARGET_FIRST_TOKEN_P99_MS = 15.0
@@ -64,17 +65,8 @@ TARGET_CPU_PER_TOKEN_US = 50.0
 PASSWORD = "bench-assistant-1"
 TOKEN_RE = re.compile(r"w(\d+)")
 KEY_PREFIX = "bench "
-CONNECT_PREFIX = "40/assistant,"
 EVENT_PREFIX = "42/assistant,"
-ACK_PREFIX = "43/assistant,"
 ANSWER_EVENTS = ('["message_delta"', '["message_completed"', '["message_failed"')
-# Loaded into the hub by `--profile` (sitecustomize): cProfile on CPU time, saved at exit.
-PROFILER = """import atexit, cProfile, time
-_profile = cProfile.Profile(time.process_time)
-_profile.enable()
-atexit.register(lambda: (_profile.disable(), _profile.dump_stats({path!r})))
-"""
-
 
 # --- the scripted upstream (run as `bench/assistant.py upstream ...` in a subprocess) -------------------
 
@@ -163,73 +155,32 @@ class Answer:
                 self.completed = {"type": type, **wire["data"]}
 
 
-class Conversation:
-    """A signed-in user's Socket.IO connection on /assistant and its conversation.
-
-    The client speaks Engine.IO 4 / Socket.IO 5 over one websocket itself (open, namespace connect
-    with auth, acked emits, pings) and only stamps and keeps each event frame: with python-socketio's
-    client the driver used about 60 s of CPU for 20,000 deltas and was the bottleneck itself.
-    """
+class Conversation(LeanSocket):
+    """A signed-in user's connection on /assistant and its conversation; each answer event frame is
+    stamped on receipt and kept (decoded after the run)."""
 
     def __init__(self, n: int, token: str) -> None:
+        super().__init__("/assistant")
         self.n = n
         self.token = token
-        self.ws: aiohttp.ClientWebSocketResponse | None = None
         self.conversation_id = ""
         self.current: Answer | None = None
         self.errors: list[str] = []
-        self.acks: dict[int, asyncio.Future] = {}
-        self.next_ack = 0
-        self.reader: asyncio.Task | None = None
 
-    async def open(self, http: aiohttp.ClientSession, url: str) -> None:
-        ws = self.ws = await http.ws_connect(url.replace("http", "ws", 1) + "/socket.io/?EIO=4&transport=websocket",
-                                             autoping=False, max_msg_size=0)
-        opened = await ws.receive_str(timeout=30)
-        if not opened.startswith("0"):
-            raise SystemExit(f"unexpected Engine.IO open: {opened[:100]}")
-        await ws.send_str(CONNECT_PREFIX + json.dumps({"token": self.token}))
-        while True:
-            reply = await ws.receive_str(timeout=30)
-            if reply.startswith(CONNECT_PREFIX):
-                break
-            if reply.startswith("44/assistant,"):
-                raise SystemExit(f"/assistant refused the connection: {reply}")
-        self.reader = asyncio.create_task(self.read())
+    async def start(self, http: aiohttp.ClientSession, url: str) -> None:
+        """Connect and create the conversation."""
+        await self.open(http, url, {"token": self.token})
         ack = await self.call("create_conversation", {})  # untitled: the first answer runs the title job
         if not ack.get("ok"):
             raise SystemExit(f"create_conversation failed: {ack}")
         self.conversation_id = ack["data"]["conversation"]["id"]
 
-    async def read(self) -> None:
-        assert self.ws is not None
-        async for message in self.ws:
-            if message.type != aiohttp.WSMsgType.TEXT:
-                break
-            frame = message.data
-            if frame.startswith(EVENT_PREFIX):
-                at = time.time()
-                answer = self.current
-                if answer is not None and frame.startswith(ANSWER_EVENTS, len(EVENT_PREFIX)):
-                    answer.frames.append((at, frame))
-                    if not frame.startswith('["message_delta"', len(EVENT_PREFIX)):
-                        answer.done.set()
-            elif frame == "2":  # Engine.IO ping
-                await self.ws.send_str("3")
-            elif frame.startswith(ACK_PREFIX):
-                body = frame[len(ACK_PREFIX):]
-                bracket = body.index("[")
-                future = self.acks.pop(int(body[:bracket]), None)
-                if future is not None and not future.done():
-                    future.set_result(json.loads(body[bracket:])[0])
-
-    async def call(self, event: str, data: Any, timeout: float = 60) -> dict[str, Any]:
-        """An acked emit; the ack's envelope."""
-        assert self.ws is not None
-        self.next_ack += 1
-        future = self.acks[self.next_ack] = asyncio.get_running_loop().create_future()
-        await self.ws.send_str(f"{EVENT_PREFIX}{self.next_ack}{json.dumps([event, data])}")
-        return await asyncio.wait_for(future, timeout)
+    def on_event(self, frame: str) -> None:
+        answer = self.current
+        if answer is not None and frame.startswith(ANSWER_EVENTS, len(EVENT_PREFIX)):
+            answer.frames.append((time.time(), frame))
+            if not frame.startswith('["message_delta"', len(EVENT_PREFIX)):
+                answer.done.set()
 
     async def ask(self, m: int, timeout: float) -> Answer | None:
         key = f"{KEY_PREFIX}{self.n}.{m}"
@@ -244,12 +195,6 @@ class Conversation:
         except asyncio.TimeoutError:
             self.errors.append("timeout")
         return answer
-
-    async def close(self) -> None:
-        if self.ws is not None:
-            await self.ws.close()
-        if self.reader is not None:
-            await asyncio.gather(self.reader, return_exceptions=True)
 
 
 async def sign_up(http: aiohttp.ClientSession, url: str, n: int) -> str:
@@ -331,17 +276,7 @@ async def run(args: argparse.Namespace, admin_dsn: str) -> None:
         "MAX_CONNECTIONS_PER_USER": "100000", "REDIS_PREFIX": f"bench-assistant-{uuid.uuid4().hex[:8]}:"})
     conversations: list[Conversation] = []
     with tempfile.TemporaryDirectory(prefix="hub-bench-assistant-") as tmp:
-        saved_path = os.environ.get("PYTHONPATH")
-        if args.profile:
-            # CPU time, not wall time (python -m cProfile's default): on a busy machine the wall
-            # clock charges other processes' time slices to whatever call was running.
-            (Path(tmp) / "sitecustomize.py").write_text(PROFILER.format(path=str(Path(args.profile).resolve())))
-            os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (tmp, saved_path) if p)
-        process = start_server(dsn, port, Path(tmp), Path(tmp) / "server.log", None)
-        if saved_path is None:
-            os.environ.pop("PYTHONPATH", None)
-        else:
-            os.environ["PYTHONPATH"] = saved_path
+        process = start_server(dsn, port, Path(tmp), Path(tmp) / "server.log", args.profile)
         try:
             await upstream.line(30)
             await wait_ready(url, process)
@@ -357,7 +292,7 @@ async def run(args: argparse.Namespace, admin_dsn: str) -> None:
 
                 async def opened(c: Conversation) -> None:
                     async with gate:
-                        await c.open(http, url)
+                        await c.start(http, url)
                 await asyncio.gather(*(opened(c) for c in conversations))
                 await asyncio.sleep(1.0)  # the connects' own work settles before the window
                 before = await db_counters(dsn, name)

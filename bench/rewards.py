@@ -27,6 +27,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
+import json
 import os
 import secrets
 import socket
@@ -38,14 +40,17 @@ import time
 import uuid
 from decimal import Decimal
 from pathlib import Path
+from typing import AsyncIterator, Callable
 from urllib.parse import urlsplit, urlunsplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import aiohttp  # noqa: E402
 import asyncpg  # noqa: E402
-import socketio  # noqa: E402
 
+from bench.cluster import delete_keys  # noqa: E402
+from bench.fanout import cpu_seconds  # noqa: E402
+from bench.lean_socket import LeanSocket  # noqa: E402
 from server.services.games import new_token  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -96,17 +101,32 @@ async def setup(dsn: str, sessions: int) -> tuple[int, str, list[int]]:
     return game_id, token, [row["session_id"] for row in rows]
 
 
+# Loaded into the hub by `profile` (a sitecustomize module): cProfile on CPU time, saved at exit. Not
+# wall time (python -m cProfile's default): on a busy machine the wall clock charges other processes'
+# time slices, and the hub's own waits in epoll, to whatever call was running.
+PROFILER = """import atexit, cProfile, time
+_profile = cProfile.Profile(time.process_time)
+_profile.enable()
+atexit.register(lambda: (_profile.disable(), _profile.dump_stats({path!r})))
+"""
+
+
 def start_server(dsn: str, port: int, data_dir: Path, log_path: Path, profile: str | None,
                  env: dict[str, str] | None = None) -> subprocess.Popen:
-    """The hub on `port`; `env` overrides the environment built here (e.g. BLOCK_PRODUCER, PURCHASE_WORKERS)."""
+    """The hub on `port`, under a CPU-time profiler writing to `profile` if given; `env` overrides the
+    environment built here (e.g. BLOCK_PRODUCER, PURCHASE_WORKERS)."""
     secret = lambda: base64.urlsafe_b64encode(secrets.token_bytes(32)).decode()  # noqa: E731
     env = {**os.environ, "DATABASE_URL": dsn, "PORT": str(port), "HOST": "127.0.0.1", "DATA_DIR": str(data_dir),
            "JWT_SECRET": os.environ.get("JWT_SECRET") or secret(),
            "MASTER_KEY": os.environ.get("MASTER_KEY") or secret(), "BLOCK_PRODUCER": "false", "LOG_FORMAT": "json",
            # Idle sessions must not time out while the driver is connecting.
            "GAME_SESSION_IDLE_SECONDS": "3600", **(env or {})}
-    python = [sys.executable, "-m", "cProfile", "-o", profile] if profile else [sys.executable]
-    return subprocess.Popen([*python, "-m", "server", "serve", "--host", "127.0.0.1", "--port", str(port),
+    if profile:
+        hook = data_dir / "profiler"
+        hook.mkdir(exist_ok=True)
+        (hook / "sitecustomize.py").write_text(PROFILER.format(path=str(Path(profile).resolve())))
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(hook), env.get("PYTHONPATH")) if p)
+    return subprocess.Popen([sys.executable, "-m", "server", "serve", "--host", "127.0.0.1", "--port", str(port),
                              "--no-demo-data"], cwd=ROOT, env=env, stdout=log_path.open("w"),
                             stderr=subprocess.STDOUT)
 
@@ -147,15 +167,17 @@ class Stats:
         self.accepted = 0
         self.acked_total = 0
         self.errors: dict[str, int] = {}
+        self.hub_cpu = 0.0  # seconds of CPU in the window, all hub processes
+        self.driver_cpu = 0.0
 
 
-async def session_loop(client: socketio.AsyncClient, session_id: int, stats: Stats, stop: asyncio.Event) -> None:
+async def session_loop(server: LeanSocket, session_id: int, stats: Stats, stop: asyncio.Event) -> None:
     seq = 0
     while not stop.is_set():
         seq += 1
         sent = time.perf_counter()
-        ack = await client.call("report_reward", {"session_id": session_id, "seq": seq, "reward_type": "coin",
-                                                  "value": "1.25"}, namespace="/games", timeout=60)
+        ack = await server.call("report_reward", {"session_id": session_id, "seq": seq, "reward_type": "coin",
+                                                  "value": "1.25"}, timeout=60)
         done = time.perf_counter()
         if ack.get("ok"):
             stats.acked_total += 1
@@ -170,24 +192,27 @@ async def session_loop(client: socketio.AsyncClient, session_id: int, stats: Sta
             stats.latencies.append(done - sent)
 
 
-async def drive(url: str, token: str, session_ids: list[int], servers: int, warmup: float, duration: float) -> Stats:
-    clients = []
-    for _ in range(servers):
-        client = socketio.AsyncClient(reconnection=False)
-        await client.connect(url, namespaces=["/games"], transports=["websocket"], auth={"game_token": token},
-                             wait_timeout=10)
-        clients.append(client)
-    stats, stop = Stats(), asyncio.Event()
-    loops = [asyncio.create_task(session_loop(clients[i % servers], sid, stats, stop))
-             for i, sid in enumerate(session_ids)]
-    await asyncio.sleep(warmup)
-    stats.window_start = time.perf_counter()
-    stats.window_end = stats.window_start + duration
-    await asyncio.sleep(duration)
-    stop.set()
-    await asyncio.gather(*loops)
-    for client in clients:
-        await client.disconnect()
+async def drive(url: str, token: str, session_ids: list[int], servers: int, warmup: float, duration: float,
+                hub_pids: Callable[[], list[int]]) -> Stats:
+    """Run the session loops; the window's figures, with the hubs' and this driver's CPU in it."""
+    async with aiohttp.ClientSession() as http:
+        connections = [LeanSocket("/games") for _ in range(servers)]
+        for connection in connections:
+            await connection.open(http, url, {"game_token": token})
+        stats, stop = Stats(), asyncio.Event()
+        loops = [asyncio.create_task(session_loop(connections[i % servers], sid, stats, stop))
+                 for i, sid in enumerate(session_ids)]
+        await asyncio.sleep(warmup)
+        hub_cpu, driver_cpu = sum(map(cpu_seconds, hub_pids())), time.process_time()
+        stats.window_start = time.perf_counter()
+        stats.window_end = stats.window_start + duration
+        await asyncio.sleep(duration)
+        stats.hub_cpu = sum(map(cpu_seconds, hub_pids())) - hub_cpu
+        stats.driver_cpu = time.process_time() - driver_cpu
+        stop.set()
+        await asyncio.gather(*loops)
+        for connection in connections:
+            await connection.close()
     return stats
 
 
@@ -224,43 +249,91 @@ async def check(dsn: str, acked: int, drain_timeout: float = 30.0) -> dict:
     return result
 
 
+@contextlib.asynccontextmanager
+async def hubs(dsn: str, processes: int, tmp: Path,
+               profile: str | None) -> AsyncIterator[tuple[str, Callable[[], list[int]]]]:
+    """The hub(s) on the bench database: one process on its own port (`processes` 0), or HAProxy in
+    front of `processes` processes (server/cluster.py); where clients connect and the hubs' pids."""
+    if not processes:
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        process = start_server(dsn, port, tmp, tmp / "server.log", profile)
+        try:
+            await wait_ready(url, process)  # the server migrates the new database on start
+            yield url, lambda: [process.pid]
+        finally:
+            stop_server(process)
+        return
+    from server.cluster import Cluster
+    from server.core.settings import Settings
+
+    redis_url = os.environ.get("REDIS_URL")
+    if not redis_url:
+        raise SystemExit("--processes needs REDIS_URL (the processes share it)")
+    prefix = f"{urlsplit(dsn).path.strip('/')}:"
+    env = {"REDIS_PREFIX": prefix, "LOG_FORMAT": "json", "BLOCK_PRODUCER": "false", "GAME_SESSION_IDLE_SECONDS": "3600"}
+    settings = Settings(database_url=dsn, redis_url=redis_url, data_dir=tmp / "data")
+    try:
+        async with Cluster(settings, processes, port=free_port(), demo_data=False, env=env, log_dir=tmp / "logs",
+                           ready_timeout=180) as cluster:
+            yield cluster.url, lambda: [hub.pid for hub in cluster.hubs if hub.pid]
+    finally:
+        await delete_keys(redis_url, prefix)
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sessions", type=int, default=500)
     parser.add_argument("--game-servers", type=int, default=10, help="game-server connections sharing the sessions")
     parser.add_argument("--duration", type=float, default=5.0, help="measured seconds")
     parser.add_argument("--warmup", type=float, default=1.0)
+    parser.add_argument("--processes", type=int, default=0,
+                        help="hub processes behind HAProxy (0: one process, no balancer)")
     parser.add_argument("--profile", metavar="PATH", help="run the server under cProfile, stats to PATH")
+    parser.add_argument("--json", metavar="PATH", help="also write the figures to this file")
     args = parser.parse_args()
     admin_dsn = os.environ.get("DATABASE_URL")
     if not admin_dsn:
         raise SystemExit("set DATABASE_URL to a PostgreSQL server where the bench may create a database")
+    if args.profile and args.processes:
+        raise SystemExit("--profile runs one process: leave out --processes")
     name = f"hub_bench_rewards_{uuid.uuid4().hex[:8]}"
     dsn = with_database(admin_dsn, name)
     await admin(admin_dsn, f'CREATE DATABASE "{name}"')
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    with tempfile.TemporaryDirectory(prefix="hub-bench-rewards-") as tmp:
-        process = start_server(dsn, port, Path(tmp), Path(tmp) / "server.log", args.profile)
-        try:
-            await wait_ready(url, process)  # the server migrates the new database on start
-            game_id, token, session_ids = await setup(dsn, args.sessions)
-            stats = await drive(url, token, session_ids, args.game_servers, args.warmup, args.duration)
-            result = await check(dsn, stats.acked_total)
-        finally:
-            stop_server(process)
-            await admin(admin_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    try:
+        with tempfile.TemporaryDirectory(prefix="hub-bench-rewards-") as tmp:
+            async with hubs(dsn, args.processes, Path(tmp), args.profile) as (url, hub_pids):
+                game_id, token, session_ids = await setup(dsn, args.sessions)
+                stats = await drive(url, token, session_ids, args.game_servers, args.warmup, args.duration, hub_pids)
+                result = await check(dsn, stats.acked_total)
+    finally:
+        await admin(admin_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     ms = [v * 1000 for v in stats.latencies]
-    print(f"sessions: {args.sessions}, game-server connections: {args.game_servers}, "
-          f"window: {args.duration:.1f} s after {args.warmup:.1f} s warm-up, redis: {'yes' if os.environ.get('REDIS_URL') else 'no'}")
-    print(f"accepted rewards/s: {stats.accepted / args.duration:,.0f}")
+    rate = stats.accepted / args.duration
+    where = f"{args.processes} processes behind HAProxy" if args.processes else "one process"
+    print(f"sessions: {args.sessions}, game-server connections: {args.game_servers}, {where}, "
+          f"window: {args.duration:.1f} s after {args.warmup:.1f} s warm-up, "
+          f"redis: {'yes' if os.environ.get('REDIS_URL') else 'no'}")
+    print(f"accepted rewards/s: {rate:,.0f}")
     if ms:
         print(f"ack latency ms: p50 {statistics.median(ms):.1f}, p99 {percentile(ms, 0.99):.1f}, max {max(ms):.1f}")
+    print(f"CPU in the window: hubs {stats.hub_cpu / args.duration:.0%} of a core "
+          f"({stats.hub_cpu / max(stats.accepted, 1) * 1e6:,.0f} us per reward), "
+          f"this driver {stats.driver_cpu / args.duration:.0%}; load average {os.getloadavg()[0]:.1f}")
     print(f"errors: {stats.errors or 'none'}")
     print(f"database: {result['rewards']} rewards for {stats.acked_total} acks, sums "
           f"{'consistent' if result['consistent'] else 'INCONSISTENT'} (rewards = balances = ledger = sessions)")
     print(f"outbox: {result['backlog']} events waiting when the load stopped; the relay then published "
           f"{result['drain_rate']:,.0f} events/s ({result['left']} left after the wait)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "bench": "rewards", "sessions": args.sessions, "game_servers": args.game_servers,
+            "processes": max(args.processes, 1), "balancer": bool(args.processes), "accepted_per_s": rate,
+            "ack_p50_ms": statistics.median(ms) if ms else None, "ack_p99_ms": percentile(ms, 0.99) if ms else None,
+            "hub_cpu_per_s": stats.hub_cpu / args.duration, "outbox_backlog": result["backlog"],
+            "errors": stats.errors, "consistent": result["consistent"], "load_average": os.getloadavg()[0]}, indent=1))
+    if not result["consistent"]:
+        sys.exit(1)
 
 
 if __name__ == "__main__":
