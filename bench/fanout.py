@@ -17,6 +17,11 @@ latency instead of silently sending later. Figures, per server:
 - peak delivered msgs/s: the best achieved rate of any step, sustained or not (a server that sustains
   no step still has one);
 - server RSS per idle connection: (RSS with --idle-clients connected - RSS before) / clients.
+  `--idle-clients 1000,2500,5000` connects more clients to the same server at each count and
+  prints a figure per count (the table takes the largest).
+
+`--json PATH` writes a row per server: the summary above, the rate steps (`steps`), the idle
+memory points (`idle`) and the load average before the server's run (bench/plots.py reads it).
 
 CPU split on the 2-core machine: the server under test is pinned to core 0 (`taskset -c 0`), the
 Node load generator and this driver to core 1, so the server never competes with its clients and
@@ -341,24 +346,34 @@ async def throughput(kind: str, args: argparse.Namespace) -> dict[str, Any]:
         server.stop()
 
 
-async def idle_memory(kind: str, args: argparse.Namespace) -> float:
-    """Server RSS bytes per idle connection with `--idle-clients` connected."""
+async def idle_memory(kind: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Server RSS with each of `--idle-clients` counts of idle connections, one server for all:
+    each count adds a load generator for the connections it lacks."""
     port = free_port()
     server = start_server(kind, port, args.server_cpu)
-    gen = None
+    gens: list[LoadGen] = []
+    points: list[dict[str, Any]] = []
     try:
         await wait_port(port)
         await asyncio.sleep(1)
         before = rss_bytes(server.pid)
-        gen = await LoadGen.start(port, args.idle_clients, args.loadgen_cpu, args.loadgens)
-        await asyncio.sleep(3)
-        after = rss_bytes(server.pid)
-        per = (after - before) / args.idle_clients
-        print(f"  {kind:<5} idle: {args.idle_clients:,} connections, RSS {before / 2**20:.0f} -> "
-              f"{after / 2**20:.0f} MiB, {per / 1024:.1f} KiB per connection", flush=True)
-        return per
+        connected = 0
+        for count in args.idle_counts:
+            try:
+                gens.append(await LoadGen.start(port, count - connected, args.loadgen_cpu, args.loadgens))
+            except Exception as exc:  # a server that cannot hold more: keep the counts it held
+                print(f"  {kind:<5} idle: {count:,} connections failed: {exc!r}", flush=True)
+                break
+            connected = count
+            await asyncio.sleep(3)
+            after = rss_bytes(server.pid)
+            per = (after - before) / count
+            print(f"  {kind:<5} idle: {count:,} connections, RSS {before / 2**20:.0f} -> "
+                  f"{after / 2**20:.0f} MiB, {per / 1024:.1f} KiB per connection", flush=True)
+            points.append({"connections": count, "rss_before": before, "rss_after": after, "per_conn": per})
+        return points
     finally:
-        if gen is not None:
+        for gen in gens:
             await gen.exit()
         server.stop()
 
@@ -380,7 +395,12 @@ def summarise(kind: str, result: dict[str, Any], clients: int) -> dict[str, Any]
         "p50_10k": at10k["p50"] if at10k else None,
         "p99_10k": at10k["p99"] if at10k else None,
         "cpu_10k": at10k["server_cpu"] if at10k else None,
-        "rss_per_conn": result.get("rss_per_conn"),
+        "rss_per_conn": result["idle"][-1]["per_conn"] if result.get("idle") else None,
+        # For bench/plots.py; the table above does not print these.
+        "clients": clients,
+        "load_average": result.get("load_average"),
+        "steps": steps,
+        "idle": result.get("idle", []),
     }
 
 
@@ -429,11 +449,12 @@ async def main(args: argparse.Namespace) -> None:
               "using the CPUs, the figures will be pessimistic and noisy", flush=True)
     rows = []
     for kind in args.servers:
-        print(f"{kind}: throughput, {args.clients:,} clients (load average {load_average():.2f})",
-              flush=True)
+        load = load_average()
+        print(f"{kind}: throughput, {args.clients:,} clients (load average {load:.2f})", flush=True)
         result = await throughput(kind, args)
-        if args.idle_clients:
-            result["rss_per_conn"] = await idle_memory(kind, args)
+        result["load_average"] = load
+        if args.idle_counts:
+            result["idle"] = await idle_memory(kind, args)
         rows.append(summarise(kind, result, args.clients))
     print_table(rows, args)
     if args.json:
@@ -455,15 +476,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="comma-separated delivered msgs/s targets (default: 10k..150k)")
     parser.add_argument("--duration", type=float, default=None, help="seconds per step (default 5)")
     parser.add_argument("--size", type=int, default=200, help="event JSON bytes")
-    parser.add_argument("--idle-clients", type=int, default=None,
-                        help="connections for the idle memory figure (default 5000; 0 skips it)")
+    parser.add_argument("--idle-clients", default=None,
+                        help="connections for the idle memory figure (default 5000; 0 skips it); "
+                             "comma-separated counts measure each, e.g. 1000,2500,5000,10000")
     parser.add_argument("--server-cpu", default="0", help="core(s) for the server ('' = no pinning)")
     parser.add_argument("--loadgen-cpu", default="1", help="core(s) for the load generator")
     parser.add_argument("--loadgens", type=int, default=1,
                         help="load-generator processes sharing the clients (default 1)")
     parser.add_argument("--quick", action="store_true",
                         help="short steps, fewer rates, 1,000 idle connections")
-    parser.add_argument("--json", help="also write the summary rows to this file")
+    parser.add_argument("--json", help="also write the rows (summary, rate steps, idle memory points) to this file")
     args = parser.parse_args(argv)
     args.servers = [s for s in args.servers.split(",") if s]
     unknown = set(args.servers) - set(SERVERS)
@@ -473,7 +495,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.rates = [int(float(r)) for r in rates]
     args.duration = args.duration or (2.0 if args.quick else 5.0)
     if args.idle_clients is None:
-        args.idle_clients = 1000 if args.quick else 5000
+        args.idle_clients = "1000" if args.quick else "5000"
+    args.idle_counts = sorted({int(float(n)) for n in args.idle_clients.split(",") if n and float(n) > 0})
+    args.idle_clients = max(args.idle_counts, default=0)  # the table's header names the largest
     return args
 
 
