@@ -1,0 +1,142 @@
+"""Broadcast across processes: delivered msgs/s with 1 and with N hub processes behind HAProxy.
+
+    REDIS_URL=redis://127.0.0.1:6379/0 .venv/bin/python bench/scaleout.py
+    .venv/bin/python bench/scaleout.py --processes 1,2 --clients 1000 --rates 20,40,60,80,100 --duration 5
+
+For each process count: `server.cluster.Cluster` (what `sourcenet-hub cluster` runs: HAProxy in
+front of the hub processes, on a fresh database) and `--clients` official Node socket.io-client
+connections (tests/node/cluster-clients.mjs, websocket) spread over the processes by HAProxy, all
+subscribed to one public channel. This process publishes on that channel at rising rates (events/s)
+as another node would (history append in Redis, then the cross-node PUBLISH that every hub fans out
+to its own clients: the real multi-process path). Per step: delivered msgs/s (events the clients
+applied live / the step's length), the share of what was expected, and the hubs' CPU (all processes,
+% of one core). A step is sustained when >= 99% arrived within the step plus a 3 s drain; the steps
+stop at the first that is not. The clients check order and completeness themselves (every offset
+once), as in bench/cluster.py.
+
+Everything shares the machine: with 2 cores, the Node clients, this publisher, Redis and HAProxy
+compete with the hubs, so read the ratio against the cores the hubs actually got (their CPU column).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.cluster import NodeClients, Stream, delete_keys  # noqa: E402
+from bench.fanout import cpu_seconds  # noqa: E402
+from server.cluster import Cluster, free_port  # noqa: E402
+from server.core.settings import Settings  # noqa: E402
+
+SUSTAINED_SHARE = 0.99
+DRAIN_SECONDS = 3.0
+
+
+async def hubs_cpu(cluster: Cluster) -> float:
+    """CPU seconds of every hub process so far."""
+    return sum(cpu_seconds(hub.pid) for hub in cluster.hubs if hub.pid)
+
+
+async def step(cluster: Cluster, stream: Stream, nodes: NodeClients, clients: int, rate: float,
+               duration: float) -> dict:
+    """Publish `rate` events/s for `duration` s; what the clients applied live, and the hubs' CPU."""
+    before = (await nodes.ask({"cmd": "status"}))["live"]
+    published_before = len(stream.published)
+    cpu0, started = await hubs_cpu(cluster), time.monotonic()
+    stream.start(rate)
+    await asyncio.sleep(duration)
+    published = await stream.stop() - published_before
+    expected = published * clients
+    deadline = time.monotonic() + DRAIN_SECONDS
+    while True:
+        live = (await nodes.ask({"cmd": "status"}))["live"] - before
+        if live >= expected or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.2)
+    elapsed = time.monotonic() - started
+    return {"rate": rate, "published": published, "expected": expected, "delivered": live,
+            "delivered_per_s": live / duration, "share": live / max(expected, 1),
+            "hub_cpu": (await hubs_cpu(cluster) - cpu0) / elapsed,
+            "sustained": live >= SUSTAINED_SHARE * expected}
+
+
+async def run(processes: int, args: argparse.Namespace) -> dict:
+    """Rising steps against `processes` hubs behind HAProxy."""
+    import asyncpg
+
+    from tests.conftest import with_database
+
+    name = f"hub_scaleout_{uuid.uuid4().hex[:10]}"
+    admin = await asyncpg.connect(args.database_url)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    work = Path(f"/tmp/{name}")
+    prefix = f"{name}:"
+    settings = Settings(database_url=with_database(args.database_url, name), redis_url=args.redis_url,
+                        data_dir=work / "data", shutdown_timeout=4.0)
+    env = {"REDIS_PREFIX": prefix, "LOG_FORMAT": "json", "BLOCK_PRODUCER": "false"}
+    steps: list[dict] = []
+    try:
+        async with Cluster(settings, processes, port=free_port(), demo_data=False, env=env,
+                           log_dir=work / "logs", ready_timeout=180) as cluster:
+            assert cluster.redis_url is not None
+            stream = Stream(cluster.redis_url, prefix, f"market:category:bench-{uuid.uuid4().hex[:8]}")
+            nodes = await NodeClients.start(cluster.url, stream.channel, args.clients, "websocket")
+            try:
+                spread = (await nodes.ask({"cmd": "status"}))["nodes"]
+                print(f"{processes} process(es): {args.clients} clients subscribed in {nodes.ready_seconds:.1f} s, "
+                      f"spread {json.dumps(spread, sort_keys=True)}", flush=True)
+                for rate in args.rates:
+                    result = await step(cluster, stream, nodes, args.clients, rate, args.duration)
+                    steps.append(result)
+                    print(f"  {rate:>6g} events/s: {result['delivered_per_s']:>9,.0f} msgs/s delivered "
+                          f"({result['share']:.1%} of {result['expected']:,}), hubs' CPU "
+                          f"{result['hub_cpu']:.0%} of a core, load {os.getloadavg()[0]:.1f}"
+                          f"{'' if result['sustained'] else '  <- not sustained'}", flush=True)
+                    if not result["sustained"]:
+                        break
+            finally:
+                await nodes.close()
+                await stream.close()
+            await delete_keys(cluster.redis_url, prefix)
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+    sustained = [s["delivered_per_s"] for s in steps if s["sustained"]]
+    return {"processes": processes, "clients": args.clients, "steps": steps,
+            "max_sustained_per_s": max(sustained) if sustained else None}
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--processes", default="1,2", help="process counts to compare, comma-separated")
+    parser.add_argument("--clients", type=int, default=1000)
+    parser.add_argument("--rates", default="20,40,60,80,100,120,150", help="events/s on the channel per step")
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per step")
+    parser.add_argument("--database-url", default=os.environ.get("DATABASE_URL",
+                                                                 "postgresql://postgres@127.0.0.1:5432/postgres"))
+    parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL"))
+    parser.add_argument("--json", metavar="PATH", help="also write the results to this file")
+    args = parser.parse_args()
+    args.rates = [float(r) for r in args.rates.split(",")]
+    results = [await run(int(p), args) for p in args.processes.split(",")]
+    print("\nprocesses  max sustained msgs/s  ratio to the first")
+    base = results[0]["max_sustained_per_s"]
+    for result in results:
+        best = result["max_sustained_per_s"]
+        ratio = f"{best / base:.2f}x" if best and base else "-"
+        print(f"{result['processes']:>9}  {best or 0:>20,.0f}  {ratio:>18}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"bench": "scaleout", "load_average": os.getloadavg()[0],
+                                               "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
