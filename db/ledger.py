@@ -1,5 +1,5 @@
 """The balance ledger: the one place that moves `users.total_balance`, booking one `balance_ledger`
-row per change in the same statement pair.
+row per change in the same statement.
 
 Every flow (sealed transfers, mining rewards, pool grants, faucet, game rewards, NFT sales...) calls
 `apply_balance_changes`; nothing else may `UPDATE users SET total_balance` (tests/test_ledger.py
@@ -66,44 +66,45 @@ async def apply_balance_changes(conn: asyncpg.Connection,
                                 changes: Sequence[BalanceChange]) -> dict[uuid.UUID, Decimal]:
     """Move balances and book each change, in order; returns each touched user's balance after.
 
-    Two statements whatever the batch size: users are locked in id order (no deadlock between
-    concurrent callers) and moved by their net delta, then the rows are inserted with the running
-    balance, so a debit booked before the credit that covers it fails the balance_after CHECK.
-    Raises CheckViolationError (a balance would go negative), UniqueViolationError ((reason,
-    reference) booked before) or UnknownAccount.
+    One statement whatever the batch size, so a caller holding a contended lock (a reward pool)
+    holds it one round trip less: users are locked in id order (no deadlock between concurrent
+    callers) and moved by their net delta, and the rows are inserted with the running balance, so a
+    debit booked before the credit that covers it fails the balance_after CHECK. Raises
+    CheckViolationError (a balance would go negative), UniqueViolationError ((reason, reference)
+    booked before) or UnknownAccount (the caller's transaction must then roll back).
     """
     changes = [change for change in changes if change.delta != 0]
     if not changes:
         return {}
-    net: dict[uuid.UUID, Decimal] = {}
-    for change in changes:
-        net[change.user_id] = net.get(change.user_id, Decimal(0)) + change.delta
-    ids = sorted(net)
+    # WITH ORDINALITY ... ORDER BY n: entry ids follow the order of the changes, so each user's rows
+    # chain; every part of the statement sees the balances from before it, so a row's balance_after
+    # is the new balance less the user's later changes.
     rows = await conn.fetch(
-        f"""WITH locked AS (SELECT id FROM users WHERE id = ANY($1::uuid[]) ORDER BY id{BALANCE_LOCK})
-           UPDATE users u SET total_balance = u.total_balance + v.delta
-             FROM unnest($1::uuid[], $2::numeric[]) AS v(id, delta), locked
-            WHERE u.id = v.id AND locked.id = v.id
-        RETURNING u.id, u.total_balance""",
-        ids, [net[i] for i in ids])
+        f"""WITH changes AS (
+                SELECT * FROM unnest($1::uuid[], $2::numeric[], $3::text[], $4::text[])
+                       WITH ORDINALITY AS c(user_id, delta, reason, reference, n)),
+            net AS (SELECT user_id, sum(delta) AS delta FROM changes GROUP BY user_id),
+            locked AS (SELECT id FROM users WHERE id IN (SELECT user_id FROM net) ORDER BY id{BALANCE_LOCK}),
+            moved AS (
+                UPDATE users u SET total_balance = u.total_balance + net.delta
+                  FROM net JOIN locked ON locked.id = net.user_id
+                 WHERE u.id = net.user_id
+             RETURNING u.id, u.total_balance),
+            booked AS (
+                INSERT INTO balance_ledger (user_id, delta, balance_after, reason, reference)
+                SELECT c.user_id, c.delta,
+                       m.total_balance - sum(c.delta) OVER (PARTITION BY c.user_id ORDER BY c.n DESC)
+                                       + c.delta,
+                       c.reason, c.reference
+                  FROM changes c JOIN moved m ON m.id = c.user_id
+                 ORDER BY c.n)
+            SELECT id, total_balance FROM moved""",
+        [c.user_id for c in changes], [c.delta for c in changes], [c.reason for c in changes],
+        [c.reference for c in changes])
     after = {row["id"]: row["total_balance"] for row in rows}
-    missing = set(ids) - set(after)
+    missing = {change.user_id for change in changes} - set(after)
     if missing:
         raise UnknownAccount(f"no such user: {', '.join(sorted(map(str, missing)))}")
-    running = {user_id: after[user_id] - net[user_id] for user_id in ids}
-    balance_after = []
-    for change in changes:
-        running[change.user_id] += change.delta
-        balance_after.append(running[change.user_id])
-    # WITH ORDINALITY ... ORDER BY: entry ids follow the order of the changes, so each user's rows chain.
-    await conn.execute(
-        """INSERT INTO balance_ledger (user_id, delta, balance_after, reason, reference)
-           SELECT user_id, delta, balance_after, reason, reference
-             FROM unnest($1::uuid[], $2::numeric[], $3::numeric[], $4::text[], $5::text[])
-                  WITH ORDINALITY AS v(user_id, delta, balance_after, reason, reference, n)
-            ORDER BY n""",
-        [c.user_id for c in changes], [c.delta for c in changes], balance_after,
-        [c.reason for c in changes], [c.reference for c in changes])
     return after
 
 

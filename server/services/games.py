@@ -496,16 +496,16 @@ async def _book(conn: asyncpg.Connection, batch: list[RewardReport], pool_name: 
                 data = reward_event(session, reward)
                 events += [(game_channel(session.game_id), REWARD_EARNED, data),
                            (session_channel(session.session_id), REWARD_EARNED, data)]
+            await outbox.enqueue_many(conn, events)
             drawn = sum((r.value + r.owner_share for r in new_rewards), Decimal(0))
-            # As late as the lock order allows (pool before users, as admin grants lock them), so
-            # the pool row is held briefly; the condition fails when a concurrent batch spent what
-            # this one counted on.
+            # As late as the lock order allows (pool before users, as admin grants lock them): every
+            # batch waits for the pool row, so it is held for two round trips (the draw's and the
+            # ledger's) and the commit. The condition fails when a concurrent batch spent what this
+            # one counted on.
             assert budget.pool_id is not None  # decide accepts nothing without a pool
             if not await queries.draw_from_pool(conn, budget.pool_id, drawn):
                 raise PoolRaced(pool_name)  # never with the pool locked: then it cannot have moved
-            # The whole batch in two statements (one UPDATE, one INSERT), whatever its size.
-            await ledger.apply_balance_changes(conn, changes)
-            await outbox.enqueue_many(conn, events)
+            await ledger.apply_balance_changes(conn, changes)  # one statement, whatever the batch size
     results: list[dict[str, Any] | HubError] = []
     for outcome in outcomes:
         if isinstance(outcome, HubError):
