@@ -314,9 +314,16 @@ class RedisFanoutManager(socketio.AsyncRedisManager, FanoutMixin):
         # Encoded now, not when the batch leaves: the caller may reuse `data` after the emit.
         await self._outgoing.send(jsonutil.dumpb(data))
 
+    @property
+    def _own_batch_prefix(self) -> bytes:
+        # A batch opens with its publisher's id, an item python-socketio's loop ignores (it has no
+        # "method"), so the listener drops this node's own batches unread: none of their messages
+        # is for this node, and decoding them cost as much as delivering an event.
+        return b'[{"host_id":' + jsonutil.dumpb(self.host_id) + b"},"
+
     async def _publish_batch(self, messages: list[bytes]) -> list[None]:
         try:
-            await self._publisher.publish(self.channel, b"[" + b",".join(messages) + b"]")
+            await self._publisher.publish(self.channel, self._own_batch_prefix + b",".join(messages) + b"]")
         except UNAVAILABLE_ERRORS as exc:
             # This node's clients already got the emit; other nodes learn of the hole from
             # positions and from their own listener's reconnect.
@@ -334,8 +341,11 @@ class RedisFanoutManager(socketio.AsyncRedisManager, FanoutMixin):
     async def _listen(self) -> AsyncIterator[Any]:
         # python-socketio's loop takes decoded messages as dicts; a batch holds several, in order.
         channel = self.channel.encode()
+        own_batch = self._own_batch_prefix
         async for message in self._redis_listen_with_retries():
             if message["channel"] != channel or message["type"] != "message" or "data" not in message:
+                continue
+            if message["data"].startswith(own_batch):
                 continue
             try:
                 decoded = jsonutil.loads(message["data"])
