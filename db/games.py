@@ -374,15 +374,21 @@ async def insert_rewards(conn: asyncpg.Connection, rewards: list[NewReward]) -> 
     return [by_key[(r.session_id, r.seq)] for r in rewards]
 
 
-async def add_session_totals(conn: asyncpg.Connection, totals: dict[int, tuple[Decimal, int]]) -> None:
-    """Set each session's new running total, count its new rewards, and mark it active now."""
+async def add_session_totals(conn: asyncpg.Connection, totals: dict[int, tuple[Decimal, int]],
+                             activity_step: float = 0.0) -> None:
+    """Set each session's new running total, count its new rewards, and mark it active now when its
+    last recorded activity is older than `activity_step` seconds."""
     ids = list(totals)
+    # last_activity_at is indexed (the idle sweep): writing it makes the update non-HOT, a new entry
+    # in each of the table's indexes per reward batch. Recording it at most once per step keeps most
+    # updates HOT; the sweep allows for the step (sweep_idle), so no session times out early.
     await conn.execute(
         """UPDATE game_sessions s SET rewards_earned = v.total, reward_count = s.reward_count + v.n,
-                                      last_activity_at = now()
+                  last_activity_at = CASE WHEN s.last_activity_at < now() - make_interval(secs => $4)
+                                          THEN now() ELSE s.last_activity_at END
            FROM unnest($1::int[], $2::numeric[], $3::int[]) AS v(session_id, total, n)
            WHERE s.session_id = v.session_id""",
-        ids, [totals[i][0] for i in ids], [totals[i][1] for i in ids])
+        ids, [totals[i][0] for i in ids], [totals[i][1] for i in ids], float(activity_step))
 
 
 # --- leaderboards ------------------------------------------------------------------------------

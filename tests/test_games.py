@@ -10,8 +10,11 @@ from decimal import Decimal
 import pytest
 
 from db import users as user_queries
+from db.pool import POOL
 from server.app import create_app
+from server.core.settings import SETTINGS
 from server.realtime.hub import REALTIME
+from server.services import games
 from server.services.games import GAMES
 from server.services.games import GAMING_POOL as GAMES_POOL
 from tests.helpers import SocketClient, register, server_url, wait_until
@@ -384,3 +387,39 @@ async def test_developer_games_wait_for_an_admin_and_rest_sessions_work(client, 
     assert (await end.json())["data"]["status"] == "Ended"
     missing = await client.get("/api/v1/games/999999")
     assert missing.status == 404
+
+
+
+async def test_rewards_record_activity_once_per_step_and_the_sweep_allows_for_it(client, db, sockets):
+    # Reward batches write last_activity_at (an indexed column) at most once per step, so most of
+    # their updates stay HOT; the idle sweep adds the step, so no rewarded session ends early.
+    admin = await make_admin(client, db)
+    game, token = await create_game(client, admin)
+    _, sock = await player(client, sockets)
+    session_id = await start(sock, game["game_id"])
+    server = await game_server(client, sockets, token)
+    step = client.app[GAMES].ingest.activity_step
+    assert step == games.activity_step(client.app[SETTINGS].game_session_idle_seconds) > 0
+
+    async def seen_seconds_ago(seconds: float) -> None:
+        await db.execute("UPDATE game_sessions SET last_activity_at = now() - make_interval(secs => $2) "
+                         "WHERE session_id = $1", session_id, seconds)
+
+    async def recorded_age() -> float:
+        return await db.fetchval("SELECT extract(epoch FROM now() - last_activity_at)::float8 FROM game_sessions "
+                                 "WHERE session_id = $1", session_id)
+
+    await seen_seconds_ago(step / 2)
+    assert (await reward(server, session_id, 1))["ok"]
+    assert step / 2 - 1 < await recorded_age() <= step / 2 + 1  # within the step: left as it was
+    await seen_seconds_ago(step + 5)
+    assert (await reward(server, session_id, 2))["ok"]
+    assert await recorded_age() < 2  # older than the step: now
+    assert await db.fetchval("SELECT reward_count FROM game_sessions WHERE session_id = $1", session_id) == 2
+
+    idle = 10.0
+    await seen_seconds_ago(idle + games.activity_step(idle) / 2)  # idle by its record, maybe not in fact
+    assert await games.sweep_idle(client.app[POOL], idle) == 0
+    await seen_seconds_ago(idle + games.activity_step(idle) + 1)
+    assert await games.sweep_idle(client.app[POOL], idle) == 1
+    assert await db.fetchval("SELECT status FROM game_sessions WHERE session_id = $1", session_id) == "TimedOut"

@@ -64,6 +64,8 @@ TOKEN_PREFIX = "kvpg_"
 MINUTE = 60.0
 PERIODS: dict[str, float | None] = {"hour": 3600.0, "day": 86_400.0, "week": 604_800.0, "all": None}
 SWEEP_BATCH = 500
+# A rewarded session's last activity is recorded at most once per this share of the idle timeout.
+ACTIVITY_STEP_SHARE = 0.05
 GAME_STATUSES = ("pending", "active", "suspended")
 DEFAULT_POLICY = {"max_reward_per_event": Decimal(100), "max_reward_per_minute": Decimal(1000),
                   "max_reward_per_session": Decimal(10_000)}
@@ -293,12 +295,18 @@ async def player_sessions(conn: asyncpg.Connection, user_id: uuid.UUID, game_id:
                       "reward_count": sum(e.reward_count for e in earnings)}}
 
 
+def activity_step(idle_seconds: float) -> float:
+    """How stale a session's recorded activity may be while it reports rewards (see add_session_totals)."""
+    return idle_seconds * ACTIVITY_STEP_SHARE
+
+
 async def sweep_idle(pool: asyncpg.Pool, idle_seconds: float) -> int:
     """Time out sessions idle for `idle_seconds` (their events in the same transaction); how many."""
     total = 0
     while True:
         async with pool.acquire() as conn, conn.transaction():
-            timed_out = await queries.time_out_idle(conn, idle_seconds, SWEEP_BATCH)
+            # A rewarded session's activity is recorded up to a step late: never time it out early.
+            timed_out = await queries.time_out_idle(conn, idle_seconds + activity_step(idle_seconds), SWEEP_BATCH)
             events = []
             for session in timed_out:
                 data = session_ended_event(session)
@@ -450,17 +458,17 @@ def reward_event(session: queries.SessionForReward, stored: queries.StoredReward
             "username": session.username, "player_wallet": session.player_wallet}
 
 
-async def book_rewards(conn: asyncpg.Connection, batch: list[RewardReport],
-                       pool_name: str = GAMING_POOL) -> tuple[list[dict[str, Any] | HubError], int]:
+async def book_rewards(conn: asyncpg.Connection, batch: list[RewardReport], pool_name: str = GAMING_POOL,
+                       activity_step: float = 0.0) -> tuple[list[dict[str, Any] | HubError], int]:
     """Book a batch of reports in one transaction, drawing them from the reward pool: per report
     its ack or its error, and how many rewards were new (the rest were replays or refused)."""
     try:
-        return await _book(conn, batch, pool_name, lock_pool=False)
+        return await _book(conn, batch, pool_name, activity_step, lock_pool=False)
     except PoolRaced:
-        return await _book(conn, batch, pool_name, lock_pool=True)
+        return await _book(conn, batch, pool_name, activity_step, lock_pool=True)
 
 
-async def _book(conn: asyncpg.Connection, batch: list[RewardReport], pool_name: str, *,
+async def _book(conn: asyncpg.Connection, batch: list[RewardReport], pool_name: str, activity_step: float, *,
                 lock_pool: bool) -> tuple[list[dict[str, Any] | HubError], int]:
     async with conn.transaction():
         sessions = await queries.lock_sessions_for_rewards(conn, (r.session_id for r in batch))
@@ -484,7 +492,7 @@ async def _book(conn: asyncpg.Connection, batch: list[RewardReport], pool_name: 
             for reward in new_rewards:
                 _, count = session_totals.get(reward.session_id, (Decimal(0), 0))
                 session_totals[reward.session_id] = (reward.session_total, count + 1)
-            await queries.add_session_totals(conn, session_totals)
+            await queries.add_session_totals(conn, session_totals, activity_step)
             changes, events = [], []
             for reward, new in zip(stored, new_rewards):
                 session = sessions[reward.session_id]
@@ -534,9 +542,10 @@ class _Pending:
 class RewardIngest:
     """A queue of reward reports booked by a few workers, each taking whatever has piled up."""
 
-    def __init__(self, pool: asyncpg.Pool, *, batch_max: int, queue_max: int,
+    def __init__(self, pool: asyncpg.Pool, *, batch_max: int, queue_max: int, activity_step: float = 0.0,
                  on_booked: Callable[[set[int]], None] | None = None) -> None:
         self.pool = pool
+        self.activity_step = activity_step
         self.batch_max = batch_max
         self.queue_max = queue_max
         self.on_booked = on_booked
@@ -570,7 +579,8 @@ class RewardIngest:
     async def _process(self, batch: list[_Pending]) -> None:
         try:
             async with self.pool.acquire() as conn:
-                results, new = await book_rewards(conn, [p.report for p in batch])
+                results, new = await book_rewards(conn, [p.report for p in batch],
+                                                  activity_step=self.activity_step)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - one bad report must not fail its neighbours
@@ -713,7 +723,9 @@ class GameService:
         self.leaderboards = Leaderboards(app, interval=settings.game_leaderboard_interval,
                                          period=settings.game_leaderboard_period, size=settings.game_leaderboard_size)
         self.ingest = RewardIngest(app[POOL], batch_max=settings.game_reward_batch_max,
-                                   queue_max=settings.game_reward_queue_max, on_booked=self.leaderboards.mark)
+                                   queue_max=settings.game_reward_queue_max,
+                                   activity_step=activity_step(settings.game_session_idle_seconds),
+                                   on_booked=self.leaderboards.mark)
 
 
 GAMES: web.AppKey[GameService] = web.AppKey("games", GameService)
