@@ -79,6 +79,7 @@ async def main() -> None:
     parser.add_argument("--clients", type=int, default=5000)
     parser.add_argument("--users", type=int, default=250)
     parser.add_argument("--history", type=int, default=50, help="events in the channel's history")
+    parser.add_argument("--profile", metavar="PATH", help="run the hub under cProfile (CPU time), stats to PATH")
     args = parser.parse_args()
     admin_dsn, redis_url = os.environ.get("DATABASE_URL"), os.environ.get("REDIS_URL")
     if not admin_dsn or not redis_url:
@@ -95,7 +96,7 @@ async def main() -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory(prefix="hub-bench-storm-") as tmp:
-        process = start_server(dsn, port, Path(tmp), Path(tmp) / "server.log", None)
+        process = start_server(dsn, port, Path(tmp), Path(tmp) / "server.log", args.profile)
         try:
             await wait_ready(url, process)
             tokens = await register_users(url, args.users)

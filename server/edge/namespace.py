@@ -104,14 +104,23 @@ class HubSocketServer(SocketServer):
         # python-socketio hands a client's event named "connect" to the same trigger as its own
         # connect, so the name must be refused here, where the two paths still differ. (A name that
         # is not text never gets here: the engine closes the connection on such a packet.)
-        if data[0] not in RESERVED_EVENTS:
-            await super()._handle_event_internal(server, sid, eio_sid, data, namespace, id)
+        if data[0] in RESERVED_EVENTS:
+            log.info("reserved_event_refused", namespace=namespace, sid=sid, name=data[0])
+            if id is not None:
+                error = InvalidPayload(f"'{data[0]}' is a reserved event name", field="event")
+                await self._send_ack(eio_sid, namespace, id, error_envelope(error))
             return
-        log.info("reserved_event_refused", namespace=namespace, sid=sid, name=data[0])
-        if id is not None:
-            error = InvalidPayload(f"'{data[0]}' is a reserved event name", field="event")
-            await server._send_packet(eio_sid, self.packet_class(
-                socketio.packet.ACK, namespace=namespace, id=id, data=[error_envelope(error)]))
+        result = await server._trigger_event(data[0], namespace, sid, *data[1:])
+        if result is not self.not_handled and id is not None:
+            await self._send_ack(eio_sid, namespace, id, result)
+
+    async def _send_ack(self, eio_sid: str, namespace: str, id: int, envelope: Any) -> None:
+        # python-socketio walks every ack looking for bytes to send as attachments: a third of the
+        # CPU of a subscribe that replays history. An ack here is a JSON envelope (docs/protocol.md),
+        # and jsonutil writes any bytes in it as hex text, so there is nothing to walk for.
+        packet = self.packet_class(socketio.packet.ACK, namespace=namespace, id=id,
+                                   data=[] if envelope is None else [envelope], binary=False)
+        await self.eio.send(eio_sid, packet.encode())
 
 
 CATCH_UP_LIMIT = 100
