@@ -7,12 +7,17 @@ Seeds a fresh database on the DATABASE_URL server (1,000 sellers, `--datapods` D
 titles, descriptions, categories, prices, column schemas, ratings and dates drawn from fixed word
 lists; 95% published; one buyer with 500 completed purchases), starts one real server process on
 it, and then for each endpoint sends `--requests` requests one after another (a keep-alive HTTP
-connection), and runs the very same SQL, through the same query functions, on one asyncpg
+connection), and runs the very same SQL, through the same functions the service calls
+(server/services/marketplace.py `find` and `count_facets`: a search may read a window and then
+the matches, and fall back to titles by similarity; db/ for detail and history), on one asyncpg
 connection in the same run. It prints p50/p99 of both and what the endpoint adds (HTTP parsing,
-validation, the pool, JSON). Targets (issue 21): the endpoint adds <= 2 ms at p99; search p99 < 25 ms.
+auth, validation, the pool, JSON). Targets (issue 21): the endpoint adds <= 2 ms at p99; search
+p99 < 25 ms.
 
-Seeding a million rows (generated tsvector, GIN and trigram indexes) takes a few minutes: `--keep`
-leaves the database behind and `--reuse NAME` measures it again without seeding.
+Seeding a million rows (generated tsvector, GIN and trigram indexes) takes about three minutes on
+two cores: `--keep NAME` leaves the database behind under that name (a generated one without
+NAME), `--reuse NAME` measures it again without seeding (the server migrates it to the current
+schema first). Drop it afterwards: `DROP DATABASE NAME`.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ from bench.rewards import admin, free_port, percentile, start_server, stop_serve
 from db import marketplace as pod_queries  # noqa: E402
 from db import purchases as purchase_queries  # noqa: E402
 from db import seller as seller_queries  # noqa: E402
-from server.services.marketplace import search_filter  # noqa: E402
+from server.services.marketplace import count_facets, find, search_filter  # noqa: E402
 
 WORDS = ["weather", "stock", "crypto", "traffic", "energy", "health", "retail", "sports", "climate", "census",
          "housing", "flight", "shipping", "music", "movie", "genome", "satellite", "election", "crime",
@@ -154,13 +159,13 @@ async def measure(url: str, dsn: str, token: str, buyer_id: uuid.UUID, requests:
                     await response.read()
                     assert response.status == 200, (path, params, response.status)
 
+            # The statements the service runs for one request (a search may take two ways, and falls
+            # back to titles by similarity), so "added" is what HTTP, validation, the pool and JSON add.
             async def search_sql(i: int) -> None:
-                sql, args = pod_queries.search_sql(search_filter(cycle[i]))
-                await conn.fetch(sql, *args)
+                await find(conn, search_filter(cycle[i]))
 
             async def facets_sql(i: int) -> None:
-                sql, args = pod_queries.facets_sql(search_filter(facet_cycle[i]))
-                await conn.fetch(sql, *args)
+                await count_facets(conn, search_filter(facet_cycle[i]))
 
             async def detail_sql(i: int) -> None:
                 await pod_queries.get_datapod(conn, pods[i % len(pods)])
@@ -207,13 +212,14 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datapods", type=int, default=1_000_000)
     parser.add_argument("--requests", type=int, default=400)
-    parser.add_argument("--keep", action="store_true", help="keep the seeded database (its name is printed)")
+    parser.add_argument("--keep", nargs="?", const="", metavar="NAME",
+                        help="keep the seeded database, named NAME if given (its name is printed)")
     parser.add_argument("--reuse", metavar="NAME", help="measure a database kept by --keep, without seeding")
     args = parser.parse_args()
     admin_dsn = os.environ.get("DATABASE_URL")
     if not admin_dsn:
         raise SystemExit("set DATABASE_URL to a PostgreSQL server where the bench may create a database")
-    name = args.reuse or f"hub_bench_rest_{uuid.uuid4().hex[:8]}"
+    name = args.reuse or args.keep or f"hub_bench_rest_{uuid.uuid4().hex[:8]}"
     dsn = with_database(admin_dsn, name)
     if not args.reuse:
         await admin(admin_dsn, f'CREATE DATABASE "{name}"')
@@ -234,7 +240,7 @@ async def main() -> None:
             results = await measure(url, dsn, token, buyer_id, args.requests)
         finally:
             stop_server(process)
-            if args.keep or args.reuse:
+            if args.keep is not None or args.reuse:
                 print(f"database kept: {name} (--reuse {name})")
             else:
                 await admin(admin_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import math
+import re
 import uuid
 from decimal import Decimal
 from typing import Any
@@ -169,8 +171,8 @@ _DETAIL_COLUMNS = _SUMMARY_COLUMNS + """, d.data_hash, d.walrus_blob_id, d.walru
     (SELECT count(*) FROM reviews r WHERE r.datapod_id = d.id) AS review_count"""
 
 
-def _summary(row: asyncpg.Record) -> DatapodSummary:
-    return DatapodSummary(**dict(row))
+def _summary(row: asyncpg.Record, extra: tuple[str, ...] = ()) -> DatapodSummary:
+    return DatapodSummary(**{key: value for key, value in row.items() if key not in extra})
 
 
 def _detail(row: asyncpg.Record | None) -> Datapod | None:
@@ -249,18 +251,35 @@ _PRICE_BAND_SQL = """CASE WHEN d.price_sui = 0 THEN 'free' WHEN d.price_sui < 1 
 
 def _filter_conditions(search: SearchFilter, param: Any) -> list[str]:
     """The WHERE fragments of a search's filters (not its cursor), with values bound through `param`."""
-    conditions: list[str] = []
-    conditions.append("d.deleted_at IS NULL")  # deleted pods leave the seller's list too (db/seller.py)
+    return _market_conditions(search, param) + _other_conditions(search, param)
+
+
+def _market_conditions(search: SearchFilter, param: Any) -> list[str]:
+    """The filters a market index holds in its order: visible, published, in the category."""
+    conditions = ["d.deleted_at IS NULL"]  # deleted pods leave the seller's list too (db/seller.py)
     if search.published_only:
         conditions.append("d.published")
-    if search.seller_id is not None:
-        conditions.append(f"d.seller_id = {param(search.seller_id)}")
     if search.category is not None:
         conditions.append(f"d.category = {param(search.category)}")
+    return conditions
+
+
+def _price_conditions(search: SearchFilter, param: Any) -> list[str]:
+    conditions = []
     if search.min_price is not None:
         conditions.append(f"d.price_sui >= {param(search.min_price)}")
     if search.max_price is not None:
         conditions.append(f"d.price_sui <= {param(search.max_price)}")
+    return conditions
+
+
+def _other_conditions(search: SearchFilter, param: Any, *, price: bool = True) -> list[str]:
+    """The filters no market index orders by: seller, price band (unless `price` is False), text, columns."""
+    conditions: list[str] = []
+    if search.seller_id is not None:
+        conditions.append(f"d.seller_id = {param(search.seller_id)}")
+    if price:
+        conditions += _price_conditions(search, param)
     if search.q is not None and search.fuzzy:
         conditions.append(f"{param(search.q)} <<% d.title")  # strict word similarity: idx_datapods_title_trgm
     elif search.q is not None:
@@ -271,9 +290,19 @@ def _filter_conditions(search: SearchFilter, param: Any) -> list[str]:
         wanted.append(f"'name', lower({param(search.column)}::text)")
     if search.column_type is not None:
         wanted.append(f"'type', {param(search.column_type)}::text")
+    if search.column is not None and _JSON_VERBATIM.fullmatch(search.column):
+        # Where no index answers (a window, a sample), first the cheap half of the check: the name in
+        # quotes in the lowercased text. Reparsing that text as JSON is what costs (4 us a row).
+        conditions.append(f"strpos(lower((d.schema -> 'columns')::text), "
+                          f"'\"' || lower({param(search.column)}::text) || '\"') > 0")
     if wanted:
         conditions.append(f"{SCHEMA_COLUMNS_EXPR} @> jsonb_build_array(jsonb_build_object({', '.join(wanted)}))")
     return conditions
+
+
+# A name JSON writes as it is (no quote, backslash or control character to escape): then the
+# lowercased JSON text of the columns holds it, quoted, whenever a column has that name.
+_JSON_VERBATIM = re.compile(r'[^"\\\x00-\x1f]*')
 
 
 def _binder(params: list[Any]) -> Any:
@@ -283,26 +312,112 @@ def _binder(params: list[Any]) -> Any:
     return param
 
 
+def _order(search: SearchFilter) -> tuple[str, str, str]:
+    """The sort column, its direction and the keyset comparison that continues after a position."""
+    direction, comparison = ("DESC", "<") if search.descending else ("ASC", ">")
+    return SORT_COLUMNS[search.sort], direction, comparison
+
+
+def _cursor_condition(search: SearchFilter, param: Any) -> list[str]:
+    if search.after is None:
+        return []
+    column, _, comparison = _order(search)
+    value, last_id = search.after
+    return [f"({column}, d.id) {comparison} ({param(value)}, {param(last_id)})"]
+
+
+# How many market rows a search reads in its page's order before it finds the matches first instead
+# (issue 21). Reading the market in order and filtering finds a page after limit / density rows:
+# fast when many pods match, ruinous when few do (a rare word, or words the category never has:
+# the whole market, 0.4 to 4 s at a million pods). Finding the matches first and sorting them
+# costs the other way round. So a search reads a first window in order; when it found some matches
+# but not the page, the next window goes on after it, as long as their density says the rest of
+# the page needs (SEARCH_WINDOW_MAX rows in all); when it found none, or the windows still fall
+# short, the matches are sparse and the rest of the page is found matches first, after the
+# windows, with few rows to sort.
+SEARCH_WINDOW_FIRST = 250
+SEARCH_WINDOW_MAX = 4000
+SEARCH_WINDOW_MARGIN = 1.5  # widen to 1.5 times what the density seen asks for: a page, not most of one
+
+
 def search_sql(search: SearchFilter) -> tuple[str, list[Any]]:
-    """The search statement and its parameters (separate so tests can EXPLAIN it)."""
+    """The search as "matches first, then sort": every filter through its index, the page off the top.
+
+    A seller's own listing runs it alone (a seller's pods are few); the market runs it when the
+    window (window_sql) did not fill the page. Separate so tests can EXPLAIN it.
+    """
     params: list[Any] = []
     param = _binder(params)
-    conditions = _filter_conditions(search, param)
-    column = SORT_COLUMNS[search.sort]
-    direction, comparison = ("DESC", "<") if search.descending else ("ASC", ">")
-    if search.after is not None:
-        value, last_id = search.after
-        conditions.append(f"({column}, d.id) {comparison} ({param(value)}, {param(last_id)})")
-    where = " AND ".join(conditions) or "true"
-    sql = (f"SELECT {_SUMMARY_COLUMNS} FROM datapods d LEFT JOIN users u ON u.id = d.seller_id "
-           f"WHERE {where} ORDER BY {column} {direction}, d.id {direction} LIMIT {param(search.limit)}")
+    conditions = _filter_conditions(search, param) + _cursor_condition(search, param)
+    column, direction, _ = _order(search)
+    # MATERIALIZED: the matches are gathered by the filters' indexes (a bitmap), never by walking
+    # the sort's index, and only the page's rows are read back whole.
+    sql = (f"WITH matched AS MATERIALIZED (SELECT d.id, {column} AS position FROM datapods d "
+           f"WHERE {' AND '.join(conditions)}) "
+           f"SELECT {_SUMMARY_COLUMNS} FROM (SELECT id, position FROM matched "
+           f"ORDER BY position {direction}, id {direction} LIMIT {param(search.limit)}) top "
+           f"JOIN datapods d ON d.id = top.id LEFT JOIN users u ON u.id = d.seller_id "
+           f"ORDER BY top.position {direction}, top.id {direction}")
+    return sql, params
+
+
+def _window_range(search: SearchFilter, param: Any) -> list[str]:
+    """The conditions a window's market index walks: market, category, cursor, and price when it sorts by it."""
+    by_price = search.sort == "price"  # a price band is a range of the price index itself
+    return (_market_conditions(search, param) + (_price_conditions(search, param) if by_price else [])
+            + _cursor_condition(search, param))
+
+
+def window_sql(search: SearchFilter, rows: int = SEARCH_WINDOW_FIRST) -> tuple[str, list[Any]]:
+    """The market search as "read in order, filter": the first `rows` market rows after the cursor
+    in the page's order (by a market index), of which the page takes those matching the other filters.
+
+    Each row says whether it `matched`; the window's last row comes too, matched or not, as its
+    `position` tells (1 to `rows`): without it the market ran out within the window. The page is
+    exact when it is full or the market ran out: every row beyond the window comes after those in it.
+    """
+    params: list[Any] = []
+    param = _binder(params)
+    inner = _window_range(search, param)
+    matched = " AND ".join(_other_conditions(search, param, price=search.sort != "price")) or "true"
+    column, direction, _ = _order(search)
+    window = param(rows)
+    order = f"{column} {direction}, d.id {direction}"
+    # The LIMIT inside keeps the other filters out of the index walk: it reads `rows` rows at most,
+    # in order, and stops at the page; sellers are joined to the page's rows only.
+    sql = (f"SELECT {_SUMMARY_COLUMNS}, d.matched, d.position FROM ("
+           f"SELECT d.*, {matched} AS matched FROM ("
+           f"SELECT d.*, row_number() OVER (ORDER BY {order}) AS position FROM datapods d "
+           f"WHERE {' AND '.join(inner)} ORDER BY {order} LIMIT {window}) d "
+           f"WHERE ({matched}) OR d.position = {window} ORDER BY {order} LIMIT {param(search.limit)} + 1) d "
+           f"LEFT JOIN users u ON u.id = d.seller_id ORDER BY {order}")
     return sql, params
 
 
 async def search_datapods(conn: asyncpg.Connection, search: SearchFilter) -> list[DatapodSummary]:
     """One page of DataPods matching the filter, in its order, starting after `search.after`."""
+    found: list[DatapodSummary] = []
+    wanted = search.limit
+    if search.published_only:
+        rows, read = SEARCH_WINDOW_FIRST, 0
+        while True:
+            sql, params = window_sql(dataclasses.replace(search, limit=wanted - len(found)), rows)
+            window = await conn.fetch(sql, *params)
+            found += [_summary(row, ("matched", "position")) for row in window if row["matched"]]
+            end = next((row for row in window if row["position"] == rows), None)
+            if len(found) >= wanted or end is None:  # a full page, or the market ran out
+                return found[:wanted]
+            # Go on after the window's last row: for the rest of the page, in a wider window
+            # when its matches were dense enough, else matches first.
+            read += rows
+            search = dataclasses.replace(search, after=(end[SORT_FIELDS[search.sort]], end["id"]))
+            if not found or read >= SEARCH_WINDOW_MAX:
+                break
+            rows = min(SEARCH_WINDOW_MAX - read, math.ceil(read * (wanted - len(found)) / len(found)
+                                                          * SEARCH_WINDOW_MARGIN))
+        search = dataclasses.replace(search, limit=wanted - len(found))
     sql, params = search_sql(search)
-    return [_summary(row) for row in await conn.fetch(sql, *params)]
+    return found + [_summary(row) for row in await conn.fetch(sql, *params)]
 
 
 async def trigram_available(conn: asyncpg.Connection) -> bool:
@@ -318,11 +433,12 @@ async def set_similarity_threshold(conn: asyncpg.Connection) -> None:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Facets:
-    """How many DataPods a search's filters match, per category and per price band."""
+    """How many DataPods a search's filters match, per category and per price band (exact, or estimated)."""
 
     total: int
     categories: dict[str | None, int]
     price_bands: dict[str, int]
+    estimated: bool = False  # scaled up from a sample of the market: see FACET_SAMPLE_ROWS
 
     def to_public(self) -> dict[str, Any]:
         """The JSON view: categories by count (then name), every band in PRICE_BANDS' order, empty ones too."""
@@ -330,11 +446,23 @@ class Facets:
         return {"total": self.total,
                 "categories": [{"category": name, "count": count} for name, count in categories],
                 "price_bands": [{"band": key, "min_sui": low, "max_sui": high,
-                                 "count": self.price_bands.get(key, 0)} for key, low, high in PRICE_BANDS]}
+                                 "count": self.price_bands.get(key, 0)} for key, low, high in PRICE_BANDS],
+                "estimated": self.estimated}
+
+
+# Facets count every match, and at a million pods a filter matches tens of thousands of them: a
+# fifth of a second to seconds to read (issue 21). So they first count a sample of about
+# FACET_SAMPLE_ROWS rows of the table (whole pages, always the same ones while the table does not
+# change, so answers do not flicker); with at least FACET_SAMPLE_MATCHES matches in it the sample's
+# counts, scaled to the table, are the answer ("estimated": relative error about 1/sqrt(matches)).
+# Fewer matches mean a small set (under a few thousand pods), counted exactly through the filters'
+# indexes. A table of at most FACET_SAMPLE_ROWS rows is read whole: exact.
+FACET_SAMPLE_ROWS = 10_000
+FACET_SAMPLE_MATCHES = 20
 
 
 def facets_sql(search: SearchFilter) -> tuple[str, list[Any]]:
-    """The facets statement over the search's filters (its sort, cursor and limit do not apply)."""
+    """The exact facets statement over the search's filters (its sort, cursor and limit do not apply)."""
     params: list[Any] = []
     conditions = _filter_conditions(search, _binder(params))
     where = " AND ".join(conditions) or "true"
@@ -345,18 +473,51 @@ def facets_sql(search: SearchFilter) -> tuple[str, list[Any]]:
     return sql, params
 
 
-async def search_facets(conn: asyncpg.Connection, search: SearchFilter) -> Facets:
-    """Counts per category and price band of the DataPods the search's filters match."""
-    sql, params = facets_sql(search)
+def facets_sample_sql(search: SearchFilter, rows: int = FACET_SAMPLE_ROWS) -> tuple[str, list[Any]]:
+    """The facets over a sample of about `rows` rows of the table: matches per group, and per group
+    the rows sampled (the total's row: the whole sample), the table's rows and the percentage read."""
+    params: list[Any] = []
+    conditions = _filter_conditions(search, _binder(params))
+    # The estimate of the table's rows that ANALYZE (or VACUUM) keeps: -1 before the first one.
+    percent = (f"(SELECT least(100, 100.0 * {_binder(params)(rows)} / greatest(c.reltuples, 1)) "
+               f"FROM pg_class c WHERE c.oid = 'datapods'::regclass)")
+    # The filters as a value, not a WHERE: every sampled row counts towards the sample's size.
+    sql = (f"SELECT f.category, f.band, count(*) FILTER (WHERE f.hit) AS count, count(*) AS sampled, "
+           f"GROUPING(f.category, f.band) AS level, "
+           f"(SELECT greatest(c.reltuples, 0) FROM pg_class c WHERE c.oid = 'datapods'::regclass) AS table_rows, "
+           f"{percent} AS percent "
+           f"FROM (SELECT d.category, {_PRICE_BAND_SQL} AS band, ({' AND '.join(conditions)}) AS hit "
+           f"FROM datapods d TABLESAMPLE SYSTEM ({percent}) REPEATABLE (0)) f "
+           f"GROUP BY GROUPING SETS ((f.category), (f.band), ())")
+    return sql, params
+
+
+def _facets(rows: list[asyncpg.Record], scale: float = 1.0, estimated: bool = False) -> Facets:
     total, categories, bands = 0, {}, {}
-    for row in await conn.fetch(sql, *params):
+    for row in rows:
+        count = round(row["count"] * scale)
         if row["level"] == 1:  # grouped by category
-            categories[row["category"]] = row["count"]
+            if count:
+                categories[row["category"]] = count
         elif row["level"] == 2:  # grouped by band
-            bands[row["band"]] = row["count"]
+            bands[row["band"]] = count
         else:
-            total = row["count"]
-    return Facets(total=total, categories=categories, price_bands=bands)
+            total = count
+    return Facets(total=total, categories=categories, price_bands=bands, estimated=estimated)
+
+
+async def search_facets(conn: asyncpg.Connection, search: SearchFilter) -> Facets:
+    """Counts per category and price band of the DataPods the search's filters match: exact for a
+    small table or a small set of matches, otherwise estimated from a sample (FACET_SAMPLE_ROWS)."""
+    sql, params = facets_sample_sql(search, FACET_SAMPLE_ROWS)
+    rows = await conn.fetch(sql, *params)
+    whole = next(row for row in rows if row["level"] == 3)  # the grand total: there even for no rows
+    if whole["percent"] >= 100:  # the sample was the whole table
+        return _facets(rows)
+    if whole["count"] >= FACET_SAMPLE_MATCHES:
+        return _facets(rows, scale=whole["table_rows"] / whole["sampled"], estimated=True)
+    sql, params = facets_sql(search)
+    return _facets(await conn.fetch(sql, *params))
 
 
 # "More like this": the weights of the score (docs/protocol.md explains them).

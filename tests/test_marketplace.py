@@ -109,7 +109,8 @@ async def test_csv_upload_is_profiled_hashed_and_stored_encrypted(client, db, se
 
 async def test_jsonl_upload_infers_the_union_of_keys(client, db):
     seller = await register(client)
-    pod = await upload(client, seller, data=JSONL_BYTES, filename="scores.jsonl", content_type="application/octet-stream")
+    pod = await upload(client, seller, data=JSONL_BYTES, filename="scores.jsonl",
+                       content_type="application/octet-stream")
     assert pod["file_type"] == "application/x-ndjson"
     assert pod["schema"] == {
         "format": "jsonl", "row_count": 13, "column_count": 5,

@@ -114,7 +114,7 @@ async def test_facet_counts_equal_the_counts_of_the_rows(client, db, sockets):
     for params, keep in cases:
         data = await get(client, "/api/v1/datapods/facets", params)
         assert observed(data) == expected(keep), params
-        assert data["fuzzy"] is False
+        assert data["fuzzy"] is False and data["estimated"] is False  # a small table is read whole
         # The facets count exactly what the search lists.
         assert data["total"] == len(await search_ids(client, params)), params
     bands = {b["band"]: (b["min_sui"], b["max_sui"]) for b in (await get(client, "/api/v1/datapods/facets"))[
@@ -127,6 +127,94 @@ async def test_facet_counts_equal_the_counts_of_the_rows(client, db, sockets):
     ack = await sock.call("/marketplace", "datapod_facets", {"category": "climate", "min_price": 1})
     assert ack["ok"] and observed(ack["data"]) == expected(
         lambda r: r["category"] == "climate" and Decimal(r["price"]) >= 1)
+
+
+async def test_large_facet_sets_are_estimated_from_a_sample_and_small_ones_counted(client, db, monkeypatch):
+    seller = await register_seller(client)
+    await insert_filler(db, uuid.UUID(seller["user"]["id"]))  # 3000 pods, ANALYZEd: reltuples is exact
+    # A sample of about 400 of the 3000 rows stands in for 10,000 of a million.
+    monkeypatch.setattr(queries, "FACET_SAMPLE_ROWS", 400)
+
+    everything = await get(client, "/api/v1/datapods/facets")
+    assert everything["estimated"] is True
+    # Every sampled row matches, so the total scales to the table's rows exactly.
+    assert everything["total"] == 3000 and everything["categories"] == [{"category": "climate", "count": 3000}]
+    bands = {b["band"]: b["count"] for b in everything["price_bands"]}
+    truth = {"free": 100, "under_1": 0, "1_to_5": 400, "5_to_20": 1500, "20_plus": 1000}  # prices i % 30
+    assert bands["under_1"] == 0 and abs(sum(bands.values()) - 3000) <= len(bands)
+    for band, count in truth.items():
+        assert abs(bands[band] - count) <= 0.5 * count, (band, bands)
+    worded = await get(client, "/api/v1/datapods/facets", {"q": "pod"})  # full text is sampled too
+    assert worded["estimated"] is True and worded["total"] == 3000
+
+    # Ten matches: too few to sample, so they are counted, exactly.
+    rare = await get(client, "/api/v1/datapods/facets", {"column": "col7"})
+    assert rare["estimated"] is False and rare["total"] == 10
+    assert rare["categories"] == [{"category": "climate", "count": 10}]
+    assert (await get(client, "/api/v1/datapods/facets", {"column_type": "boolean"}))["total"] == 0
+
+    monkeypatch.setattr(queries, "FACET_SAMPLE_ROWS", 10_000)  # more than the table: read whole, exact
+    exact = await get(client, "/api/v1/datapods/facets")
+    assert exact["estimated"] is False and {b["band"]: b["count"] for b in exact["price_bands"]} == truth
+
+
+async def search_order(client, params: dict, limit: int) -> list[str]:
+    """Every pod id a search lists, in order, page after page of `limit`."""
+    found: list[str] = []
+    params = {**params, "limit": str(limit)}
+    while True:
+        page = await get(client, "/api/v1/datapods", params)
+        assert len(page["items"]) == limit or page["next_cursor"] is None, page
+        found += [item["id"] for item in page["items"]]
+        if page["next_cursor"] is None:
+            return found
+        params["cursor"] = page["next_cursor"]
+
+
+async def test_pages_are_exact_whichever_way_the_search_reads(client, db, monkeypatch):
+    seller = await register_seller(client)
+    await db.execute(
+        """INSERT INTO datapods (seller_id, title, category, price_sui, walrus_blob_id, encryption_key_hash,
+               encryption_iv, wrapped_key, schema, published, purchase_count, created_at)
+           SELECT $1, CASE WHEN i % 40 = 0 THEN 'Rare zephyr ' ELSE 'Common ledger ' END || i,
+                  (ARRAY['climate', 'finance', 'transport'])[1 + i % 3], (i * 7) % 50 / 4.0, 'window-' || i,
+                  repeat('0', 64), repeat('0', 24), 'x',
+                  jsonb_build_object('columns', jsonb_build_array(jsonb_build_object(
+                      'name', CASE WHEN i % 9 = 0 THEN 'Yield' ELSE 'date' END, 'type', 'number'))),
+                  i % 11 <> 0, i % 13, now() - make_interval(mins => i % 50)
+             FROM generate_series(1, 240) i""", uuid.UUID(seller["user"]["id"]))
+    await db.execute("ANALYZE datapods")
+    # Tiny windows, so 240 pods take every way: a window that fills the page, one widened by the
+    # density it saw, matches-first when a window finds none, and windows that run out at the end.
+    monkeypatch.setattr(queries, "SEARCH_WINDOW_FIRST", 4)
+    monkeypatch.setattr(queries, "SEARCH_WINDOW_MAX", 12)
+    ways: Counter = Counter()
+    for name in ("window_sql", "search_sql"):
+        monkeypatch.setattr(queries, name, lambda *args, _build=getattr(queries, name), _name=name: (
+            ways.update([_name]), _build(*args))[1])
+
+    cases = [  # the API's parameters, and the same search in plain SQL
+        ({}, "true", "created_at DESC, id DESC"),
+        ({"q": "ledger"}, "search_vector @@ plainto_tsquery('english', 'ledger')", "created_at DESC, id DESC"),
+        ({"q": "zephyr"}, "search_vector @@ plainto_tsquery('english', 'zephyr')", "created_at DESC, id DESC"),
+        ({"q": "zephyr", "category": "finance", "sort": "price"},
+         "search_vector @@ plainto_tsquery('english', 'zephyr') AND category = 'finance'", "price_sui, id"),
+        ({"category": "transport", "sort": "price"}, "category = 'transport'", "price_sui, id"),
+        ({"min_price": "3", "max_price": "4", "sort": "rating"}, "price_sui BETWEEN 3 AND 4",
+         "average_rating DESC, id DESC"),  # every rating is 0: the id alone orders
+        ({"column": "yield", "sort": "sales", "order": "asc"},
+         "schema -> 'columns' @> '[{\"name\": \"Yield\"}]'", "purchase_count, id"),
+        ({"q": "ledger", "category": "climate", "sort": "price", "order": "desc", "min_price": "2"},
+         "search_vector @@ plainto_tsquery('english', 'ledger') AND category = 'climate' AND price_sui >= 2",
+         "price_sui DESC, id DESC"),
+    ]
+    for params, where, order in cases:
+        expected = [str(r["id"]) for r in await db.fetch(
+            f"SELECT id FROM datapods WHERE published AND deleted_at IS NULL AND {where} ORDER BY {order}")]
+        assert expected, params
+        for limit in (1, 7, 100):
+            assert await search_order(client, params, limit) == expected, (params, limit)
+    assert ways["window_sql"] and ways["search_sql"], ways
 
 
 # --- schema filters ---------------------------------------------------------------------------

@@ -172,17 +172,25 @@ async def get_datapod(pool: asyncpg.Pool, datapod_id: uuid.UUID, identity: Ident
         return pod
 
 
+async def find(conn: asyncpg.Connection, query: queries.SearchFilter
+               ) -> tuple[list[queries.DatapodSummary], queries.SearchFilter]:
+    """A search's rows (one more than the page, when there is a next page) and the query that found
+    them: full text, or titles by similarity when full text finds nothing (then `fuzzy`)."""
+    found = await queries.search_datapods(conn, query)
+    if await _similarity_instead(conn, query, bool(found)):
+        query = dataclasses.replace(query, fuzzy=True)
+        async with conn.transaction():  # the threshold holds for this transaction only
+            await queries.set_similarity_threshold(conn)
+            found = await queries.search_datapods(conn, query)
+    return found, query
+
+
 async def search(pool: asyncpg.Pool, payload: Mapping[str, Any], *,
                  seller_id: uuid.UUID | None = None) -> dict[str, Any]:
     """One page of a validated search (published pods, or all of `seller_id`'s) and the next page's cursor."""
     query = search_filter(payload, seller_id=seller_id)
     async with pool.acquire() as conn:
-        found = await queries.search_datapods(conn, query)
-        if await _similarity_instead(conn, query, bool(found)):
-            query = dataclasses.replace(query, fuzzy=True)
-            async with conn.transaction():  # the threshold holds for this transaction only
-                await queries.set_similarity_threshold(conn)
-                found = await queries.search_datapods(conn, query)
+        found, query = await find(conn, query)
     page = found[:query.limit - 1]
     next_cursor = None
     if len(found) >= query.limit:
@@ -206,16 +214,24 @@ async def _similarity_instead(conn: asyncpg.Connection, query: queries.SearchFil
     return await queries.trigram_available(conn)
 
 
+async def count_facets(conn: asyncpg.Connection, query: queries.SearchFilter
+                       ) -> tuple[queries.Facets, queries.SearchFilter]:
+    """The facets of a search's filters and the query that counted them (`fuzzy` as the search would be)."""
+    found = await queries.search_facets(conn, query)
+    if await _similarity_instead(conn, query, found.total > 0):  # count what the search would list
+        query = dataclasses.replace(query, fuzzy=True)
+        async with conn.transaction():
+            await queries.set_similarity_threshold(conn)
+            found = await queries.search_facets(conn, query)
+    return found, query
+
+
 async def facets(pool: asyncpg.Pool, payload: Mapping[str, Any]) -> dict[str, Any]:
-    """Counts per category and price band of the published DataPods a validated search payload matches."""
+    """Counts per category and price band of the published DataPods a validated search payload matches
+    (estimated from a sample when they are large: `"estimated": true`, db/marketplace.py)."""
     query = search_filter(payload)
     async with pool.acquire() as conn:
-        found = await queries.search_facets(conn, query)
-        if await _similarity_instead(conn, query, found.total > 0):  # count what the search would list
-            query = dataclasses.replace(query, fuzzy=True)
-            async with conn.transaction():
-                await queries.set_similarity_threshold(conn)
-                found = await queries.search_facets(conn, query)
+        found, query = await count_facets(conn, query)
     return {**found.to_public(), "fuzzy": query.fuzzy}
 
 

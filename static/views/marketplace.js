@@ -76,7 +76,7 @@ export function refreshBuyControls() {
 }
 
 const MARKET_PAGE = 20;
-const market = { cursor: null, total: null, request: 0 };
+const market = { cursor: null, total: null, estimated: false, request: 0 };
 
 /** The search form as the API's query parameters (docs/protocol.md, search_datapods). */
 function marketFilters(form = $("#market-search")) {
@@ -101,8 +101,10 @@ function showCategories(facets) {
 function showMarketCount() {
   const shown = $("#datapods").children.length;
   const total = market.total ?? shown;
+  // Over a large market the facets count a sample (`estimated`): say so rather than print a false exact number.
+  const count = market.estimated ? `About ${total.toLocaleString("en-US")}` : total.toLocaleString("en-US");
   $("#market-count").textContent = total === 0 ? "No DataPods found."
-    : `${total} DataPod${total === 1 ? "" : "s"}${shown < total ? ` · showing ${shown}` : ""}`;
+    : `${count} DataPod${total === 1 ? "" : "s"}${shown < total ? ` · showing ${shown}` : ""}`;
   $("#market-empty").hidden = shown > 0;
   $("#market-more").hidden = !market.cursor;
 }
@@ -139,7 +141,10 @@ async function loadDatapods({ more = false } = {}) {
     if (more) list.append(...cards);
     else list.replaceChildren(...cards);
     market.cursor = page.next_cursor ?? null;
-    if (counted) market.total = counted.total;
+    if (counted) {
+      market.total = counted.total;
+      market.estimated = Boolean(counted.estimated);
+    }
     if (categories) showCategories(categories);
     showMarketCount();
     if (page.fuzzy && list.children.length) $("#market-count").textContent += " · showing titles close to your search";
