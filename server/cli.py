@@ -50,6 +50,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
              assistant="model" if settings.openai_base_url else "retrieval-only")
     # aiohttp's shutdown_timeout is per step, and it takes two for a request still running.
     web.run_app(create_app(settings), host=settings.host, port=settings.port, print=None,
+                backlog=settings.listen_backlog,
                 shutdown_timeout=settings.shutdown_timeout * SHUTDOWN_STEP_SHARE, access_log=None)
     log.info("stopped")
     return 0

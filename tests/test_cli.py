@@ -51,7 +51,7 @@ def test_migrate_and_create_admin(db_dsn, tmp_path):
 
 async def test_serve_then_sigterm_tells_clients_and_exits(db_dsn, tmp_path):
     port = free_port()
-    env = {**os.environ, **cli_env(db_dsn, tmp_path), "PORT": str(port)}
+    env = {**os.environ, **cli_env(db_dsn, tmp_path), "PORT": str(port), "LISTEN_BACKLOG": "777"}
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "server", "serve", "--no-demo-data", env=env,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
@@ -69,6 +69,9 @@ async def test_serve_then_sigterm_tells_clients_and_exits(db_dsn, tmp_path):
                 await asyncio.sleep(0.1)
             else:
                 raise AssertionError("server did not become ready")
+        # The listen queue is LISTEN_BACKLOG long (ss shows it as Send-Q), not aiohttp's 128.
+        listening = subprocess.run(["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True, check=True)
+        assert listening.stdout.split()[2] == "777", listening.stdout
         await client.connect(base, "/chain")
         proc.send_signal(signal.SIGTERM)
         assert (await client.wait_for("server_shutdown"))["reconnect"] is True
