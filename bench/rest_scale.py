@@ -1,4 +1,4 @@
-"""REST at scale: search, facets, DataPod detail and a buyer's history over a million DataPods.
+"""REST at scale: search, facets, DataPod detail, "more like this" and a buyer's history over a million DataPods.
 
     DATABASE_URL=postgresql://postgres@127.0.0.1:5432/postgres .venv/bin/python bench/rest_scale.py
     .venv/bin/python bench/rest_scale.py --datapods 1000000 --requests 400 [--keep NAME | --reuse NAME]
@@ -174,11 +174,16 @@ async def measure(url: str, dsn: str, token: str, buyer_id: uuid.UUID, requests:
             async def history_sql(i: int) -> None:
                 await purchase_queries.list_purchases(conn, buyer_id, limit=21)
 
+            async def similar_sql(i: int) -> None:
+                await pod_queries.get_datapod(conn, pods[i % len(pods)])  # the visibility check
+                await pod_queries.similar_datapods(conn, pods[i % len(pods)], 6)
+
             cases = [
                 ("search", lambda i: get("/api/v1/datapods", cycle[i]), search_sql),
                 ("facets", lambda i: get("/api/v1/datapods/facets", facet_cycle[i]), facets_sql),
                 ("DataPod detail", lambda i: get(f"/api/v1/datapods/{pods[i % len(pods)]}"), detail_sql),
                 ("buyer history", lambda i: get("/api/v1/purchases", {"limit": "20"}), history_sql),
+                ("more like this", lambda i: get(f"/api/v1/datapods/{pods[i % len(pods)]}/similar"), similar_sql),
             ]
             for name, endpoint, sql in cases:
                 await timed(20, endpoint)  # warm-up: plans cached, pages in memory
