@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -29,7 +30,8 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, AsyncIterator
+from urllib.parse import urlsplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -124,6 +126,45 @@ async def delete_keys(redis_url: str, prefix: str) -> None:
             await redis.delete(*keys)
     finally:
         await redis.aclose()
+
+
+@contextlib.asynccontextmanager
+async def fresh_database(admin_dsn: str, label: str) -> AsyncIterator[str]:
+    """A new database on `admin_dsn`'s server for one run, dropped afterwards; its DSN."""
+    import asyncpg
+
+    from tests.conftest import with_database
+
+    name = f"hub_{label}_{uuid.uuid4().hex[:10]}"
+    admin = await asyncpg.connect(admin_dsn)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        try:
+            yield with_database(admin_dsn, name)
+        finally:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+@contextlib.asynccontextmanager
+async def hub_cluster(dsn: str, redis_url: str | None, processes: int, work: Path | None = None,
+                      env: dict[str, str] | None = None) -> AsyncIterator[tuple[Cluster, str]]:
+    """HAProxy and `processes` hubs on the database `dsn`, with a REDIS_PREFIX named after it (its
+    keys deleted afterwards when Redis is ours to clean); the cluster and that prefix. Logs and
+    data go to `work` (default /tmp/<database>)."""
+    name = urlsplit(dsn).path.strip("/")
+    prefix = f"{name}:"
+    work = work or Path("/tmp") / name
+    settings = Settings(database_url=dsn, redis_url=redis_url, data_dir=work / "data", shutdown_timeout=4.0)
+    try:
+        async with Cluster(settings, processes, port=free_port(), demo_data=False,
+                           env={"REDIS_PREFIX": prefix, "LOG_FORMAT": "json", **(env or {})},
+                           log_dir=work / "logs", ready_timeout=180) as cluster:
+            yield cluster, prefix
+    finally:
+        if redis_url:  # an embedded Valkey goes with the cluster
+            await delete_keys(redis_url, prefix)
 
 
 class NodeClients:
@@ -227,38 +268,20 @@ async def main() -> None:
     parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL"))
     args = parser.parse_args()
 
-    import asyncpg
-
-    from tests.conftest import with_database
-
-    name = f"hub_cluster_{uuid.uuid4().hex[:10]}"
-    admin = await asyncpg.connect(args.database_url)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    work = Path(f"/tmp/{name}")
-    prefix = f"{name}:"
-    settings = Settings(database_url=with_database(args.database_url, name), redis_url=args.redis_url,
-                        data_dir=work / "data", shutdown_timeout=4.0)
-    env = {"REDIS_PREFIX": prefix, "LOG_FORMAT": "json", "SHUTDOWN_TIMEOUT": "4", "BLOCK_INTERVAL": "60",
-           "HISTORY_CAP": str(args.history_cap)}
-    try:
-        async with Cluster(settings, args.processes, port=free_port(), demo_data=False, env=env,
-                           log_dir=work / "logs", ready_timeout=180) as cluster:
-            print(f"{args.processes} processes behind HAProxy at {cluster.url}; {args.clients} clients "
-                  f"({args.transports}); {args.rate:g} events/s; HISTORY_CAP {args.history_cap}; "
-                  f"logs in {work / 'logs'}", flush=True)
-            assert cluster.redis_url is not None
-            stream = Stream(cluster.redis_url, prefix, f"market:category:bench-{uuid.uuid4().hex[:8]}",
-                            history_cap=args.history_cap)
-            try:
-                summary, timings = await rolling_restart_and_kill(cluster, stream, args.clients, rate=args.rate,
-                                                                  transports=args.transports)
-            finally:
-                await stream.close()
-            if args.redis_url:
-                await delete_keys(args.redis_url, prefix)
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
+    env = {"SHUTDOWN_TIMEOUT": "4", "BLOCK_INTERVAL": "60", "HISTORY_CAP": str(args.history_cap)}
+    async with fresh_database(args.database_url, "cluster") as dsn, \
+            hub_cluster(dsn, args.redis_url, args.processes, env=env) as (cluster, prefix):
+        print(f"{args.processes} processes behind HAProxy at {cluster.url}; {args.clients} clients "
+              f"({args.transports}); {args.rate:g} events/s; HISTORY_CAP {args.history_cap}; "
+              f"logs in {cluster.log_dir}", flush=True)
+        assert cluster.redis_url is not None
+        stream = Stream(cluster.redis_url, prefix, f"market:category:bench-{uuid.uuid4().hex[:8]}",
+                        history_cap=args.history_cap)
+        try:
+            summary, timings = await rolling_restart_and_kill(cluster, stream, args.clients, rate=args.rate,
+                                                              transports=args.transports)
+        finally:
+            await stream.close()
     for step, took in timings.items():
         print(f"{step:<36} {took}")
     print(json.dumps(summary, indent=1))

@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import aiohttp  # noqa: E402
 import asyncpg  # noqa: E402
 
-from bench.cluster import delete_keys  # noqa: E402
+from bench.cluster import fresh_database, hub_cluster  # noqa: E402
 from bench.fanout import cpu_seconds  # noqa: E402
 from bench.lean_socket import LeanSocket  # noqa: E402
 from server.services.games import new_token  # noqa: E402
@@ -264,21 +264,12 @@ async def hubs(dsn: str, processes: int, tmp: Path,
         finally:
             stop_server(process)
         return
-    from server.cluster import Cluster
-    from server.core.settings import Settings
-
     redis_url = os.environ.get("REDIS_URL")
     if not redis_url:
         raise SystemExit("--processes needs REDIS_URL (the processes share it)")
-    prefix = f"{urlsplit(dsn).path.strip('/')}:"
-    env = {"REDIS_PREFIX": prefix, "LOG_FORMAT": "json", "BLOCK_PRODUCER": "false", "GAME_SESSION_IDLE_SECONDS": "3600"}
-    settings = Settings(database_url=dsn, redis_url=redis_url, data_dir=tmp / "data")
-    try:
-        async with Cluster(settings, processes, port=free_port(), demo_data=False, env=env, log_dir=tmp / "logs",
-                           ready_timeout=180) as cluster:
-            yield cluster.url, lambda: [hub.pid for hub in cluster.hubs if hub.pid]
-    finally:
-        await delete_keys(redis_url, prefix)
+    async with hub_cluster(dsn, redis_url, processes, tmp, env={"BLOCK_PRODUCER": "false",
+                                                                "GAME_SESSION_IDLE_SECONDS": "3600"}) as (cluster, _):
+        yield cluster.url, lambda: [hub.pid for hub in cluster.hubs if hub.pid]
 
 
 async def main() -> None:
@@ -297,17 +288,12 @@ async def main() -> None:
         raise SystemExit("set DATABASE_URL to a PostgreSQL server where the bench may create a database")
     if args.profile and args.processes:
         raise SystemExit("--profile runs one process: leave out --processes")
-    name = f"hub_bench_rewards_{uuid.uuid4().hex[:8]}"
-    dsn = with_database(admin_dsn, name)
-    await admin(admin_dsn, f'CREATE DATABASE "{name}"')
-    try:
-        with tempfile.TemporaryDirectory(prefix="hub-bench-rewards-") as tmp:
-            async with hubs(dsn, args.processes, Path(tmp), args.profile) as (url, hub_pids):
-                game_id, token, session_ids = await setup(dsn, args.sessions)
-                stats = await drive(url, token, session_ids, args.game_servers, args.warmup, args.duration, hub_pids)
-                result = await check(dsn, stats.acked_total)
-    finally:
-        await admin(admin_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with tempfile.TemporaryDirectory(prefix="hub-bench-rewards-") as tmp:
+        async with fresh_database(admin_dsn, "bench_rewards") as dsn, \
+                hubs(dsn, args.processes, Path(tmp), args.profile) as (url, hub_pids):
+            game_id, token, session_ids = await setup(dsn, args.sessions)
+            stats = await drive(url, token, session_ids, args.game_servers, args.warmup, args.duration, hub_pids)
+            result = await check(dsn, stats.acked_total)
     ms = [v * 1000 for v in stats.latencies]
     rate = stats.accepted / args.duration
     where = f"{args.processes} processes behind HAProxy" if args.processes else "one process"

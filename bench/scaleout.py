@@ -31,16 +31,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.cluster import NodeClients, Stream, delete_keys  # noqa: E402
+from bench.cluster import NodeClients, Stream, fresh_database, hub_cluster  # noqa: E402
 from bench.fanout import cpu_seconds  # noqa: E402
-from server.cluster import Cluster, free_port  # noqa: E402
-from server.core.settings import Settings  # noqa: E402
+from server.cluster import Cluster  # noqa: E402
 
 SUSTAINED_SHARE = 0.99
 DRAIN_SECONDS = 3.0
 
 
-async def hubs_cpu(cluster: Cluster) -> float:
+def hubs_cpu(cluster: Cluster) -> float:
     """CPU seconds of every hub process so far."""
     return sum(cpu_seconds(hub.pid) for hub in cluster.hubs if hub.pid)
 
@@ -55,7 +54,7 @@ async def step(cluster: Cluster, stream: Stream, loadgens: list[NodeClients], cl
     """Publish `rate` events/s for `duration` s; what the clients applied live, and the hubs' CPU."""
     before = await applied_live(loadgens)
     published_before = len(stream.published)
-    cpu0, started = await hubs_cpu(cluster), time.monotonic()
+    cpu0, started = hubs_cpu(cluster), time.monotonic()
     stream.start(rate)
     await asyncio.sleep(duration)
     published = await stream.stop() - published_before
@@ -69,57 +68,40 @@ async def step(cluster: Cluster, stream: Stream, loadgens: list[NodeClients], cl
     elapsed = time.monotonic() - started
     return {"rate": rate, "published": published, "expected": expected, "delivered": live,
             "delivered_per_s": live / duration, "share": live / max(expected, 1),
-            "hub_cpu": (await hubs_cpu(cluster) - cpu0) / elapsed,
+            "hub_cpu": (hubs_cpu(cluster) - cpu0) / elapsed,
             "sustained": live >= SUSTAINED_SHARE * expected}
 
 
 async def run(processes: int, args: argparse.Namespace) -> dict:
     """Rising steps against `processes` hubs behind HAProxy."""
-    import asyncpg
-
-    from tests.conftest import with_database
-
-    name = f"hub_scaleout_{uuid.uuid4().hex[:10]}"
-    admin = await asyncpg.connect(args.database_url)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    work = Path(f"/tmp/{name}")
-    prefix = f"{name}:"
-    settings = Settings(database_url=with_database(args.database_url, name), redis_url=args.redis_url,
-                        data_dir=work / "data", shutdown_timeout=4.0)
-    env = {"REDIS_PREFIX": prefix, "LOG_FORMAT": "json", "BLOCK_PRODUCER": "false"}
     steps: list[dict] = []
-    try:
-        async with Cluster(settings, processes, port=free_port(), demo_data=False, env=env,
-                           log_dir=work / "logs", ready_timeout=180) as cluster:
-            assert cluster.redis_url is not None
-            stream = Stream(cluster.redis_url, prefix, f"market:category:bench-{uuid.uuid4().hex[:8]}")
-            share = args.clients // args.loadgens
-            loadgens = [await NodeClients.start(cluster.url, stream.channel, share, "websocket")
-                        for _ in range(args.loadgens)]
-            try:
-                spread: dict[str, int] = {}
-                for nodes in loadgens:
-                    for node, count in (await nodes.ask({"cmd": "status"}))["nodes"].items():
-                        spread[node] = spread.get(node, 0) + count
-                print(f"{processes} process(es): {share * args.loadgens} clients in {args.loadgens} load "
-                      f"generator(s), spread {json.dumps(spread, sort_keys=True)}", flush=True)
-                for rate in args.rates:
-                    result = await step(cluster, stream, loadgens, share * args.loadgens, rate, args.duration)
-                    steps.append(result)
-                    print(f"  {rate:>6g} events/s: {result['delivered_per_s']:>9,.0f} msgs/s delivered "
-                          f"({result['share']:.1%} of {result['expected']:,}), hubs' CPU "
-                          f"{result['hub_cpu']:.0%} of a core, load {os.getloadavg()[0]:.1f}"
-                          f"{'' if result['sustained'] else '  <- not sustained'}", flush=True)
-                    if not result["sustained"]:
-                        break
-            finally:
-                for nodes in loadgens:
-                    await nodes.close()
-                await stream.close()
-            await delete_keys(cluster.redis_url, prefix)
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
+    async with fresh_database(args.database_url, "scaleout") as dsn, \
+            hub_cluster(dsn, args.redis_url, processes, env={"BLOCK_PRODUCER": "false"}) as (cluster, prefix):
+        assert cluster.redis_url is not None
+        stream = Stream(cluster.redis_url, prefix, f"market:category:bench-{uuid.uuid4().hex[:8]}")
+        share = args.clients // args.loadgens
+        loadgens = [await NodeClients.start(cluster.url, stream.channel, share, "websocket")
+                    for _ in range(args.loadgens)]
+        try:
+            spread: dict[str, int] = {}
+            for nodes in loadgens:
+                for node, count in (await nodes.ask({"cmd": "status"}))["nodes"].items():
+                    spread[node] = spread.get(node, 0) + count
+            print(f"{processes} process(es): {share * args.loadgens} clients in {args.loadgens} load "
+                  f"generator(s), spread {json.dumps(spread, sort_keys=True)}", flush=True)
+            for rate in args.rates:
+                result = await step(cluster, stream, loadgens, share * args.loadgens, rate, args.duration)
+                steps.append(result)
+                print(f"  {rate:>6g} events/s: {result['delivered_per_s']:>9,.0f} msgs/s delivered "
+                      f"({result['share']:.1%} of {result['expected']:,}), hubs' CPU "
+                      f"{result['hub_cpu']:.0%} of a core, load {os.getloadavg()[0]:.1f}"
+                      f"{'' if result['sustained'] else '  <- not sustained'}", flush=True)
+                if not result["sustained"]:
+                    break
+        finally:
+            for nodes in loadgens:
+                await nodes.close()
+            await stream.close()
     sustained = [s["delivered_per_s"] for s in steps if s["sustained"]]
     return {"processes": processes, "clients": args.clients, "steps": steps,
             "max_sustained_per_s": max(sustained) if sustained else None}
