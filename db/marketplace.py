@@ -172,6 +172,7 @@ _DETAIL_COLUMNS = _SUMMARY_COLUMNS + """, d.data_hash, d.walrus_blob_id, d.walru
 
 
 def _summary(row: asyncpg.Record, extra: tuple[str, ...] = ()) -> DatapodSummary:
+    """A listing entry from a row, leaving out the `extra` columns a query added (a score, a position)."""
     return DatapodSummary(**{key: value for key, value in row.items() if key not in extra})
 
 
@@ -602,7 +603,7 @@ async def similar_datapods(conn: asyncpg.Connection, datapod_id: uuid.UUID,
                            limit: int) -> list[tuple[DatapodSummary, float]]:
     """Published DataPods most like this one (itself excluded), best first, with their scores."""
     rows = await conn.fetch(SIMILAR_SQL, datapod_id, limit, SIMILAR_CANDIDATES, SIMILAR_WINDOW)
-    return [(DatapodSummary(**{k: v for k, v in row.items() if k != "score"}), row["score"]) for row in rows]
+    return [(_summary(row, ("score",)), row["score"]) for row in rows]
 
 
 async def seller_stats(conn: asyncpg.Connection, seller_id: uuid.UUID) -> SellerStats:
