@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-from typing import AsyncIterator
+from typing import Any, AsyncIterator
 
 import asyncpg
 from aiohttp import web
@@ -21,9 +21,44 @@ async def init_connection(conn: asyncpg.Connection) -> None:
                                   decoder=jsonutil.loads, format="text")
 
 
+class HubConnection(asyncpg.Connection):
+    """A pooled connection that knows whether it holds session state (a LISTEN, a session advisory
+    lock) which must not outlive its holder."""
+
+    __slots__ = ("holds_session_state",)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.holds_session_state = False
+
+    def mark_session_state(self) -> None:
+        """Have the pool reset this connection's session when it is released."""
+        self.holds_session_state = True
+
+    async def add_listener(self, channel: str, callback: Any) -> None:
+        """LISTEN on `channel` (the connection's session then needs a reset on release)."""
+        self.holds_session_state = True
+        await super().add_listener(channel, callback)
+
+
+async def reset_session_state(conn: HubConnection) -> None:
+    """The pool's reset on release: only for connections that took session state.
+
+    asyncpg's default runs `pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL` on every
+    release, a round trip that cost as much as the statement of a short acquire (a session check, a
+    reward batch). Nothing else here sets session state: settings are SET LOCAL / set_config(...,
+    true) and advisory locks are transaction locks. An open transaction is rolled back by asyncpg
+    before this runs.
+    """
+    if conn.holds_session_state:
+        conn.holds_session_state = False
+        await conn.execute(conn.get_reset_query())
+
+
 async def create_pool(dsn: str, max_size: int) -> asyncpg.Pool:
     """Open the pool; fails fast when the database does not answer."""
     return await asyncpg.create_pool(dsn, min_size=1, max_size=max_size, init=init_connection,
+                                     reset=reset_session_state, connection_class=HubConnection,
                                      command_timeout=30, timeout=10)
 
 
@@ -35,6 +70,7 @@ async def leadership(pool: asyncpg.Pool, lock_key: int) -> AsyncIterator[asyncpg
     relay, the demo game); the lock lives as long as the connection, so a dead leader's is freed.
     """
     async with pool.acquire() as conn:
+        conn.mark_session_state()
         if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", lock_key):
             yield None
             return
