@@ -38,6 +38,15 @@ async def database(settings: Settings, *, migrate_first: bool = True) -> AsyncIt
             await conn.close()
 
 
+def new_event_loop(kind: str) -> asyncio.AbstractEventLoop:
+    """The server's event loop: uvloop's, or the standard library's for EVENT_LOOP=asyncio."""
+    if kind == "uvloop":
+        import uvloop
+
+        return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
+
+
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     """Run the server until SIGTERM/SIGINT, then shut down gracefully."""
     from server.app import SHUTDOWN_STEP_SHARE, create_app
@@ -47,10 +56,10 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     log.info("starting", host=settings.host, port=settings.port,
              database="configured" if settings.database_url else f"embedded ({settings.data_dir}/postgres)",
              redis="configured" if settings.redis_url else "none (single node)",
-             assistant="model" if settings.openai_base_url else "retrieval-only")
+             assistant="model" if settings.openai_base_url else "retrieval-only", event_loop=settings.event_loop)
     # aiohttp's shutdown_timeout is per step, and it takes two for a request still running.
     web.run_app(create_app(settings), host=settings.host, port=settings.port, print=None,
-                backlog=settings.listen_backlog,
+                backlog=settings.listen_backlog, loop=new_event_loop(settings.event_loop),
                 shutdown_timeout=settings.shutdown_timeout * SHUTDOWN_STEP_SHARE, access_log=None)
     log.info("stopped")
     return 0
