@@ -6,6 +6,8 @@ import asyncio
 from typing import Any, Awaitable, Callable, Generic, TypeVar
 
 Item = TypeVar("Item")
+Key = TypeVar("Key")
+Result = TypeVar("Result")
 
 
 async def wait_event(event: asyncio.Event, timeout: float) -> bool:
@@ -94,3 +96,40 @@ class Batcher(Generic[Item]):
                 future.set_exception(result)
             else:
                 future.set_result(result)
+
+
+class SharedRuns(Generic[Key, Result]):
+    """Equal calls share one run: a call made while an equal run is out waits for the next run.
+
+    The run a caller gets always starts after the call was made, so its result is never older than
+    the call (a subscriber that joined a room and then reads history misses nothing between the
+    two). A thousand clients reconnecting to one channel with the same position cost one read.
+    """
+
+    def __init__(self, run: Callable[[Key], Awaitable[Result]], *, name: str) -> None:
+        self._run = run
+        self.name = name
+        self.runs = 0
+        self._running: dict[Key, asyncio.Task] = {}
+        self._next: dict[Key, asyncio.Task] = {}
+
+    async def call(self, key: Key) -> Result:
+        """The result of a run of `key` that starts after this call."""
+        task = self._next.get(key)
+        if task is None:
+            task = asyncio.create_task(self._start(key, self._running.get(key)), name=f"shared:{self.name}")
+            self._next[key] = task
+        # Shielded: one caller giving up does not cancel the run the others wait for.
+        return await asyncio.shield(task)
+
+    async def _start(self, key: Key, previous: asyncio.Task | None) -> Result:
+        if previous is not None:
+            await asyncio.wait([previous])
+        task = self._next.pop(key)
+        self._running[key] = task
+        self.runs += 1
+        try:
+            return await self._run(key)
+        finally:
+            if self._running.get(key) is task:
+                del self._running[key]

@@ -42,7 +42,7 @@ import redis.asyncio as aioredis
 import structlog
 
 from server.core import jsonutil
-from server.core.aio import Batcher
+from server.core.aio import Batcher, SharedRuns
 from server.core.errors import InvalidPayload
 from server.realtime.redis import BusUnavailable, RedisHealth, redis_text
 
@@ -398,6 +398,19 @@ return {first[1][1], prev, last[1][1], items, meta[1] or '', meta[2] or '0'}
 """
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Window:
+    """A decoded read of a channel's stream: the oldest id, the id before it, the newest id, the
+    events from the requested start, the epoch and the last offset. Shared by equal reads: read only."""
+
+    first: str
+    before: str
+    latest: str
+    events: list[Event]
+    epoch: str | None
+    latest_offset: int
+
+
 class RedisHistory:
     """History in one Redis Stream per channel: ids from Redis, monotonic across all nodes."""
 
@@ -417,6 +430,9 @@ class RedisHistory:
         # Concurrent publishes share round trips and script calls: one per batch, not one each.
         self._appends: Batcher[tuple[str, str, bytes]] = Batcher(self._append_batch, name="history.append",
                                                                  max_batch=500)
+        # A reconnect storm replays the same position of a channel to thousands of clients at once.
+        self._windows: SharedRuns[tuple[str, IdKey | None, int], _Window | None] = SharedRuns(
+            self._window, name="history.read")
 
     def key(self, channel: str) -> str:
         """Redis key of a channel's stream."""
@@ -483,17 +499,25 @@ class RedisHistory:
         _check_limit(limit)
         key = None if since is None else parse_id(since)
         start = None if key is None else _next_key(key)
+        window = await self._windows.call((channel, start, limit))
+        if window is None:
+            return ReplayResult([], None, key is not None and _gap(key, None, None))
+        if key is None:
+            return ReplayResult([], window.latest, False, window.epoch, window.latest_offset)
+        before_key = parse_id(window.before, field="id") if window.before else None
+        gap = _gap(key, parse_id(window.first, field="id"), before_key) or _epoch_gap(epoch, window.epoch)
+        return ReplayResult(window.events, window.latest, gap, window.epoch, window.latest_offset)
+
+    async def _window(self, request: tuple[str, IdKey | None, int]) -> _Window | None:
+        """One snapshot of a channel's stream from `start`, decoded (shared by equal reads)."""
+        channel, start, limit = request
         reply = await self._snapshot(channel, start, limit)
         if not reply:
-            return ReplayResult([], None, key is not None and _gap(key, None, None))
-        first, before, latest, items = redis_text(reply[0]), redis_text(reply[1]), redis_text(reply[2]), reply[3]
-        current_epoch, latest_offset = redis_text(reply[4]) or None, int(reply[5])
-        if key is None:
-            return ReplayResult([], latest, False, current_epoch, latest_offset)
-        events = [self._event(channel, item, current_epoch) for item in items]
-        before_key = parse_id(before, field="id") if before else None
-        gap = _gap(key, parse_id(first, field="id"), before_key) or _epoch_gap(epoch, current_epoch)
-        return ReplayResult(events, latest, gap, current_epoch, latest_offset)
+            return None
+        epoch = redis_text(reply[4]) or None
+        events = [self._event(channel, item, epoch) for item in reply[3]] if start is not None else []
+        return _Window(redis_text(reply[0]), redis_text(reply[1]), redis_text(reply[2]), events, epoch,
+                       int(reply[5]))
 
     async def reset(self, channel: str) -> None:
         """Forget the channel's history, so its next event opens a new epoch."""
