@@ -96,6 +96,29 @@ class _Broadcast:
         return shared
 
 
+class _Sids(dict):
+    """A namespace's pending sids with the list methods python-socketio calls on them, in O(1)."""
+
+    __slots__ = ()
+
+    def append(self, sid: str) -> None:
+        self[sid] = None
+
+    def remove(self, sid: str) -> None:
+        del self[sid]
+
+
+class _PendingSids(dict):
+    """python-socketio's `pending_connect` / `pending_disconnect`: it keeps a list per namespace and
+    tests `sid in` it on every event and room change, so a reconnect storm of N clients cost O(N)
+    per event; a list assigned here becomes a `_Sids`."""
+
+    __slots__ = ()
+
+    def __setitem__(self, namespace: str, sids: Any) -> None:
+        super().__setitem__(namespace, _Sids.fromkeys(sids))
+
+
 class FanoutMixin(socketio.AsyncManager):
     """The fast emit path; placed before `AsyncManager` in the MRO of both managers.
 
@@ -119,6 +142,41 @@ class FanoutMixin(socketio.AsyncManager):
         # disconnected, and `on_final_event` hears of it.
         self.final_event: tuple[str, str] | None = None
         self.on_final_event: Callable[[str, str], None] | None = None
+        self.pending_connect = _PendingSids()
+        self.pending_disconnect = _PendingSids()
+        # (namespace, sid) -> its rooms, in the order entered: python-socketio finds a client's
+        # rooms by testing every room of the namespace (and copies them on disconnect), O(rooms).
+        self._rooms_of: dict[tuple[str, str], dict[Any, None]] = {}
+
+    def basic_enter_room(self, sid: str, namespace: str, room: Any, eio_sid: str | None = None) -> None:
+        """Enter a room, indexed by client."""
+        super().basic_enter_room(sid, namespace, room, eio_sid=eio_sid)
+        self._rooms_of.setdefault((namespace, sid), {})[room] = None
+
+    def basic_leave_room(self, sid: str, namespace: str, room: Any) -> None:
+        """Leave a room, indexed by client."""
+        super().basic_leave_room(sid, namespace, room)
+        rooms = self._rooms_of.get((namespace, sid))
+        if rooms is not None:
+            rooms.pop(room, None)
+            if not rooms:
+                del self._rooms_of[(namespace, sid)]
+
+    def get_rooms(self, sid: str, namespace: str) -> list[Any]:
+        """The rooms a client is in (its sid room included, as python-socketio has it)."""
+        return [room for room in self._rooms_of.get((namespace, sid), ()) if room is not None]
+
+    def basic_disconnect(self, sid: str, namespace: str, **kwargs: Any) -> None:
+        """BaseManager.basic_disconnect, leaving the client's indexed rooms instead of scanning all."""
+        for room in list(self._rooms_of.get((namespace, sid), ())):
+            self.basic_leave_room(sid, namespace, room)
+        self.callbacks.pop(sid, None)
+        for pending in (self.pending_connect, self.pending_disconnect):
+            sids = pending.get(namespace)
+            if sids is not None and sid in sids:
+                sids.remove(sid)
+                if not sids:
+                    del pending[namespace]
 
     def set_server(self, server: Any) -> None:
         """Attach to the server; on a `LeanEngineServer`, share its frame writer and bound it."""
