@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import uuid
 
+import jwt
 import pytest
 
 from db import users as user_queries
 from server.app import create_app
 from server.realtime.hub import publish
+from server.services.auth import AUTH
 from tests.helpers import register, server_url, wait_until
 from tests.test_realtime import read_sse
 
@@ -234,3 +236,14 @@ async def test_behind_a_trusted_proxy_each_forwarded_client_has_its_own_limit(ai
                                       "password": "correct horse battery"})
         statuses.append(reply.status)
     assert statuses == expected
+
+
+async def test_sockets_of_one_session_reconnecting_at_once_check_it_with_one_read(client, sockets):
+    # A restarted node has no cached session checks, and every tab of a session reconnects at once.
+    data = await register(client)
+    auth = client.app[AUTH]
+    auth.sessions.forget(jwt.decode(data["token"], options={"verify_signature": False})["sid"])
+    before = auth._session_reads.runs
+    clients = [sockets() for _ in range(8)]
+    await asyncio.gather(*(sock.connect(server_url(client), "/purchases", token=data["token"]) for sock in clients))
+    assert auth._session_reads.runs - before == 1

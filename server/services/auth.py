@@ -30,6 +30,7 @@ from argon2.exceptions import InvalidHashError, VerificationError
 from db import auth as auth_queries
 from db import users as user_queries
 from server.adapters.zklogin import StandInAddressDeriver, new_salt
+from server.core.aio import SharedRuns
 from server.core.cache import ExpiringCache
 from server.core.errors import Conflict, Forbidden, NotFound, RateLimited, Unauthorized, Unavailable
 from server.core.identity import Identity
@@ -175,6 +176,12 @@ async def _free_username(conn: asyncpg.Connection, email: str) -> str:
     return candidate
 
 
+async def _read_session_state(key: tuple[asyncpg.Pool, int]) -> auth_queries.SessionState | None:
+    pool, session_id = key
+    async with pool.acquire() as conn:
+        return await auth_queries.get_session_state(conn, session_id)
+
+
 class AuthService:
     """Registration, login, logout and Google sign-in; password hashing, token issue and check."""
 
@@ -185,6 +192,8 @@ class AuthService:
         self._refresh_ttl = refresh_token_ttl
         self._hasher = PasswordHasher()
         self.sessions = SessionCache(session_cache_ttl)
+        # After a restart every socket of a session reconnects at once, each missing the cache.
+        self._session_reads = SharedRuns(_read_session_state, name="auth.session")
         self.sessions_ended: SessionsEnded = _no_sockets
         # Replaced by `limit_attempts` at startup (Redis-backed when configured).
         self._per_address: AttemptLimiter | None = None
@@ -401,8 +410,7 @@ class AuthService:
             raise Unauthorized("the token is invalid") from exc
         state = self.sessions.get(session_id)
         if state is None:
-            async with pool.acquire() as conn:
-                state = await auth_queries.get_session_state(conn, session_id)
+            state = await self._session_reads.call((pool, session_id))
             if state is not None and state.active:
                 self.sessions.put(state)
         if state is None or not state.active or state.user_id != user_id:
