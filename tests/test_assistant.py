@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import uuid
 
 import jsonschema
@@ -18,9 +19,10 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from db.pool import POOL
+from server.adapters.llm import ChatModel, ModelError
 from server.app import create_app
 from server.core.crypto import MASTER_KEY
-from server.core.settings import SETTINGS
+from server.core.settings import SETTINGS, Settings
 from server.services.assistant import TOOL_SPECS, first_tool_choice
 from server.services.demo import load_if_empty
 from tests.helpers import SocketClient, register, server_url, wait_until
@@ -581,7 +583,8 @@ async def test_edit_message_forks_a_branch(model_app, sockets):
     await wait_finished(alice.sock, first["assistant_message"]["id"])
     second = await alice.send(conversation_id, "The bird sang.")
     await wait_finished(alice.sock, second["assistant_message"]["id"])
-    edited = await alice.ok("edit_message", {"message_id": first["user_message"]["id"], "content": "The moon was cold."})
+    edited = await alice.ok("edit_message", {"message_id": first["user_message"]["id"],
+                                             "content": "The moon was cold."})
     await wait_finished(alice.sock, edited["assistant_message"]["id"])
     conversation = await alice.ok("get_conversation", {"conversation_id": conversation_id})
     messages = conversation["messages"]
@@ -731,3 +734,38 @@ async def test_stream_breaking_midway_keeps_the_partial_text(aiohttp_client, set
         assert row["status"] == "failed" and row["content"] == "Half an answer" and row["tokens_estimated"]
     finally:
         await server.close()
+
+
+@pytest.mark.parametrize("call", ["stream", "complete"])
+async def test_an_endpoint_that_refuses_or_never_answers_is_told_apart(call):
+    # The SDK's aiohttp transport calls a refused connection a connect timeout; the client must be
+    # told the endpoint is unreachable, not slow.
+    silent_connections: list[asyncio.StreamWriter] = []
+
+    async def accept_and_say_nothing(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        silent_connections.append(writer)
+
+    silent = await asyncio.start_server(accept_and_say_nothing, "127.0.0.1", 0)
+    refusing = socket.socket()
+    refusing.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+    messages = [{"role": "user", "content": "hello"}]
+    try:
+        for port, code in ((refusing.getsockname()[1], "upstream_unreachable"),
+                           (silent.sockets[0].getsockname()[1], "upstream_timeout")):
+            model = ChatModel(Settings().replace(openai_base_url=f"http://127.0.0.1:{port}/v1", ai_timeout=1,
+                                                 ai_max_retries=0))
+            try:
+                with pytest.raises(ModelError) as failure:
+                    if call == "stream":
+                        async for _ in model.stream(messages):
+                            pass
+                    else:
+                        await model.complete(messages)
+                assert failure.value.code == code and failure.value.retryable
+            finally:
+                await model.close()
+    finally:
+        refusing.close()
+        silent.close()
+        for writer in silent_connections:
+            writer.close()

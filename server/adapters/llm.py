@@ -96,7 +96,7 @@ def classify(exc: BaseException) -> ModelError:
     """Map an exception from the openai client to a ModelError."""
     if isinstance(exc, ModelError):
         return exc
-    if isinstance(exc, openai.APITimeoutError):
+    if isinstance(exc, openai.APITimeoutError) and not _refused(exc):
         return ModelError("upstream_timeout", "the model did not answer in time", True)
     if isinstance(exc, openai.APIConnectionError):
         return ModelError("upstream_unreachable", "the model endpoint cannot be reached", True)
@@ -123,6 +123,20 @@ def classify(exc: BaseException) -> ModelError:
     return ModelError("internal_error", "the answer failed on the server", False)
 
 
+def _refused(exc: BaseException) -> bool:
+    """Whether a connection failure under `exc` was a refusal or reset, not a timeout.
+
+    The SDK's aiohttp transport reports every aiohttp connection error, a refused connection
+    included, as a connect *timeout*.
+    """
+    cause = exc.__cause__
+    while cause is not None:
+        if isinstance(cause, OSError) and not isinstance(cause, TimeoutError):
+            return True
+        cause = cause.__cause__
+    return False
+
+
 class ChatModel:
     """A chat client for one endpoint: streamed answers (AI_MODEL unless a call names another
     model), short completions, and the endpoint's model list."""
@@ -135,9 +149,18 @@ class ChatModel:
         timeout = openai.Timeout(settings.ai_timeout, connect=5.0)
         # The SDK's aiohttp transport: h11 and httpcore parsed every streamed chunk in Python, a
         # third of the hub's CPU per token; aiohttp's parser is C.
+        http = openai.DefaultAioHttpClient(timeout=timeout)
         self.client = openai.AsyncOpenAI(
             base_url=settings.openai_base_url, api_key=settings.openai_api_key or PLACEHOLDER_API_KEY,
-            timeout=timeout, max_retries=0, http_client=openai.DefaultAioHttpClient(timeout=timeout))
+            timeout=timeout, max_retries=0, http_client=http)
+        # Chat requests go through the SDK's `post` (its request building, status errors and
+        # headers) with the HTTP library's Response as the result type, which the SDK hands back
+        # unparsed: `chat.completions.create` first walks every message and tool schema against
+        # its TypedDicts (about 4 ms an answer with our tools) and parses replies into pydantic
+        # models, for dicts we build and read ourselves. The Response class is the one of the HTTP
+        # library the SDK runs on (httpx, or its fork httpx2 in openai 3.x).
+        client_class = next(c for c in type(http).__mro__ if c.__name__ == "AsyncClient")
+        self._raw_response = sys.modules[client_class.__module__.partition(".")[0]].Response
 
     async def close(self) -> None:
         await self.client.close()
@@ -155,15 +178,20 @@ class ChatModel:
         """One short non-streamed completion, not retried: its text and the usage the endpoint
         reported (prompt, completion; None when it sent none)."""
         try:
-            response = await self.client.chat.completions.create(
-                model=model or self.model, messages=messages, max_tokens=max_tokens, stream=False)
-            text = response.choices[0].message.content or ""
+            response = await self._chat({"model": model or self.model, "messages": messages,
+                                         "max_tokens": max_tokens, "stream": False}, stream=False)
+            answer = orjson.loads(response.content)
+            text = answer["choices"][0]["message"]["content"] or ""
         except Exception as exc:  # noqa: BLE001 - a malformed answer (no choices, not JSON) included
             raise classify(exc) from exc
-        usage = getattr(response, "usage", None)
-        if usage is None:
+        usage = answer.get("usage")
+        if not isinstance(usage, dict):
             return text, None, None
-        return text, usage.prompt_tokens, usage.completion_tokens
+        return text, usage.get("prompt_tokens"), usage.get("completion_tokens")
+
+    async def _chat(self, body: dict[str, Any], *, stream: bool) -> Any:
+        """POST /chat/completions through the SDK; the HTTP response, unread when streaming."""
+        return await self.client.post("/chat/completions", body=body, cast_to=self._raw_response, stream=stream)
 
     async def open_stream(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
                           tool_choice: str | dict[str, Any] | None = None, model: str | None = None) -> Any:
@@ -178,10 +206,8 @@ class ChatModel:
         attempt = 0
         while True:
             try:
-                # The raw response: the request, its status errors and our retries stay the
-                # library's, but the chunks are read by `read_chunks` (see there why).
-                raw = await self.client.chat.completions.with_raw_response.create(**kwargs)
-                return raw.http_response
+                # The chunks are read by `read_chunks` (see there why).
+                return await self._chat(kwargs, stream=True)
             except Exception as exc:  # noqa: BLE001 - classified below
                 error = classify(exc)
                 if not error.retryable or error.code == "internal_error" or attempt >= self.max_retries:
