@@ -728,10 +728,12 @@ async def test_stream_breaking_midway_keeps_the_partial_text(aiohttp_client, set
         message_id = (await alice.send(await alice.conversation()))["assistant_message"]["id"]
         failed = await wait_finished(alice.sock, message_id)
         assert failed["type"] == "message_failed" and failed["code"] == "upstream_interrupted"
-        assert failed["retryable"] is True and failed["seq"] == 3
+        assert failed["retryable"] is True
         assert len(model.requests) == 1  # text was produced: no silent retry that would repeat it
         row = await message_row(client.app, message_id)
         assert row["status"] == "failed" and row["content"] == "Half an answer" and row["tokens_estimated"]
+        # Text that arrives together may go out as one delta; the seq counts the deltas sent.
+        assert 1 <= failed["seq"] == row["seq"] <= 3
     finally:
         await server.close()
 

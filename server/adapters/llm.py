@@ -256,11 +256,14 @@ class Chunk(dict):
 
 def _attributes(value: Any) -> Any:
     """Every object of a decoded chunk as a Chunk, converted once (not again on each attribute read)."""
-    if isinstance(value, dict):
-        return Chunk({key: _attributes(item) for key, item in value.items()})
-    if isinstance(value, list):
-        return [_attributes(item) for item in value]
+    if type(value) is dict:
+        return Chunk({key: _attributes(item) if type(item) in _CONTAINERS else item for key, item in value.items()})
+    if type(value) is list:
+        return [_attributes(item) if type(item) in _CONTAINERS else item for item in value]
     return value
+
+
+_CONTAINERS = (dict, list)  # what orjson decodes objects and arrays to
 
 
 async def read_chunks(response: Any) -> AsyncIterator[Chunk]:

@@ -277,7 +277,9 @@ class Generation:
     user_id: uuid.UUID
     parent_id: uuid.UUID
     user_message: dict[str, Any] | None
-    deltas: list[str] = dataclasses.field(default_factory=list)
+    deltas: list[str] = dataclasses.field(default_factory=list)  # as published: delta n is deltas[n - 1]
+    unsent: list[str] = dataclasses.field(default_factory=list)  # emitted text waiting for its delta
+    publisher: asyncio.Task | None = None  # publishes `unsent`, in order
     tool_calls: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     finish_reason: str | None = None
     prompt_tokens: int = 0
@@ -443,12 +445,20 @@ class Assistant:
 
     async def _gen_event(self, gen: Generation, type: str, data: dict[str, Any]) -> None:
         """Publish one of a generation's events; local listeners (REST streams) get it too."""
+        if type != MESSAGE_DELTA:
+            await self._flush_deltas(gen)  # every event follows the text emitted before it
         for queue in gen.listeners:
             queue.put_nowait((type, data))
         await self._publish(gen.channel, type, data)
 
     async def emit(self, gen: Generation, text: str) -> None:
-        """One delta: buffered (for resume_stream), then published."""
+        """Queue text for the generation's next delta; the model's stream is read on meanwhile.
+
+        A delta waits for its history append (a Redis round trip) before it is delivered. Waiting
+        for that before reading the next token held every stream to one token per round trip: with
+        200 streams the round trips grew and tokens reached clients 350-780 ms late. Text emitted
+        while a delta is out goes together in the next one, so a loaded hub sends fewer, larger deltas.
+        """
         if gen.stop_reason is not None:
             # The task was cancelled, but the cancellation can be lost on the way (seen under load
             # with Redis; Python 3.11's wait_for drops a cancel that races with its result), so a
@@ -456,9 +466,27 @@ class Assistant:
             raise asyncio.CancelledError
         if not text:
             return
-        gen.deltas.append(text)
-        await self._gen_event(gen, MESSAGE_DELTA,
-                              {"message_id": str(gen.message_id), "seq": gen.seq, "text": text})
+        gen.unsent.append(text)
+        if gen.publisher is None:
+            gen.publisher = asyncio.create_task(self._publish_deltas(gen), name=f"assistant-deltas:{gen.message_id}")
+
+    async def _publish_deltas(self, gen: Generation) -> None:
+        try:
+            while gen.unsent:
+                text = "".join(gen.unsent)
+                gen.unsent.clear()
+                gen.deltas.append(text)  # buffered for resume_stream before it is published
+                await self._gen_event(gen, MESSAGE_DELTA,
+                                      {"message_id": str(gen.message_id), "seq": gen.seq, "text": text})
+        finally:
+            gen.publisher = None
+
+    async def _flush_deltas(self, gen: Generation) -> None:
+        """Wait until every emitted text is in a published delta."""
+        while gen.unsent or gen.publisher is not None:
+            if gen.publisher is None:  # cancelled with text left
+                gen.publisher = asyncio.create_task(self._publish_deltas(gen))
+            await asyncio.wait([gen.publisher])  # not cancelled if we are: the text still goes out
 
     async def _saver(self, gen: Generation) -> None:
         """Save the partial text periodically; it is also the heartbeat and the stop mailbox."""
@@ -502,7 +530,7 @@ class Assistant:
             error = classify(exc)
             if error.code == "internal_error":
                 log.exception("assistant_generation_failed", message_id=str(gen.message_id))
-            elif gen.deltas and error.code in ("upstream_unreachable", "upstream_timeout"):
+            elif (gen.deltas or gen.unsent) and error.code in ("upstream_unreachable", "upstream_timeout"):
                 error = ModelError("upstream_interrupted", "the model's stream broke off midway", True)
             status = "failed"
         finally:
@@ -510,7 +538,10 @@ class Assistant:
             with contextlib.suppress(BaseException):
                 await saver
         try:
-            if gen.stop_reason != "gone":
+            if gen.stop_reason == "gone":
+                if gen.publisher is not None:
+                    gen.publisher.cancel()
+            else:
                 await self._finish(gen, status, error)
         except Exception:  # noqa: BLE001 - the sweep marks the row interrupted later
             log.exception("assistant_finish_failed", message_id=str(gen.message_id))
@@ -519,6 +550,7 @@ class Assistant:
             gen.done.set()
 
     async def _finish(self, gen: Generation, status: str, error: ModelError | None) -> None:
+        await self._flush_deltas(gen)  # the saved text and seq are the published ones
         if status == "stopped":
             gen.finish_reason = "stopped"
         elif status == "interrupted":
@@ -706,6 +738,7 @@ class Assistant:
                         if choice.finish_reason:
                             finish = choice.finish_reason
             gen.open_round_prompt = 0
+            await self._flush_deltas(gen)
             round_text = "".join(gen.deltas[text_before:])
             if usage is not None and (usage.prompt_tokens or usage.completion_tokens):
                 gen.prompt_tokens += usage.prompt_tokens or 0
@@ -831,6 +864,7 @@ class Assistant:
         first = not any(m.model == RETRIEVAL_MODEL and m.content for m in earlier)
         for piece in _chunks(_compose(answer, first)):
             await self.emit(gen, piece)
+            await asyncio.sleep(0)  # streamed as words, as a model would (merged while a delta is out)
         gen.finish_reason = "stop"
 
 
