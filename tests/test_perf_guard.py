@@ -1,8 +1,8 @@
 """Regression guard for the broadcast hot path: ratios measured in one run, never absolute times.
 
 Our fan-out and bare python-socketio serve the same Node socket.io-client connections and the same
-broadcasts (bench/fanout.py's servers and load generator, briefly); the guard compares the server
-CPU each spends per delivered message: 6.5-6.7x in favour of ours here (300 clients, 9,000
+broadcasts (bench/fanout.py's servers and load generator, briefly); the guard compares the least server
+CPU each spends per delivered message in two runs: 6.5-6.7x in favour of ours here (300 clients, 9,000
 deliveries/s, on a machine loaded by other work; bench/fanout.py's full run measured 10x at 1,000
 clients). Below 5x the guard fails, so a change that loses a quarter of the lead fails CI.
 """
@@ -22,6 +22,7 @@ CLIENTS = 300
 RATE = 30  # broadcasts/s: 9,000 deliveries/s, within what bare python-socketio sustains here
 SECONDS = 3.0
 SIZE = 200
+ROUNDS = 2
 
 
 async def cpu_per_delivery(kind: str) -> tuple[float, int]:
@@ -60,8 +61,13 @@ async def cpu_per_delivery(kind: str) -> tuple[float, int]:
 
 async def test_fanout_spends_a_fifth_or_less_of_bare_python_socketios_cpu_per_delivery():
     ensure_node_modules()
-    ours, ours_delivered = await cpu_per_delivery("ours")
-    bare, bare_delivered = await cpu_per_delivery("bare")
     expected = round(RATE * SECONDS) * CLIENTS
-    assert ours_delivered == expected and bare_delivered == expected, (ours_delivered, bare_delivered)
+    runs: dict[str, list[float]] = {"ours": [], "bare": []}
+    # Each twice, alternating, and the least CPU of each: one 3 s window on a busy machine varied the
+    # ratio from 5.3x to 7.5x for the same code.
+    for kind in ("ours", "bare") * ROUNDS:
+        used, delivered = await cpu_per_delivery(kind)
+        assert delivered == expected, (kind, delivered, expected)
+        runs[kind].append(used)
+    ours, bare = min(runs["ours"]), min(runs["bare"])
     assert bare > 5 * ours, f"ours {ours * 1e6:.1f} us per delivery, bare {bare * 1e6:.1f} us ({bare / ours:.1f}x)"
