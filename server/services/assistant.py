@@ -456,8 +456,8 @@ class Assistant:
 
         A delta waits for its history append (a Redis round trip) before it is delivered. Waiting
         for that before reading the next token held every stream to one token per round trip: with
-        200 streams the round trips grew and tokens reached clients 350-780 ms late. Text emitted
-        while a delta is out goes together in the next one, so a loaded hub sends fewer, larger deltas.
+        200 streams the round trips grew and tokens reached clients seconds late. Text emitted while
+        a delta is out goes together in the next one, so a loaded hub sends fewer, larger deltas.
         """
         if gen.stop_reason is not None:
             # The task was cancelled, but the cancellation can be lost on the way (seen under load
@@ -468,7 +468,10 @@ class Assistant:
             return
         gen.unsent.append(text)
         if gen.publisher is None:
-            gen.publisher = asyncio.create_task(self._publish_deltas(gen), name=f"assistant-deltas:{gen.message_id}")
+            self._start_publisher(gen)
+
+    def _start_publisher(self, gen: Generation) -> None:
+        gen.publisher = asyncio.create_task(self._publish_deltas(gen), name=f"assistant-deltas:{gen.message_id}")
 
     async def _publish_deltas(self, gen: Generation) -> None:
         try:
@@ -485,7 +488,8 @@ class Assistant:
         """Wait until every emitted text is in a published delta."""
         while gen.unsent or gen.publisher is not None:
             if gen.publisher is None:  # cancelled with text left
-                gen.publisher = asyncio.create_task(self._publish_deltas(gen))
+                self._start_publisher(gen)
+            assert gen.publisher is not None
             await asyncio.wait([gen.publisher])  # not cancelled if we are: the text still goes out
 
     async def _saver(self, gen: Generation) -> None:
