@@ -26,13 +26,15 @@ def test_variables_reach_their_fields():
         "SHUTDOWN_TIMEOUT": "2.5", "KYC_MAX_BYTES": "1024", "DEMO_GAME_INTERVAL": "0",
         "DEMO_FAUCET": "off", "DEMO_FAUCET_AMOUNT": "2.5", "BLOCK_INTERVAL": "0.5",
         "REDIS_POOL_SIZE": "300", "REDIS_POOL_TIMEOUT": "0.5",
-        "PURCHASE_JOB_LEASE": "4", "PURCHASE_JOB_HEARTBEAT": "1.5", "EVENT_LOOP": " Asyncio"})
+        "PURCHASE_JOB_LEASE": "4", "PURCHASE_JOB_HEARTBEAT": "1.5", "EVENT_LOOP": " Asyncio",
+        "PURCHASE_POLL_INTERVAL": "0.25"})
     assert (settings.port, settings.ai_max_tool_rounds, settings.ai_tool_choice) == (9090, 1, "search_datapods")
     assert (settings.shutdown_timeout, settings.kyc_max_bytes, settings.demo_game_interval) == (2.5, 1024, 0.0)
     assert settings.demo_faucet is False and settings.faucet_enabled is False
     assert Decimal(settings.demo_faucet_amount) == Decimal("2.5") and settings.block_interval_seconds == 0.5
     assert (settings.redis_pool_size, settings.redis_pool_timeout) == (300, 0.5)
     assert (settings.purchase_job_lease, settings.purchase_job_heartbeat) == (4.0, 1.5)
+    assert settings.purchase_poll_interval == 0.25
     assert settings.event_loop == "asyncio" and Settings.from_env({}).event_loop == "uvloop"
 
 
@@ -51,6 +53,8 @@ def test_the_faucet_is_on_only_for_the_local_chain_unless_set():
     ({"PURCHASE_JOB_LEASE": "3", "PURCHASE_JOB_HEARTBEAT": "3"}, "PURCHASE_JOB_HEARTBEAT"),
     ({"PURCHASE_JOB_HEARTBEAT": "0"}, "PURCHASE_JOB_HEARTBEAT"),
     ({"EVENT_LOOP": "trio"}, "EVENT_LOOP"),
+    ({"PURCHASE_POLL_INTERVAL": "0"}, "PURCHASE_POLL_INTERVAL"),
+    ({"PURCHASE_POLL_INTERVAL": "soon"}, "PURCHASE_POLL_INTERVAL"),
 ])
 def test_a_bad_value_names_its_variable(env, name):
     with pytest.raises(ValueError, match=name):

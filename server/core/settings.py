@@ -254,6 +254,8 @@ class Settings:
                 ipaddress.ip_network(proxy, strict=False)
             except ValueError:
                 raise ValueError(f"TRUSTED_PROXIES must list addresses or networks, got {proxy!r}") from None
+        if self.purchase_poll_interval <= 0:
+            raise ValueError(f"PURCHASE_POLL_INTERVAL must be greater than 0, got {self.purchase_poll_interval}")
         if not 0 < self.purchase_job_heartbeat < self.purchase_job_lease:
             raise ValueError(f"PURCHASE_JOB_HEARTBEAT must be greater than 0 and less than PURCHASE_JOB_LEASE, "
                              f"got {self.purchase_job_heartbeat} and {self.purchase_job_lease}")
@@ -297,6 +299,7 @@ class Settings:
             payment_max_age=_int(env, "PAYMENT_MAX_AGE", defaults.payment_max_age),
             payment_verify_timeout=_int(env, "PAYMENT_VERIFY_TIMEOUT", defaults.payment_verify_timeout),
             purchase_workers=_int(env, "PURCHASE_WORKERS", defaults.purchase_workers),
+            purchase_poll_interval=_float(env, "PURCHASE_POLL_INTERVAL", defaults.purchase_poll_interval),
             purchase_job_lease=_float(env, "PURCHASE_JOB_LEASE", defaults.purchase_job_lease),
             purchase_job_heartbeat=_float(env, "PURCHASE_JOB_HEARTBEAT", defaults.purchase_job_heartbeat),
             walrus_publisher_url=_optional(env, "WALRUS_PUBLISHER_URL"),
