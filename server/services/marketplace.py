@@ -15,7 +15,7 @@ import dataclasses
 import datetime as dt
 import uuid
 from decimal import Decimal, InvalidOperation
-from typing import Any, Mapping
+from typing import Any, Awaitable, Callable, Mapping, TypeVar
 
 import asyncpg
 import structlog
@@ -32,6 +32,8 @@ from server.services.datasets import DatasetSpool, seal
 from server.services.kyc import require_verified
 
 log = structlog.get_logger(__name__)
+
+Found = TypeVar("Found")
 
 MARKET_CHANNEL = "market"
 DATAPOD_CHANNEL = "datapod:{datapod_id}"
@@ -176,12 +178,20 @@ async def find(conn: asyncpg.Connection, query: queries.SearchFilter
                ) -> tuple[list[queries.DatapodSummary], queries.SearchFilter]:
     """A search's rows (one more than the page, when there is a next page) and the query that found
     them: full text, or titles by similarity when full text finds nothing (then `fuzzy`)."""
-    found = await queries.search_datapods(conn, query)
-    if await _similarity_instead(conn, query, bool(found)):
+    return await _full_text_or_similar(conn, query, queries.search_datapods, bool)
+
+
+async def _full_text_or_similar(conn: asyncpg.Connection, query: queries.SearchFilter,
+                                run: Callable[[asyncpg.Connection, queries.SearchFilter], Awaitable[Found]],
+                                matched: Callable[[Found], bool]) -> tuple[Found, queries.SearchFilter]:
+    """`run` on full text, again on titles by similarity when full text matches nothing (see
+    _similarity_instead); its result and the query it ran last."""
+    found = await run(conn, query)
+    if await _similarity_instead(conn, query, matched(found)):
         query = dataclasses.replace(query, fuzzy=True)
         async with conn.transaction():  # the threshold holds for this transaction only
             await queries.set_similarity_threshold(conn)
-            found = await queries.search_datapods(conn, query)
+            found = await run(conn, query)
     return found, query
 
 
@@ -217,13 +227,7 @@ async def _similarity_instead(conn: asyncpg.Connection, query: queries.SearchFil
 async def count_facets(conn: asyncpg.Connection, query: queries.SearchFilter
                        ) -> tuple[queries.Facets, queries.SearchFilter]:
     """The facets of a search's filters and the query that counted them (`fuzzy` as the search would be)."""
-    found = await queries.search_facets(conn, query)
-    if await _similarity_instead(conn, query, found.total > 0):  # count what the search would list
-        query = dataclasses.replace(query, fuzzy=True)
-        async with conn.transaction():
-            await queries.set_similarity_threshold(conn)
-            found = await queries.search_facets(conn, query)
-    return found, query
+    return await _full_text_or_similar(conn, query, queries.search_facets, lambda facets: facets.total > 0)
 
 
 async def facets(pool: asyncpg.Pool, payload: Mapping[str, Any]) -> dict[str, Any]:
