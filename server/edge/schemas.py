@@ -76,24 +76,22 @@ def _first_suspect(value: Any, path: str = "") -> tuple[str, str] | None:
         return ("nul", path) if "\x00" in value else None
     if isinstance(value, float):
         return ("float", path) if value.is_integer() else None
-    suspect = None
     if isinstance(value, dict):
-        for key, inner in value.items():
-            inner_path = f"{path}.{key}" if path else str(key)
-            if "\x00" in str(key):
-                return "nul", inner_path
-            found = _first_suspect(inner, inner_path)
-            if found is not None:
-                if found[0] == "nul":
-                    return found
-                suspect = suspect or found
+        children = ((str(key), inner) for key, inner in value.items())
     elif isinstance(value, list):
-        for index, inner in enumerate(value):
-            found = _first_suspect(inner, f"{path}.{index}" if path else str(index))
-            if found is not None:
-                if found[0] == "nul":
-                    return found
-                suspect = suspect or found
+        children = ((str(index), inner) for index, inner in enumerate(value))
+    else:
+        return None
+    suspect = None
+    for name, inner in children:
+        inner_path = f"{path}.{name}" if path else name
+        if "\x00" in name:  # a key (an index never holds one)
+            return "nul", inner_path
+        found = _first_suspect(inner, inner_path)
+        if found is not None:
+            if found[0] == "nul":
+                return found
+            suspect = suspect or found
     return suspect
 
 
