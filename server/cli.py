@@ -15,6 +15,7 @@ import structlog
 from aiohttp import web
 
 from server.core.logging import configure_logging
+from server.core.memory import tune_garbage_collector
 from server.core.settings import Settings
 
 log = structlog.get_logger("sourcenet-hub")
@@ -57,8 +58,10 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
              database="configured" if settings.database_url else f"embedded ({settings.data_dir}/postgres)",
              redis="configured" if settings.redis_url else "none (single node)",
              assistant="model" if settings.openai_base_url else "retrieval-only", event_loop=settings.event_loop)
+    app = create_app(settings)
+    tune_garbage_collector()  # after the imports and the app: they stay out of every collection
     # aiohttp's shutdown_timeout is per step, and it takes two for a request still running.
-    web.run_app(create_app(settings), host=settings.host, port=settings.port, print=None,
+    web.run_app(app, host=settings.host, port=settings.port, print=None,
                 backlog=settings.listen_backlog, loop=new_event_loop(settings.event_loop),
                 shutdown_timeout=settings.shutdown_timeout * SHUTDOWN_STEP_SHARE, access_log=None)
     log.info("stopped")

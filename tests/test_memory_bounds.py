@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
 import uuid
+from pathlib import Path
 
 import pytest
 from aiohttp import web
@@ -104,3 +107,42 @@ def test_trim_heap_returns_free_pages_that_live_blocks_pin():
     trim_heap()
     assert rss() < filled - 32 * 2**20
     del pinned
+
+
+GC_PROBE = """
+import gc, weakref
+from server.core.memory import FULL_COLLECTION_AFTER, tune_garbage_collector
+import server.app  # what `serve` has loaded when it tunes
+
+tune_garbage_collector()
+print(gc.get_freeze_count(), gc.get_threshold() == (700, 10, FULL_COLLECTION_AFTER))
+
+class Node:
+    pass
+
+# A cycle that lived long enough to reach the oldest generation, then became garbage.
+cycle = Node()
+cycle.self = cycle
+collected = []
+weakref.finalize(cycle, collected.append, True)
+gc.collect(1)
+gc.collect(1)
+del cycle
+kept = []
+for allocated in range(1, 20_000_001):
+    kept.append([])
+    if collected:
+        break
+print(allocated if collected else None)
+"""
+
+
+def test_the_server_freezes_its_startup_heap_and_still_runs_full_collections():
+    # In a process of its own: the probe changes the collector of the process it runs in.
+    run = subprocess.run([sys.executable, "-c", GC_PROBE], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert run.returncode == 0, run.stderr
+    frozen, thresholds, allocated = run.stdout.split()
+    assert int(frozen) > 50_000 and thresholds == "True"
+    # Old cyclic garbage waits for a full collection: after about 700 * 10 * 100 new objects, not never.
+    assert allocated != "None" and 700 * 10 * 10 < int(allocated) < 700 * 10 * 100 * 3
