@@ -106,6 +106,26 @@ async def test_expired_and_forged_tokens_are_refused(client, settings):
     assert (await client.get("/api/v1/me")).status == 401
 
 
+async def test_a_token_is_verified_once_and_refused_once_it_expires(client, settings, monkeypatch):
+    data = await register(client)
+    claims = jwt.decode(data["token"], options={"verify_signature": False})
+    secret = base64.urlsafe_b64decode(settings.jwt_secret)
+    expires = int(time.time()) + 2
+    short = jwt.encode({**claims, "exp": expires}, secret, algorithm="HS256")
+    decodes = []
+    real_decode = jwt.decode
+    monkeypatch.setattr(jwt, "decode", lambda *args, **kwargs: decodes.append(1) or real_decode(*args, **kwargs))
+    for _ in range(3):
+        assert (await client.get("/api/v1/me", headers=bearer(short))).status == 200
+    assert len(decodes) == 1
+    # A forgery of the same claims is not the same token: its signature is checked, and fails.
+    forged = jwt.encode({**claims, "exp": expires}, b"x" * 32, algorithm="HS256")
+    assert (await client.get("/api/v1/me", headers=bearer(forged))).status == 401
+    await asyncio.sleep(max(0.0, expires - time.time()) + 0.1)
+    response = await client.get("/api/v1/me", headers=bearer(short))
+    assert response.status == 401 and "expired" in (await response.json())["error"]["message"]
+
+
 async def test_admin_routes_need_the_admin_role(client, db):
     user = await register(client)
     forbidden = await client.get("/api/v1/admin/stats", headers=bearer(user["token"]))

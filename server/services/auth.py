@@ -43,6 +43,8 @@ log = structlog.get_logger(__name__)
 
 GOOGLE_ISSUERS = ("accounts.google.com", "https://accounts.google.com")
 JWT_ALGORITHM = "HS256"
+CHECKED_TOKEN_TTL = 300.0  # seconds a verified token skips the signature check
+CHECKED_TOKENS_MAX = 10_000
 
 
 # Why a session ended: `sessions.end_reason`, and the `reason` of the `signed_out` event.
@@ -194,6 +196,11 @@ class AuthService:
         self.sessions = SessionCache(session_cache_ttl)
         # After a restart every socket of a session reconnects at once, each missing the cache.
         self._session_reads = SharedRuns(_read_session_state, name="auth.session")
+        # A socket's token is checked on connect and again on every subscribe, and the sockets of a
+        # session present the same one: its signature is checked once (keyed by the whole token,
+        # signature included, so only a token that verified can hit). Expiry is checked every time.
+        self._checked_tokens: ExpiringCache[str, tuple[uuid.UUID, int, float]] = ExpiringCache(
+            CHECKED_TOKEN_TTL, CHECKED_TOKENS_MAX)
         self.sessions_ended: SessionsEnded = _no_sockets
         # Replaced by `limit_attempts` at startup (Redis-backed when configured).
         self._per_address: AttemptLimiter | None = None
@@ -398,16 +405,7 @@ class AuthService:
         """Check a token's signature, expiry and session; raise Unauthorized otherwise."""
         if not token:
             raise Unauthorized("a token is required")
-        try:
-            claims = jwt.decode(token, self._secret, algorithms=[JWT_ALGORITHM],
-                                options={"require": ["sub", "sid", "exp"]})
-            user_id = uuid.UUID(claims["sub"])
-            session_id = int(claims["sid"])
-            expires_at = float(claims["exp"])
-        except jwt.ExpiredSignatureError as exc:
-            raise Unauthorized("the token has expired") from exc
-        except (jwt.InvalidTokenError, ValueError, TypeError, OverflowError) as exc:
-            raise Unauthorized("the token is invalid") from exc
+        user_id, session_id, expires_at = self._claims(token)
         state = self.sessions.get(session_id)
         if state is None:
             state = await self._session_reads.call((pool, session_id))
@@ -416,6 +414,23 @@ class AuthService:
         if state is None or not state.active or state.user_id != user_id:
             raise Unauthorized("the session has ended; sign in again")
         return Identity(user_id=user_id, session_id=session_id, is_admin=state.is_admin, expires_at=expires_at)
+
+    def _claims(self, token: str) -> tuple[uuid.UUID, int, float]:
+        """The user, session and expiry of a token whose signature checked out; Unauthorized otherwise."""
+        claims = self._checked_tokens.get(token)
+        if claims is None:
+            try:
+                decoded = jwt.decode(token, self._secret, algorithms=[JWT_ALGORITHM],
+                                     options={"require": ["sub", "sid", "exp"]})
+                claims = (uuid.UUID(decoded["sub"]), int(decoded["sid"]), float(decoded["exp"]))
+            except jwt.ExpiredSignatureError as exc:
+                raise Unauthorized("the token has expired") from exc
+            except (jwt.InvalidTokenError, ValueError, TypeError, OverflowError) as exc:
+                raise Unauthorized("the token is invalid") from exc
+            self._checked_tokens.put(token, claims)
+        if claims[2] <= time.time():  # PyJWT's rule, for a token checked before it expired
+            raise Unauthorized("the token has expired")
+        return claims
 
     async def end_sessions(self, conn: asyncpg.Connection, session_ids: list[int], reason: str) -> None:
         """End sessions: their tokens stop working, and their sockets close on every node."""
