@@ -64,7 +64,7 @@ async def handle_events(request: web.Request) -> web.Response:
     else:
         result = await realtime.wait_after(channel, since, _wait_seconds(request), _poll_interval(request),
                                            check_epoch(request.query.get("epoch")))
-    return ok_response({"channel": channel, "events": [event.to_wire() for event in result.events],
+    return ok_response({"channel": channel, "events": result.wire,
                         "latest_id": result.latest_id, "latest_offset": result.latest_offset,
                         "epoch": result.epoch, "history_gap": result.gap, "has_more": result.has_more})
 

@@ -7,6 +7,7 @@ import dataclasses
 import uuid
 from decimal import Decimal
 
+import orjson
 import pytest
 import redis.asyncio as aioredis
 
@@ -119,6 +120,17 @@ async def test_read_after_returns_exactly_the_later_events_in_order(make_history
     assert result.events == events[4:]
     assert [e.data for e in result.events] == [{"n": i} for i in range(4, 10)]
     assert result.latest_id == events[-1].id and result.gap is False and not result.has_more
+    assert orjson.loads(orjson.dumps(result.wire)) == [event.to_wire() for event in events[4:]]
+
+
+async def test_equal_replays_at_once_share_one_read_and_one_encoding(redis, prefix):
+    history = RedisHistory(redis, prefix, 100, 60)
+    events = await _append(history, 10)
+    replays = await asyncio.gather(*(history.read_after(CHANNEL, events[0].id, 1000) for _ in range(20)))
+    # All 20 asked before a read started: one read, decoded and encoded once, for all of them.
+    assert len({id(replay.wire) for replay in replays}) == 1
+    assert all(replay.events == events[1:] for replay in replays)
+    assert orjson.loads(orjson.dumps(replays[-1].wire)) == [event.to_wire() for event in events[1:]]
 
 
 async def test_read_after_pages_with_limit_without_duplicates(make_history):

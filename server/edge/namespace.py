@@ -288,7 +288,7 @@ class HubNamespace(socketio.AsyncNamespace):
                 presence = await realtime.presence_count(channel)
         ack = {"channel": channel, "latest_id": replay.latest_id, "latest_offset": replay.latest_offset,
                "epoch": replay.epoch, "history_gap": replay.gap,
-               "events": [event.to_wire() for event in replay.events], "has_more": replay.has_more,
+               "events": replay.wire, "has_more": replay.has_more,
                "presence": presence}
         since_height = payload.get("since_height")
         if since_height is not None:

@@ -38,6 +38,7 @@ import time
 from collections import deque
 from typing import Any, Awaitable, Callable, Protocol, runtime_checkable
 
+import orjson
 import redis.asyncio as aioredis
 import structlog
 
@@ -171,11 +172,21 @@ class Event:
                         offset=self.offset, epoch=self.epoch)
 
 
+def wire_array(events: list[Event]) -> orjson.Fragment:
+    """The events' wire objects as one JSON array, encoded now and embedded as is wherever it is sent."""
+    return orjson.Fragment(jsonutil.dumpb([event.to_wire() for event in events]))
+
+
+NO_EVENTS = wire_array([])
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class ReplayResult:
-    """What a channel's history holds after an offset, and whether something was lost before it."""
+    """What a channel's history holds after an offset, and whether something was lost before it.
+    `wire` is `events` as sent: a read shared by a reconnect storm's subscribers is encoded once."""
 
     events: list[Event]
+    wire: orjson.Fragment = dataclasses.field(compare=False, repr=False)  # derived from `events`
     latest_id: str | None
     gap: bool
     epoch: str | None = None
@@ -304,10 +315,10 @@ class MemoryHistory:
         key = None if since is None else parse_id(since)
         state = self._live(channel, self._monotonic())
         if state is None:
-            return ReplayResult([], None, key is not None and _gap(key, None, None))
+            return ReplayResult([], NO_EVENTS, None, key is not None and _gap(key, None, None))
         latest = state.entries[-1][1]
         if key is None:
-            return ReplayResult([], latest.id, False, state.epoch, state.offset)
+            return ReplayResult([], NO_EVENTS, latest.id, False, state.epoch, state.offset)
         newer: list[Event] = []
         for entry_key, event in reversed(state.entries):
             if entry_key <= key:
@@ -315,7 +326,8 @@ class MemoryHistory:
             newer.append(event)
         newer.reverse()
         gap = _gap(key, state.entries[0][0], state.before_first) or _epoch_gap(epoch, state.epoch)
-        return ReplayResult(newer[:limit], latest.id, gap, state.epoch, state.offset)
+        newer = newer[:limit]
+        return ReplayResult(newer, wire_array(newer), latest.id, gap, state.epoch, state.offset)
 
     async def reset(self, channel: str) -> None:
         """Forget the channel's history, so its next event opens a new epoch."""
@@ -407,6 +419,7 @@ class _Window:
     before: str
     latest: str
     events: list[Event]
+    wire: orjson.Fragment
     epoch: str | None
     latest_offset: int
 
@@ -501,12 +514,12 @@ class RedisHistory:
         start = None if key is None else _next_key(key)
         window = await self._windows.call((channel, start, limit))
         if window is None:
-            return ReplayResult([], None, key is not None and _gap(key, None, None))
+            return ReplayResult([], NO_EVENTS, None, key is not None and _gap(key, None, None))
         if key is None:
-            return ReplayResult([], window.latest, False, window.epoch, window.latest_offset)
+            return ReplayResult([], NO_EVENTS, window.latest, False, window.epoch, window.latest_offset)
         before_key = parse_id(window.before, field="id") if window.before else None
         gap = _gap(key, parse_id(window.first, field="id"), before_key) or _epoch_gap(epoch, window.epoch)
-        return ReplayResult(window.events, window.latest, gap, window.epoch, window.latest_offset)
+        return ReplayResult(window.events, window.wire, window.latest, gap, window.epoch, window.latest_offset)
 
     async def _window(self, request: tuple[str, IdKey | None, int]) -> _Window | None:
         """One snapshot of a channel's stream from `start`, decoded (shared by equal reads)."""
@@ -516,8 +529,8 @@ class RedisHistory:
             return None
         epoch = redis_text(reply[4]) or None
         events = [self._event(channel, item, epoch) for item in reply[3]] if start is not None else []
-        return _Window(redis_text(reply[0]), redis_text(reply[1]), redis_text(reply[2]), events, epoch,
-                       int(reply[5]))
+        return _Window(redis_text(reply[0]), redis_text(reply[1]), redis_text(reply[2]), events,
+                       wire_array(events), epoch, int(reply[5]))
 
     async def reset(self, channel: str) -> None:
         """Forget the channel's history, so its next event opens a new epoch."""
