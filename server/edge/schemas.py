@@ -68,14 +68,14 @@ def compile_schema(schema: dict[str, Any]) -> PayloadValidator:
                             _Validator(schema, format_checker=_FORMATS))
 
 
-def _first_suspect(value: Any, path: str = "") -> tuple[str, str] | None:
+def _first_suspect(value: Any) -> tuple[str, str] | None:
     """The path of the first string (or key) holding a NUL character, which PostgreSQL cannot store,
     ("nul", path); else of the first float with an integral value, ("float", path), which only
     jsonschema judges right against an integer schema; None when there is neither."""
     if isinstance(value, str):
-        return ("nul", path) if "\x00" in value else None
+        return ("nul", "") if "\x00" in value else None
     if isinstance(value, float):
-        return ("float", path) if value.is_integer() else None
+        return ("float", "") if value.is_integer() else None
     if isinstance(value, dict):
         children = ((str(key), inner) for key, inner in value.items())
     elif isinstance(value, list):
@@ -84,11 +84,12 @@ def _first_suspect(value: Any, path: str = "") -> tuple[str, str] | None:
         return None
     suspect = None
     for name, inner in children:
-        inner_path = f"{path}.{name}" if path else name
         if "\x00" in name:  # a key (an index never holds one)
-            return "nul", inner_path
-        found = _first_suspect(inner, inner_path)
+            return "nul", name
+        found = _first_suspect(inner)
         if found is not None:
+            # Paths are built on the way out, for the one suspect found: every event passes here.
+            found = (found[0], f"{name}.{found[1]}" if found[1] else name)
             if found[0] == "nul":
                 return found
             suspect = suspect or found
