@@ -29,18 +29,23 @@ async def create_session(conn: asyncpg.Connection, *, user_id: uuid.UUID, token_
         user_id, token_hash, ip_address, device_info, expires_at)
 
 
-async def get_session_state(conn: asyncpg.Connection, session_id: int) -> SessionState | None:
-    """The session's owner and whether it is neither logged out nor expired."""
-    row = await conn.fetchrow(
+async def get_session_states(conn: asyncpg.Connection, session_ids: list[int]) -> dict[int, SessionState]:
+    """The owner of each session and whether it is neither logged out nor expired (absent: no such session)."""
+    rows = await conn.fetch(
         """SELECT session_id, user_id,
                   logout_time IS NULL AND (expires_at IS NULL OR expires_at > now())
                   -- A suspension ends the sessions too; this refuses any that a lost update left open.
                   AND NOT EXISTS (SELECT 1 FROM users u WHERE u.id = s.user_id AND u.suspended_at IS NOT NULL)
                   AS active,
                   EXISTS (SELECT 1 FROM admin a WHERE a.user_id = s.user_id) AS is_admin
-           FROM sessions s WHERE session_id = $1""",
-        session_id)
-    return None if row is None else SessionState(**dict(row))
+           FROM sessions s WHERE session_id = ANY($1::bigint[])""",
+        session_ids)
+    return {row["session_id"]: SessionState(**dict(row)) for row in rows}
+
+
+async def get_session_state(conn: asyncpg.Connection, session_id: int) -> SessionState | None:
+    """One session's state (see get_session_states); None when there is no such session."""
+    return (await get_session_states(conn, [session_id])).get(session_id)
 
 
 async def end_session(conn: asyncpg.Connection, session_id: int, reason: str) -> bool:

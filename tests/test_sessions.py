@@ -243,7 +243,27 @@ async def test_sockets_of_one_session_reconnecting_at_once_check_it_with_one_rea
     data = await register(client)
     auth = client.app[AUTH]
     auth.sessions.forget(jwt.decode(data["token"], options={"verify_signature": False})["sid"])
-    before = auth._session_reads.runs
+    before = auth._session_reads.batches
     clients = [sockets() for _ in range(8)]
     await asyncio.gather(*(sock.connect(server_url(client), "/purchases", token=data["token"]) for sock in clients))
-    assert auth._session_reads.runs - before == 1
+    assert auth._session_reads.batches - before == 1
+
+
+async def test_sockets_of_many_sessions_reconnecting_at_once_are_checked_together_and_each_rightly(
+        client, sockets, db):
+    # Five accounts reconnect together after a restart; one of them signed out meanwhile elsewhere.
+    users = [await register(client) for _ in range(5)]
+    auth = client.app[AUTH]
+    session_ids = [jwt.decode(user["token"], options={"verify_signature": False})["sid"] for user in users]
+    for session_id in session_ids:
+        auth.sessions.forget(session_id)
+    await db.execute("UPDATE sessions SET logout_time = now() WHERE session_id = $1", session_ids[2])
+    before = auth._session_reads.batches
+    clients = [sockets() for _ in users]
+    outcomes = await asyncio.gather(*(sock.connect(server_url(client), "/purchases", token=user["token"])
+                                      for sock, user in zip(clients, users)), return_exceptions=True)
+    assert auth._session_reads.batches - before == 1
+    assert [outcome is None for outcome in outcomes] == [True, True, False, True, True]
+    assert clients[2].connect_errors[-1]["data"]["code"] == "unauthorized"
+    for sock in clients[:2] + clients[3:]:
+        assert (await sock.call("/purchases", "list_purchases", {}))["ok"] is True

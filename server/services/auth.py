@@ -30,7 +30,7 @@ from argon2.exceptions import InvalidHashError, VerificationError
 from db import auth as auth_queries
 from db import users as user_queries
 from server.adapters.zklogin import StandInAddressDeriver, new_salt
-from server.core.aio import SharedRuns
+from server.core.aio import Batcher
 from server.core.cache import ExpiringCache
 from server.core.errors import Conflict, Forbidden, NotFound, RateLimited, Unauthorized, Unavailable
 from server.core.identity import Identity
@@ -45,6 +45,7 @@ GOOGLE_ISSUERS = ("accounts.google.com", "https://accounts.google.com")
 JWT_ALGORITHM = "HS256"
 CHECKED_TOKEN_TTL = 300.0  # seconds a verified token skips the signature check
 CHECKED_TOKENS_MAX = 10_000
+SESSION_READ_BATCH = 500
 
 
 # Why a session ended: `sessions.end_reason`, and the `reason` of the `signed_out` event.
@@ -178,10 +179,14 @@ async def _free_username(conn: asyncpg.Connection, email: str) -> str:
     return candidate
 
 
-async def _read_session_state(key: tuple[asyncpg.Pool, int]) -> auth_queries.SessionState | None:
-    pool, session_id = key
-    async with pool.acquire() as conn:
-        return await auth_queries.get_session_state(conn, session_id)
+async def _read_session_states(reads: list[tuple[asyncpg.Pool, int]]) -> list[auth_queries.SessionState | None]:
+    """One query per pool for a batch of (pool, session id) reads; each read's state or None."""
+    found: dict[tuple[asyncpg.Pool, int], auth_queries.SessionState] = {}
+    for pool in {pool for pool, _ in reads}:
+        async with pool.acquire() as conn:
+            states = await auth_queries.get_session_states(conn, list({sid for p, sid in reads if p is pool}))
+        found.update(((pool, sid), state) for sid, state in states.items())
+    return [found.get(read) for read in reads]
 
 
 class AuthService:
@@ -194,8 +199,11 @@ class AuthService:
         self._refresh_ttl = refresh_token_ttl
         self._hasher = PasswordHasher()
         self.sessions = SessionCache(session_cache_ttl)
-        # After a restart every socket of a session reconnects at once, each missing the cache.
-        self._session_reads = SharedRuns(_read_session_state, name="auth.session")
+        # After a restart every socket reconnects at once, each missing the cache: the checks queued
+        # while one query is out go together in the next, so each is still read after it was asked.
+        # (One query per session kept thousands waiting for the pool: up to 2.3 s in a storm.)
+        self._session_reads: Batcher[tuple[asyncpg.Pool, int]] = Batcher(
+            _read_session_states, name="auth.sessions", max_batch=SESSION_READ_BATCH)
         # A socket's token is checked on connect and again on every subscribe, and the sockets of a
         # session present the same one: its signature is checked once (keyed by the whole token,
         # signature included, so only a token that verified can hit). Expiry is checked every time.
@@ -408,7 +416,7 @@ class AuthService:
         user_id, session_id, expires_at = self._claims(token)
         state = self.sessions.get(session_id)
         if state is None:
-            state = await self._session_reads.call((pool, session_id))
+            state = await self._session_reads.submit((pool, session_id))
             if state is not None and state.active:
                 self.sessions.put(state)
         if state is None or not state.active or state.user_id != user_id:
