@@ -76,7 +76,7 @@ async def heap_trim_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 def tune_garbage_collector() -> None:
-    """Freeze what is alive now (the loaded server) and make full collections ten times rarer."""
+    """Freeze what is alive now (the loaded server) and make full collections up to ten times rarer."""
     gc.collect()
     gc.freeze()
     young, middle, _ = gc.get_threshold()
