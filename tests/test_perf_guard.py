@@ -2,9 +2,10 @@
 
 Our fan-out and bare python-socketio serve the same Node socket.io-client connections and the same
 broadcasts (bench/fanout.py's servers and load generator, briefly); the guard compares the least server
-CPU each spends per delivered message in two runs: 6.5-6.7x in favour of ours here (300 clients, 9,000
-deliveries/s, on a machine loaded by other work; bench/fanout.py's full run measured 10x at 1,000
-clients). Below 5x the guard fails, so a change that loses a quarter of the lead fails CI.
+CPU each spends per delivered message in three runs: 6.5-6.7x in favour of ours here (300 clients, 9,000
+deliveries/s, on a machine loaded by other work), 5.3-5.8x on a slower day for the code before and after
+stop 30 alike; bench/fanout.py's full run measured 10x at 1,000 clients. Below 5x (the issue's bar) the
+guard fails.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ CLIENTS = 300
 RATE = 30  # broadcasts/s: 9,000 deliveries/s, within what bare python-socketio sustains here
 SECONDS = 3.0
 SIZE = 200
-ROUNDS = 2
+ROUNDS = 3  # two gave 4.8x once in a CI run, after the parallel pass, for code measured at 5.5-5.7x
 
 
 async def cpu_per_delivery(kind: str) -> tuple[float, int]:
@@ -63,8 +64,8 @@ async def test_fanout_spends_a_fifth_or_less_of_bare_python_socketios_cpu_per_de
     ensure_node_modules()
     expected = round(RATE * SECONDS) * CLIENTS
     runs: dict[str, list[float]] = {"ours": [], "bare": []}
-    # Each twice, alternating, and the least CPU of each: one 3 s window on a busy machine varied the
-    # ratio from 5.3x to 7.5x for the same code.
+    # Each ROUNDS times, alternating, and the least CPU of each: one 3 s window on a busy machine varied
+    # the ratio from 5.3x to 7.5x for the same code.
     for kind in ("ours", "bare") * ROUNDS:
         used, delivered = await cpu_per_delivery(kind)
         assert delivered == expected, (kind, delivered, expected)
