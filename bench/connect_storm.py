@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -29,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import aiohttp  # noqa: E402
 
-from bench.fanout import NODE_DIR, ensure_node_modules, wait_port  # noqa: E402
+from bench.fanout import NODE_DIR, cpu_seconds, ensure_node_modules, wait_port  # noqa: E402
 from bench.rewards import admin, free_port, start_server, stop_server, wait_ready, with_database  # noqa: E402
 from server.realtime.history import RedisHistory  # noqa: E402
 from server.realtime.redis import connect_redis  # noqa: E402
@@ -53,13 +54,22 @@ async def register_users(url: str, users: int) -> list[str]:
         return await asyncio.gather(*(one(http) for _ in range(users)))
 
 
-async def storm(url: str, namespace: str, clients: int, *extra: str) -> dict:
-    """Run bench/node/storm.js once and return its report."""
+async def storm(url: str, namespace: str, clients: int, *extra: str, server_pid: int | None = None) -> dict:
+    """Run bench/node/storm.js once and return its report, with the CPU seconds the client used
+    (`client_cpu`) and, given its pid, the server used (`server_cpu`) while it ran."""
+    server_before = cpu_seconds(server_pid) if server_pid else 0.0
+    children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     process = await asyncio.create_subprocess_exec(
         "node", str(NODE_DIR / "storm.js"), url, namespace, str(clients), *extra,
         stdout=asyncio.subprocess.PIPE)
     out, _ = await asyncio.wait_for(process.communicate(), timeout=600)
-    return json.loads(out.decode().strip().splitlines()[-1])
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)  # the client, reaped by communicate()
+    report = json.loads(out.decode().strip().splitlines()[-1])
+    report["client_cpu"] = (children.ru_utime + children.ru_stime
+                            - children_before.ru_utime - children_before.ru_stime)
+    if server_pid:
+        report["server_cpu"] = cpu_seconds(server_pid) - server_before
+    return report
 
 
 async def node_reference(clients: int) -> dict:
@@ -68,7 +78,7 @@ async def node_reference(clients: int) -> dict:
     server = subprocess.Popen(["node", str(NODE_DIR / "server.js"), str(port)], stdout=subprocess.DEVNULL)
     try:
         await wait_port(port)
-        return await storm(f"http://127.0.0.1:{port}", "/", clients)
+        return await storm(f"http://127.0.0.1:{port}", "/", clients, server_pid=server.pid)
     finally:
         server.terminate()
         server.wait()
@@ -109,7 +119,8 @@ async def main() -> None:
                 event = await history.append(CHANNEL, "datapod_listed", {"n": n, "title": f"Storm pod {n}"})
                 first = first or event.id
             # `since` is the oldest retained event: the ack replays every later one, without a gap.
-            ours = await storm(url, "/marketplace", args.clients, str(tokens_file), CHANNEL, str(first))
+            ours = await storm(url, "/marketplace", args.clients, str(tokens_file), CHANNEL, str(first),
+                               server_pid=process.pid)
             expected_replay = args.clients * (args.history - 1)
         finally:
             stop_server(process)
@@ -122,8 +133,10 @@ async def main() -> None:
     print(f"{args.clients:,} connections at once, {args.users} accounts, {args.history} events to replay each "
           f"(load average {os.getloadavg()[0]:.2f})")
     print(f"hub  : all recovered in {ours['seconds']:.2f} s, failures {ours['failed']} {ours['errors'] or ''}, "
-          f"events replayed {ours['replayed']:,} of {expected_replay:,}")
-    print(f"node : bare connect of all in {node['seconds']:.2f} s, failures {node['failed']} {node['errors'] or ''}")
+          f"events replayed {ours['replayed']:,} of {expected_replay:,}; "
+          f"CPU meanwhile: hub {ours['server_cpu']:.2f} s, client {ours['client_cpu']:.2f} s")
+    print(f"node : bare connect of all in {node['seconds']:.2f} s, failures {node['failed']} {node['errors'] or ''}; "
+          f"CPU meanwhile: server {node['server_cpu']:.2f} s, client {node['client_cpu']:.2f} s")
     ratio = ours["seconds"] / node["seconds"]
     print(f"hub / node: {ratio:.2f}x (target <= 1.5x): {'met' if ratio <= 1.5 and not ours['failed'] else 'NOT met'}")
 
