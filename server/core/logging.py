@@ -16,7 +16,7 @@ def _json_line(event: dict[str, Any], **kwargs: Any) -> str:
     standard library's encoder, which still writes what orjson refuses: ints past 64 bits)."""
     try:
         return orjson.dumps(event, default=kwargs["default"], option=orjson.OPT_NON_STR_KEYS).decode()
-    except TypeError:  # orjson.JSONEncodeError
+    except orjson.JSONEncodeError:
         return json.dumps(event, **kwargs)
 
 
