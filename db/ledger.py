@@ -52,6 +52,18 @@ class UnknownAccount(LookupError):
     """A balance change names a user that does not exist."""
 
 
+class PoolShort(Exception):
+    """The reward pool a set of changes was to be drawn from no longer holds the amount."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PoolDraw:
+    """An amount the changes take from a reward pool, by compare-and-set on the pool's row."""
+
+    pool_id: int
+    amount: Decimal
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class BalanceChange:
     """One change of one user's balance, and why."""
@@ -62,8 +74,8 @@ class BalanceChange:
     reference: str
 
 
-async def apply_balance_changes(conn: asyncpg.Connection,
-                                changes: Sequence[BalanceChange]) -> dict[uuid.UUID, Decimal]:
+async def apply_balance_changes(conn: asyncpg.Connection, changes: Sequence[BalanceChange], *,
+                                draw: PoolDraw | None = None) -> dict[uuid.UUID, Decimal]:
     """Move balances and book each change, in order; returns each touched user's balance after.
 
     One statement whatever the batch size, so a caller holding a contended lock (a reward pool)
@@ -72,17 +84,28 @@ async def apply_balance_changes(conn: asyncpg.Connection,
     debit booked before the credit that covers it fails the balance_after CHECK. Raises
     CheckViolationError (a balance would go negative), UniqueViolationError ((reason, reference)
     booked before) or UnknownAccount (the caller's transaction must then roll back).
+
+    With `draw`, the same statement first takes the amount from the pool and moves nothing when the
+    pool no longer holds it (PoolShort). Every batch of game rewards waits for that pool's row, so
+    its lock is held from this statement to the commit, not across a round trip of its own; the
+    pool is locked before the users, the order every pool grant takes.
     """
     changes = [change for change in changes if change.delta != 0]
-    if not changes:
+    if not changes and draw is None:
         return {}
     # WITH ORDINALITY ... ORDER BY n: entry ids follow the order of the changes, so each user's rows
     # chain; every part of the statement sees the balances from before it, so a row's balance_after
-    # is the new balance less the user's later changes.
-    rows = await conn.fetch(
-        f"""WITH changes AS (
+    # is the new balance less the user's later changes. `changes` reads `drawn` (an InitPlan run
+    # before the users are scanned), so the pool's row is locked and checked first.
+    drawn = ("""UPDATE reward_pools SET allocated_tokens = allocated_tokens + $6
+                 WHERE pool_id = $5 AND total_tokens - allocated_tokens >= $6 RETURNING 1"""
+             if draw is not None else "SELECT 1")
+    row = await conn.fetchrow(
+        f"""WITH drawn AS ({drawn}),
+            changes AS (
                 SELECT * FROM unnest($1::uuid[], $2::numeric[], $3::text[], $4::text[])
-                       WITH ORDINALITY AS c(user_id, delta, reason, reference, n)),
+                       WITH ORDINALITY AS c(user_id, delta, reason, reference, n)
+                 WHERE EXISTS (SELECT FROM drawn)),
             net AS (SELECT user_id, sum(delta) AS delta FROM changes GROUP BY user_id),
             locked AS (SELECT id FROM users WHERE id IN (SELECT user_id FROM net) ORDER BY id{BALANCE_LOCK}),
             moved AS (
@@ -98,10 +121,14 @@ async def apply_balance_changes(conn: asyncpg.Connection,
                        c.reason, c.reference
                   FROM changes c JOIN moved m ON m.id = c.user_id
                  ORDER BY c.n)
-            SELECT id, total_balance FROM moved""",
+            SELECT EXISTS (SELECT FROM drawn) AS drawn, array_agg(id) AS ids, array_agg(total_balance) AS balances
+              FROM moved""",
         [c.user_id for c in changes], [c.delta for c in changes], [c.reason for c in changes],
-        [c.reference for c in changes])
-    after = {row["id"]: row["total_balance"] for row in rows}
+        [c.reference for c in changes], *((draw.pool_id, draw.amount) if draw is not None else ()))
+    if not row["drawn"]:
+        assert draw is not None
+        raise PoolShort(f"reward pool {draw.pool_id} no longer holds {draw.amount}")
+    after = dict(zip(row["ids"] or (), row["balances"] or ()))
     missing = {change.user_id for change in changes} - set(after)
     if missing:
         raise UnknownAccount(f"no such user: {', '.join(sorted(map(str, missing)))}")

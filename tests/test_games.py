@@ -7,10 +7,12 @@ import asyncio
 import uuid
 from decimal import Decimal
 
+import asyncpg
 import pytest
 
+from db import games as game_queries
 from db import users as user_queries
-from db.pool import POOL
+from db.pool import POOL, init_connection
 from server.app import create_app
 from server.core.settings import SETTINGS
 from server.realtime.hub import REALTIME
@@ -192,6 +194,51 @@ async def test_over_policy_reward_is_refused_and_nothing_is_written(client, db, 
     over = await reward(server, session_id, 11, "0.5")
     assert over["error"]["code"] == "conflict" and over["error"]["policy"] == "max_reward_per_session"
     assert await written(db, session_id) == at_cap
+
+
+async def window(conn, session_id: int) -> dict:
+    """The minute window a reward batch of this session would be decided on."""
+    return (await game_queries.read_batch_facts(conn, [(session_id, 0)], GAMES_POOL)).windows
+
+
+async def test_the_minute_window_is_exact_and_a_late_starting_batch_books_at_the_sessions_latest_time(
+        client, db, db_dsn, sockets):
+    admin = await make_admin(client, db)
+    game, token = await create_game(client, admin)
+    _, sock = await player(client, sockets)
+    session_id = await start(sock, game["game_id"])
+    server = await game_server(client, sockets, token)
+    for seq, value in ((1, "10"), (2, "20"), (3, "30")):
+        assert (await reward(server, session_id, seq, value))["ok"]
+    # Seq 1 and 2 leave the window: only seq 3 is in it, and its time is the oldest.
+    await db.execute("UPDATE game_rewards SET created_at = created_at - interval '2 minutes' "
+                     "WHERE session_id = $1 AND seq < 3", session_id)
+    third = await db.fetchval("SELECT created_at FROM game_rewards WHERE session_id = $1 AND seq = 3", session_id)
+    assert await window(db, session_id) == {session_id: (Decimal(30), third)}
+    # A batch whose transaction began before seq 4 was booked books after it: its reward is not
+    # stamped earlier than seq 4, so the window still counts both.
+    late = await asyncpg.connect(db_dsn)
+    await init_connection(late)
+    batch = late.transaction()
+    await batch.start()
+    try:
+        began = await late.fetchval("SELECT now()")
+        assert (await reward(server, session_id, 4, "4"))["ok"]
+        fourth = await db.fetchval("SELECT created_at FROM game_rewards WHERE session_id = $1 AND seq = 4",
+                                   session_id)
+        assert began < fourth
+        [stored] = await game_queries.insert_rewards(late, [game_queries.NewReward(
+            game_id=game["game_id"], player_wallet=await db.fetchval(
+                "SELECT player_wallet FROM game_sessions WHERE session_id = $1", session_id),
+            reward_type="coin", value=Decimal(5), session_id=session_id, seq=5, session_total=Decimal(69),
+            pool_id=None, owner_share=Decimal(0))])
+        assert stored.created_at == fourth
+        assert await window(late, session_id) == {session_id: (Decimal(39), third)}
+    finally:
+        await batch.rollback()
+        await late.close()
+    assert await window(db, session_id) == {session_id: (Decimal(34), third)}
+    assert await window(db, session_id + 1000) == {}
 
 
 async def test_forged_or_foreign_game_tokens_are_refused(client, db, sockets):

@@ -426,3 +426,25 @@ async def test_migration_0014_books_opening_balances(db, db_dsn):
     assert (await verify_chain(db)).ok
     await asyncio.to_thread(migrate.downgrade, db_dsn, "0013")
     assert await db.fetchval("SELECT count(*) FROM balance_ledger WHERE reason = $1", ledger.OPENING_BALANCE) == 0
+
+
+async def test_a_draw_the_pool_cannot_cover_moves_nothing_and_one_it_can_moves_all(db):
+    alice, bob = [await user_queries.create_user(db, username=name, email=f"{name}@example.org", password_hash="x")
+                  for name in ("alice", "bob")]
+    pool_id = await db.fetchval("INSERT INTO reward_pools (pool_name, total_tokens) VALUES ('gaming', 10) "
+                                "RETURNING pool_id")
+    changes = [ledger.BalanceChange(alice.id, Decimal(6), ledger.GAME_REWARD, "1"),
+               ledger.BalanceChange(bob.id, Decimal("0.6"), ledger.REVENUE_SHARE, "1")]
+
+    async def state() -> tuple:
+        return (await db.fetchval("SELECT allocated_tokens FROM reward_pools WHERE pool_id = $1", pool_id),
+                await db.fetchval("SELECT sum(total_balance) FROM users"),
+                await db.fetchval("SELECT count(*) FROM balance_ledger"))
+
+    async with db.transaction():
+        with pytest.raises(ledger.PoolShort):
+            await ledger.apply_balance_changes(db, changes, draw=ledger.PoolDraw(pool_id, Decimal("10.01")))
+        assert await state() == (0, 0, 0)  # the same transaction sees nothing moved
+        after = await ledger.apply_balance_changes(db, changes, draw=ledger.PoolDraw(pool_id, Decimal("6.6")))
+    assert after == {alice.id: Decimal(6), bob.id: Decimal("0.6")}
+    assert await state() == (Decimal("6.6"), Decimal("6.6"), 2)

@@ -11,10 +11,10 @@ Every reward is drawn from the `gaming` reward pool (GAMING_POOL; no column link
 pool), together with the game owner's revenue share on it: `reward * games.revenue_share`,
 truncated to 8 decimals, paid to `games.owner_id` (none when the game has no owner). A reward the
 pool cannot cover is refused (`conflict`, `reason: pool_exhausted`) and books nothing. The draw is a
-compare-and-set on the pool row made late in the transaction (after the rewards are written, before
-the balances move: pool before users, as admin grants lock them), so concurrent batches serialise on
-the pool only for their last statements; a batch that loses the race is booked again with the pool
-locked from the start, so it never overdraws.
+compare-and-set on the pool row made in the ledger's statement, the transaction's last (after the
+rewards are written, before the balances move: pool before users, as admin grants lock them), so
+concurrent batches serialise on the pool only for that statement and the commit; a batch that loses
+the race is booked again with the pool locked from the start, so it never overdraws.
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ from db import chain as chain_queries
 from db import games as queries
 from db import ledger, outbox
 from db.pool import POOL
-from db.pool import now as database_now
 from server.core.cache import ExpiringCache
 from server.core.errors import (
     Conflict,
@@ -296,7 +295,7 @@ async def player_sessions(conn: asyncpg.Connection, user_id: uuid.UUID, game_id:
 
 
 def activity_step(idle_seconds: float) -> float:
-    """How stale a session's recorded activity may be while it reports rewards (see add_session_totals)."""
+    """How stale a session's recorded activity may be while it reports rewards (see insert_rewards)."""
     return idle_seconds * ACTIVITY_STEP_SHARE
 
 
@@ -470,29 +469,23 @@ async def book_rewards(conn: asyncpg.Connection, batch: list[RewardReport], pool
 
 async def _book(conn: asyncpg.Connection, batch: list[RewardReport], pool_name: str, activity_step: float, *,
                 lock_pool: bool) -> tuple[list[dict[str, Any] | HubError], int]:
+    # Five round trips besides BEGIN and COMMIT: under load each waits for a turn of a busy event
+    # loop, and a batch's time is what the reward workers' throughput is made of.
     async with conn.transaction():
         sessions = await queries.lock_sessions_for_rewards(conn, (r.session_id for r in batch))
-        keys = {(r.session_id, r.seq) for r in batch if r.session_id in sessions}
-        existing = await queries.find_rewards(conn, keys) if keys else {}
-        fresh = {r.session_id for r in batch if (r.session_id, r.seq) not in existing and r.session_id in sessions}
-        windows = await queries.minute_windows(conn, fresh) if fresh else {}
-        now = await database_now(conn)
-        # Sessions first, then the pool, then the users (the ledger): the same order as every batch.
-        pool = None
-        if fresh:
-            pool = await queries.reward_pool(conn, pool_name, lock=lock_pool)
+        if lock_pool:
+            # Sessions first, then the pool, then the users (the ledger): the same order as every batch.
+            await queries.reward_pool(conn, pool_name, lock=True)
+        facts = await queries.read_batch_facts(conn, {(r.session_id, r.seq) for r in batch if r.session_id in sessions},
+                                               pool_name)
+        pool = facts.pool
         budget = PoolBudget(pool.id if pool else None, pool_name, pool.remaining if pool else Decimal(0))
-        outcomes, accepted = decide(batch, sessions, existing, windows, now, budget)
+        outcomes, accepted = decide(batch, sessions, facts.existing, facts.windows, facts.now, budget)
         booked: dict[tuple[int, int], queries.StoredReward] = {}
         if accepted:
             new_rewards = list(accepted.values())
-            stored = await queries.insert_rewards(conn, new_rewards)
+            stored = await queries.insert_rewards(conn, new_rewards, activity_step)
             booked = {(s.session_id, s.seq): s for s in stored}
-            session_totals: dict[int, tuple[Decimal, int]] = {}
-            for reward in new_rewards:
-                _, count = session_totals.get(reward.session_id, (Decimal(0), 0))
-                session_totals[reward.session_id] = (reward.session_total, count + 1)
-            await queries.add_session_totals(conn, session_totals, activity_step)
             changes, events = [], []
             for reward, new in zip(stored, new_rewards):
                 session = sessions[reward.session_id]
@@ -505,15 +498,15 @@ async def _book(conn: asyncpg.Connection, batch: list[RewardReport], pool_name: 
                 events += [(game_channel(session.game_id), REWARD_EARNED, data),
                            (session_channel(session.session_id), REWARD_EARNED, data)]
             await outbox.enqueue_many(conn, events)
-            drawn = sum((r.value + r.owner_share for r in new_rewards), Decimal(0))
-            # As late as the lock order allows (pool before users, as admin grants lock them): every
-            # batch waits for the pool row, so it is held for two round trips (the draw's and the
-            # ledger's) and the commit. The condition fails when a concurrent batch spent what this
-            # one counted on.
             assert budget.pool_id is not None  # decide accepts nothing without a pool
-            if not await queries.draw_from_pool(conn, budget.pool_id, drawn):
-                raise PoolRaced(pool_name)  # never with the pool locked: then it cannot have moved
-            await ledger.apply_balance_changes(conn, changes)  # one statement, whatever the batch size
+            drawn = sum((r.value + r.owner_share for r in new_rewards), Decimal(0))
+            # Last, in the ledger's statement: every batch waits for the pool's row, which is then
+            # held only until the commit. The draw fails when a concurrent batch spent what this
+            # one counted on; never with the pool locked, when it cannot have moved.
+            try:
+                await ledger.apply_balance_changes(conn, changes, draw=ledger.PoolDraw(budget.pool_id, drawn))
+            except ledger.PoolShort:
+                raise PoolRaced(pool_name) from None
     results: list[dict[str, Any] | HubError] = []
     for outcome in outcomes:
         if isinstance(outcome, HubError):
