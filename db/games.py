@@ -327,67 +327,88 @@ async def user_earnings(conn: asyncpg.Connection, user_id: uuid.UUID) -> list[Ga
 # --- reward batches ----------------------------------------------------------------------------
 
 
-async def lock_sessions_for_rewards(conn: asyncpg.Connection, session_ids: Iterable[int]) -> dict[int, SessionForReward]:
-    """Lock the sessions (in id order, so concurrent batches cannot deadlock) with their policies."""
-    rows = await conn.fetch(
-        """SELECT s.session_id, s.game_id, s.user_id, s.player_wallet, s.status, s.rewards_earned,
-                  s.reward_count, g.status AS game_status, g.max_reward_per_event, g.max_reward_per_minute,
-                  g.max_reward_per_session, g.reward_types, g.revenue_share, g.owner_id, u.username
-           FROM game_sessions s JOIN games g ON g.game_id = s.game_id LEFT JOIN users u ON u.id = s.user_id
-           WHERE s.session_id = ANY($1::int[]) ORDER BY s.session_id FOR UPDATE OF s""",
-        sorted(set(session_ids)))
-    return {row["session_id"]: SessionForReward(**dict(row)) for row in rows}
+_LOCK_SESSIONS = """SELECT s.session_id, s.game_id, s.user_id, s.player_wallet, s.status, s.rewards_earned,
+           s.reward_count, g.status AS game_status, g.max_reward_per_event, g.max_reward_per_minute,
+           g.max_reward_per_session, g.reward_types, g.revenue_share, g.owner_id, u.username
+    FROM game_sessions s JOIN games g ON g.game_id = s.game_id LEFT JOIN users u ON u.id = s.user_id
+    WHERE s.session_id = ANY($1::int[]) ORDER BY s.session_id FOR UPDATE OF s"""
+
+
+def _batch_statement(sessions: str, *, locking: bool) -> str:
+    """What a batch is decided on, for the sessions `sessions` selects (and locks, when `locking`).
+
+    A minute window costs three index probes instead of summing the session's last minute of
+    rewards (at 3,500 rewards/s that read 7,000 rows a batch): a session's `created_at` never goes
+    back (insert_rewards), so its rewards before the window are a prefix of them in booking order,
+    and the window's sum is the latest running total less the total at the last reward before the
+    window. Ties (one batch's rewards share a time) go to the higher total, the later reward:
+    totals only grow, and (session_id, created_at, session_total) is indexed in that order.
+    """
+    return f"""WITH batch AS ({sessions})
+        SELECT now() AS now,
+               {"ARRAY(SELECT ROW(b.*) FROM batch b)" if locking else "NULL"} AS sessions,
+               ARRAY(SELECT ROW({_prefixed(_REWARD_COLUMNS, "r")})
+                     FROM game_rewards r JOIN unnest($2::int[], $3::bigint[]) AS k(session_id, seq)
+                       ON r.session_id = k.session_id AND r.seq = k.seq) AS existing,
+               ARRAY(SELECT ROW(b.session_id, latest.session_total,
+                                latest.session_total - coalesce(before.session_total, 0), first_in.created_at)
+                     FROM batch b
+                     LEFT JOIN LATERAL (
+                         SELECT session_total FROM game_rewards r WHERE r.session_id = b.session_id
+                         ORDER BY r.created_at DESC, r.session_total DESC LIMIT 1) latest ON true
+                     LEFT JOIN LATERAL (
+                         SELECT created_at FROM game_rewards r WHERE r.session_id = b.session_id
+                            AND r.created_at > now() - interval '60 seconds' ORDER BY r.created_at LIMIT 1
+                     ) first_in ON true
+                     LEFT JOIN LATERAL (
+                         SELECT session_total FROM game_rewards r WHERE r.session_id = b.session_id
+                            AND r.created_at <= now() - interval '60 seconds'
+                         ORDER BY r.created_at DESC, r.session_total DESC LIMIT 1) before ON true) AS totals,
+               (SELECT ROW(pool_id, pool_name, total_tokens, allocated_tokens, created_at)
+                  FROM reward_pools WHERE pool_name = $4) AS pool"""
+
+
+_LOCK_AND_READ_BATCH = _batch_statement(_LOCK_SESSIONS, locking=True)
+_READ_BATCH = _batch_statement("SELECT DISTINCT unnest($1::int[]) AS session_id", locking=False)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class BatchFacts:
-    """What a reward batch is decided on, read in one statement once its sessions are locked."""
+    """What a reward batch is decided on, read once its sessions are locked."""
 
     now: dt.datetime  # the transaction's clock
     existing: dict[tuple[int, int], StoredReward]  # rewards already booked under the batch's keys
     windows: dict[int, tuple[Decimal, dt.datetime]]  # per session: its last 60 s of rewards, and the oldest's time
-    pool: RewardPool | None  # the pool the batch draws from, as it stands (not locked)
+    pool: RewardPool | None  # the pool the batch draws from, as it stood (not locked)
 
 
-async def read_batch_facts(conn: asyncpg.Connection, keys: Iterable[tuple[int, int]],
-                           pool_name: str) -> BatchFacts:
-    """The booked rewards under `keys`, the minute windows of their sessions, the clock and the pool.
+def _facts(row: asyncpg.Record) -> tuple[BatchFacts, dict[int, Decimal]]:
+    """The facts in a batch statement's row, and each session's latest running total in its snapshot."""
+    existing = {(r[1], r[2]): StoredReward(*r) for r in row["existing"]}
+    windows = {session_id: (total, oldest) for session_id, _, total, oldest in row["totals"] if oldest is not None}
+    latest = {session_id: total or Decimal(0) for session_id, total, _, _ in row["totals"]}
+    pool = RewardPool(*row["pool"]) if row["pool"] else None
+    return BatchFacts(row["now"], existing, windows, pool), latest
 
-    A statement of its own after the sessions are locked: a statement that waited for a session's
-    lock still reads with the snapshot it began with, which misses what the lock's holder booked.
 
-    A window costs three index probes instead of summing the session's last minute of rewards (at
-    3,500 rewards/s that read 7,000 rows a batch, PostgreSQL's costliest statement): a session's
-    `created_at` never goes back (insert_rewards), so its rewards before the window are a prefix of
-    them in booking order, and the window's sum is the latest running total less the total at the
-    last reward before the window. Ties (one batch's rewards share a time) go to the higher total,
-    the later reward: totals only grow.
+async def lock_batch(conn: asyncpg.Connection, keys: Iterable[tuple[int, int]],
+                     pool_name: str) -> tuple[dict[int, SessionForReward], BatchFacts]:
+    """Lock the sessions of these (session_id, seq) keys (in id order, so concurrent batches cannot
+    deadlock) with their policies, and read what the batch is decided on: one statement, usually.
+
+    The facts come from the statement's snapshot, taken before it waited for any session's lock:
+    if that lock's holder booked rewards meanwhile, the snapshot misses them. Its latest running
+    total of that session then falls short of the locked row's, and the facts are read again by a
+    statement of their own, which sees what the holder committed.
     """
     keys = list(keys)
-    row = await conn.fetchrow(
-        f"""SELECT now() AS now,
-               ARRAY(SELECT ROW({_prefixed(_REWARD_COLUMNS, "r")})
-                     FROM game_rewards r JOIN unnest($1::int[], $2::bigint[]) AS k(session_id, seq)
-                       ON r.session_id = k.session_id AND r.seq = k.seq) AS existing,
-               ARRAY(SELECT ROW(s.session_id, latest.session_total - coalesce(before.session_total, 0),
-                                first_in.created_at)
-                     FROM (SELECT DISTINCT unnest($1::int[])) AS s(session_id)
-                     CROSS JOIN LATERAL (
-                         SELECT created_at FROM game_rewards r WHERE r.session_id = s.session_id
-                            AND r.created_at > now() - interval '60 seconds' ORDER BY r.created_at LIMIT 1) first_in
-                     CROSS JOIN LATERAL (
-                         SELECT session_total FROM game_rewards r WHERE r.session_id = s.session_id
-                         ORDER BY r.created_at DESC, r.session_total DESC LIMIT 1) latest
-                     LEFT JOIN LATERAL (
-                         SELECT session_total FROM game_rewards r WHERE r.session_id = s.session_id
-                            AND r.created_at <= now() - interval '60 seconds'
-                         ORDER BY r.created_at DESC, r.session_total DESC LIMIT 1) before ON true) AS windows,
-               (SELECT ROW(pool_id, pool_name, total_tokens, allocated_tokens, created_at)
-                  FROM reward_pools WHERE pool_name = $3) AS pool""",
-        [k[0] for k in keys], [k[1] for k in keys], pool_name)
-    existing = {(r[1], r[2]): StoredReward(*r) for r in row["existing"]}
-    windows = {session_id: (total, oldest) for session_id, total, oldest in row["windows"]}
-    return BatchFacts(row["now"], existing, windows, RewardPool(*row["pool"]) if row["pool"] else None)
+    session_ids, seqs = [k[0] for k in keys], [k[1] for k in keys]
+    row = await conn.fetchrow(_LOCK_AND_READ_BATCH, sorted(set(session_ids)), session_ids, seqs, pool_name)
+    sessions = {values[0]: SessionForReward(*values) for values in row["sessions"]}
+    facts, seen = _facts(row)
+    if any(seen[session_id] != session.rewards_earned for session_id, session in sessions.items()):
+        facts, _ = _facts(await conn.fetchrow(_READ_BATCH, list(sessions), session_ids, seqs, pool_name))
+    return sessions, facts
 
 
 async def insert_rewards(conn: asyncpg.Connection, rewards: list[NewReward],
@@ -395,7 +416,7 @@ async def insert_rewards(conn: asyncpg.Connection, rewards: list[NewReward],
     """Write accepted rewards in the given order and their sessions' new totals, in one statement.
 
     A reward is stamped no earlier than its session's latest, so a session's times follow its
-    booking order (read_batch_facts relies on it): a batch that began before another but waited
+    booking order (lock_batch relies on it): a batch that began before another but waited
     for the session's lock books after it, at the other's time.
 
     Each session gets its latest running total, counts its new rewards, and is marked active now

@@ -198,7 +198,7 @@ async def test_over_policy_reward_is_refused_and_nothing_is_written(client, db, 
 
 async def window(conn, session_id: int) -> dict:
     """The minute window a reward batch of this session would be decided on."""
-    return (await game_queries.read_batch_facts(conn, [(session_id, 0)], GAMES_POOL)).windows
+    return (await game_queries.lock_batch(conn, [(session_id, 0)], GAMES_POOL))[1].windows
 
 
 async def test_the_minute_window_is_exact_and_a_late_starting_batch_books_at_the_sessions_latest_time(
@@ -239,6 +239,38 @@ async def test_the_minute_window_is_exact_and_a_late_starting_batch_books_at_the
         await late.close()
     assert await window(db, session_id) == {session_id: (Decimal(34), third)}
     assert await window(db, session_id + 1000) == {}
+
+
+async def test_a_batch_that_waited_for_its_session_sees_what_the_lock_holder_booked(client, db, db_dsn, sockets):
+    admin = await make_admin(client, db)
+    game, _ = await create_game(client, admin)
+    _, sock = await player(client, sockets)
+    session_id = await start(sock, game["game_id"])
+    report = games.RewardReport(game_id=game["game_id"], session_id=session_id, seq=1, reward_type="coin",
+                                value=Decimal(7))
+    holder, waiter = await asyncpg.connect(db_dsn), await asyncpg.connect(db_dsn)
+    try:
+        for conn in (holder, waiter):
+            await init_connection(conn)
+        # The holder books seq 1 and keeps the session locked; the same report, sent again,
+        # waits for the lock in a statement whose snapshot cannot show seq 1.
+        booking = holder.transaction()
+        await booking.start()
+        [first], new = await games.book_rewards(holder, [report])
+        assert new == 1
+        replay = asyncio.create_task(games.book_rewards(waiter, [report]))
+        await wait_until(lambda: db.fetchval("SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = $1",
+                                             waiter.get_server_pid()), timeout=5)
+        await booking.commit()
+        [again], new = await asyncio.wait_for(replay, 5)
+    finally:
+        await holder.close()
+        await waiter.close()
+    # A replay, acked as the first booking was, not a second reward nor a unique-key failure.
+    assert new == 0 and again == first
+    assert await db.fetchval("SELECT count(*) FROM game_rewards WHERE session_id = $1", session_id) == 1
+    assert await window(db, session_id) == {session_id: (Decimal(7), await db.fetchval(
+        "SELECT created_at FROM game_rewards WHERE session_id = $1", session_id))}
 
 
 async def test_forged_or_foreign_game_tokens_are_refused(client, db, sockets):

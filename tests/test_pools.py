@@ -183,17 +183,17 @@ async def test_concurrent_batches_never_overdraw_the_pool(db, db_dsn):
 
 async def test_a_batch_that_loses_the_race_for_the_pool_is_decided_again(db, db_dsn, monkeypatch):
     reads = []
-    real_read_batch_facts, real_reward_pool = game_queries.read_batch_facts, game_queries.reward_pool
+    real_lock_batch, real_reward_pool = game_queries.lock_batch, game_queries.reward_pool
 
-    async def read_batch_facts(conn, keys, pool_name):
-        reads.append("facts")
-        return await real_read_batch_facts(conn, keys, pool_name)
+    async def lock_batch(conn, keys, pool_name):
+        reads.append("batch")
+        return await real_lock_batch(conn, keys, pool_name)
 
     async def reward_pool(conn, name, *, lock=False):
         reads.append("pool locked" if lock else "pool")
         return await real_reward_pool(conn, name, lock=lock)
 
-    monkeypatch.setattr(game_queries, "read_batch_facts", read_batch_facts)
+    monkeypatch.setattr(game_queries, "lock_batch", lock_batch)
     monkeypatch.setattr(game_queries, "reward_pool", reward_pool)
     pool_id = await gaming_pool(db, 10)
     game_id, owner_id = await _game(db, "0")
@@ -222,7 +222,7 @@ async def test_a_batch_that_loses_the_race_for_the_pool_is_decided_again(db, db_
     assert new == 0 and results[0].extra["reason"] == games.POOL_EXHAUSTED
     assert results[0].extra["remaining"] == "2.00000000"
     # Read without a lock, lost the compare-and-set, decided again with the pool locked first.
-    assert reads == ["facts", "pool locked", "facts"]
+    assert reads == ["batch", "batch", "pool locked"]
     assert await pool_state(db, pool_id) == (Decimal(10), Decimal(8))
     assert await db.fetchval("SELECT count(*) FROM game_rewards") == 0
 

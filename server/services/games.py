@@ -469,16 +469,12 @@ async def book_rewards(conn: asyncpg.Connection, batch: list[RewardReport], pool
 
 async def _book(conn: asyncpg.Connection, batch: list[RewardReport], pool_name: str, activity_step: float, *,
                 lock_pool: bool) -> tuple[list[dict[str, Any] | HubError], int]:
-    # Five round trips besides BEGIN and COMMIT: under load each waits for a turn of a busy event
+    # Four round trips besides BEGIN and COMMIT: under load each waits for a turn of a busy event
     # loop, and a batch's time is what the reward workers' throughput is made of.
     async with conn.transaction():
-        sessions = await queries.lock_sessions_for_rewards(conn, (r.session_id for r in batch))
-        if lock_pool:
-            # Sessions first, then the pool, then the users (the ledger): the same order as every batch.
-            await queries.reward_pool(conn, pool_name, lock=True)
-        facts = await queries.read_batch_facts(conn, {(r.session_id, r.seq) for r in batch if r.session_id in sessions},
-                                               pool_name)
-        pool = facts.pool
+        sessions, facts = await queries.lock_batch(conn, ((r.session_id, r.seq) for r in batch), pool_name)
+        # Sessions first, then the pool, then the users (the ledger): the same order as every batch.
+        pool = await queries.reward_pool(conn, pool_name, lock=True) if lock_pool else facts.pool
         budget = PoolBudget(pool.id if pool else None, pool_name, pool.remaining if pool else Decimal(0))
         outcomes, accepted = decide(batch, sessions, facts.existing, facts.windows, facts.now, budget)
         booked: dict[tuple[int, int], queries.StoredReward] = {}
