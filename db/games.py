@@ -14,6 +14,7 @@ from typing import Any, Iterable
 
 import asyncpg
 
+from db import outbox
 from db.chain import Allocation, RewardPool
 from server.core.jsonutil import iso
 from server.core.money import money
@@ -113,8 +114,9 @@ class StoredReward:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class NewReward:
-    """A reward accepted by the policy, about to be written."""
+    """A reward accepted by the policy, about to be written (its id reserved, its time set)."""
 
+    reward_id: int
     game_id: int
     player_wallet: str
     reward_type: str
@@ -124,6 +126,12 @@ class NewReward:
     session_total: Decimal
     pool_id: int
     owner_share: Decimal
+    created_at: dt.datetime
+
+    def stored(self) -> StoredReward:
+        """The reward as it reads once written."""
+        return StoredReward(self.reward_id, self.session_id, self.seq, self.reward_type, self.value,
+                            self.session_total, self.created_at)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -350,11 +358,11 @@ def _batch_statement(sessions: str, *, locking: bool) -> str:
                ARRAY(SELECT ROW({_prefixed(_REWARD_COLUMNS, "r")})
                      FROM game_rewards r JOIN unnest($2::int[], $3::bigint[]) AS k(session_id, seq)
                        ON r.session_id = k.session_id AND r.seq = k.seq) AS existing,
-               ARRAY(SELECT ROW(b.session_id, latest.session_total,
+               ARRAY(SELECT ROW(b.session_id, latest.session_total, latest.created_at,
                                 latest.session_total - coalesce(before.session_total, 0), first_in.created_at)
                      FROM batch b
                      LEFT JOIN LATERAL (
-                         SELECT session_total FROM game_rewards r WHERE r.session_id = b.session_id
+                         SELECT session_total, created_at FROM game_rewards r WHERE r.session_id = b.session_id
                          ORDER BY r.created_at DESC, r.session_total DESC LIMIT 1) latest ON true
                      LEFT JOIN LATERAL (
                          SELECT created_at FROM game_rewards r WHERE r.session_id = b.session_id
@@ -365,7 +373,9 @@ def _batch_statement(sessions: str, *, locking: bool) -> str:
                             AND r.created_at <= now() - interval '60 seconds'
                          ORDER BY r.created_at DESC, r.session_total DESC LIMIT 1) before ON true) AS totals,
                (SELECT ROW(pool_id, pool_name, total_tokens, allocated_tokens, created_at)
-                  FROM reward_pools WHERE pool_name = $4) AS pool"""
+                  FROM reward_pools WHERE pool_name = $4) AS pool,
+               {"ARRAY(SELECT nextval(pg_get_serial_sequence('game_rewards', 'reward_id')) FROM generate_series(1, $5))"
+                if locking else "NULL"} AS reward_ids"""
 
 
 _LOCK_AND_READ_BATCH = _batch_statement(_LOCK_SESSIONS, locking=True)
@@ -379,16 +389,26 @@ class BatchFacts:
     now: dt.datetime  # the transaction's clock
     existing: dict[tuple[int, int], StoredReward]  # rewards already booked under the batch's keys
     windows: dict[int, tuple[Decimal, dt.datetime]]  # per session: its last 60 s of rewards, and the oldest's time
+    latest: dict[int, dt.datetime]  # per session with rewards: the time of its latest
     pool: RewardPool | None  # the pool the batch draws from, as it stood (not locked)
+    reward_ids: list[int]  # ids reserved for the batch's new rewards, one per report (unused ones are gaps)
+
+    def stamp(self, session_id: int) -> dt.datetime:
+        """The time of a session's new rewards: never before its latest, so its times follow its
+        booking order (the windows rely on it), even for a batch that began before another but
+        waited for the session's lock and books after it."""
+        latest = self.latest.get(session_id)
+        return self.now if latest is None or latest < self.now else latest
 
 
-def _facts(row: asyncpg.Record) -> tuple[BatchFacts, dict[int, Decimal]]:
+def _facts(row: asyncpg.Record, reward_ids: list[int]) -> tuple[BatchFacts, dict[int, Decimal]]:
     """The facts in a batch statement's row, and each session's latest running total in its snapshot."""
     existing = {(r[1], r[2]): StoredReward(*r) for r in row["existing"]}
-    windows = {session_id: (total, oldest) for session_id, _, total, oldest in row["totals"] if oldest is not None}
-    latest = {session_id: total or Decimal(0) for session_id, total, _, _ in row["totals"]}
+    windows = {session_id: (total, oldest) for session_id, _, _, total, oldest in row["totals"] if oldest is not None}
+    latest = {session_id: at for session_id, _, at, _, _ in row["totals"] if at is not None}
+    totals = {session_id: total or Decimal(0) for session_id, total, _, _, _ in row["totals"]}
     pool = RewardPool(*row["pool"]) if row["pool"] else None
-    return BatchFacts(row["now"], existing, windows, pool), latest
+    return BatchFacts(row["now"], existing, windows, latest, pool, reward_ids), totals
 
 
 async def lock_batch(conn: asyncpg.Connection, keys: Iterable[tuple[int, int]],
@@ -403,21 +423,19 @@ async def lock_batch(conn: asyncpg.Connection, keys: Iterable[tuple[int, int]],
     """
     keys = list(keys)
     session_ids, seqs = [k[0] for k in keys], [k[1] for k in keys]
-    row = await conn.fetchrow(_LOCK_AND_READ_BATCH, sorted(set(session_ids)), session_ids, seqs, pool_name)
+    row = await conn.fetchrow(_LOCK_AND_READ_BATCH, sorted(set(session_ids)), session_ids, seqs, pool_name, len(keys))
     sessions = {values[0]: SessionForReward(*values) for values in row["sessions"]}
-    facts, seen = _facts(row)
+    facts, seen = _facts(row, row["reward_ids"])
     if any(seen[session_id] != session.rewards_earned for session_id, session in sessions.items()):
-        facts, _ = _facts(await conn.fetchrow(_READ_BATCH, list(sessions), session_ids, seqs, pool_name))
+        facts, _ = _facts(await conn.fetchrow(_READ_BATCH, list(sessions), session_ids, seqs, pool_name),
+                          facts.reward_ids)
     return sessions, facts
 
 
 async def insert_rewards(conn: asyncpg.Connection, rewards: list[NewReward],
-                         activity_step: float = 0.0) -> list[StoredReward]:
-    """Write accepted rewards in the given order and their sessions' new totals, in one statement.
-
-    A reward is stamped no earlier than its session's latest, so a session's times follow its
-    booking order (lock_batch relies on it): a batch that began before another but waited
-    for the session's lock books after it, at the other's time.
+                         events: list[tuple[str, str, dict[str, Any]]], activity_step: float = 0.0) -> None:
+    """Write accepted rewards, their sessions' new totals and their (channel, type, data) events in
+    one statement: a round trip less for a batch that every other batch waits behind.
 
     Each session gets its latest running total, counts its new rewards, and is marked active now
     when its last recorded activity is older than `activity_step` seconds. last_activity_at is
@@ -425,30 +443,29 @@ async def insert_rewards(conn: asyncpg.Connection, rewards: list[NewReward],
     table's indexes per reward batch. Recording it at most once per step keeps most updates HOT;
     the sweep allows for the step (sweep_idle), so no session times out early.
     """
-    rows = await conn.fetch(
+    await conn.execute(
         f"""WITH new AS (
-                SELECT * FROM unnest($1::int[], $2::text[], $3::text[], $4::numeric[], $5::int[], $6::bigint[],
-                                     $7::numeric[], $8::int[], $9::numeric[])
-                    AS v(game_id, player_wallet, reward_type, reward_value, session_id, seq, session_total,
-                         pool_id, owner_share)),
+                SELECT * FROM unnest($1::int[], $2::int[], $3::text[], $4::text[], $5::numeric[], $6::int[],
+                                     $7::bigint[], $8::numeric[], $9::int[], $10::numeric[], $11::timestamptz[])
+                    AS v(reward_id, game_id, player_wallet, reward_type, reward_value, session_id, seq,
+                         session_total, pool_id, owner_share, created_at)),
+            inserted AS (
+                INSERT INTO game_rewards (reward_id, game_id, player_wallet, reward_type, reward_value, session_id,
+                                          seq, session_total, pool_id, owner_share, created_at)
+                SELECT * FROM new),
             totals AS (
                 UPDATE game_sessions s SET rewards_earned = v.total, reward_count = s.reward_count + v.n,
-                       last_activity_at = CASE WHEN s.last_activity_at < now() - make_interval(secs => $10)
+                       last_activity_at = CASE WHEN s.last_activity_at < now() - make_interval(secs => $12)
                                                THEN now() ELSE s.last_activity_at END
                   FROM (SELECT session_id, max(session_total) AS total, count(*) AS n FROM new GROUP BY session_id) v
-                 WHERE s.session_id = v.session_id)
-            INSERT INTO game_rewards (game_id, player_wallet, reward_type, reward_value, session_id, seq,
-                                      session_total, pool_id, owner_share, created_at)
-            SELECT new.*, greatest(now(), (SELECT max(r.created_at) FROM game_rewards r
-                                           WHERE r.session_id = new.session_id))
-              FROM new
-            RETURNING {_REWARD_COLUMNS}""",
-        [r.game_id for r in rewards], [r.player_wallet for r in rewards], [r.reward_type for r in rewards],
-        [r.value for r in rewards], [r.session_id for r in rewards], [r.seq for r in rewards],
-        [r.session_total for r in rewards], [r.pool_id for r in rewards], [r.owner_share for r in rewards],
-        float(activity_step))
-    by_key = {(row["session_id"], row["seq"]): StoredReward(**dict(row)) for row in rows}
-    return [by_key[(r.session_id, r.seq)] for r in rewards]
+                 WHERE s.session_id = v.session_id),
+            queued AS ({outbox.queue_events(13)})
+            SELECT pg_notify($16, '')""",
+        [r.reward_id for r in rewards], [r.game_id for r in rewards], [r.player_wallet for r in rewards],
+        [r.reward_type for r in rewards], [r.value for r in rewards], [r.session_id for r in rewards],
+        [r.seq for r in rewards], [r.session_total for r in rewards], [r.pool_id for r in rewards],
+        [r.owner_share for r in rewards], [r.created_at for r in rewards], float(activity_step),
+        *outbox.event_arrays(events), outbox.NOTIFY_CHANNEL)
 
 
 # --- leaderboards ------------------------------------------------------------------------------

@@ -31,14 +31,25 @@ async def enqueue(conn: asyncpg.Connection, channel: str, type: str, data: dict[
         channel, type, data, NOTIFY_CHANNEL)
 
 
+def queue_events(channels: int) -> str:
+    """A statement queuing the events given as three text[] parameters, $channels (channels), the
+    next (types) and the one after (JSON data): a CTE for a caller whose statement writes its state
+    change and its events together, in one round trip. That statement must also call
+    `pg_notify(NOTIFY_CHANNEL, '')`, which wakes the relay at commit."""
+    return f"""INSERT INTO event_outbox (channel, type, data)
+               SELECT c, t, d::jsonb FROM unnest(${channels}::text[], ${channels + 1}::text[], ${channels + 2}::text[])
+                                         AS e(c, t, d)"""
+
+
+def event_arrays(events: list[tuple[str, str, dict[str, Any]]]) -> tuple[list[str], list[str], list[str]]:
+    """(channel, type, data) events as the three parameters of `queue_events`."""
+    return [e[0] for e in events], [e[1] for e in events], [jsonutil.dumps(e[2]) for e in events]
+
+
 async def enqueue_many(conn: asyncpg.Connection, events: list[tuple[str, str, dict[str, Any]]]) -> None:
     """Add many (channel, type, data) events in one statement, inside the caller's transaction."""
-    await conn.execute(
-        """WITH queued AS (
-               INSERT INTO event_outbox (channel, type, data)
-               SELECT c, t, d::jsonb FROM unnest($1::text[], $2::text[], $3::text[]) AS e(c, t, d) RETURNING id)
-           SELECT count(*) FROM queued, pg_notify($4, '')""",
-        [e[0] for e in events], [e[1] for e in events], [jsonutil.dumps(e[2]) for e in events], NOTIFY_CHANNEL)
+    await conn.execute(f"WITH queued AS ({queue_events(1)} RETURNING id) SELECT count(*) FROM queued, pg_notify($4, '')",
+                       *event_arrays(events), NOTIFY_CHANNEL)
 
 
 async def take_batch(conn: asyncpg.Connection, limit: int) -> list[OutboxEvent]:

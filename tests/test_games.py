@@ -227,12 +227,11 @@ async def test_the_minute_window_is_exact_and_a_late_starting_batch_books_at_the
         fourth = await db.fetchval("SELECT created_at FROM game_rewards WHERE session_id = $1 AND seq = 4",
                                    session_id)
         assert began < fourth
-        [stored] = await game_queries.insert_rewards(late, [game_queries.NewReward(
-            game_id=game["game_id"], player_wallet=await db.fetchval(
-                "SELECT player_wallet FROM game_sessions WHERE session_id = $1", session_id),
-            reward_type="coin", value=Decimal(5), session_id=session_id, seq=5, session_total=Decimal(69),
-            pool_id=None, owner_share=Decimal(0))])
-        assert stored.created_at == fourth
+        [ack], new = await games.book_rewards(late, [games.RewardReport(
+            game_id=game["game_id"], session_id=session_id, seq=5, reward_type="coin", value=Decimal(5))])
+        assert new == 1 and ack["session_total"] == "69.00000000"
+        assert await late.fetchval("SELECT created_at FROM game_rewards WHERE session_id = $1 AND seq = 5",
+                                   session_id) == fourth
         assert await window(late, session_id) == {session_id: (Decimal(39), third)}
     finally:
         await batch.rollback()

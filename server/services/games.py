@@ -377,24 +377,21 @@ def _policy_error(error: HubError, policy: str, limit: Decimal) -> HubError:
     return error
 
 
-def decide(batch: list[RewardReport], sessions: dict[int, queries.SessionForReward],
-           existing: dict[tuple[int, int], queries.StoredReward],
-           windows: dict[int, tuple[Decimal, dt.datetime]], now: dt.datetime, budget: PoolBudget,
+def decide(batch: list[RewardReport], sessions: dict[int, queries.SessionForReward], facts: queries.BatchFacts,
+           budget: PoolBudget,
            ) -> tuple[list[HubError | queries.StoredReward | tuple[int, int]], dict[tuple[int, int], queries.NewReward]]:
     """Apply the policy and the pool's budget to a batch in order: per report an error, a stored
     reward (replay) or the key of a reward accepted now; and the accepted rewards to write."""
     totals = {sid: s.rewards_earned for sid, s in sessions.items()}
-    window = {sid: windows.get(sid, (Decimal(0), now))[0] for sid in sessions}
+    window = {sid: facts.windows.get(sid, (Decimal(0), facts.now))[0] for sid in sessions}
     accepted: dict[tuple[int, int], queries.NewReward] = {}
     outcomes: list[HubError | queries.StoredReward | tuple[int, int]] = []
     for report in batch:
-        outcomes.append(_decide_one(report, sessions, existing, windows, now, totals, window, accepted, budget))
+        outcomes.append(_decide_one(report, sessions, facts, totals, window, accepted, budget))
     return outcomes, accepted
 
 
-def _decide_one(report: RewardReport, sessions: dict[int, queries.SessionForReward],
-                existing: dict[tuple[int, int], queries.StoredReward],
-                windows: dict[int, tuple[Decimal, dt.datetime]], now: dt.datetime,
+def _decide_one(report: RewardReport, sessions: dict[int, queries.SessionForReward], facts: queries.BatchFacts,
                 totals: dict[int, Decimal], window: dict[int, Decimal],
                 accepted: dict[tuple[int, int], queries.NewReward],
                 budget: PoolBudget) -> HubError | queries.StoredReward | tuple[int, int]:
@@ -404,7 +401,7 @@ def _decide_one(report: RewardReport, sessions: dict[int, queries.SessionForRewa
     if session.game_id != report.game_id:
         return Forbidden("the session belongs to another game", field="session_id")
     key = (report.session_id, report.seq)
-    earlier = existing.get(key) or accepted.get(key)
+    earlier = facts.existing.get(key) or accepted.get(key)
     if earlier is not None:
         value = earlier.reward_value if isinstance(earlier, queries.StoredReward) else earlier.value
         if earlier.reward_type != report.reward_type or value != report.value:
@@ -429,8 +426,8 @@ def _decide_one(report: RewardReport, sessions: dict[int, queries.SessionForRewa
             "max_reward_per_session", session.max_reward_per_session)
     in_window = window[report.session_id] + report.value
     if in_window > session.max_reward_per_minute:
-        oldest = windows.get(report.session_id, (Decimal(0), now))[1]
-        retry_after = max(0.1, MINUTE - (now - oldest).total_seconds())
+        oldest = facts.windows.get(report.session_id, (Decimal(0), facts.now))[1]
+        retry_after = max(0.1, MINUTE - (facts.now - oldest).total_seconds())
         return _policy_error(RateLimited(
             f"the session would exceed the game's maximum per minute "
             f"({queries.money(session.max_reward_per_minute)})", retry_after=retry_after),
@@ -445,9 +442,9 @@ def _decide_one(report: RewardReport, sessions: dict[int, queries.SessionForRewa
     totals[report.session_id] = total
     window[report.session_id] = in_window
     accepted[key] = queries.NewReward(
-        game_id=session.game_id, player_wallet=session.player_wallet, reward_type=report.reward_type,
-        value=report.value, session_id=session.session_id, seq=report.seq, session_total=total,
-        pool_id=budget.pool_id, owner_share=share)
+        reward_id=facts.reward_ids[len(accepted)], game_id=session.game_id, player_wallet=session.player_wallet,
+        reward_type=report.reward_type, value=report.value, session_id=session.session_id, seq=report.seq,
+        session_total=total, pool_id=budget.pool_id, owner_share=share, created_at=facts.stamp(session.session_id))
     return key
 
 
@@ -469,18 +466,18 @@ async def book_rewards(conn: asyncpg.Connection, batch: list[RewardReport], pool
 
 async def _book(conn: asyncpg.Connection, batch: list[RewardReport], pool_name: str, activity_step: float, *,
                 lock_pool: bool) -> tuple[list[dict[str, Any] | HubError], int]:
-    # Four round trips besides BEGIN and COMMIT: under load each waits for a turn of a busy event
+    # Three round trips besides BEGIN and COMMIT: under load each waits for a turn of a busy event
     # loop, and a batch's time is what the reward workers' throughput is made of.
     async with conn.transaction():
         sessions, facts = await queries.lock_batch(conn, ((r.session_id, r.seq) for r in batch), pool_name)
         # Sessions first, then the pool, then the users (the ledger): the same order as every batch.
         pool = await queries.reward_pool(conn, pool_name, lock=True) if lock_pool else facts.pool
         budget = PoolBudget(pool.id if pool else None, pool_name, pool.remaining if pool else Decimal(0))
-        outcomes, accepted = decide(batch, sessions, facts.existing, facts.windows, facts.now, budget)
+        outcomes, accepted = decide(batch, sessions, facts, budget)
         booked: dict[tuple[int, int], queries.StoredReward] = {}
         if accepted:
             new_rewards = list(accepted.values())
-            stored = await queries.insert_rewards(conn, new_rewards, activity_step)
+            stored = [reward.stored() for reward in new_rewards]
             booked = {(s.session_id, s.seq): s for s in stored}
             changes, events = [], []
             for reward, new in zip(stored, new_rewards):
@@ -493,7 +490,7 @@ async def _book(conn: asyncpg.Connection, batch: list[RewardReport], pool_name: 
                 data = reward_event(session, reward)
                 events += [(game_channel(session.game_id), REWARD_EARNED, data),
                            (session_channel(session.session_id), REWARD_EARNED, data)]
-            await outbox.enqueue_many(conn, events)
+            await queries.insert_rewards(conn, new_rewards, events, activity_step)
             assert budget.pool_id is not None  # decide accepts nothing without a pool
             drawn = sum((r.value + r.owner_share for r in new_rewards), Decimal(0))
             # Last, in the ledger's statement: every batch waits for the pool's row, which is then
