@@ -10,11 +10,11 @@ import dataclasses
 import datetime as dt
 import uuid
 from decimal import Decimal
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import asyncpg
 
-from db import outbox
+from db import ledger, outbox
 from db.chain import Allocation, RewardPool
 from server.core.jsonutil import iso
 from server.core.money import money
@@ -335,15 +335,16 @@ async def user_earnings(conn: asyncpg.Connection, user_id: uuid.UUID) -> list[Ga
 # --- reward batches ----------------------------------------------------------------------------
 
 
-_LOCK_SESSIONS = """SELECT s.session_id, s.game_id, s.user_id, s.player_wallet, s.status, s.rewards_earned,
+_SESSIONS = """SELECT s.session_id, s.game_id, s.user_id, s.player_wallet, s.status, s.rewards_earned,
            s.reward_count, g.status AS game_status, g.max_reward_per_event, g.max_reward_per_minute,
            g.max_reward_per_session, g.reward_types, g.revenue_share, g.owner_id, u.username
     FROM game_sessions s JOIN games g ON g.game_id = s.game_id LEFT JOIN users u ON u.id = s.user_id
-    WHERE s.session_id = ANY($1::int[]) ORDER BY s.session_id FOR UPDATE OF s"""
+    WHERE s.session_id = ANY($1::int[]) ORDER BY s.session_id"""
 
 
-def _batch_statement(sessions: str, *, locking: bool) -> str:
-    """What a batch is decided on, for the sessions `sessions` selects (and locks, when `locking`).
+def _batch_statement(sessions: str, *, with_sessions: bool) -> str:
+    """What a batch is decided on, for the sessions `sessions` selects; `with_sessions`: also those
+    sessions' rows and ids reserved for the batch's new rewards.
 
     A minute window costs three index probes instead of summing the session's last minute of
     rewards (at 3,500 rewards/s that read 7,000 rows a batch): a session's `created_at` never goes
@@ -354,7 +355,7 @@ def _batch_statement(sessions: str, *, locking: bool) -> str:
     """
     return f"""WITH batch AS ({sessions})
         SELECT now() AS now,
-               {"ARRAY(SELECT ROW(b.*) FROM batch b)" if locking else "NULL"} AS sessions,
+               {"ARRAY(SELECT ROW(b.*) FROM batch b)" if with_sessions else "NULL"} AS sessions,
                ARRAY(SELECT ROW({_prefixed(_REWARD_COLUMNS, "r")})
                      FROM game_rewards r JOIN unnest($2::int[], $3::bigint[]) AS k(session_id, seq)
                        ON r.session_id = k.session_id AND r.seq = k.seq) AS existing,
@@ -375,11 +376,12 @@ def _batch_statement(sessions: str, *, locking: bool) -> str:
                (SELECT ROW(pool_id, pool_name, total_tokens, allocated_tokens, created_at)
                   FROM reward_pools WHERE pool_name = $4) AS pool,
                {"ARRAY(SELECT nextval(pg_get_serial_sequence('game_rewards', 'reward_id')) FROM generate_series(1, $5))"
-                if locking else "NULL"} AS reward_ids"""
+                if with_sessions else "NULL"} AS reward_ids"""
 
 
-_LOCK_AND_READ_BATCH = _batch_statement(_LOCK_SESSIONS, locking=True)
-_READ_BATCH = _batch_statement("SELECT DISTINCT unnest($1::int[]) AS session_id", locking=False)
+_READ_BATCH = _batch_statement(_SESSIONS, with_sessions=True)
+_LOCK_AND_READ_BATCH = _batch_statement(_SESSIONS + " FOR UPDATE OF s", with_sessions=True)
+_READ_FACTS = _batch_statement("SELECT DISTINCT unnest($1::int[]) AS session_id", with_sessions=False)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -411,6 +413,16 @@ def _facts(row: asyncpg.Record, reward_ids: list[int]) -> tuple[BatchFacts, dict
     return BatchFacts(row["now"], existing, windows, latest, pool, reward_ids), totals
 
 
+async def read_batch(conn: asyncpg.Connection, keys: Iterable[tuple[int, int]],
+                     pool_name: str) -> tuple[dict[int, SessionForReward], BatchFacts]:
+    """The sessions of these (session_id, seq) keys and what the batch is decided on, unlocked:
+    book_batch checks that nothing it relied on moved."""
+    keys = list(keys)
+    session_ids, seqs = [k[0] for k in keys], [k[1] for k in keys]
+    row = await conn.fetchrow(_READ_BATCH, sorted(set(session_ids)), session_ids, seqs, pool_name, len(keys))
+    return {values[0]: SessionForReward(*values) for values in row["sessions"]}, _facts(row, row["reward_ids"])[0]
+
+
 async def lock_batch(conn: asyncpg.Connection, keys: Iterable[tuple[int, int]],
                      pool_name: str) -> tuple[dict[int, SessionForReward], BatchFacts]:
     """Lock the sessions of these (session_id, seq) keys (in id order, so concurrent batches cannot
@@ -427,45 +439,96 @@ async def lock_batch(conn: asyncpg.Connection, keys: Iterable[tuple[int, int]],
     sessions = {values[0]: SessionForReward(*values) for values in row["sessions"]}
     facts, seen = _facts(row, row["reward_ids"])
     if any(seen[session_id] != session.rewards_earned for session_id, session in sessions.items()):
-        facts, _ = _facts(await conn.fetchrow(_READ_BATCH, list(sessions), session_ids, seqs, pool_name),
+        facts, _ = _facts(await conn.fetchrow(_READ_FACTS, list(sessions), session_ids, seqs, pool_name),
                           facts.reward_ids)
     return sessions, facts
 
 
+_NEW_REWARDS = """new AS (
+    SELECT * FROM unnest($1::int[], $2::int[], $3::text[], $4::text[], $5::numeric[], $6::int[],
+                         $7::bigint[], $8::numeric[], $9::int[], $10::numeric[], $11::timestamptz[])
+        AS v(reward_id, game_id, player_wallet, reward_type, reward_value, session_id, seq,
+             session_total, pool_id, owner_share, created_at))"""
+# last_activity_at is indexed (the idle sweep): writing it makes the update non-HOT, a new entry in
+# each of the table's indexes per reward batch. Recording it at most once per step keeps most
+# updates HOT; the sweep allows for the step (sweep_idle), so no session times out early.
+_SESSION_TOTALS = """totals AS (
+    UPDATE game_sessions s SET rewards_earned = v.total, reward_count = s.reward_count + v.n,
+           last_activity_at = CASE WHEN s.last_activity_at < now() - make_interval(secs => ${step})
+                                   THEN now() ELSE s.last_activity_at END
+      FROM (SELECT session_id, max(session_total) AS total, count(*) AS n FROM new GROUP BY session_id) v
+     WHERE s.session_id = v.session_id)"""
+_INSERT_REWARDS = """inserted AS (
+    INSERT INTO game_rewards (reward_id, game_id, player_wallet, reward_type, reward_value, session_id, seq,
+                              session_total, pool_id, owner_share, created_at)
+    SELECT * FROM new)"""
+
+
+def _reward_arrays(rewards: list[NewReward]) -> tuple[list, ...]:
+    """New rewards as the eleven parameters of `_NEW_REWARDS`."""
+    return ([r.reward_id for r in rewards], [r.game_id for r in rewards], [r.player_wallet for r in rewards],
+            [r.reward_type for r in rewards], [r.value for r in rewards], [r.session_id for r in rewards],
+            [r.seq for r in rewards], [r.session_total for r in rewards], [r.pool_id for r in rewards],
+            [r.owner_share for r in rewards], [r.created_at for r in rewards])
+
+
 async def insert_rewards(conn: asyncpg.Connection, rewards: list[NewReward],
                          events: list[tuple[str, str, dict[str, Any]]], activity_step: float = 0.0) -> None:
-    """Write accepted rewards, their sessions' new totals and their (channel, type, data) events in
-    one statement: a round trip less for a batch that every other batch waits behind.
-
-    Each session gets its latest running total, counts its new rewards, and is marked active now
-    when its last recorded activity is older than `activity_step` seconds. last_activity_at is
-    indexed (the idle sweep): writing it makes the update non-HOT, a new entry in each of the
-    table's indexes per reward batch. Recording it at most once per step keeps most updates HOT;
-    the sweep allows for the step (sweep_idle), so no session times out early.
-    """
+    """Write accepted rewards, their sessions' new totals (the latest running total, the count of
+    new rewards, the activity time at most once per `activity_step` seconds) and their
+    (channel, type, data) events, in one statement, inside the caller's transaction."""
     await conn.execute(
-        f"""WITH new AS (
-                SELECT * FROM unnest($1::int[], $2::int[], $3::text[], $4::text[], $5::numeric[], $6::int[],
-                                     $7::bigint[], $8::numeric[], $9::int[], $10::numeric[], $11::timestamptz[])
-                    AS v(reward_id, game_id, player_wallet, reward_type, reward_value, session_id, seq,
-                         session_total, pool_id, owner_share, created_at)),
-            inserted AS (
-                INSERT INTO game_rewards (reward_id, game_id, player_wallet, reward_type, reward_value, session_id,
-                                          seq, session_total, pool_id, owner_share, created_at)
-                SELECT * FROM new),
-            totals AS (
-                UPDATE game_sessions s SET rewards_earned = v.total, reward_count = s.reward_count + v.n,
-                       last_activity_at = CASE WHEN s.last_activity_at < now() - make_interval(secs => $12)
-                                               THEN now() ELSE s.last_activity_at END
-                  FROM (SELECT session_id, max(session_total) AS total, count(*) AS n FROM new GROUP BY session_id) v
-                 WHERE s.session_id = v.session_id),
-            queued AS ({outbox.queue_events(13)})
+        f"""WITH {_NEW_REWARDS}, {_SESSION_TOTALS.format(step=12)}, {_INSERT_REWARDS},
+                 queued AS ({outbox.queue_events(13)})
             SELECT pg_notify($16, '')""",
-        [r.reward_id for r in rewards], [r.game_id for r in rewards], [r.player_wallet for r in rewards],
-        [r.reward_type for r in rewards], [r.value for r in rewards], [r.session_id for r in rewards],
-        [r.seq for r in rewards], [r.session_total for r in rewards], [r.pool_id for r in rewards],
-        [r.owner_share for r in rewards], [r.created_at for r in rewards], float(activity_step),
-        *outbox.event_arrays(events), outbox.NOTIFY_CHANNEL)
+        *_reward_arrays(rewards), float(activity_step), *outbox.event_arrays(events), outbox.NOTIFY_CHANNEL)
+
+
+# Why book_batch wrote nothing (hub_abort's reason, from migration 0028).
+SESSIONS_MOVED = "sessions_moved"
+POOL_SHORT = "pool_short"
+UNKNOWN_ACCOUNT = "unknown_account"
+
+
+async def book_batch(conn: asyncpg.Connection, rewards: list[NewReward], seen: dict[int, Decimal],
+                     events: list[tuple[str, str, dict[str, Any]]], changes: Sequence[ledger.BalanceChange],
+                     draw: ledger.PoolDraw, activity_step: float = 0.0) -> str | None:
+    """Book a batch decided on an unlocked read (read_batch) in one statement: its rewards, their
+    sessions' totals, their events, the pool draw and the balance changes. Returns None when booked,
+    or why nothing was written: a session's total is no longer the one `seen` (or it ended), the
+    pool no longer covers `draw`, or an account of `changes` is gone.
+
+    Outside a transaction block the statement is its own transaction, so the locks every batch
+    waits for (the reward pool's row, the game owner's balance) last only as long as it runs, and
+    a batch takes two round trips instead of a transaction's five. Sessions are locked first (in
+    id order), then the pool, then the users, as in a locked batch.
+    """
+    users = len({change.user_id for change in changes})
+    try:
+        await conn.execute(
+            f"""WITH {_NEW_REWARDS},
+                seen AS (SELECT * FROM unnest($12::int[], $13::numeric[]) AS v(session_id, total)),
+                claimed AS (
+                    SELECT s.session_id FROM game_sessions s JOIN seen ON seen.session_id = s.session_id
+                     WHERE s.rewards_earned = seen.total AND s.status = '{ACTIVE}'
+                     ORDER BY s.session_id FOR UPDATE OF s),
+                drawn AS ({ledger.pool_draw(14, 15, when="(SELECT count(*) FROM claimed) = cardinality($12::int[])")}),
+                {ledger.balance_changes(16, after="drawn")},
+                {_SESSION_TOTALS.format(step=20)},
+                {_INSERT_REWARDS},
+                queued AS ({outbox.queue_events(21)})
+            SELECT CASE WHEN (SELECT count(*) FROM claimed) <> cardinality($12::int[]) THEN hub_abort($24)
+                        WHEN NOT EXISTS (SELECT FROM drawn) THEN hub_abort($25)
+                        WHEN (SELECT count(*) FROM moved) <> $26 THEN hub_abort($27) END,
+                   pg_notify($28, '')""",
+            *_reward_arrays(rewards), list(seen), list(seen.values()), draw.pool_id, draw.amount,
+            *ledger.change_arrays(changes), float(activity_step), *outbox.event_arrays(events),
+            SESSIONS_MOVED, POOL_SHORT, users, UNKNOWN_ACCOUNT, outbox.NOTIFY_CHANNEL)
+    except asyncpg.RaiseError as exc:
+        if exc.message in (SESSIONS_MOVED, POOL_SHORT, UNKNOWN_ACCOUNT):
+            return exc.message
+        raise
+    return None
 
 
 # --- leaderboards ------------------------------------------------------------------------------

@@ -74,38 +74,33 @@ class BalanceChange:
     reference: str
 
 
-async def apply_balance_changes(conn: asyncpg.Connection, changes: Sequence[BalanceChange], *,
-                                draw: PoolDraw | None = None) -> dict[uuid.UUID, Decimal]:
-    """Move balances and book each change, in order; returns each touched user's balance after.
+def pool_draw(pool: int, amount: int, *, when: str = "true") -> str:
+    """A statement taking $`amount` from reward pool $`pool` by compare-and-set on the pool's row,
+    when `when` holds; it returns a row only if it drew."""
+    return f"""UPDATE reward_pools SET allocated_tokens = allocated_tokens + ${amount}
+                WHERE pool_id = ${pool} AND total_tokens - allocated_tokens >= ${amount} AND ({when})
+               RETURNING 1"""
 
-    One statement whatever the batch size, so a caller holding a contended lock (a reward pool)
-    holds it one round trip less: users are locked in id order (no deadlock between concurrent
-    callers) and moved by their net delta, and the rows are inserted with the running balance, so a
-    debit booked before the credit that covers it fails the balance_after CHECK. Raises
-    CheckViolationError (a balance would go negative), UniqueViolationError ((reason, reference)
-    booked before) or UnknownAccount (the caller's transaction must then roll back).
 
-    With `draw`, the same statement first takes the amount from the pool and moves nothing when the
-    pool no longer holds it (PoolShort). Every batch of game rewards waits for that pool's row, so
-    its lock is held from this statement to the commit, not across a round trip of its own; the
-    pool is locked before the users, the order every pool grant takes.
+def balance_changes(first: int, *, after: str) -> str:
+    """CTEs moving balances by the changes in four array parameters from $`first` (user ids,
+    deltas, reasons, references) and booking their ledger rows, once the CTE `after` returned a row
+    (if it returns none, nothing moves); `moved (id, total_balance)` holds each user moved.
+
+    For a statement that moves balances with its own writes in one round trip: users are locked in
+    id order (no deadlock between concurrent callers) and moved by their net delta, and the rows
+    are inserted with the running balance, so a debit booked before the credit that covers it
+    fails the balance_after CHECK. WITH ORDINALITY ... ORDER BY n: entry ids follow the order of
+    the changes, so each user's rows chain; every part of the statement sees the balances from
+    before it, so a row's balance_after is the new balance less the user's later changes. `changes`
+    reads `after` (an InitPlan run before the users are scanned), so what `after` locks is locked
+    first: a reward pool before the users, the order every pool grant takes.
     """
-    changes = [change for change in changes if change.delta != 0]
-    if not changes and draw is None:
-        return {}
-    # WITH ORDINALITY ... ORDER BY n: entry ids follow the order of the changes, so each user's rows
-    # chain; every part of the statement sees the balances from before it, so a row's balance_after
-    # is the new balance less the user's later changes. `changes` reads `drawn` (an InitPlan run
-    # before the users are scanned), so the pool's row is locked and checked first.
-    drawn = ("""UPDATE reward_pools SET allocated_tokens = allocated_tokens + $6
-                 WHERE pool_id = $5 AND total_tokens - allocated_tokens >= $6 RETURNING 1"""
-             if draw is not None else "SELECT 1")
-    row = await conn.fetchrow(
-        f"""WITH drawn AS ({drawn}),
-            changes AS (
-                SELECT * FROM unnest($1::uuid[], $2::numeric[], $3::text[], $4::text[])
+    p = [f"${first + i}" for i in range(4)]
+    return f"""changes AS (
+                SELECT * FROM unnest({p[0]}::uuid[], {p[1]}::numeric[], {p[2]}::text[], {p[3]}::text[])
                        WITH ORDINALITY AS c(user_id, delta, reason, reference, n)
-                 WHERE EXISTS (SELECT FROM drawn)),
+                 WHERE EXISTS (SELECT FROM {after})),
             net AS (SELECT user_id, sum(delta) AS delta FROM changes GROUP BY user_id),
             locked AS (SELECT id FROM users WHERE id IN (SELECT user_id FROM net) ORDER BY id{BALANCE_LOCK}),
             moved AS (
@@ -120,11 +115,36 @@ async def apply_balance_changes(conn: asyncpg.Connection, changes: Sequence[Bala
                                        + c.delta,
                        c.reason, c.reference
                   FROM changes c JOIN moved m ON m.id = c.user_id
-                 ORDER BY c.n)
+                 ORDER BY c.n)"""
+
+
+def change_arrays(changes: Sequence[BalanceChange]) -> tuple[list, list, list, list]:
+    """Balance changes as the four parameters of `balance_changes`."""
+    return ([c.user_id for c in changes], [c.delta for c in changes], [c.reason for c in changes],
+            [c.reference for c in changes])
+
+
+async def apply_balance_changes(conn: asyncpg.Connection, changes: Sequence[BalanceChange], *,
+                                draw: PoolDraw | None = None) -> dict[uuid.UUID, Decimal]:
+    """Move balances and book each change, in order; returns each touched user's balance after.
+
+    One statement whatever the batch size (see `balance_changes`). Raises CheckViolationError (a
+    balance would go negative), UniqueViolationError ((reason, reference) booked before) or
+    UnknownAccount (the caller's transaction must then roll back).
+
+    With `draw`, the same statement first takes the amount from the pool and moves nothing when the
+    pool no longer holds it (PoolShort). Every batch of game rewards waits for that pool's row, so
+    its lock is held from this statement to the commit, not across a round trip of its own.
+    """
+    changes = [change for change in changes if change.delta != 0]
+    if not changes and draw is None:
+        return {}
+    row = await conn.fetchrow(
+        f"""WITH drawn AS ({pool_draw(5, 6) if draw is not None else "SELECT 1"}),
+            {balance_changes(1, after="drawn")}
             SELECT EXISTS (SELECT FROM drawn) AS drawn, array_agg(id) AS ids, array_agg(total_balance) AS balances
               FROM moved""",
-        [c.user_id for c in changes], [c.delta for c in changes], [c.reason for c in changes],
-        [c.reference for c in changes], *((draw.pool_id, draw.amount) if draw is not None else ()))
+        *change_arrays(changes), *((draw.pool_id, draw.amount) if draw is not None else ()))
     if not row["drawn"]:
         assert draw is not None
         raise PoolShort(f"reward pool {draw.pool_id} no longer holds {draw.amount}")

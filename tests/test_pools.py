@@ -181,18 +181,24 @@ async def test_concurrent_batches_never_overdraw_the_pool(db, db_dsn):
     assert await db.fetchval("SELECT sum(reward_value) FROM game_rewards") == 45
 
 
-async def test_a_batch_that_loses_the_race_for_the_pool_is_decided_again(db, db_dsn, monkeypatch):
+@pytest.mark.parametrize("in_transaction", [False, True], ids=["one_statement", "locked"])
+async def test_a_batch_that_loses_the_race_for_the_pool_is_decided_again(db, db_dsn, monkeypatch, in_transaction):
     reads = []
-    real_lock_batch, real_reward_pool = game_queries.lock_batch, game_queries.reward_pool
+    real = game_queries.read_batch, game_queries.lock_batch, game_queries.reward_pool
+
+    async def read_batch(conn, keys, pool_name):
+        reads.append("read")
+        return await real[0](conn, keys, pool_name)
 
     async def lock_batch(conn, keys, pool_name):
-        reads.append("batch")
-        return await real_lock_batch(conn, keys, pool_name)
+        reads.append("sessions locked")
+        return await real[1](conn, keys, pool_name)
 
     async def reward_pool(conn, name, *, lock=False):
         reads.append("pool locked" if lock else "pool")
-        return await real_reward_pool(conn, name, lock=lock)
+        return await real[2](conn, name, lock=lock)
 
+    monkeypatch.setattr(game_queries, "read_batch", read_batch)
     monkeypatch.setattr(game_queries, "lock_batch", lock_batch)
     monkeypatch.setattr(game_queries, "reward_pool", reward_pool)
     pool_id = await gaming_pool(db, 10)
@@ -208,8 +214,16 @@ async def test_a_batch_that_loses_the_race_for_the_pool_is_decided_again(db, db_
         granting = other.transaction()
         await granting.start()
         await allocate(other, pool_id, grantee.id, Decimal(8))
-        task = asyncio.create_task(games.book_rewards(booker, [games.RewardReport(
-            game_id=game_id, session_id=session_id, seq=1, reward_type="coin", value=Decimal(5))]))
+        report = games.RewardReport(game_id=game_id, session_id=session_id, seq=1, reward_type="coin",
+                                    value=Decimal(5))
+
+        async def book():
+            if not in_transaction:
+                return await games.book_rewards(booker, [report])
+            async with booker.transaction():
+                return await games.book_rewards(booker, [report])
+
+        task = asyncio.create_task(book())
         # The batch read 10 left and waits on the pool row for its compare-and-set.
         booker_pid = booker.get_server_pid()
         await wait_until(lambda: db.fetchval("SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = $1",
@@ -221,10 +235,16 @@ async def test_a_batch_that_loses_the_race_for_the_pool_is_decided_again(db, db_
         await booker.close()
     assert new == 0 and results[0].extra["reason"] == games.POOL_EXHAUSTED
     assert results[0].extra["remaining"] == "2.00000000"
-    # Read without a lock, lost the compare-and-set, decided again with the pool locked first.
-    assert reads == ["batch", "batch", "pool locked"]
+    if in_transaction:
+        # Decided with its sessions locked, lost the compare-and-set, decided again with the pool locked.
+        assert reads == ["sessions locked", "sessions locked", "pool locked"]
+    else:
+        # Decided on an unlocked read, lost the compare-and-set, decided again with its sessions locked
+        # (which reads the pool anew).
+        assert reads == ["read", "sessions locked"]
     assert await pool_state(db, pool_id) == (Decimal(10), Decimal(8))
     assert await db.fetchval("SELECT count(*) FROM game_rewards") == 0
+    assert await db.fetchval("SELECT count(*) FROM balance_ledger") == 1  # the grant's
 
 
 async def test_allocations_are_listed_for_their_user_and_for_admins(client, db):

@@ -377,15 +377,19 @@ def _policy_error(error: HubError, policy: str, limit: Decimal) -> HubError:
     return error
 
 
+# Per report: refused, a replay of a stored reward, or the key of a reward accepted now.
+Outcome = HubError | queries.StoredReward | tuple[int, int]
+
+
 def decide(batch: list[RewardReport], sessions: dict[int, queries.SessionForReward], facts: queries.BatchFacts,
            budget: PoolBudget,
-           ) -> tuple[list[HubError | queries.StoredReward | tuple[int, int]], dict[tuple[int, int], queries.NewReward]]:
+           ) -> tuple[list[Outcome], dict[tuple[int, int], queries.NewReward]]:
     """Apply the policy and the pool's budget to a batch in order: per report an error, a stored
     reward (replay) or the key of a reward accepted now; and the accepted rewards to write."""
     totals = {sid: s.rewards_earned for sid, s in sessions.items()}
     window = {sid: facts.windows.get(sid, (Decimal(0), facts.now))[0] for sid in sessions}
     accepted: dict[tuple[int, int], queries.NewReward] = {}
-    outcomes: list[HubError | queries.StoredReward | tuple[int, int]] = []
+    outcomes: list[Outcome] = []
     for report in batch:
         outcomes.append(_decide_one(report, sessions, facts, totals, window, accepted, budget))
     return outcomes, accepted
@@ -394,7 +398,7 @@ def decide(batch: list[RewardReport], sessions: dict[int, queries.SessionForRewa
 def _decide_one(report: RewardReport, sessions: dict[int, queries.SessionForReward], facts: queries.BatchFacts,
                 totals: dict[int, Decimal], window: dict[int, Decimal],
                 accepted: dict[tuple[int, int], queries.NewReward],
-                budget: PoolBudget) -> HubError | queries.StoredReward | tuple[int, int]:
+                budget: PoolBudget) -> Outcome:
     session = sessions.get(report.session_id)
     if session is None:
         return NotFound("no such session", field="session_id")
@@ -456,50 +460,42 @@ def reward_event(session: queries.SessionForReward, stored: queries.StoredReward
 
 async def book_rewards(conn: asyncpg.Connection, batch: list[RewardReport], pool_name: str = GAMING_POOL,
                        activity_step: float = 0.0) -> tuple[list[dict[str, Any] | HubError], int]:
-    """Book a batch of reports in one transaction, drawing them from the reward pool: per report
-    its ack or its error, and how many rewards were new (the rest were replays or refused)."""
+    """Book a batch of reports at once, drawing them from the reward pool: per report its ack or its
+    error, and how many rewards were new (the rest were replays or refused).
+
+    First decided on an unlocked read and booked in one statement (two round trips); when something
+    it relied on moved meanwhile, or inside a caller's transaction (where a failed statement would
+    end it), decided again with its sessions locked, then, if the pool raced, with the pool locked.
+    """
+    if not conn.is_in_transaction():
+        booked = await _book_in_one_statement(conn, batch, pool_name, activity_step)
+        if booked is not None:
+            return booked
     try:
         return await _book(conn, batch, pool_name, activity_step, lock_pool=False)
     except PoolRaced:
         return await _book(conn, batch, pool_name, activity_step, lock_pool=True)
 
 
-async def _book(conn: asyncpg.Connection, batch: list[RewardReport], pool_name: str, activity_step: float, *,
-                lock_pool: bool) -> tuple[list[dict[str, Any] | HubError], int]:
-    # Three round trips besides BEGIN and COMMIT: under load each waits for a turn of a busy event
-    # loop, and a batch's time is what the reward workers' throughput is made of.
-    async with conn.transaction():
-        sessions, facts = await queries.lock_batch(conn, ((r.session_id, r.seq) for r in batch), pool_name)
-        # Sessions first, then the pool, then the users (the ledger): the same order as every batch.
-        pool = await queries.reward_pool(conn, pool_name, lock=True) if lock_pool else facts.pool
-        budget = PoolBudget(pool.id if pool else None, pool_name, pool.remaining if pool else Decimal(0))
-        outcomes, accepted = decide(batch, sessions, facts, budget)
-        booked: dict[tuple[int, int], queries.StoredReward] = {}
-        if accepted:
-            new_rewards = list(accepted.values())
-            stored = [reward.stored() for reward in new_rewards]
-            booked = {(s.session_id, s.seq): s for s in stored}
-            changes, events = [], []
-            for reward, new in zip(stored, new_rewards):
-                session = sessions[reward.session_id]
-                changes.append(ledger.BalanceChange(session.user_id, reward.reward_value, ledger.GAME_REWARD,
-                                                    str(reward.reward_id)))
-                if new.owner_share > 0 and session.owner_id is not None:
-                    changes.append(ledger.BalanceChange(session.owner_id, new.owner_share, ledger.REVENUE_SHARE,
-                                                        str(reward.reward_id)))
-                data = reward_event(session, reward)
-                events += [(game_channel(session.game_id), REWARD_EARNED, data),
-                           (session_channel(session.session_id), REWARD_EARNED, data)]
-            await queries.insert_rewards(conn, new_rewards, events, activity_step)
-            assert budget.pool_id is not None  # decide accepts nothing without a pool
-            drawn = sum((r.value + r.owner_share for r in new_rewards), Decimal(0))
-            # Last, in the ledger's statement: every batch waits for the pool's row, which is then
-            # held only until the commit. The draw fails when a concurrent batch spent what this
-            # one counted on; never with the pool locked, when it cannot have moved.
-            try:
-                await ledger.apply_balance_changes(conn, changes, draw=ledger.PoolDraw(budget.pool_id, drawn))
-            except ledger.PoolShort:
-                raise PoolRaced(pool_name) from None
+def _writes(sessions: dict[int, queries.SessionForReward], accepted: list[queries.NewReward],
+            ) -> tuple[list[ledger.BalanceChange], list[tuple[str, str, dict[str, Any]]], ledger.PoolDraw]:
+    """What booking the accepted rewards writes besides them: balance changes, events, the pool draw."""
+    changes, events = [], []
+    for new in accepted:
+        session, stored = sessions[new.session_id], new.stored()
+        changes.append(ledger.BalanceChange(session.user_id, new.value, ledger.GAME_REWARD, str(new.reward_id)))
+        if new.owner_share > 0 and session.owner_id is not None:
+            changes.append(ledger.BalanceChange(session.owner_id, new.owner_share, ledger.REVENUE_SHARE,
+                                                str(new.reward_id)))
+        data = reward_event(session, stored)
+        events += [(game_channel(session.game_id), REWARD_EARNED, data),
+                   (session_channel(session.session_id), REWARD_EARNED, data)]
+    drawn = sum((r.value + r.owner_share for r in accepted), Decimal(0))
+    return changes, events, ledger.PoolDraw(accepted[0].pool_id, drawn)
+
+
+def _results(outcomes: list[Outcome], accepted: dict[tuple[int, int], queries.NewReward],
+             ) -> tuple[list[dict[str, Any] | HubError], int]:
     results: list[dict[str, Any] | HubError] = []
     for outcome in outcomes:
         if isinstance(outcome, HubError):
@@ -507,8 +503,47 @@ async def _book(conn: asyncpg.Connection, batch: list[RewardReport], pool_name: 
         elif isinstance(outcome, queries.StoredReward):
             results.append(reward_ack(outcome))
         else:
-            results.append(reward_ack(booked[outcome]))
+            results.append(reward_ack(accepted[outcome].stored()))
     return results, len(accepted)
+
+
+async def _book_in_one_statement(conn: asyncpg.Connection, batch: list[RewardReport], pool_name: str,
+                                 activity_step: float) -> tuple[list[dict[str, Any] | HubError], int] | None:
+    sessions, facts = await queries.read_batch(conn, ((r.session_id, r.seq) for r in batch), pool_name)
+    pool = facts.pool
+    budget = PoolBudget(pool.id if pool else None, pool_name, pool.remaining if pool else Decimal(0))
+    outcomes, accepted = decide(batch, sessions, facts, budget)
+    if accepted:
+        new_rewards = list(accepted.values())
+        seen = {session_id: sessions[session_id].rewards_earned for session_id in {r.session_id for r in new_rewards}}
+        changes, events, draw = _writes(sessions, new_rewards)
+        moved = await queries.book_batch(conn, new_rewards, seen, events, changes, draw, activity_step)
+        if moved is not None:
+            log.debug("reward_batch_read_again", reason=moved, size=len(batch))
+            return None
+    return _results(outcomes, accepted)
+
+
+async def _book(conn: asyncpg.Connection, batch: list[RewardReport], pool_name: str, activity_step: float, *,
+                lock_pool: bool) -> tuple[list[dict[str, Any] | HubError], int]:
+    async with conn.transaction():
+        sessions, facts = await queries.lock_batch(conn, ((r.session_id, r.seq) for r in batch), pool_name)
+        # Sessions first, then the pool, then the users (the ledger): the same order as every batch.
+        pool = await queries.reward_pool(conn, pool_name, lock=True) if lock_pool else facts.pool
+        budget = PoolBudget(pool.id if pool else None, pool_name, pool.remaining if pool else Decimal(0))
+        outcomes, accepted = decide(batch, sessions, facts, budget)
+        if accepted:
+            new_rewards = list(accepted.values())
+            changes, events, draw = _writes(sessions, new_rewards)
+            await queries.insert_rewards(conn, new_rewards, events, activity_step)
+            # Last, in the ledger's statement: every batch waits for the pool's row, which is then
+            # held only until the commit. The draw fails when a concurrent batch spent what this
+            # one counted on; never with the pool locked, when it cannot have moved.
+            try:
+                await ledger.apply_balance_changes(conn, changes, draw=draw)
+            except ledger.PoolShort:
+                raise PoolRaced(pool_name) from None
+    return _results(outcomes, accepted)
 
 
 async def report_reward(app: web.Application, caller: GameCaller, session_id: int,
