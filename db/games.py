@@ -457,11 +457,13 @@ _SESSION_TOTALS = """totals AS (
            last_activity_at = CASE WHEN s.last_activity_at < now() - make_interval(secs => ${step})
                                    THEN now() ELSE s.last_activity_at END
       FROM (SELECT session_id, max(session_total) AS total, count(*) AS n FROM new GROUP BY session_id) v
-     WHERE s.session_id = v.session_id)"""
+     WHERE s.session_id = v.session_id
+    RETURNING 1)"""
 _INSERT_REWARDS = """inserted AS (
     INSERT INTO game_rewards (reward_id, game_id, player_wallet, reward_type, reward_value, session_id, seq,
                               session_total, pool_id, owner_share, created_at)
-    SELECT * FROM new)"""
+    SELECT * FROM new
+    RETURNING 1)"""
 
 
 def _reward_arrays(rewards: list[NewReward]) -> tuple[list, ...]:
@@ -483,6 +485,12 @@ async def insert_rewards(conn: asyncpg.Connection, rewards: list[NewReward],
             SELECT pg_notify($16, '')""",
         *_reward_arrays(rewards), float(activity_step), *outbox.event_arrays(events), outbox.NOTIFY_CHANNEL)
 
+
+# The draw's condition reads the other writes, so PostgreSQL runs them first: the pool's row, which
+# every batch waits for, is then locked for the draw and the ledger only, not for inserting the
+# rewards and their events.
+_AFTER_THE_WRITES = """(SELECT count(*) FROM claimed) = cardinality($12::int[])
+    AND (SELECT count(*) FROM totals) + (SELECT count(*) FROM inserted) + (SELECT count(*) FROM queued) > 0"""
 
 # Why book_batch wrote nothing (hub_abort's reason, from migration 0028).
 SESSIONS_MOVED = "sessions_moved"
@@ -512,11 +520,11 @@ async def book_batch(conn: asyncpg.Connection, rewards: list[NewReward], seen: d
                     SELECT s.session_id FROM game_sessions s JOIN seen ON seen.session_id = s.session_id
                      WHERE s.rewards_earned = seen.total AND s.status = '{ACTIVE}'
                      ORDER BY s.session_id FOR UPDATE OF s),
-                drawn AS ({ledger.pool_draw(14, 15, when="(SELECT count(*) FROM claimed) = cardinality($12::int[])")}),
-                {ledger.balance_changes(16, after="drawn")},
                 {_SESSION_TOTALS.format(step=20)},
                 {_INSERT_REWARDS},
-                queued AS ({outbox.queue_events(21)})
+                queued AS ({outbox.queue_events(21)} RETURNING 1),
+                drawn AS ({ledger.pool_draw(14, 15, when=_AFTER_THE_WRITES)}),
+                {ledger.balance_changes(16, after="drawn")}
             SELECT CASE WHEN (SELECT count(*) FROM claimed) <> cardinality($12::int[]) THEN hub_abort($24)
                         WHEN NOT EXISTS (SELECT FROM drawn) THEN hub_abort($25)
                         WHEN (SELECT count(*) FROM moved) <> $26 THEN hub_abort($27) END,

@@ -1,20 +1,24 @@
 """Earn-to-play rules: game tokens, sessions, batched reward ingest, leaderboards, idle sweeps.
 
 Rewards are minted balance, so every one is booked exactly once: it is keyed by
-`(session_id, seq)`, checked against the game's policy while its session row is locked, and
-written with the session's new total, the player's balance change and a ledger row in one
-transaction (with its `reward_earned` events in the outbox). Reports are queued and booked in
-batches: under load one transaction books many of them, so throughput does not stop at one
-transaction per reward; a single report is simply a batch of one.
+`(session_id, seq)`, checked against the game's policy, and written with the session's new total,
+the player's balance change and a ledger row in one transaction (with its `reward_earned` events
+in the outbox). Reports are queued and booked in batches: under load one transaction books many of
+them, so throughput does not stop at one transaction per reward; a single report is simply a batch
+of one.
 
 Every reward is drawn from the `gaming` reward pool (GAMING_POOL; no column links a game to a
 pool), together with the game owner's revenue share on it: `reward * games.revenue_share`,
 truncated to 8 decimals, paid to `games.owner_id` (none when the game has no owner). A reward the
-pool cannot cover is refused (`conflict`, `reason: pool_exhausted`) and books nothing. The draw is a
-compare-and-set on the pool row made in the ledger's statement, the transaction's last (after the
-rewards are written, before the balances move: pool before users, as admin grants lock them), so
-concurrent batches serialise on the pool only for that statement and the commit; a batch that loses
-the race is booked again with the pool locked from the start, so it never overdraws.
+pool cannot cover is refused (`conflict`, `reason: pool_exhausted`) and books nothing.
+
+Every batch waits for the pool's row (and for the owner's balance), so a batch is first decided on
+an unlocked read and booked in one statement outside a transaction block (db/games.py,
+book_batch): those locks then last only while that statement runs, and the statement writes
+nothing unless each session's total is still the one read and the pool still covers the draw
+(compare-and-set). A batch for which either moved is decided again with its sessions locked, the
+draw being the last statement of that transaction; one that loses the pool's race again is booked
+with the pool locked from the start, so it never overdraws.
 """
 
 from __future__ import annotations
