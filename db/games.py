@@ -348,7 +348,7 @@ def _batch_statement(sessions: str, *, with_sessions: bool) -> str:
 
     A minute window costs three index probes instead of summing the session's last minute of
     rewards (at 3,500 rewards/s that read 7,000 rows a batch): a session's `created_at` never goes
-    back (insert_rewards), so its rewards before the window are a prefix of them in booking order,
+    back (BatchFacts.stamp), so its rewards before the window are a prefix of them in booking order,
     and the window's sum is the latest running total less the total at the last reward before the
     window. Ties (one batch's rewards share a time) go to the higher total, the later reward:
     totals only grow, and (session_id, created_at, session_total) is indexed in that order.
@@ -386,7 +386,7 @@ _READ_FACTS = _batch_statement("SELECT DISTINCT unnest($1::int[]) AS session_id"
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class BatchFacts:
-    """What a reward batch is decided on, read once its sessions are locked."""
+    """What a reward batch is decided on, read with its sessions (locked or not)."""
 
     now: dt.datetime  # the transaction's clock
     existing: dict[tuple[int, int], StoredReward]  # rewards already booked under the batch's keys

@@ -247,6 +247,40 @@ async def test_a_batch_that_loses_the_race_for_the_pool_is_decided_again(db, db_
     assert await db.fetchval("SELECT count(*) FROM balance_ledger") == 1  # the grant's
 
 
+async def test_an_owner_gone_between_the_read_and_the_booking_writes_nothing_then_books_without_the_share(
+        db, db_dsn, monkeypatch):
+    pool_id = await gaming_pool(db, 100)
+    game_id, owner_id = await _game(db, "0.1")
+    [session_id] = await _players(db, game_id, 1)
+    real_read_batch = game_queries.read_batch
+    reads = []
+
+    async def read_then_delete_the_owner(conn, keys, pool_name):
+        read = await real_read_batch(conn, keys, pool_name)
+        reads.append(read)
+        await db.execute("DELETE FROM users WHERE id = $1", owner_id)  # games.owner_id becomes NULL
+        return read
+
+    monkeypatch.setattr(game_queries, "read_batch", read_then_delete_the_owner)
+    booker = await asyncpg.connect(db_dsn)
+    try:
+        await init_connection(booker)
+        [ack], new = await games.book_rewards(booker, [games.RewardReport(
+            game_id=game_id, session_id=session_id, seq=1, reward_type="coin", value=Decimal(10))])
+    finally:
+        await booker.close()
+    # Decided with the owner's share, refused by the statement (nothing half-written), then decided
+    # again with the sessions locked, where the game has no owner any more.
+    [(sessions, _)] = reads
+    assert sessions[session_id].owner_id == owner_id
+    assert new == 1 and ack["value"] == "10.00000000"
+    assert await pool_state(db, pool_id) == (Decimal(100), Decimal(10))
+    assert await db.fetchval("SELECT owner_share FROM game_rewards") == 0
+    assert [tuple(r) for r in await db.fetch("SELECT reason, delta FROM balance_ledger")] == [
+        ("game_reward", Decimal(10))]
+    assert await db.fetchval("SELECT count(*) FROM event_outbox") == 2
+
+
 async def test_allocations_are_listed_for_their_user_and_for_admins(client, db):
     admin = await make_admin(client, db)
     alice, bob = await register(client), await register(client)

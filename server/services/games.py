@@ -371,6 +371,11 @@ class PoolBudget:
     name: str
     remaining: Decimal
 
+    @classmethod
+    def of(cls, pool: chain_queries.RewardPool | None, name: str) -> PoolBudget:
+        """The budget of pool `name` as read (None: there is no such pool)."""
+        return cls(pool.id if pool else None, name, pool.remaining if pool else Decimal(0))
+
 
 class PoolRaced(Exception):
     """The pool was drawn by someone else after the batch read it (book again with the pool locked)."""
@@ -514,9 +519,7 @@ def _results(outcomes: list[Outcome], accepted: dict[tuple[int, int], queries.Ne
 async def _book_in_one_statement(conn: asyncpg.Connection, batch: list[RewardReport], pool_name: str,
                                  activity_step: float) -> tuple[list[dict[str, Any] | HubError], int] | None:
     sessions, facts = await queries.read_batch(conn, ((r.session_id, r.seq) for r in batch), pool_name)
-    pool = facts.pool
-    budget = PoolBudget(pool.id if pool else None, pool_name, pool.remaining if pool else Decimal(0))
-    outcomes, accepted = decide(batch, sessions, facts, budget)
+    outcomes, accepted = decide(batch, sessions, facts, PoolBudget.of(facts.pool, pool_name))
     if accepted:
         new_rewards = list(accepted.values())
         seen = {session_id: sessions[session_id].rewards_earned for session_id in {r.session_id for r in new_rewards}}
@@ -534,8 +537,7 @@ async def _book(conn: asyncpg.Connection, batch: list[RewardReport], pool_name: 
         sessions, facts = await queries.lock_batch(conn, ((r.session_id, r.seq) for r in batch), pool_name)
         # Sessions first, then the pool, then the users (the ledger): the same order as every batch.
         pool = await queries.reward_pool(conn, pool_name, lock=True) if lock_pool else facts.pool
-        budget = PoolBudget(pool.id if pool else None, pool_name, pool.remaining if pool else Decimal(0))
-        outcomes, accepted = decide(batch, sessions, facts, budget)
+        outcomes, accepted = decide(batch, sessions, facts, PoolBudget.of(pool, pool_name))
         if accepted:
             new_rewards = list(accepted.values())
             changes, events, draw = _writes(sessions, new_rewards)
