@@ -48,8 +48,9 @@ def event_arrays(events: list[tuple[str, str, dict[str, Any]]]) -> tuple[list[st
 
 async def enqueue_many(conn: asyncpg.Connection, events: list[tuple[str, str, dict[str, Any]]]) -> None:
     """Add many (channel, type, data) events in one statement, inside the caller's transaction."""
-    await conn.execute(f"WITH queued AS ({queue_events(1)} RETURNING id) SELECT count(*) FROM queued, pg_notify($4, '')",
-                       *event_arrays(events), NOTIFY_CHANNEL)
+    await conn.execute(
+        f"WITH queued AS ({queue_events(1)} RETURNING id) SELECT count(*) FROM queued, pg_notify($4, '')",
+        *event_arrays(events), NOTIFY_CHANNEL)
 
 
 async def take_batch(conn: asyncpg.Connection, limit: int) -> list[OutboxEvent]:
