@@ -89,6 +89,7 @@ from socketio.exceptions import TimeoutError as AckTimeout  # noqa: E402
 
 from bench.fanout import NODE_DIR, Proc, ensure_node_modules, free_port, load_average  # noqa: E402
 from bench.rewards import admin, with_database  # noqa: E402
+from db import outbox  # noqa: E402
 from server.core import wallets  # noqa: E402
 from server.realtime.hub import HISTORY_GAP_EVENT  # noqa: E402
 from server.services.chain import (  # noqa: E402
@@ -582,7 +583,7 @@ async def outbox_backlog(dsn: str) -> int:
     """Events still waiting in the outbox."""
     conn = await asyncpg.connect(dsn)
     try:
-        return await conn.fetchval("SELECT count(*) FROM event_outbox")
+        return await outbox.pending_count(conn)
     finally:
         await conn.close()
 

@@ -14,7 +14,8 @@ After `--warmup` seconds, the run counts for `--duration` seconds:
 - p50/p99/max ack latency: from emit to ack, client side (includes the socket and the batch wait);
 - afterwards, the database is checked: rewards booked = acks, and the players' balances and the
   ledger both sum to the rewards; the outbox backlog when the load stops shows whether event
-  publishing (two lossless `reward_earned` per reward, through the outbox relay) kept up, and
+  publishing (two lossless `reward_earned` per reward, on the game's and the session's channels,
+  through the outbox relay) kept up, and
   the relay's rate while it drains the backlog is printed (up to 30 s).
 
 The setup (players, game, sessions) is written straight into the database: the figure is the
@@ -51,6 +52,7 @@ import asyncpg  # noqa: E402
 from bench.cluster import fresh_database, hub_cluster  # noqa: E402
 from bench.fanout import cpu_seconds  # noqa: E402
 from bench.lean_socket import LeanSocket  # noqa: E402
+from db.outbox import pending_count  # noqa: E402
 from server.services.games import new_token  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -226,12 +228,12 @@ def percentile(values: list[float], q: float) -> float:
 async def check(dsn: str, acked: int, drain_timeout: float = 30.0) -> dict:
     conn = await asyncpg.connect(dsn)
     try:
-        backlog = await conn.fetchval("SELECT count(*) FROM event_outbox")
+        backlog = await pending_count(conn)
         started = time.monotonic()
         left = backlog
         while left and time.monotonic() - started < drain_timeout:
             await asyncio.sleep(0.2)
-            left = await conn.fetchval("SELECT count(*) FROM event_outbox")
+            left = await pending_count(conn)
         drained = backlog - left
         row = await conn.fetchrow(
             """SELECT (SELECT count(*) FROM game_rewards) AS rewards,

@@ -475,10 +475,10 @@ def _reward_arrays(rewards: list[NewReward]) -> tuple[list, ...]:
 
 
 async def insert_rewards(conn: asyncpg.Connection, rewards: list[NewReward],
-                         events: list[tuple[str, str, dict[str, Any]]], activity_step: float = 0.0) -> None:
+                         events: Sequence[outbox.QueuedEvent], activity_step: float = 0.0) -> None:
     """Write accepted rewards, their sessions' new totals (the latest running total, the count of
     new rewards, the activity time at most once per `activity_step` seconds) and their
-    (channel, type, data) events, in one statement, inside the caller's transaction."""
+    queued events, in one statement, inside the caller's transaction."""
     await conn.execute(
         f"""WITH {_NEW_REWARDS}, {_SESSION_TOTALS.format(step=12)}, {_INSERT_REWARDS},
                  queued AS ({outbox.queue_events(13)})
@@ -499,7 +499,7 @@ UNKNOWN_ACCOUNT = "unknown_account"
 
 
 async def book_batch(conn: asyncpg.Connection, rewards: list[NewReward], seen: dict[int, Decimal],
-                     events: list[tuple[str, str, dict[str, Any]]], changes: Sequence[ledger.BalanceChange],
+                     events: Sequence[outbox.QueuedEvent], changes: Sequence[ledger.BalanceChange],
                      draw: ledger.PoolDraw, activity_step: float = 0.0) -> str | None:
     """Book a batch decided on an unlocked read (read_batch) in one statement: its rewards, their
     sessions' totals, their events, the pool draw and the balance changes. Returns None when booked,

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Sequence
 
 import asyncpg
 
 from server.core import jsonutil
 
 NOTIFY_CHANNEL = "hub_outbox"
+
+# What a caller queues: (channel, type, data), or (channels, type, data) for an event that goes to
+# several channels with the same data (stored once, published to each in order).
+QueuedEvent = tuple[str | Sequence[str], str, dict[str, Any]]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -20,6 +24,12 @@ class OutboxEvent:
     channel: str
     type: str
     data: dict[str, Any]
+    also_channels: tuple[str, ...] = ()
+
+    @property
+    def channels(self) -> tuple[str, ...]:
+        """Every channel the event goes to, in order."""
+        return (self.channel, *self.also_channels)
 
 
 async def enqueue(conn: asyncpg.Connection, channel: str, type: str, data: dict[str, Any]) -> int:
@@ -36,18 +46,21 @@ def queue_events(channels: int) -> str:
     next (types) and the one after (JSON data): a CTE for a caller whose statement writes its state
     change and its events together, in one round trip. That statement must also call
     `pg_notify(NOTIFY_CHANNEL, '')`, which wakes the relay at commit."""
-    return f"""INSERT INTO event_outbox (channel, type, data)
-               SELECT c, t, d::jsonb FROM unnest(${channels}::text[], ${channels + 1}::text[], ${channels + 2}::text[])
-                                         AS e(c, t, d)"""
+    # An event's channels travel as one space-separated string (no channel name holds a space).
+    return f"""INSERT INTO event_outbox (channel, also_channels, type, data)
+               SELECT cs[1], cs[2:], t, d::jsonb
+                 FROM unnest(${channels}::text[], ${channels + 1}::text[], ${channels + 2}::text[]) AS e(c, t, d),
+                      string_to_array(c, ' ') AS cs"""
 
 
-def event_arrays(events: list[tuple[str, str, dict[str, Any]]]) -> tuple[list[str], list[str], list[str]]:
-    """(channel, type, data) events as the three parameters of `queue_events`."""
-    return [e[0] for e in events], [e[1] for e in events], [jsonutil.dumps(e[2]) for e in events]
+def event_arrays(events: Sequence[QueuedEvent]) -> tuple[list[str], list[str], list[str]]:
+    """Queued events as the three parameters of `queue_events`."""
+    return ([e[0] if isinstance(e[0], str) else " ".join(e[0]) for e in events], [e[1] for e in events],
+            [jsonutil.dumps(e[2]) for e in events])
 
 
-async def enqueue_many(conn: asyncpg.Connection, events: list[tuple[str, str, dict[str, Any]]]) -> None:
-    """Add many (channel, type, data) events in one statement, inside the caller's transaction."""
+async def enqueue_many(conn: asyncpg.Connection, events: Sequence[QueuedEvent]) -> None:
+    """Add many events in one statement, inside the caller's transaction."""
     await conn.execute(
         f"WITH queued AS ({queue_events(1)} RETURNING id) SELECT count(*) FROM queued, pg_notify($4, '')",
         *event_arrays(events), NOTIFY_CHANNEL)
@@ -59,11 +72,12 @@ async def take_batch(conn: asyncpg.Connection, limit: int) -> list[OutboxEvent]:
     rows = await conn.fetch(
         """DELETE FROM event_outbox WHERE id IN (
                SELECT id FROM event_outbox ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)
-           RETURNING id, channel, type, data""",
+           RETURNING id, channel, type, data, also_channels""",
         limit)
-    return sorted((OutboxEvent(**dict(row)) for row in rows), key=lambda event: event.id)
+    return sorted((OutboxEvent(row[0], row[1], row[2], row[3], tuple(row[4])) for row in rows),
+                  key=lambda event: event.id)
 
 
 async def pending_count(conn: asyncpg.Connection) -> int:
-    """How many events wait for the relay (a metric worth alerting on)."""
-    return await conn.fetchval("SELECT count(*) FROM event_outbox")
+    """How many events wait for the relay, counted per channel (a metric worth alerting on)."""
+    return await conn.fetchval("SELECT coalesce(sum(1 + cardinality(also_channels)), 0) FROM event_outbox")

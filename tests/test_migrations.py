@@ -73,3 +73,22 @@ def test_concurrent_upgrades_do_not_collide(empty_db, tmp_path):
     outputs = [process.communicate(timeout=60)[0] for process in processes]
     assert [process.returncode for process in processes] == [0, 0], outputs
     assert SEED_TABLES <= asyncio.run(_tables(empty_db))
+
+
+async def _rows(dsn: str, sql: str) -> list[tuple]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return [tuple(row) for row in await conn.fetch(sql)]
+    finally:
+        await conn.close()
+
+
+def test_downgrading_the_outbox_channels_keeps_every_waiting_event_on_every_channel(empty_db):
+    migrate.upgrade(empty_db, "0029")
+    asyncio.run(_rows(empty_db, """INSERT INTO event_outbox (channel, also_channels, type, data)
+                                   VALUES ('game:1', '{session:7,user:x}', 'reward_earned', '{"n": 1}'),
+                                          ('game:1', '{}', 'session_ended', '{"n": 2}') RETURNING id"""))
+    migrate.downgrade(empty_db, "0028")
+    assert asyncio.run(_rows(empty_db, "SELECT channel, type, data FROM event_outbox ORDER BY id")) == [
+        ("game:1", "reward_earned", '{"n": 1}'), ("game:1", "session_ended", '{"n": 2}'),
+        ("session:7", "reward_earned", '{"n": 1}'), ("user:x", "reward_earned", '{"n": 1}')]

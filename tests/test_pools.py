@@ -278,7 +278,8 @@ async def test_an_owner_gone_between_the_read_and_the_booking_writes_nothing_the
     assert await db.fetchval("SELECT owner_share FROM game_rewards") == 0
     assert [tuple(r) for r in await db.fetch("SELECT reason, delta FROM balance_ledger")] == [
         ("game_reward", Decimal(10))]
-    assert await db.fetchval("SELECT count(*) FROM event_outbox") == 2
+    assert [tuple(r) for r in await db.fetch("SELECT channel, also_channels, type FROM event_outbox")] == [
+        (games.game_channel(game_id), [games.session_channel(session_id)], games.REWARD_EARNED)]
 
 
 async def test_allocations_are_listed_for_their_user_and_for_admins(client, db):

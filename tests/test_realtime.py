@@ -235,6 +235,26 @@ async def test_outbox_event_committed_before_a_crash_is_published_after_restart(
     assert await heights() == [42, 43, 44]
 
 
+async def test_an_outbox_event_for_several_channels_is_stored_once_and_published_on_each_in_order(client):
+    async with client.app[POOL].acquire() as conn:
+        async with conn.transaction():
+            await outbox.enqueue_many(conn, [(("game:1", "session:7"), "reward_earned", {"n": 1}),
+                                             ("session:7", "session_ended", {"n": 2})])
+            assert await conn.fetchval("SELECT count(*) FROM event_outbox") == 2
+            assert await outbox.pending_count(conn) == 3
+    realtime = client.app[REALTIME]
+
+    async def published(channel: str) -> list[tuple[str, int]]:
+        return [(e.type, e.data["n"]) for e in (await realtime.replay(channel, "0-0")).events]
+
+    for _ in range(200):
+        if len(await published("session:7")) == 2:
+            break
+        await asyncio.sleep(0.025)
+    assert await published("game:1") == [("reward_earned", 1)]
+    assert await published("session:7") == [("reward_earned", 1), ("session_ended", 2)]
+
+
 async def test_rest_history_and_long_poll(client):
     first = await publish(client.app, "market", "datapod_published", {"n": 1})
     everything = await (await client.get("/api/v1/events", params={"channel": "market"})).json()

@@ -32,7 +32,7 @@ async def drain(conn: asyncpg.Connection, publish_many: PublishMany, batch: int)
         if events:
             # One history round trip for the whole batch; if it fails the deletion rolls back and
             # the batch is retried (events stored before the failure then appear twice).
-            await publish_many([(event.channel, event.type, event.data) for event in events])
+            await publish_many([(channel, event.type, event.data) for event in events for channel in event.channels])
     return len(events)
 
 

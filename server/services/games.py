@@ -254,8 +254,8 @@ async def end_session(app: web.Application, caller: Caller, session_id: int) -> 
         ended = await queries.close_session(conn, session_id, queries.ENDED)
         assert ended is not None  # the row is locked and was active
         data = session_ended_event(ended)
-        await outbox.enqueue_many(conn, [(game_channel(ended.game_id), SESSION_ENDED, data),
-                                            (session_channel(session_id), SESSION_ENDED, data)])
+        await outbox.enqueue_many(conn, [((game_channel(ended.game_id), session_channel(session_id)), SESSION_ENDED,
+                                          data)])
     log.info("game_session_ended", session_id=session_id)
     return ended.to_public()
 
@@ -310,11 +310,9 @@ async def sweep_idle(pool: asyncpg.Pool, idle_seconds: float) -> int:
         async with pool.acquire() as conn, conn.transaction():
             # A rewarded session's activity is recorded up to a step late: never time it out early.
             timed_out = await queries.time_out_idle(conn, idle_seconds + activity_step(idle_seconds), SWEEP_BATCH)
-            events = []
-            for session in timed_out:
-                data = session_ended_event(session)
-                events += [(game_channel(session.game_id), SESSION_ENDED, data),
-                           (session_channel(session.session_id), SESSION_ENDED, data)]
+            events: list[outbox.QueuedEvent] = [
+                ((game_channel(session.game_id), session_channel(session.session_id)), SESSION_ENDED,
+                 session_ended_event(session)) for session in timed_out]
             if events:
                 await outbox.enqueue_many(conn, events)
         total += len(timed_out)
@@ -487,18 +485,18 @@ async def book_rewards(conn: asyncpg.Connection, batch: list[RewardReport], pool
 
 
 def _writes(sessions: dict[int, queries.SessionForReward], accepted: list[queries.NewReward],
-            ) -> tuple[list[ledger.BalanceChange], list[tuple[str, str, dict[str, Any]]], ledger.PoolDraw]:
+            ) -> tuple[list[ledger.BalanceChange], list[outbox.QueuedEvent], ledger.PoolDraw]:
     """What booking the accepted rewards writes besides them: balance changes, events, the pool draw."""
-    changes, events = [], []
+    changes: list[ledger.BalanceChange] = []
+    events: list[outbox.QueuedEvent] = []
     for new in accepted:
         session, stored = sessions[new.session_id], new.stored()
         changes.append(ledger.BalanceChange(session.user_id, new.value, ledger.GAME_REWARD, str(new.reward_id)))
         if new.owner_share > 0 and session.owner_id is not None:
             changes.append(ledger.BalanceChange(session.owner_id, new.owner_share, ledger.REVENUE_SHARE,
                                                 str(new.reward_id)))
-        data = reward_event(session, stored)
-        events += [(game_channel(session.game_id), REWARD_EARNED, data),
-                   (session_channel(session.session_id), REWARD_EARNED, data)]
+        events.append(((game_channel(session.game_id), session_channel(session.session_id)), REWARD_EARNED,
+                       reward_event(session, stored)))
     drawn = sum((r.value + r.owner_share for r in accepted), Decimal(0))
     return changes, events, ledger.PoolDraw(accepted[0].pool_id, drawn)
 
