@@ -221,6 +221,8 @@ class FanoutMixin(socketio.AsyncManager):
         # A stored event's wire object holds no bytes: python-socketio's walk for attachments is
         # skipped (it cost as much as the encoding of a delta).
         binary = False if len(args) == 1 and type(args[0]) is JsonWire else None
+        if isinstance(room, str) and not self.rooms.get(namespace, {}).get(room):
+            return 0  # most session channels have no watcher on this node: nothing to encode
         pkt = self.server.packet_class(sio_packet.EVENT, namespace=namespace, data=[event] + args, binary=binary)
         encoded = _Broadcast(pkt.encode())
         return self._deliver(encoded, pkt.packet_type == sio_packet.BINARY_EVENT, namespace, room,
