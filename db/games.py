@@ -551,11 +551,17 @@ async def leaderboard(conn: asyncpg.Connection, game_id: int, since: dt.datetime
                WHERE s.game_id = $1 GROUP BY s.user_id, u.username HAVING sum(s.rewards_earned) > 0
                ORDER BY total DESC, u.username LIMIT $2""", game_id, limit)
     else:
+        # Per session not ended before `since`, its running total less the one at its last reward
+        # before `since` (its times follow its booking order: BatchFacts.stamp): an index probe per
+        # session, where summing the period's rewards read every one of them, every refresh.
         rows = await conn.fetch(
-            """SELECT s.user_id, u.username, sum(r.reward_value) AS total
-               FROM game_rewards r JOIN game_sessions s ON s.session_id = r.session_id
-               JOIN users u ON u.id = s.user_id
-               WHERE r.game_id = $1 AND r.created_at >= $2 GROUP BY s.user_id, u.username
+            """SELECT s.user_id, u.username, sum(s.rewards_earned - coalesce(before.session_total, 0)) AS total
+               FROM game_sessions s JOIN users u ON u.id = s.user_id
+               LEFT JOIN LATERAL (
+                   SELECT r.session_total FROM game_rewards r WHERE r.session_id = s.session_id AND r.created_at < $2
+                   ORDER BY r.created_at DESC, r.session_total DESC LIMIT 1) before ON true
+               WHERE s.game_id = $1 AND (s.session_end IS NULL OR s.session_end >= $2)
+               GROUP BY s.user_id, u.username HAVING sum(s.rewards_earned - coalesce(before.session_total, 0)) > 0
                ORDER BY total DESC, u.username LIMIT $3""", game_id, since, limit)
     return [LeaderboardEntry(**dict(row)) for row in rows]
 

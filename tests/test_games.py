@@ -441,6 +441,37 @@ async def test_a_spectator_sees_rewards_and_leaderboard_changes(client, db, sock
     assert [x["total"] for x in rest["data"]["entries"]] == ["40.00000000", "15.00000000"]
 
 
+async def test_a_period_leaderboard_counts_the_rewards_in_the_period_and_skips_sessions_ended_before_it(
+        client, db, sockets):
+    admin = await make_admin(client, db)
+    game, token = await create_game(client, admin)
+    server = await game_server(client, sockets, token)
+    (alice, alice_sock), (bob, bob_sock), (_, carol_sock) = [await player(client, sockets) for _ in range(3)]
+    alice_session, bob_old, carol_session = [await start(sock, game["game_id"])
+                                             for sock in (alice_sock, bob_sock, carol_sock)]
+    for seq, value in ((1, "10"), (2, "20"), (3, "30")):
+        assert (await reward(server, alice_session, seq, value))["ok"]
+    assert (await reward(server, bob_old, 1, "40"))["ok"]
+    assert (await bob_sock.call("/games", "end_session", {"session_id": bob_old}))["ok"]
+    assert (await reward(server, carol_session, 1, "7"))["ok"]
+    # Two hours back: alice's first two rewards, carol's only one and bob's whole first session.
+    await db.execute("""UPDATE game_rewards SET created_at = created_at - interval '2 hours'
+                        WHERE seq < 3 AND session_id = $1 OR session_id IN ($2, $3)""",
+                     alice_session, bob_old, carol_session)
+    await db.execute("""UPDATE game_sessions SET session_start = session_start - interval '2 hours',
+                                                 session_end = session_end - interval '2 hours'
+                        WHERE session_id = $1""", bob_old)
+    bob_new = await start(bob_sock, game["game_id"])
+    assert (await reward(server, bob_new, 1, "5"))["ok"]
+
+    async def board(since) -> list[tuple[str, Decimal]]:
+        return [(e.username, e.total) for e in await game_queries.leaderboard(db, game["game_id"], since, 10)]
+
+    hour_ago = await db.fetchval("SELECT now() - interval '1 hour'")
+    assert await board(hour_ago) == [(alice["user"]["username"], Decimal(30)), (bob["user"]["username"], Decimal(5))]
+    assert [total for _, total in await board(None)] == [Decimal(60), Decimal(45), Decimal(7)]
+
+
 async def test_developer_games_wait_for_an_admin_and_rest_sessions_work(client, db, sockets):
     admin = await make_admin(client, db)
     developer = await register(client)
