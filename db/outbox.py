@@ -7,8 +7,6 @@ from typing import Any, Sequence
 
 import asyncpg
 
-from server.core import jsonutil
-
 NOTIFY_CHANNEL = "hub_outbox"
 
 # What a caller queues: (channel, type, data), or (channels, type, data) for an event that goes to
@@ -41,29 +39,28 @@ async def enqueue(conn: asyncpg.Connection, channel: str, type: str, data: dict[
         channel, type, data, NOTIFY_CHANNEL)
 
 
-def queue_events(channels: int) -> str:
-    """A statement queuing the events given as three text[] parameters, $channels (channels), the
-    next (types) and the one after (JSON data): a CTE for a caller whose statement writes its state
-    change and its events together, in one round trip. That statement must also call
-    `pg_notify(NOTIFY_CHANNEL, '')`, which wakes the relay at commit."""
+def queue_events(param: int) -> str:
+    """A statement queuing the events in the JSON parameter $`param` (see `event_rows`): a CTE for
+    a caller whose statement writes its state change and its events together, in one round trip.
+    That statement must also call `pg_notify(NOTIFY_CHANNEL, '')`, which wakes the relay at commit."""
     # An event's channels travel as one space-separated string (no channel name holds a space).
     return f"""INSERT INTO event_outbox (channel, also_channels, type, data)
-               SELECT cs[1], cs[2:], t, d::jsonb
-                 FROM unnest(${channels}::text[], ${channels + 1}::text[], ${channels + 2}::text[]) AS e(c, t, d),
-                      string_to_array(c, ' ') AS cs"""
+               SELECT cs[1], cs[2:], e.t, e.d
+                 FROM json_to_recordset(${param}::json) AS e(c text, t text, d jsonb),
+                      string_to_array(e.c, ' ') AS cs"""
 
 
-def event_arrays(events: Sequence[QueuedEvent]) -> tuple[list[str], list[str], list[str]]:
-    """Queued events as the three parameters of `queue_events`."""
-    return ([e[0] if isinstance(e[0], str) else " ".join(e[0]) for e in events], [e[1] for e in events],
-            [jsonutil.dumps(e[2]) for e in events])
+def event_rows(events: Sequence[QueuedEvent]) -> list[dict[str, Any]]:
+    """Queued events as the parameter of `queue_events` (encoded with the data, in one call)."""
+    return [{"c": channel if isinstance(channel, str) else " ".join(channel), "t": type, "d": data}
+            for channel, type, data in events]
 
 
 async def enqueue_many(conn: asyncpg.Connection, events: Sequence[QueuedEvent]) -> None:
     """Add many events in one statement, inside the caller's transaction."""
     await conn.execute(
-        f"WITH queued AS ({queue_events(1)} RETURNING id) SELECT count(*) FROM queued, pg_notify($4, '')",
-        *event_arrays(events), NOTIFY_CHANNEL)
+        f"WITH queued AS ({queue_events(1)} RETURNING id) SELECT count(*) FROM queued, pg_notify($2, '')",
+        event_rows(events), NOTIFY_CHANNEL)
 
 
 async def take_batch(conn: asyncpg.Connection, limit: int) -> list[OutboxEvent]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import uuid
 from decimal import Decimal
 from typing import Any
 
@@ -12,6 +13,8 @@ import orjson
 def _default(value: Any) -> Any:
     if isinstance(value, Decimal):
         return format(value, "f")  # str() would write a zero of NUMERIC(20,9) as "0E-9"
+    if isinstance(value, uuid.UUID):  # asyncpg's own UUID subclass, which orjson does not know
+        return str(value)
     if isinstance(value, (set, frozenset)):
         return sorted(value)
     if isinstance(value, (bytes, bytearray, memoryview)):
