@@ -121,7 +121,7 @@ async def realtime_ctx(app: web.Application) -> AsyncIterator[None]:
         app[SIO], history, presence, RealtimeLimits(
             max_channels_per_connection=settings.max_channels_per_connection,
             max_connections_per_user=settings.max_connections_per_user),
-        node_id=node_id, on_published=lambda event: metrics.events_out.labels(event.type).inc())
+        node_id=node_id, on_published=lambda event: metrics.event_out(event.type).inc())
     for namespace_class in handlers.NAMESPACES:
         realtime.register(namespace_class.name, namespace_class.channels)
     tasks = [asyncio.create_task(health.run_with_backoff(

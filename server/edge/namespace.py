@@ -217,8 +217,8 @@ class HubNamespace(socketio.AsyncNamespace):
             metrics = self.app[METRICS]
             known = outcome != "not_found" or hasattr(self, f"on_{event}")
             label = event if known else "unknown"
-            metrics.events_in.labels(self.name, label, outcome).inc()
-            metrics.handler_seconds.labels(self.name, label).observe(time.perf_counter() - started)
+            metrics.event_in(self.name, label, outcome).inc()
+            metrics.handler_time(self.name, label).observe(time.perf_counter() - started)
             structlog.contextvars.unbind_contextvars("sid")
 
     async def _dispatch(self, event: str, sid: str, payload: Any, extra_args: bool) -> Any:
