@@ -344,7 +344,7 @@ _SESSIONS = """SELECT s.session_id, s.game_id, s.user_id, s.player_wallet, s.sta
 
 def _batch_statement(sessions: str, *, with_sessions: bool) -> str:
     """What a batch is decided on, for the sessions `sessions` selects; `with_sessions`: also those
-    sessions' rows and ids reserved for the batch's new rewards.
+    sessions' rows (with their games' policies) and ids reserved for the batch's new rewards.
 
     A minute window costs three index probes instead of summing the session's last minute of
     rewards (at 3,500 rewards/s that read 7,000 rows a batch): a session's `created_at` never goes
@@ -352,7 +352,15 @@ def _batch_statement(sessions: str, *, with_sessions: bool) -> str:
     and the window's sum is the latest running total less the total at the last reward before the
     window. Ties (one batch's rewards share a time) go to the higher total, the later reward:
     totals only grow, and (session_id, created_at, session_total) is indexed in that order.
+
+    The time of the oldest reward in the window only tells a refused report when to retry, so it
+    is read only for a session that the batch's reports could take past its limit per minute (each
+    at most the limit per event): that probe cost as much as the other two together.
     """
+    near_limit = ("""latest.session_total - coalesce(before.session_total, 0)
+                     + b.max_reward_per_event * (SELECT count(*) FROM unnest($2::int[]) AS k(session_id)
+                                                 WHERE k.session_id = b.session_id) > b.max_reward_per_minute"""
+                  if with_sessions else "true")
     return f"""WITH batch AS ({sessions})
         SELECT now() AS now,
                {"ARRAY(SELECT ROW(b.*) FROM batch b)" if with_sessions else "NULL"} AS sessions,
@@ -366,13 +374,13 @@ def _batch_statement(sessions: str, *, with_sessions: bool) -> str:
                          SELECT session_total, created_at FROM game_rewards r WHERE r.session_id = b.session_id
                          ORDER BY r.created_at DESC, r.session_total DESC LIMIT 1) latest ON true
                      LEFT JOIN LATERAL (
-                         SELECT created_at FROM game_rewards r WHERE r.session_id = b.session_id
-                            AND r.created_at > now() - interval '60 seconds' ORDER BY r.created_at LIMIT 1
-                     ) first_in ON true
-                     LEFT JOIN LATERAL (
                          SELECT session_total FROM game_rewards r WHERE r.session_id = b.session_id
                             AND r.created_at <= now() - interval '60 seconds'
-                         ORDER BY r.created_at DESC, r.session_total DESC LIMIT 1) before ON true) AS totals,
+                         ORDER BY r.created_at DESC, r.session_total DESC LIMIT 1) before ON true
+                     LEFT JOIN LATERAL (
+                         SELECT created_at FROM game_rewards r WHERE r.session_id = b.session_id
+                            AND r.created_at > now() - interval '60 seconds' AND {near_limit}
+                          ORDER BY r.created_at LIMIT 1) first_in ON true) AS totals,
                (SELECT ROW(pool_id, pool_name, total_tokens, allocated_tokens, created_at)
                   FROM reward_pools WHERE pool_name = $4) AS pool,
                {"ARRAY(SELECT nextval(pg_get_serial_sequence('game_rewards', 'reward_id')) FROM generate_series(1, $5))"
@@ -390,7 +398,9 @@ class BatchFacts:
 
     now: dt.datetime  # the transaction's clock
     existing: dict[tuple[int, int], StoredReward]  # rewards already booked under the batch's keys
-    windows: dict[int, tuple[Decimal, dt.datetime]]  # per session: its last 60 s of rewards, and the oldest's time
+    # Per session with rewards: the sum of its last 60 s of them, and the oldest's time if the batch
+    # could reach the limit per minute (None otherwise, and when none is that recent).
+    windows: dict[int, tuple[Decimal, dt.datetime | None]]
     latest: dict[int, dt.datetime]  # per session with rewards: the time of its latest
     pool: RewardPool | None  # the pool the batch draws from, as it stood (not locked)
     reward_ids: list[int]  # ids reserved for the batch's new rewards, one per report (unused ones are gaps)
@@ -406,7 +416,7 @@ class BatchFacts:
 def _facts(row: asyncpg.Record, reward_ids: list[int]) -> tuple[BatchFacts, dict[int, Decimal]]:
     """The facts in a batch statement's row, and each session's latest running total in its snapshot."""
     existing = {(r[1], r[2]): StoredReward(*r) for r in row["existing"]}
-    windows = {session_id: (total, oldest) for session_id, _, _, total, oldest in row["totals"] if oldest is not None}
+    windows = {session_id: (total, oldest) for session_id, _, _, total, oldest in row["totals"] if total is not None}
     latest = {session_id: at for session_id, _, at, _, _ in row["totals"] if at is not None}
     totals = {session_id: total or Decimal(0) for session_id, total, _, _, _ in row["totals"]}
     pool = RewardPool(*row["pool"]) if row["pool"] else None

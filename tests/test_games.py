@@ -196,9 +196,10 @@ async def test_over_policy_reward_is_refused_and_nothing_is_written(client, db, 
     assert await written(db, session_id) == at_cap
 
 
-async def window(conn, session_id: int) -> dict:
-    """The minute window a reward batch of this session would be decided on."""
-    return (await game_queries.lock_batch(conn, [(session_id, 0)], GAMES_POOL))[1].windows
+async def window(conn, session_id: int, reports: int = 5) -> dict:
+    """The minute window a reward batch of `reports` reports of this session would be decided on
+    (by default enough to reach POLICY's limit per minute, so it reads the oldest reward's time)."""
+    return (await game_queries.lock_batch(conn, [(session_id, 0)] * reports, GAMES_POOL))[1].windows
 
 
 async def test_the_minute_window_is_exact_and_a_late_starting_batch_books_at_the_sessions_latest_time(
@@ -215,6 +216,8 @@ async def test_the_minute_window_is_exact_and_a_late_starting_batch_books_at_the
                      "WHERE session_id = $1 AND seq < 3", session_id)
     third = await db.fetchval("SELECT created_at FROM game_rewards WHERE session_id = $1 AND seq = 3", session_id)
     assert await window(db, session_id) == {session_id: (Decimal(30), third)}
+    # Three reports of at most 50 cannot take 30 past 200 a minute: the oldest's time is not read.
+    assert await window(db, session_id, reports=3) == {session_id: (Decimal(30), None)}
     # A batch whose transaction began before seq 4 was booked books after it: its reward is not
     # stamped earlier than seq 4, so the window still counts both.
     late = await asyncpg.connect(db_dsn)

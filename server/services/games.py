@@ -437,7 +437,7 @@ def _decide_one(report: RewardReport, sessions: dict[int, queries.SessionForRewa
             "max_reward_per_session", session.max_reward_per_session)
     in_window = window[report.session_id] + report.value
     if in_window > session.max_reward_per_minute:
-        oldest = facts.windows.get(report.session_id, (Decimal(0), facts.now))[1]
+        oldest = facts.windows.get(report.session_id, (Decimal(0), None))[1] or facts.now
         retry_after = max(0.1, MINUTE - (facts.now - oldest).total_seconds())
         return _policy_error(RateLimited(
             f"the session would exceed the game's maximum per minute "
