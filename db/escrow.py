@@ -45,7 +45,7 @@ class Escrow:
     resolution_note: str | None
     buyer_id: uuid.UUID
     datapod_id: uuid.UUID
-    payment_tx_digest: str
+    payment_tx_digest: str | None  # the payment it was opened with (None only on rows without one)
 
     @property
     def payee_id(self) -> uuid.UUID:
@@ -92,7 +92,7 @@ _COLUMNS = """e.id, e.purchase_id, e.seller_id, e.amount_sui, e.status, e.create
     e.settlement_tx_hash, e.fee_tx_hash, e.settled_at, e.disputed_at, e.dispute_reason, e.resolved_by,
     e.resolution_note"""
 # Statements that change a row return it through this join, so events can name both parties.
-_JOINED = f"""SELECT {_COLUMNS}, p.buyer_id, p.datapod_id, p.payment_tx_digest
+_JOINED = f"""SELECT {_COLUMNS}, p.buyer_id, p.datapod_id, e.payment_tx_digest
                 FROM changed e JOIN purchases p ON p.id = e.purchase_id"""
 
 
@@ -113,10 +113,13 @@ async def hold(conn: asyncpg.Connection, purchase_id: uuid.UUID, seller_id: uuid
     # records the money owed back in one step.
     return await _change(
         conn,
-        """INSERT INTO escrow_transactions AS e (purchase_id, seller_id, amount_sui, status, released_at)
-           VALUES ($1, $2, $3, $4::varchar, CASE WHEN $4::varchar = 'holding' THEN NULL ELSE now() END)
+        """INSERT INTO escrow_transactions AS e (purchase_id, seller_id, amount_sui, status, released_at,
+                                                 payment_tx_digest)
+           VALUES ($1, $2, $3, $4::varchar, CASE WHEN $4::varchar = 'holding' THEN NULL ELSE now() END,
+                   (SELECT payment_tx_digest FROM purchases WHERE id = $1))
            ON CONFLICT (purchase_id) DO UPDATE
               SET status = EXCLUDED.status, amount_sui = EXCLUDED.amount_sui, seller_id = EXCLUDED.seller_id,
+                  payment_tx_digest = EXCLUDED.payment_tx_digest,
                   created_at = now(), released_at = EXCLUDED.released_at, fee_amount = 0,
                   settlement_tx_hash = NULL, fee_tx_hash = NULL, settled_at = NULL, disputed_at = NULL,
                   dispute_reason = NULL, resolved_by = NULL, resolution_note = NULL
@@ -127,7 +130,7 @@ async def hold(conn: asyncpg.Connection, purchase_id: uuid.UUID, seller_id: uuid
 async def get(conn: asyncpg.Connection, purchase_id: uuid.UUID, *, lock: bool = False) -> Escrow | None:
     """The purchase's escrow (its row locked when `lock`)."""
     return _escrow(await conn.fetchrow(
-        f"""SELECT {_COLUMNS}, p.buyer_id, p.datapod_id, p.payment_tx_digest
+        f"""SELECT {_COLUMNS}, p.buyer_id, p.datapod_id, e.payment_tx_digest
               FROM escrow_transactions e JOIN purchases p ON p.id = e.purchase_id
              WHERE e.purchase_id = $1 {"FOR UPDATE OF e" if lock else ""}""", purchase_id))
 
@@ -196,7 +199,7 @@ async def release_due(conn: asyncpg.Connection, older_than_seconds: float, fee_r
 async def lock_unsettled(conn: asyncpg.Connection, limit: int) -> list[Escrow]:
     """Decided escrows whose payout is not sealed yet, oldest first, locked (others' skipped)."""
     rows = await conn.fetch(
-        f"""SELECT {_COLUMNS}, p.buyer_id, p.datapod_id, p.payment_tx_digest
+        f"""SELECT {_COLUMNS}, p.buyer_id, p.datapod_id, e.payment_tx_digest
               FROM escrow_transactions e JOIN purchases p ON p.id = e.purchase_id
              WHERE e.status IN ('released', 'refunded') AND e.settled_at IS NULL
              ORDER BY e.released_at LIMIT $1 FOR UPDATE OF e SKIP LOCKED""", limit)
@@ -236,7 +239,7 @@ async def steps(conn: asyncpg.Connection, purchase_id: uuid.UUID) -> list[Step]:
 async def disputes(conn: asyncpg.Connection, after: tuple[dt.datetime, uuid.UUID] | None, limit: int) -> list[Escrow]:
     """Open disputes, oldest first (the admin queue), after a keyset cursor."""
     rows = await conn.fetch(
-        f"""SELECT {_COLUMNS}, p.buyer_id, p.datapod_id, p.payment_tx_digest
+        f"""SELECT {_COLUMNS}, p.buyer_id, p.datapod_id, e.payment_tx_digest
               FROM escrow_transactions e JOIN purchases p ON p.id = e.purchase_id
              WHERE e.status = 'disputed'
                AND ($1::timestamptz IS NULL OR (e.disputed_at, e.id) > ($1, $2::uuid))
@@ -265,16 +268,17 @@ async def refund_unsettled(conn: asyncpg.Connection, buyer_id: uuid.UUID, datapo
 async def lifecycle_mismatches(conn: asyncpg.Connection, escrow_user_id: uuid.UUID, limit: int) -> list[str]:
     """Escrows whose money does not add up on the escrow wallet's ledger.
 
-    A settled escrow on the KVP chain nets to zero there: the payment in (its digest) minus the
-    payout (settlement and fee transfers). The wallet's balance covers every escrow still holding
+    A settled escrow on the KVP chain nets to zero there: the payment in (the digest the escrow was
+    opened with: a refunded purchase bought again gets a new one) minus the payout (settlement and
+    fee transfers). The wallet's balance covers every escrow still holding
     or decided but not yet settled, for payments made on the KVP chain (a stray transfer to it only
     adds to the balance; escrows paid on Sui hold no KVP).
     """
     rows = await conn.fetch(
         """SELECT e.purchase_id, coalesce(sum(l.delta), 0) AS net
-             FROM escrow_transactions e JOIN purchases p ON p.id = e.purchase_id
+             FROM escrow_transactions e
              LEFT JOIN balance_ledger l
-                    ON l.user_id = $1 AND l.reference IN (p.payment_tx_digest, e.settlement_tx_hash, e.fee_tx_hash)
+                    ON l.user_id = $1 AND l.reference IN (e.payment_tx_digest, e.settlement_tx_hash, e.fee_tx_hash)
             WHERE e.settled_at IS NOT NULL AND e.settlement_tx_hash IS NOT NULL
             GROUP BY e.purchase_id HAVING coalesce(sum(l.delta), 0) <> 0
             ORDER BY e.purchase_id LIMIT $2""", escrow_user_id, limit)
@@ -283,8 +287,7 @@ async def lifecycle_mismatches(conn: asyncpg.Connection, escrow_user_id: uuid.UU
     owed, balance = await conn.fetchrow(
         """SELECT (SELECT coalesce(sum(e.amount_sui), 0)
                      FROM escrow_transactions e
-                     JOIN purchases p ON p.id = e.purchase_id
-                     JOIN payment_receipts r ON r.payment_tx_digest = p.payment_tx_digest AND r.chain = 'kvp'
+                     JOIN payment_receipts r ON r.payment_tx_digest = e.payment_tx_digest AND r.chain = 'kvp'
                     WHERE e.settled_at IS NULL),
                   (SELECT total_balance FROM users WHERE id = $1)""", escrow_user_id)
     if balance is not None and balance < owed and len(problems) < limit:

@@ -390,6 +390,47 @@ def test_random_interleavings_keep_the_ledger_whole(pg_admin_dsn, template_db):
         loop.close()
 
 
+class _Drawn:
+    """Stands for hypothesis's st.data() in a scripted run: hands out the given values in order."""
+
+    def __init__(self, *values: object) -> None:
+        self.values = list(values)
+
+    def draw(self, strategy: object) -> object:
+        return self.values.pop(0)
+
+
+def test_a_refunded_purchase_bought_again_keeps_its_escrow_whole(pg_admin_dsn, template_db):
+    """The sequence hypothesis found: the purchase restarts with a new payment while its escrow is
+    still the refunded one, which must keep counting its own payment, not the new one."""
+    loop = asyncio.new_event_loop()
+    LedgerMachine.loop, LedgerMachine.admin_dsn, LedgerMachine.template = loop, pg_admin_dsn, template_db
+    machine = LedgerMachine()
+    try:
+        machine.setup()
+        machine.buy_datapod(buyer=2, seller=1)
+        [purchase_id] = machine.purchases
+        machine.seal(miner=None)
+        machine.purchase_worker()
+        machine.decide_escrow(data=_Drawn(True, purchase_id), refund=True)
+        machine.purchase_worker()
+        machine.seal(miner=None)
+        machine.buy_datapod(buyer=2, seller=1)
+        assert list(machine.purchases) == [purchase_id]  # the same row, restarted
+        machine.chain_verifies()
+        machine.balances_match_the_model_and_the_ledger()
+        machine.seal(miner=None)
+        machine.purchase_worker()
+        machine.decide_escrow(data=_Drawn(True, purchase_id), refund=False)
+        machine.purchase_worker()
+        machine.seal(miner=None)
+        machine.chain_verifies()
+        machine.balances_match_the_model_and_the_ledger()
+    finally:
+        machine.teardown()
+        loop.close()
+
+
 def test_only_the_ledger_moves_balances():
     """No module but db/ledger.py writes users.total_balance, so no flow can skip its ledger row."""
     writers = [path.relative_to(ROOT).as_posix() for folder in ("db", "server", "handlers")
