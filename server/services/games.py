@@ -386,6 +386,7 @@ def _policy_error(error: HubError, policy: str, limit: Decimal) -> HubError:
 
 # Per report: refused, a replay of a stored reward, or the key of a reward accepted now.
 Outcome = HubError | queries.StoredReward | tuple[int, int]
+Acks = dict[tuple[int, int], dict[str, Any]]  # the ack of each reward accepted now, by (session_id, seq)
 
 
 def decide(batch: list[RewardReport], sessions: dict[int, queries.SessionForReward], facts: queries.BatchFacts,
@@ -459,9 +460,9 @@ def _decide_one(report: RewardReport, sessions: dict[int, queries.SessionForRewa
     return key
 
 
-def reward_event(session: queries.SessionForReward, stored: queries.StoredReward) -> dict[str, Any]:
-    """The data of `reward_earned`."""
-    return {**reward_ack(stored), "game_id": session.game_id, "user_id": str(session.user_id),
+def reward_event(session: queries.SessionForReward, ack: dict[str, Any]) -> dict[str, Any]:
+    """The data of `reward_earned`: the reward's ack and who earned it in which game."""
+    return {**ack, "game_id": session.game_id, "user_id": str(session.user_id),
             "username": session.username, "player_wallet": session.player_wallet}
 
 
@@ -484,25 +485,27 @@ async def book_rewards(conn: asyncpg.Connection, batch: list[RewardReport], pool
         return await _book(conn, batch, pool_name, activity_step, lock_pool=True)
 
 
-def _writes(sessions: dict[int, queries.SessionForReward], accepted: list[queries.NewReward],
-            ) -> tuple[list[ledger.BalanceChange], list[outbox.QueuedEvent], ledger.PoolDraw]:
-    """What booking the accepted rewards writes besides them: balance changes, events, the pool draw."""
+def _writes(sessions: dict[int, queries.SessionForReward], accepted: dict[tuple[int, int], queries.NewReward],
+            ) -> tuple[list[ledger.BalanceChange], list[outbox.QueuedEvent], ledger.PoolDraw, Acks]:
+    """What booking the accepted rewards writes besides them (balance changes, events, the pool draw),
+    and their acks (each made once: the event carries it too)."""
     changes: list[ledger.BalanceChange] = []
     events: list[outbox.QueuedEvent] = []
-    for new in accepted:
-        session, stored = sessions[new.session_id], new.stored()
+    acks: Acks = {}
+    for key, new in accepted.items():
+        session = sessions[new.session_id]
+        ack = acks[key] = reward_ack(new.stored())
         changes.append(ledger.BalanceChange(session.user_id, new.value, ledger.GAME_REWARD, str(new.reward_id)))
         if new.owner_share > 0 and session.owner_id is not None:
             changes.append(ledger.BalanceChange(session.owner_id, new.owner_share, ledger.REVENUE_SHARE,
                                                 str(new.reward_id)))
         events.append(((game_channel(session.game_id), session_channel(session.session_id)), REWARD_EARNED,
-                       reward_event(session, stored)))
-    drawn = sum((r.value + r.owner_share for r in accepted), Decimal(0))
-    return changes, events, ledger.PoolDraw(accepted[0].pool_id, drawn)
+                       reward_event(session, ack)))
+    drawn = sum((r.value + r.owner_share for r in accepted.values()), Decimal(0))
+    return changes, events, ledger.PoolDraw(next(iter(accepted.values())).pool_id, drawn), acks
 
 
-def _results(outcomes: list[Outcome], accepted: dict[tuple[int, int], queries.NewReward],
-             ) -> tuple[list[dict[str, Any] | HubError], int]:
+def _results(outcomes: list[Outcome], acks: Acks) -> tuple[list[dict[str, Any] | HubError], int]:
     results: list[dict[str, Any] | HubError] = []
     for outcome in outcomes:
         if isinstance(outcome, HubError):
@@ -510,23 +513,24 @@ def _results(outcomes: list[Outcome], accepted: dict[tuple[int, int], queries.Ne
         elif isinstance(outcome, queries.StoredReward):
             results.append(reward_ack(outcome))
         else:
-            results.append(reward_ack(accepted[outcome].stored()))
-    return results, len(accepted)
+            results.append(acks[outcome])
+    return results, len(acks)
 
 
 async def _book_in_one_statement(conn: asyncpg.Connection, batch: list[RewardReport], pool_name: str,
                                  activity_step: float) -> tuple[list[dict[str, Any] | HubError], int] | None:
     sessions, facts = await queries.read_batch(conn, ((r.session_id, r.seq) for r in batch), pool_name)
     outcomes, accepted = decide(batch, sessions, facts, PoolBudget.of(facts.pool, pool_name))
+    acks: Acks = {}
     if accepted:
         new_rewards = list(accepted.values())
         seen = {session_id: sessions[session_id].rewards_earned for session_id in {r.session_id for r in new_rewards}}
-        changes, events, draw = _writes(sessions, new_rewards)
+        changes, events, draw, acks = _writes(sessions, accepted)
         moved = await queries.book_batch(conn, new_rewards, seen, events, changes, draw, activity_step)
         if moved is not None:
             log.debug("reward_batch_read_again", reason=moved, size=len(batch))
             return None
-    return _results(outcomes, accepted)
+    return _results(outcomes, acks)
 
 
 async def _book(conn: asyncpg.Connection, batch: list[RewardReport], pool_name: str, activity_step: float, *,
@@ -536,10 +540,10 @@ async def _book(conn: asyncpg.Connection, batch: list[RewardReport], pool_name: 
         # Sessions first, then the pool, then the users (the ledger): the same order as every batch.
         pool = await queries.reward_pool(conn, pool_name, lock=True) if lock_pool else facts.pool
         outcomes, accepted = decide(batch, sessions, facts, PoolBudget.of(pool, pool_name))
+        acks: Acks = {}
         if accepted:
-            new_rewards = list(accepted.values())
-            changes, events, draw = _writes(sessions, new_rewards)
-            await queries.insert_rewards(conn, new_rewards, events, activity_step)
+            changes, events, draw, acks = _writes(sessions, accepted)
+            await queries.insert_rewards(conn, list(accepted.values()), events, activity_step)
             # Last, in the ledger's statement: every batch waits for the pool's row, which is then
             # held only until the commit. The draw fails when a concurrent batch spent what this
             # one counted on; never with the pool locked, when it cannot have moved.
@@ -547,7 +551,7 @@ async def _book(conn: asyncpg.Connection, batch: list[RewardReport], pool_name: 
                 await ledger.apply_balance_changes(conn, changes, draw=draw)
             except ledger.PoolShort:
                 raise PoolRaced(pool_name) from None
-    return _results(outcomes, accepted)
+    return _results(outcomes, acks)
 
 
 async def report_reward(app: web.Application, caller: GameCaller, session_id: int,
