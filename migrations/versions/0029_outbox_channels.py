@@ -23,7 +23,8 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    # Events still waiting keep every channel: one row per channel, in the order the relay used.
+    # Events still waiting keep every channel: a row per extra channel, queued after every row now
+    # waiting, in the order of their events (so each channel's events keep their order).
     op.execute("""INSERT INTO event_outbox (channel, type, data, created_at)
                   SELECT extra.channel, o.type, o.data, o.created_at
                     FROM event_outbox o, unnest(o.also_channels) WITH ORDINALITY AS extra(channel, n)

@@ -490,10 +490,14 @@ class RedisHistory:
         Not atomic: if Redis fails midway, some events may be stored; callers retry the batch,
         so delivery is at least once.
         """
-        # The outbox relay publishes one event to several channels with the same data object.
+        # The outbox relay publishes one event to several channels with the same data object:
+        # encoded and decoded once.
         normalised: dict[int, tuple[bytes, dict[str, Any]]] = {}
-        prepared = [(channel, type, *(normalised.get(id(data)) or normalised.setdefault(id(data), _normalise(data))))
-                    for channel, type, data in events]
+        prepared = []
+        for channel, type, data in events:
+            if id(data) not in normalised:
+                normalised[id(data)] = _normalise(data)
+            prepared.append((channel, type, *normalised[id(data)]))
         replies = await self._appended([(channel, type, raw) for channel, type, raw, _ in prepared])
         return [self._stored(channel, type, payload, reply)
                 for reply, (channel, type, _, payload) in zip(replies, prepared)]
