@@ -50,10 +50,18 @@ def queue_events(param: int) -> str:
                       string_to_array(e.c, ' ') AS cs"""
 
 
+def _channel_list(channel: str | Sequence[str]) -> str:
+    """An event's channels as `queue_events` takes them: one space-separated string."""
+    names = (channel,) if isinstance(channel, str) else tuple(channel)
+    if not names or any(not name or " " in name for name in names):
+        # A space would split a name in two: refused here, not published to the wrong channels.
+        raise ValueError(f"an event needs channel names without spaces, got {names!r}")
+    return " ".join(names)
+
+
 def event_rows(events: Sequence[QueuedEvent]) -> list[dict[str, Any]]:
     """Queued events as the parameter of `queue_events` (encoded with the data, in one call)."""
-    return [{"c": channel if isinstance(channel, str) else " ".join(channel), "t": type, "d": data}
-            for channel, type, data in events]
+    return [{"c": _channel_list(channel), "t": type, "d": data} for channel, type, data in events]
 
 
 async def enqueue_many(conn: asyncpg.Connection, events: Sequence[QueuedEvent]) -> None:

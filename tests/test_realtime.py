@@ -253,6 +253,10 @@ async def test_an_outbox_event_for_several_channels_is_stored_once_and_published
         await asyncio.sleep(0.025)
     assert await published("game:1") == [("reward_earned", 1)]
     assert await published("session:7") == [("reward_earned", 1), ("session_ended", 2)]
+    async with client.app[POOL].acquire() as conn:
+        for channels in (("game:1", "session 7"), ()):
+            with pytest.raises(ValueError):
+                await outbox.enqueue_many(conn, [(channels, "reward_earned", {"n": 3})])
 
 
 async def test_rest_history_and_long_poll(client):
