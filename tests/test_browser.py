@@ -711,14 +711,17 @@ async def test_a_401_gets_one_refresh_and_one_retry(client, page):
     refreshes: list[int] = []
     count_refreshes(page, refreshes)
     await sign_up(page, server_url(client))
-    # The views' own first reads done: a 401 of theirs would refresh the token before the call below.
-    await page.wait_for_load_state("networkidle")
-    await page.evaluate("localStorage.setItem('hub.token', 'an.expired.token')")
     me_calls: list[int] = []
     page.on("response", lambda response: me_calls.append(response.status)
             if response.url.endswith("/api/v1/me") else None)
-    username = await page.evaluate(
-        "import('/hub.js').then(({ api }) => api('GET', '/api/v1/me')).then((me) => me.username)")
+    # The token is spoilt and the call sent in one task: a view's read still in flight cannot get a
+    # 401 and refresh the token in between (wait_for_load_state("networkidle") did not wait for
+    # them: the page's first load had reached that state already, and under load one did).
+    username = await page.evaluate("""async () => {
+        const { api } = await import('/hub.js');
+        localStorage.setItem('hub.token', 'an.expired.token');
+        return (await api('GET', '/api/v1/me')).username;
+    }""")
     assert username == await page.locator("#whoami").text_content()
     assert me_calls == [401, 200]
     assert refreshes == [200]
