@@ -443,13 +443,20 @@ def _facts(row: asyncpg.Record, reward_ids: list[int]) -> tuple[BatchFacts, dict
     return BatchFacts(row["now"], existing, windows, latest, pool, reward_ids), totals
 
 
+async def _batch_row(conn: asyncpg.Connection, statement: str, keys: Iterable[tuple[int, int]],
+                     pool_name: str) -> tuple[asyncpg.Record, list[int], list[int]]:
+    """Run a batch statement for these (session_id, seq) keys: its row, and the keys' session ids and seqs."""
+    keys = list(keys)
+    session_ids, seqs = [k[0] for k in keys], [k[1] for k in keys]
+    row = await conn.fetchrow(statement, sorted(set(session_ids)), session_ids, seqs, pool_name, len(keys))
+    return row, session_ids, seqs
+
+
 async def read_batch(conn: asyncpg.Connection, keys: Iterable[tuple[int, int]],
                      pool_name: str) -> tuple[dict[int, SessionForReward], BatchFacts]:
     """The sessions of these (session_id, seq) keys and what the batch is decided on, unlocked:
     book_batch checks that nothing it relied on moved."""
-    keys = list(keys)
-    session_ids, seqs = [k[0] for k in keys], [k[1] for k in keys]
-    row = await conn.fetchrow(_READ_BATCH, sorted(set(session_ids)), session_ids, seqs, pool_name, len(keys))
+    row, _, _ = await _batch_row(conn, _READ_BATCH, keys, pool_name)
     return _sessions(row), _facts(row, row["reward_ids"])[0]
 
 
@@ -463,9 +470,7 @@ async def lock_batch(conn: asyncpg.Connection, keys: Iterable[tuple[int, int]],
     total of that session then falls short of the locked row's, and the facts are read again by a
     statement of their own, which sees what the holder committed.
     """
-    keys = list(keys)
-    session_ids, seqs = [k[0] for k in keys], [k[1] for k in keys]
-    row = await conn.fetchrow(_LOCK_AND_READ_BATCH, sorted(set(session_ids)), session_ids, seqs, pool_name, len(keys))
+    row, session_ids, seqs = await _batch_row(conn, _LOCK_AND_READ_BATCH, keys, pool_name)
     sessions = _sessions(row)
     facts, seen = _facts(row, row["reward_ids"])
     if any(seen[session_id] != session.rewards_earned for session_id, session in sessions.items()):
