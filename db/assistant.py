@@ -157,24 +157,6 @@ async def update_settings(conn: asyncpg.Connection, conversation_id: uuid.UUID, 
         conversation_id, set_model, model, set_system_prompt, system_prompt))
 
 
-async def set_title_if_unset(conn: asyncpg.Connection, conversation_id: uuid.UUID, title: str) -> bool:
-    """Set an automatic title unless the conversation already has one; True when it was set."""
-    status = await conn.execute(
-        """UPDATE ai_conversations SET title = $2, title_auto = true
-            WHERE id = $1 AND (title IS NULL OR title = '')""", conversation_id, title)
-    return status.endswith(" 1")
-
-
-async def replace_auto_title(conn: asyncpg.Connection, conversation_id: uuid.UUID, expected: str,
-                             title: str) -> bool:
-    """Replace the automatic title `expected` by a better one; False when it changed meanwhile
-    (renamed by the user, or deleted)."""
-    status = await conn.execute(
-        """UPDATE ai_conversations SET title = $3
-            WHERE id = $1 AND title_auto AND title = $2""", conversation_id, expected, title)
-    return status.endswith(" 1")
-
-
 async def delete_conversation(conn: asyncpg.Connection, conversation_id: uuid.UUID) -> None:
     await conn.execute("DELETE FROM ai_conversations WHERE id = $1", conversation_id)
 
@@ -240,36 +222,73 @@ async def newest_leaf_under(conn: asyncpg.Connection, message_id: uuid.UUID) -> 
             ORDER BY s.created_at DESC, s.id DESC LIMIT 1""", message_id)
 
 
-async def insert_message(conn: asyncpg.Connection, *, conversation_id: uuid.UUID, parent_id: uuid.UUID | None,
-                         role: str, content: str, status: str = "complete", model: str | None = None,
-                         client_msg_id: str | None = None) -> Message:
-    return Message(**await conn.fetchrow(
-        f"""INSERT INTO ai_messages (conversation_id, parent_id, role, content, status, model, client_msg_id)
-            VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING {MESSAGE_COLUMNS}""",
-        conversation_id, parent_id, role, content, status, model, client_msg_id))
+@dataclasses.dataclass(frozen=True, slots=True)
+class StartedAnswer:
+    """The rows an answer's start wrote: the user's message (none when regenerating) and the answer."""
+
+    user_message: Message | None
+    answer: Message
 
 
-async def save_partial(conn: asyncpg.Connection, message_id: uuid.UUID, content: str, seq: int) -> bool | None:
-    """Save a streaming answer's text so far (also its heartbeat); returns whether a stop was
-    requested, or None when the row is no longer streaming (deleted, or swept as abandoned)."""
-    return await conn.fetchval(
-        """UPDATE ai_messages SET content = $2, seq = $3
-            WHERE id = $1 AND status = 'streaming' RETURNING stop_requested""", message_id, content, seq)
+async def start_answer(conn: asyncpg.Connection, *, conversation_id: uuid.UUID, parent_id: uuid.UUID | None,
+                       content: str | None, client_msg_id: str | None, model: str) -> StartedAnswer:
+    """Insert the user's message (`content`, unless None) under `parent_id` and a streaming answer under
+    it, and make the answer the conversation's current leaf: one statement."""
+    rows = await conn.fetch(
+        f"""WITH asked AS (
+                INSERT INTO ai_messages (conversation_id, parent_id, role, content, client_msg_id)
+                SELECT $1, $2, 'user', $3, $4 WHERE $3::text IS NOT NULL
+                RETURNING {MESSAGE_COLUMNS}),
+            answer AS (
+                INSERT INTO ai_messages (conversation_id, parent_id, role, content, status, model)
+                VALUES ($1, coalesce((SELECT id FROM asked), $2), 'assistant', '', 'streaming', $5)
+                RETURNING {MESSAGE_COLUMNS}),
+            leaf AS (UPDATE ai_conversations SET current_leaf_id = (SELECT id FROM answer) WHERE id = $1)
+            SELECT * FROM asked UNION ALL SELECT * FROM answer""",
+        conversation_id, parent_id, content, client_msg_id, model)
+    messages = [Message(**row) for row in rows]
+    return StartedAnswer(messages[0] if len(messages) == 2 else None, messages[-1])
+
+
+async def save_partials(conn: asyncpg.Connection, saves: list[dict[str, Any]]) -> dict[uuid.UUID, bool]:
+    """Save streaming answers' text so far ({id, content, seq} each; also their heartbeat) in one
+    statement. Returns, for each answer still streaming, whether a stop was requested: one missing
+    from it no longer streams (deleted, or swept as abandoned)."""
+    rows = await conn.fetch(
+        """UPDATE ai_messages m SET content = s.content, seq = s.seq
+             FROM json_to_recordset($1::json) AS s(id uuid, content text, seq int)
+            WHERE m.id = s.id AND m.status = 'streaming' RETURNING m.id, m.stop_requested""", saves)
+    return {row["id"]: row["stop_requested"] for row in rows}
 
 
 async def finish_message(conn: asyncpg.Connection, message_id: uuid.UUID, *, status: str, content: str, seq: int,
                          finish_reason: str | None, prompt_tokens: int | None, completion_tokens: int | None,
-                         estimated: bool, tool_calls: list | None, error: dict | None) -> Message | None:
-    """Record a generation's final state (only while it is still streaming)."""
+                         estimated: bool, tool_calls: list | None, error: dict | None,
+                         title: str | None = None) -> tuple[Message | None, bool]:
+    """Record a generation's final state (only while it is still streaming) and, with `title`, give
+    its conversation that automatic title unless it has one; returns the message (None when it no
+    longer streamed) and whether the title was set. One statement."""
     counted = prompt_tokens is not None or completion_tokens is not None
     total = (prompt_tokens or 0) + (completion_tokens or 0) if counted else None
-    return _message(await conn.fetchrow(
-        f"""UPDATE ai_messages SET status = $2, content = $3, seq = $4, finish_reason = $5,
-                   prompt_tokens = $6, completion_tokens = $7, tokens = $8, tokens_estimated = $9,
-                   tool_calls = $10, error = $11
-             WHERE id = $1 AND status = 'streaming' RETURNING {MESSAGE_COLUMNS}""",
+    row = await conn.fetchrow(
+        f"""WITH finished AS (
+                UPDATE ai_messages SET status = $2, content = $3, seq = $4, finish_reason = $5,
+                       prompt_tokens = $6, completion_tokens = $7, tokens = $8, tokens_estimated = $9,
+                       tool_calls = $10, error = $11
+                 WHERE id = $1 AND status = 'streaming' RETURNING {MESSAGE_COLUMNS}),
+            titled AS (
+                UPDATE ai_conversations SET title = $12, title_auto = true
+                 WHERE id = (SELECT conversation_id FROM finished) AND $12::text IS NOT NULL
+                   AND (title IS NULL OR title = '')
+                RETURNING id)
+            SELECT finished.*, EXISTS (SELECT FROM titled) AS titled FROM finished""",
         message_id, status, content, seq, finish_reason, prompt_tokens, completion_tokens, total, estimated,
-        tool_calls, error))
+        tool_calls, error, title)
+    if row is None:
+        return None, False
+    fields = dict(row)
+    titled = fields.pop("titled")
+    return Message(**fields), titled
 
 
 async def request_stop(conn: asyncpg.Connection, message_id: uuid.UUID) -> bool:
@@ -297,53 +316,43 @@ async def lock_user_starts(conn: asyncpg.Connection, user_id: uuid.UUID) -> None
     await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 7341))", str(user_id))
 
 
-async def user_streaming(conn: asyncpg.Connection, user_id: uuid.UUID, stale_after: float) -> uuid.UUID | None:
-    """The user's running generation (one that still saves), if any."""
-    return await conn.fetchval(
-        """SELECT m.id FROM ai_messages m JOIN ai_conversations c ON c.id = m.conversation_id
-            WHERE c.user_id = $1 AND m.status = 'streaming'
-              AND m.updated_at >= now() - make_interval(secs => $2) LIMIT 1""", user_id, stale_after)
-
-
-async def generations_in_last_minute(conn: asyncpg.Connection, user_id: uuid.UUID) -> tuple[int, float]:
-    """How many answers the user started in the last 60 s, and the age in seconds of the oldest
-    (from `ai_usage`, which deleting a conversation does not touch)."""
-    row = await conn.fetchrow(
-        """SELECT count(*) AS n, extract(epoch FROM now() - min(started_at)) AS oldest
-             FROM ai_usage WHERE user_id = $1 AND started_at > now() - interval '60 seconds'""",
-        user_id)
-    return row["n"], float(row["oldest"] or 0)
+# The quota's day: since midnight UTC (started_at is timestamptz, compared as an instant).
+_TODAY = "started_at >= date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class TokensToday:
-    """A user's tokens since midnight UTC (the daily quota's day) and when that day ends."""
+class UserUsage:
+    """What limits a user's next answer: today's tokens (the daily quota's day, UTC), the answers
+    started in the last minute (from `ai_usage`, which deleting a conversation does not touch)
+    and the answer still being written, if any."""
 
     day: dt.date
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
     reset_in: float  # seconds until the next midnight UTC
+    started_last_minute: int
+    oldest_start_age: float  # seconds since the oldest of those started (0 when none)
+    streaming_id: uuid.UUID | None  # the user's running answer (one that still saves)
 
 
-# The quota's day: since midnight UTC (started_at is timestamptz, compared as an instant).
-_TODAY = "started_at >= date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'"
-
-
-async def tokens_today(conn: asyncpg.Connection, user_id: uuid.UUID) -> TokensToday:
-    """Tokens the user's answers (and automatic titles) used since midnight UTC, and seconds until
-    the next midnight."""
+async def user_usage(conn: asyncpg.Connection, user_id: uuid.UUID, stale_after: float) -> UserUsage:
+    """The user's usage and running answer, in one round trip (each answer's start and end read it)."""
     row = await conn.fetchrow(
         f"""SELECT (now() AT TIME ZONE 'UTC')::date AS day,
-                  coalesce(sum(prompt_tokens), 0) AS prompt, coalesce(sum(completion_tokens), 0) AS completion,
-                  coalesce(sum(tokens), 0) AS used,
-                  extract(epoch FROM date_trunc('day', now() AT TIME ZONE 'UTC') + interval '1 day'
-                                     - (now() AT TIME ZONE 'UTC')) AS reset_in
-             FROM ai_usage
-            WHERE user_id = $1 AND {_TODAY}""",
-        user_id)
-    return TokensToday(row["day"], int(row["prompt"]), int(row["completion"]), int(row["used"]),
-                       float(row["reset_in"]))
+                   extract(epoch FROM date_trunc('day', now() AT TIME ZONE 'UTC') + interval '1 day'
+                                      - (now() AT TIME ZONE 'UTC')) AS reset_in, today.*, minute.*,
+                   (SELECT m.id FROM ai_messages m JOIN ai_conversations c ON c.id = m.conversation_id
+                     WHERE c.user_id = $1 AND m.status = 'streaming'
+                       AND m.updated_at >= now() - make_interval(secs => $2) LIMIT 1) AS streaming_id
+              FROM (SELECT coalesce(sum(prompt_tokens), 0) AS prompt, coalesce(sum(completion_tokens), 0) AS completion,
+                           coalesce(sum(tokens), 0) AS used
+                      FROM ai_usage WHERE user_id = $1 AND {_TODAY}) today,
+                   (SELECT count(*) AS started, extract(epoch FROM now() - min(started_at)) AS oldest
+                      FROM ai_usage WHERE user_id = $1 AND started_at > now() - interval '60 seconds') minute""",
+        user_id, stale_after)
+    return UserUsage(row["day"], int(row["prompt"]), int(row["completion"]), int(row["used"]), float(row["reset_in"]),
+                     row["started"], float(row["oldest"] or 0), row["streaming_id"])
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -372,14 +381,21 @@ async def usage_by_conversation_today(conn: asyncpg.Connection, user_id: uuid.UU
     return [ConversationUsage(**row) for row in rows]
 
 
-async def record_title_usage(conn: asyncpg.Connection, user_id: uuid.UUID, conversation_id: uuid.UUID,
-                             prompt_tokens: int, completion_tokens: int) -> None:
-    """Count the tokens of the model call that titled a conversation towards the user's quota."""
-    await conn.execute(
-        """INSERT INTO ai_usage (message_id, user_id, conversation_id, prompt_tokens, completion_tokens, tokens,
-                                 kind)
-           VALUES (gen_random_uuid(), $1, $2, $3, $4, $5, 'title')""",
-        user_id, conversation_id, prompt_tokens, completion_tokens, prompt_tokens + completion_tokens)
+async def record_title(conn: asyncpg.Connection, user_id: uuid.UUID, conversation_id: uuid.UUID,
+                       prompt_tokens: int, completion_tokens: int, expected: str, title: str | None) -> bool:
+    """Count the tokens of the model call that titled a conversation towards the user's quota and,
+    with `title`, replace the automatic title `expected` by it; False when the title changed
+    meanwhile (renamed by the user, or deleted). One statement."""
+    return await conn.fetchval(
+        """WITH counted AS (
+               INSERT INTO ai_usage (message_id, user_id, conversation_id, prompt_tokens, completion_tokens,
+                                     tokens, kind)
+               VALUES (gen_random_uuid(), $1, $2, $3, $4, $3::int + $4::int, 'title')),
+           replaced AS (
+               UPDATE ai_conversations SET title = $6
+                WHERE id = $2 AND $6::text IS NOT NULL AND title_auto AND title = $5 RETURNING id)
+           SELECT EXISTS (SELECT FROM replaced)""",
+        user_id, conversation_id, prompt_tokens, completion_tokens, expected, title)
 
 
 # --- read-only marketplace queries for the tools ------------------------------------------------

@@ -16,14 +16,16 @@ import uuid
 
 import jsonschema
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from db import assistant as assistant_db
 from db.pool import POOL
 from server.adapters.llm import ChatModel, ModelError
 from server.app import create_app
 from server.core.crypto import MASTER_KEY
 from server.core.settings import SETTINGS, Settings
-from server.services.assistant import TOOL_SPECS, first_tool_choice
+from server.services.assistant import ASSISTANT, TOOL_SPECS, first_tool_choice
 from server.services.demo import load_if_empty
 from tests.helpers import SocketClient, register, server_url, wait_until
 from tests.llm_server import ScriptedModel, SlowProxy, llm_server, llm_tools_server  # noqa: F401 - fixtures
@@ -641,6 +643,44 @@ async def test_another_process_resumes_and_stops_a_stream(aiohttp_client, settin
         await server.close()
 
 
+async def test_one_save_serves_every_running_answer_and_stops_only_those_asked(
+        aiohttp_client, settings, sockets, monkeypatch):
+    # A stop requested by another process (the row's flag) and a row deleted by another process
+    # reach their answers through the one periodic save; the third answer streams on.
+    saved_together: list[int] = []
+    save_partials = assistant_db.save_partials
+
+    async def counting(conn, saves):
+        saved_together.append(len(saves))
+        return await save_partials(conn, saves)
+
+    monkeypatch.setattr(assistant_db, "save_partials", counting)
+    _, server = await scripted([{"text": [f"w{i} " for i in range(60)], "delay": 0.05}] * 3)
+    try:
+        client = await start_app(aiohttp_client, settings, openai_base_url=str(server.make_url("/v1")),
+                                 ai_save_interval=0.2)
+        users = [await sign_in(client, sockets) for _ in range(3)]
+        ids = [(await user.send(await user.conversation()))["assistant_message"]["id"] for user in users]
+        await wait_until(lambda: all(len(events(u.sock, "message_delta")) >= 3 for u in users))
+        await wait_until(lambda: 3 in saved_together)
+        streaming = await message_row(client.app, ids[2])
+        assert streaming["status"] == "streaming" and streaming["content"] and streaming["seq"] >= 1
+        async with client.app[POOL].acquire() as conn:
+            assert await assistant_db.request_stop(conn, uuid.UUID(ids[0]))
+            await conn.execute("DELETE FROM ai_messages WHERE id = $1", uuid.UUID(ids[1]))
+        stopped = await wait_finished(users[0].sock, ids[0])
+        assert stopped["status"] == "stopped" and stopped["finish_reason"] == "stopped"
+        await wait_until(lambda: client.app[ASSISTANT].local(uuid.UUID(ids[1])) is None)
+        assert finished(users[1].sock, ids[1]) is None  # its row is gone: nothing to finish or tell
+        completed = await wait_finished(users[2].sock, ids[2])
+        assert completed["status"] == "complete" and completed["seq"] > streaming["seq"]
+        row = await message_row(client.app, ids[2])
+        assert row["content"] == delta_text(users[2].sock, ids[2])[1]
+        assert max(saved_together) == 3
+    finally:
+        await server.close()
+
+
 async def test_context_is_trimmed_to_the_budget_oldest_first(aiohttp_client, settings, sockets):
     model, server = await scripted([{"text": ["x" * 200]}])  # each answer ~50 estimated tokens
     try:
@@ -736,6 +776,43 @@ async def test_stream_breaking_midway_keeps_the_partial_text(aiohttp_client, set
         assert 1 <= failed["seq"] == row["seq"] <= 3
     finally:
         await server.close()
+
+
+@pytest.mark.parametrize("newline", [b"\n", b"\r\n", b"\r"])
+async def test_a_stream_is_read_whatever_its_line_ends_and_wherever_its_packets_split(newline):
+    # Events cut mid-line, mid-CRLF and mid-event, each piece its own write; a multi-line event,
+    # comments and other fields; chunks with and without text; then [DONE] and bytes after it.
+    def event(*lines: bytes) -> bytes:
+        return b"".join(line + newline for line in lines) + newline
+
+    body = (event(b": keep-alive") + event(b"event: chunk", b'data: {"choices": [{"delta": {"content": "Hel"}}]}')
+            + event(b'data: {"choices": [{"delta":', b'data: {"content": "lo"}}]}')
+            + event(b'data:{"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2}}')
+            + event(b"data: [DONE]") + event(b'data: {"choices": [{"delta": {"content": "late"}}]}'))
+    mid_line_end = body.index(b'"delta":' + newline) + len(b'"delta":') + 1  # between CR and LF
+    cuts = sorted({7, 30, mid_line_end, body.index(b"lo") + 1, len(body) // 2, body.index(b"[DONE]") + 2})
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for start, end in zip([0, *cuts], [*cuts, len(body)]):
+            await response.write(body[start:end])
+            await asyncio.sleep(0.01)  # each piece reaches the reader on its own
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", answer)
+    server = TestServer(app)
+    await server.start_server()
+    model = ChatModel(Settings().replace(openai_base_url=str(server.make_url("/v1")), ai_max_retries=0))
+    try:
+        chunks = [chunk async for chunk in model.stream([{"role": "user", "content": "hi"}])]
+    finally:
+        await model.close()
+        await server.close()
+    texts = [c["delta"]["content"] for chunk in chunks for c in chunk["choices"]]
+    assert texts == ["Hel", "lo"]  # the second event's two data lines joined by a newline
+    assert chunks[-1]["usage"] == {"prompt_tokens": 3, "completion_tokens": 2} and len(chunks) == 3
 
 
 @pytest.mark.parametrize("call", ["stream", "complete"])
