@@ -25,6 +25,8 @@ from server.adapters.llm import ChatModel, ModelError
 from server.app import create_app
 from server.core.crypto import MASTER_KEY
 from server.core.settings import SETTINGS, Settings
+from server.realtime.hub import REALTIME
+from server.realtime.redis import BusUnavailable
 from server.services.assistant import ASSISTANT, TOOL_SPECS, first_tool_choice
 from server.services.demo import load_if_empty
 from tests.helpers import SocketClient, register, server_url, wait_until
@@ -662,7 +664,8 @@ async def test_one_save_serves_every_running_answer_and_stops_only_those_asked(
         users = [await sign_in(client, sockets) for _ in range(3)]
         ids = [(await user.send(await user.conversation()))["assistant_message"]["id"] for user in users]
         await wait_until(lambda: all(len(events(u.sock, "message_delta")) >= 3 for u in users))
-        await wait_until(lambda: 3 in saved_together)
+        saves_before = len(saved_together)  # the text is out: a save from now on holds some
+        await wait_until(lambda: 3 in saved_together[saves_before:])
         streaming = await message_row(client.app, ids[2])
         assert streaming["status"] == "streaming" and streaming["content"] and streaming["seq"] >= 1
         async with client.app[POOL].acquire() as conn:
@@ -677,6 +680,32 @@ async def test_one_save_serves_every_running_answer_and_stops_only_those_asked(
         row = await message_row(client.app, ids[2])
         assert row["content"] == delta_text(users[2].sock, ids[2])[1]
         assert max(saved_together) == 3
+    finally:
+        await server.close()
+
+
+async def test_deltas_whose_batch_cannot_be_stored_still_reach_the_watchers_in_order(
+        aiohttp_client, settings, sockets, monkeypatch):
+    # A batch of deltas goes to history in one call; when that call finds the bus unavailable, each
+    # delta is published on its own, which delivers it here even while Redis stays down.
+    _, server = await scripted([{"text": [f"w{i} " for i in range(20)], "delay": 0.01}])
+    try:
+        client = await start_app(aiohttp_client, settings, openai_base_url=str(server.make_url("/v1")))
+        history = client.app[REALTIME].bus.history
+        refused: list[int] = []
+
+        async def unavailable(events):
+            refused.append(len(events))
+            raise BusUnavailable()
+
+        monkeypatch.setattr(history, "append_many", unavailable)
+        alice = await sign_in(client, sockets)
+        message_id = (await alice.send(await alice.conversation()))["assistant_message"]["id"]
+        done = await wait_finished(alice.sock, message_id)
+        seqs, text = delta_text(alice.sock, message_id)
+        assert refused and done["status"] == "complete"
+        assert seqs == list(range(1, done["seq"] + 1)) and text == "".join(f"w{i} " for i in range(20))
+        assert (await message_row(client.app, message_id))["content"] == text
     finally:
         await server.close()
 
@@ -792,7 +821,10 @@ async def test_a_stream_is_read_whatever_its_line_ends_and_wherever_its_packets_
     mid_line_end = body.index(b'"delta":' + newline) + len(b'"delta":') + 1  # between CR and LF
     cuts = sorted({7, 30, mid_line_end, body.index(b"lo") + 1, len(body) // 2, body.index(b"[DONE]") + 2})
 
+    asked: list[tuple[str | None, dict]] = []
+
     async def answer(request: web.Request) -> web.StreamResponse:
+        asked.append((request.headers.get("Authorization"), await request.json()))
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         for start, end in zip([0, *cuts], [*cuts, len(body)]):
@@ -804,7 +836,8 @@ async def test_a_stream_is_read_whatever_its_line_ends_and_wherever_its_packets_
     app.router.add_post("/v1/chat/completions", answer)
     server = TestServer(app)
     await server.start_server()
-    model = ChatModel(Settings().replace(openai_base_url=str(server.make_url("/v1")), ai_max_retries=0))
+    model = ChatModel(Settings().replace(openai_base_url=str(server.make_url("/v1")), openai_api_key="sk-test",
+                                         ai_model="m1", ai_max_retries=0))
     try:
         chunks = [chunk async for chunk in model.stream([{"role": "user", "content": "hi"}])]
     finally:
@@ -813,6 +846,10 @@ async def test_a_stream_is_read_whatever_its_line_ends_and_wherever_its_packets_
     texts = [c["delta"]["content"] for chunk in chunks for c in chunk["choices"]]
     assert texts == ["Hel", "lo"]  # the second event's two data lines joined by a newline
     assert chunks[-1]["usage"] == {"prompt_tokens": 3, "completion_tokens": 2} and len(chunks) == 3
+    [(authorization, request)] = asked
+    assert authorization == "Bearer sk-test"
+    assert request["model"] == "m1" and request["stream"] is True and request["messages"][0]["content"] == "hi"
+    assert request["stream_options"] == {"include_usage": True}
 
 
 @pytest.mark.parametrize("call", ["stream", "complete"])

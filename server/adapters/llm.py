@@ -1,12 +1,13 @@
-"""The chat model: any OpenAI-compatible endpoint through `openai.AsyncOpenAI`.
+"""The chat model: any OpenAI-compatible endpoint, its Chat Completions over aiohttp (see `ChatModel`
+for why not the SDK) and its model list through `openai.AsyncOpenAI`.
 
 Only this module talks to the model. It streams Chat Completions with
 `stream_options={"include_usage": True}`, retries 429 and 5xx answers and connection failures that
 happen before the first chunk (honouring `Retry-After` / `Retry-After-Ms`, with exponential backoff
 otherwise), and turns every failure into a `ModelError` with a stable `code` and `retryable` flag.
 
-The openai client retries by itself too, and honours Retry-After up to two minutes, but it cannot
-bound the total wait nor tell us what it did, so its own retries are off (`max_retries=0`).
+The openai client would retry by itself too, and honour Retry-After up to two minutes, but it
+cannot bound the total wait nor tell us what it did, so its own retries are off (`max_retries=0`).
 
 Token counts: when the endpoint sends no usage chunk (several servers ignore `include_usage`),
 `estimate_tokens` counts about 4 characters per token (OpenAI's rule of thumb for English) plus
@@ -20,10 +21,10 @@ import dataclasses
 import email.utils
 import math
 import random
-import sys
 import time
 from typing import Any, AsyncIterator
 
+import aiohttp
 import openai
 import orjson
 import structlog
@@ -101,26 +102,52 @@ def classify(exc: BaseException) -> ModelError:
     if isinstance(exc, openai.APIConnectionError):
         return ModelError("upstream_unreachable", "the model endpoint cannot be reached", True)
     if isinstance(exc, openai.APIStatusError):
-        status = exc.status_code
-        retry_after = retry_after_seconds(exc.response.headers if exc.response is not None else None)
-        if status == 429:
-            return ModelError("upstream_rate_limited", "the model endpoint is rate limiting us", True, retry_after)
-        if status >= 500 or status in (408, 409):
-            return ModelError("upstream_unavailable", f"the model endpoint failed (HTTP {status})", True,
-                              retry_after)
-        if status in (401, 403):
-            return ModelError("upstream_auth", "the model endpoint refused our credentials", False)
-        if status == 404:
-            return ModelError("upstream_model_not_found", "the model endpoint does not know the model", False)
-        if status == 400 and "context" in str(exc.message).lower():
-            return ModelError("context_too_long", "the conversation does not fit the model's window", False)
-        return ModelError("upstream_rejected", f"the model endpoint rejected the request (HTTP {status})", False)
+        return status_error(exc.status_code, exc.response.headers if exc.response is not None else None,
+                            str(exc.message))
     if isinstance(exc, openai.APIError):
         # An error object inside the stream (a server-side failure mid-answer).
         return ModelError("upstream_error", "the model endpoint reported an error mid-answer", True)
     if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
         return ModelError("generation_timeout", "the answer took too long", True)
     return ModelError("internal_error", "the answer failed on the server", False)
+
+
+def status_error(status: int, headers: Any, message: str) -> ModelError:
+    """The ModelError for an HTTP error answer of the endpoint (`message`: the error it gave)."""
+    retry_after = retry_after_seconds(headers)
+    if status == 429:
+        return ModelError("upstream_rate_limited", "the model endpoint is rate limiting us", True, retry_after)
+    if status >= 500 or status in (408, 409):
+        return ModelError("upstream_unavailable", f"the model endpoint failed (HTTP {status})", True, retry_after)
+    if status in (401, 403):
+        return ModelError("upstream_auth", "the model endpoint refused our credentials", False)
+    if status == 404:
+        return ModelError("upstream_model_not_found", "the model endpoint does not know the model", False)
+    if status == 400 and "context" in message.lower():
+        return ModelError("context_too_long", "the conversation does not fit the model's window", False)
+    return ModelError("upstream_rejected", f"the model endpoint rejected the request (HTTP {status})", False)
+
+
+def _error_message(body: bytes) -> str:
+    """The message of an OpenAI-style error body ({"error": {"message": ...}}), else the body's text."""
+    try:
+        decoded = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return body.decode("utf-8", "replace")
+    error = decoded.get("error") if isinstance(decoded, dict) else None
+    if isinstance(error, dict) and isinstance(error.get("message"), str):
+        return error["message"]
+    return body.decode("utf-8", "replace")
+
+
+def _transport_error(exc: BaseException) -> ModelError:
+    """The ModelError for a failure of aiohttp talking to the endpoint (connecting or reading)."""
+    if isinstance(exc, TimeoutError):  # aiohttp's timeouts are also OSErrors: first
+        return ModelError("upstream_timeout", "the model did not answer in time", True)
+    return ModelError("upstream_unreachable", "the model endpoint cannot be reached", True)
+
+
+_TRANSPORT_ERRORS = (aiohttp.ClientError, OSError, TimeoutError)
 
 
 def _refused(exc: BaseException) -> bool:
@@ -147,23 +174,24 @@ class ChatModel:
         self.retry_max_wait = settings.ai_retry_max_wait
         self.max_output_tokens = settings.ai_max_output_tokens
         timeout = openai.Timeout(settings.ai_timeout, connect=5.0)
-        # The SDK's aiohttp transport: h11 and httpcore parsed every streamed chunk in Python, a
-        # third of the hub's CPU per token; aiohttp's parser is C.
-        http = openai.DefaultAioHttpClient(timeout=timeout)
-        self.client = openai.AsyncOpenAI(
-            base_url=settings.openai_base_url, api_key=settings.openai_api_key or PLACEHOLDER_API_KEY,
-            timeout=timeout, max_retries=0, http_client=http)
-        # Chat requests go through the SDK's `post` (its request building, status errors and
-        # headers) with the HTTP library's Response as the result type, which the SDK hands back
-        # unparsed: `chat.completions.create` first walks every message and tool schema against
-        # its TypedDicts (about 4 ms an answer with our tools) and parses replies into pydantic
-        # models, for dicts we build and read ourselves. The Response class is the one of the HTTP
-        # library the SDK runs on (httpx, or its fork httpx2 in openai 3.x).
-        client_class = next(c for c in type(http).__mro__ if c.__name__ == "AsyncClient")
-        self._raw_response = sys.modules[client_class.__module__.partition(".")[0]].Response
+        api_key = settings.openai_api_key or PLACEHOLDER_API_KEY
+        # The SDK lists the endpoint's models. Chat requests, two per answer, go straight through
+        # aiohttp: the SDK's request building, header merging and its HTTP library's layers cost
+        # about 0.75 ms of CPU per request and 6 us per streamed token (bench/assistant.py), where
+        # the hub's whole budget is 50 us a token. The SDK's aiohttp transport: h11 and httpcore
+        # parsed every chunk in Python.
+        self.client = openai.AsyncOpenAI(base_url=settings.openai_base_url, api_key=api_key, timeout=timeout,
+                                         max_retries=0, http_client=openai.DefaultAioHttpClient(timeout=timeout))
+        self._chat_url = settings.openai_base_url.rstrip("/") + "/chat/completions"
+        self._headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json",
+                         "Accept": "application/json, text/event-stream"}
+        self._timeout = aiohttp.ClientTimeout(sock_connect=5.0, sock_read=settings.ai_timeout)
+        self._session: aiohttp.ClientSession | None = None  # made on first use, inside the running loop
 
     async def close(self) -> None:
         await self.client.close()
+        if self._session is not None:
+            await self._session.close()
 
     async def list_models(self) -> list[str]:
         """The ids of the models the endpoint serves (its `/v1/models`), as it lists them."""
@@ -179,9 +207,12 @@ class ChatModel:
         reported (prompt, completion; None when it sent none)."""
         try:
             response = await self._chat({"model": model or self.model, "messages": messages,
-                                         "max_tokens": max_tokens, "stream": False}, stream=False)
-            answer = orjson.loads(response.content)
+                                         "max_tokens": max_tokens, "stream": False})
+            async with response:
+                answer = orjson.loads(await response.read())
             text = answer["choices"][0]["message"]["content"] or ""
+        except _TRANSPORT_ERRORS as exc:
+            raise _transport_error(exc) from exc
         except Exception as exc:  # noqa: BLE001 - a malformed answer (no choices, not JSON) included
             raise classify(exc) from exc
         usage = answer.get("usage")
@@ -189,9 +220,17 @@ class ChatModel:
             return text, None, None
         return text, usage.get("prompt_tokens"), usage.get("completion_tokens")
 
-    async def _chat(self, body: dict[str, Any], *, stream: bool) -> Any:
-        """POST /chat/completions through the SDK; the HTTP response, unread when streaming."""
-        return await self.client.post("/chat/completions", body=body, cast_to=self._raw_response, stream=stream)
+    async def _chat(self, body: dict[str, Any]) -> aiohttp.ClientResponse:
+        """POST /chat/completions; the response with its body unread, or ModelError for an HTTP error.
+        aiohttp's errors (connecting, timeouts) are the caller's to map."""
+        if self._session is None:
+            self._session = aiohttp.ClientSession()
+        response = await self._session.post(self._chat_url, data=orjson.dumps(body), headers=self._headers,
+                                            timeout=self._timeout)
+        if response.status >= 400:
+            async with response:
+                raise status_error(response.status, response.headers, _error_message(await response.read()))
+        return response
 
     async def open_stream(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
                           tool_choice: str | dict[str, Any] | None = None, model: str | None = None) -> Any:
@@ -207,9 +246,9 @@ class ChatModel:
         while True:
             try:
                 # The chunks are read by `read_chunks` (see there why).
-                return await self._chat(kwargs, stream=True)
+                return await self._chat(kwargs)
             except Exception as exc:  # noqa: BLE001 - classified below
-                error = classify(exc)
+                error = _transport_error(exc) if isinstance(exc, _TRANSPORT_ERRORS) else classify(exc)
                 if not error.retryable or error.code == "internal_error" or attempt >= self.max_retries:
                     raise error from exc
                 delay = error.retry_after
@@ -227,40 +266,33 @@ class ChatModel:
         """The chunks of one streamed completion (`model`: else AI_MODEL), as decoded JSON objects;
         closing the generator closes the HTTP stream."""
         response = await self.open_stream(messages, tools, tool_choice, model)
-        # The openai client's HTTP library (httpx, or its fork httpx2 in openai 3.x) raises its own
-        # exception types while the body streams: take them from the module the response comes from.
-        transport = sys.modules[type(response).__module__.partition(".")[0]]
         try:
-            async for chunk in read_chunks(response):
+            async for chunk in read_chunks(response.content):
                 yield chunk
         except ModelError:
             raise
-        except transport.TimeoutException as exc:
-            raise ModelError("upstream_timeout", "the model did not answer in time", True) from exc
-        except (transport.TransportError, transport.StreamError, OSError) as exc:
-            raise ModelError("upstream_unreachable", "the model endpoint cannot be reached", True) from exc
+        except _TRANSPORT_ERRORS as exc:
+            raise _transport_error(exc) from exc
         except Exception as exc:  # noqa: BLE001 - one error type for the caller
             raise classify(exc) from exc
         finally:
-            # On stop (cancellation) this closes the connection: the server sees the disconnect.
-            await response.aclose()
+            # On stop (cancellation) or failure this closes the connection: the server sees the
+            # disconnect. A read to the end returns it to the pool.
+            response.close()
 
 
-async def read_chunks(response: Any) -> AsyncIterator[dict[str, Any]]:
+async def read_chunks(body: aiohttp.StreamReader) -> AsyncIterator[dict[str, Any]]:
     """The chunks of a Chat Completions event stream, each a decoded JSON object, until `data: [DONE]`.
 
-    Not the library's stream: it builds a typed model of every chunk, about 125 us of CPU each
-    (bench/assistant.py), more than everything else the hub does for a token. Nor the HTTP
-    library's line iterator: its byte, text and line decoders are three async generators per chunk
-    (10 us of a token's 40). The raw body is split into lines here and each event is parsed by
-    orjson. Server-Sent Events framing: lines end with CRLF, LF or CR; `data:` lines, joined by
-    newlines, make one event at the blank line that ends it; other fields are ignored.
+    Not the SDK's stream: it builds a typed model of every chunk, about 125 us of CPU each
+    (bench/assistant.py), more than everything else the hub does for a token. Nor a line iterator:
+    the body's bytes are split into lines here as they arrive and each event is parsed by orjson.
+    Server-Sent Events framing: lines end with CRLF, LF or CR; `data:` lines, joined by newlines,
+    make one event at the blank line that ends it; other fields are ignored.
     """
-    encoded = response.headers.get("content-encoding", "identity").lower() not in ("", "identity")
-    body = response.aiter_bytes() if encoded else response.aiter_raw()
     data: list[bytes] = []
     pending = b""
-    async for received in body:
+    async for received in body.iter_any():
         pending += received
         if b"\r" in pending:
             # A CR ending the buffer may be the first half of a CRLF: it waits for the next bytes.

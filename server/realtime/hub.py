@@ -395,3 +395,9 @@ REALTIME: web.AppKey[Realtime] = web.AppKey("realtime", Realtime)
 async def publish(app: Any, channel: str, type: str, data: dict[str, Any]) -> Event:
     """The one way domain code emits an event (after its transaction has committed)."""
     return await app[REALTIME].publish(channel, type, data)
+
+
+async def publish_many(app: Any, events: list[tuple[str, str, dict[str, Any]]]) -> list[Event]:
+    """Publish (channel, type, data) events in order with one history round trip; BusUnavailable when
+    history cannot be written (nothing is delivered then)."""
+    return await app[REALTIME].publish_many(events)

@@ -47,7 +47,8 @@ from server.adapters.llm import ChatModel, ModelError, classify, estimate_messag
 from server.core.aio import wait_event
 from server.core.errors import Conflict, Forbidden, InvalidPayload, NotFound, PayloadTooLarge, RateLimited, Unavailable
 from server.core.settings import SETTINGS, Settings
-from server.realtime.hub import FIRST_ID, REALTIME, ChannelAccess, publish, user_channel
+from server.realtime.hub import FIRST_ID, REALTIME, ChannelAccess, publish, publish_many, user_channel
+from server.realtime.redis import BusUnavailable
 from server.services import assistant_intents as intents
 from server.services import dataset_query
 
@@ -279,7 +280,7 @@ class Generation:
     user_message: dict[str, Any] | None
     deltas: list[str] = dataclasses.field(default_factory=list)  # as published: delta n is deltas[n - 1]
     unsent: list[str] = dataclasses.field(default_factory=list)  # emitted text waiting for its delta
-    publisher: asyncio.Task | None = None  # publishes `unsent`, in order
+    publishing: bool = False  # a delta of it is in the batch being published
     tool_calls: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     finish_reason: str | None = None
     prompt_tokens: int = 0
@@ -321,6 +322,9 @@ class Assistant:
         self.first_tool_choice = first_tool_choice(self.settings.ai_tool_choice)
         self.jobs: dict[uuid.UUID, Generation] = {}
         self.title_jobs: set[asyncio.Task] = set()
+        # Answers with emitted text waiting for its delta, and the one task publishing them.
+        self._unsent: dict[uuid.UUID, Generation] = {}
+        self._delta_publisher: asyncio.Task | None = None
         self._models: tuple[float, list[str]] | None = None  # (when read, the endpoint's model ids)
 
     @property
@@ -468,30 +472,61 @@ class Assistant:
         if not text:
             return
         gen.unsent.append(text)
-        if gen.publisher is None:
-            self._start_publisher(gen)
+        self._unsent[gen.message_id] = gen
+        if self._delta_publisher is None:
+            self._delta_publisher = asyncio.create_task(self._publish_deltas(), name="assistant-deltas")
 
-    def _start_publisher(self, gen: Generation) -> None:
-        gen.publisher = asyncio.create_task(self._publish_deltas(gen), name=f"assistant-deltas:{gen.message_id}")
+    async def _publish_deltas(self) -> None:
+        """Publish every answer's waiting text, a delta each, all in one batch, until none waits.
 
-    async def _publish_deltas(self, gen: Generation) -> None:
+        One task and one history round trip for the deltas of every answer emitted in a turn of the
+        loop: a task and a publish chain per delta cost more than its encoding.
+        """
         try:
-            while gen.unsent:
-                text = "".join(gen.unsent)
-                gen.unsent.clear()
-                gen.deltas.append(text)  # buffered for resume_stream before it is published
-                await self._gen_event(gen, MESSAGE_DELTA,
-                                      {"message_id": str(gen.message_id), "seq": gen.seq, "text": text})
+            while self._unsent:
+                batch = list(self._unsent.values())
+                self._unsent.clear()
+                events: list[tuple[str, str, dict[str, Any]]] = []
+                for gen in batch:
+                    text = "".join(gen.unsent)
+                    gen.unsent.clear()
+                    gen.deltas.append(text)  # buffered for resume_stream before it is published
+                    gen.publishing = True
+                    data = {"message_id": str(gen.message_id), "seq": gen.seq, "text": text}
+                    for queue in gen.listeners:
+                        queue.put_nowait((MESSAGE_DELTA, data))
+                    events.append((gen.channel, MESSAGE_DELTA, data))
+                try:
+                    await self._publish_many(events)
+                finally:
+                    for gen in batch:
+                        gen.publishing = False
         finally:
-            gen.publisher = None
+            self._delta_publisher = None
+
+    async def _publish_many(self, events: list[tuple[str, str, dict[str, Any]]]) -> None:
+        try:
+            await publish_many(self.app, events)
+        except BusUnavailable:
+            # Redis is down: each event still reaches this node's watchers, unstored, as a single
+            # publish delivers it; clients recover the rest with resume_stream.
+            for channel, type, data in events:
+                await self._publish(channel, type, data)
+        except Exception:  # noqa: BLE001 - the state is saved; clients recover with resume_stream
+            log.warning("assistant_publish_failed", events=len(events), type=MESSAGE_DELTA, exc_info=True)
 
     async def _flush_deltas(self, gen: Generation) -> None:
-        """Wait until every emitted text is in a published delta."""
-        while gen.unsent or gen.publisher is not None:
-            if gen.publisher is None:  # cancelled with text left
-                self._start_publisher(gen)
-            assert gen.publisher is not None
-            await asyncio.wait([gen.publisher])  # not cancelled if we are: the text still goes out
+        """Wait until every emitted text of the answer is in a published delta."""
+        while gen.unsent or gen.publishing:
+            if self._delta_publisher is None:  # cancelled with text left
+                self._unsent[gen.message_id] = gen
+                self._delta_publisher = asyncio.create_task(self._publish_deltas(), name="assistant-deltas")
+            await asyncio.wait([self._delta_publisher])  # not cancelled if we are: the text still goes out
+
+    def _drop_deltas(self, gen: Generation) -> None:
+        """Forget an answer's unpublished text (its rows are gone)."""
+        gen.unsent.clear()
+        self._unsent.pop(gen.message_id, None)
 
     async def save_loop(self) -> None:
         """Save every running answer's text periodically: it is also their heartbeat and stop mailbox."""
@@ -555,8 +590,7 @@ class Assistant:
             gen.generating = False  # saves stop here: the final state is written next
         try:
             if gen.stop_reason == "gone":
-                if gen.publisher is not None:
-                    gen.publisher.cancel()
+                self._drop_deltas(gen)
             else:
                 await self._finish(gen, status, error)
         except Exception:  # noqa: BLE001 - the sweep marks the row interrupted later
