@@ -266,9 +266,11 @@ class ChatModel:
         """The chunks of one streamed completion (`model`: else AI_MODEL), as decoded JSON objects;
         closing the generator closes the HTTP stream."""
         response = await self.open_stream(messages, tools, tool_choice, model)
+        read_to_done = False
         try:
             async for chunk in read_chunks(response.content):
                 yield chunk
+            read_to_done = True
         except ModelError:
             raise
         except _TRANSPORT_ERRORS as exc:
@@ -276,9 +278,10 @@ class ChatModel:
         except Exception as exc:  # noqa: BLE001 - one error type for the caller
             raise classify(exc) from exc
         finally:
-            # On stop (cancellation) or failure this closes the connection: the server sees the
-            # disconnect. A read to the end returns it to the pool.
-            response.close()
+            if read_to_done:
+                response.release()  # back to the pool if the body has ended, else closed
+            else:
+                response.close()  # a stop (cancellation) or a failure: the server sees the disconnect
 
 
 async def read_chunks(body: aiohttp.StreamReader) -> AsyncIterator[dict[str, Any]]:

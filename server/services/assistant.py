@@ -449,9 +449,9 @@ class Assistant:
             log.warning("assistant_publish_failed", channel=channel, type=type, exc_info=True)
 
     async def _gen_event(self, gen: Generation, type: str, data: dict[str, Any]) -> None:
-        """Publish one of a generation's events; local listeners (REST streams) get it too."""
-        if type != MESSAGE_DELTA:
-            await self._flush_deltas(gen)  # every event follows the text emitted before it
+        """Publish one of a generation's events (its deltas go by `emit`); local listeners (REST
+        streams) get it too."""
+        await self._flush_deltas(gen)  # every event follows the text emitted before it
         for queue in gen.listeners:
             queue.put_nowait((type, data))
         await self._publish(gen.channel, type, data)
