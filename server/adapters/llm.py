@@ -221,12 +221,15 @@ class ChatModel:
         return text, usage.get("prompt_tokens"), usage.get("completion_tokens")
 
     async def _chat(self, body: dict[str, Any]) -> aiohttp.ClientResponse:
-        """POST /chat/completions; the response with its body unread, or ModelError for an HTTP error.
-        aiohttp's errors (connecting, timeouts) are the caller's to map."""
+        """POST /chat/completions; the response with its body unread (the reader maps its failures),
+        or ModelError for an HTTP error or a failure to get the answer's headers."""
         if self._session is None:
             self._session = aiohttp.ClientSession()
-        response = await self._session.post(self._chat_url, data=orjson.dumps(body), headers=self._headers,
-                                            timeout=self._timeout)
+        try:
+            response = await self._session.post(self._chat_url, data=orjson.dumps(body), headers=self._headers,
+                                                timeout=self._timeout)
+        except _TRANSPORT_ERRORS as exc:
+            raise _transport_error(exc) from exc
         if response.status >= 400:
             async with response:
                 raise status_error(response.status, response.headers, _error_message(await response.read()))
@@ -248,7 +251,7 @@ class ChatModel:
                 # The chunks are read by `read_chunks` (see there why).
                 return await self._chat(kwargs)
             except Exception as exc:  # noqa: BLE001 - classified below
-                error = _transport_error(exc) if isinstance(exc, _TRANSPORT_ERRORS) else classify(exc)
+                error = classify(exc)
                 if not error.retryable or error.code == "internal_error" or attempt >= self.max_retries:
                     raise error from exc
                 delay = error.retry_after

@@ -497,14 +497,14 @@ class Assistant:
                         queue.put_nowait((MESSAGE_DELTA, data))
                     events.append((gen.channel, MESSAGE_DELTA, data))
                 try:
-                    await self._publish_many(events)
+                    await self._publish_delta_batch(events)
                 finally:
                     for gen in batch:
                         gen.publishing = False
         finally:
             self._delta_publisher = None
 
-    async def _publish_many(self, events: list[tuple[str, str, dict[str, Any]]]) -> None:
+    async def _publish_delta_batch(self, events: list[tuple[str, str, dict[str, Any]]]) -> None:
         try:
             await publish_many(self.app, events)
         except BusUnavailable:
@@ -513,7 +513,7 @@ class Assistant:
             for channel, type, data in events:
                 await self._publish(channel, type, data)
         except Exception:  # noqa: BLE001 - the state is saved; clients recover with resume_stream
-            log.warning("assistant_publish_failed", events=len(events), type=MESSAGE_DELTA, exc_info=True)
+            log.warning("assistant_publish_failed", type=MESSAGE_DELTA, deltas=len(events), exc_info=True)
 
     async def _flush_deltas(self, gen: Generation) -> None:
         """Wait until every emitted text of the answer is in a published delta."""
