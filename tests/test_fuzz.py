@@ -3,8 +3,9 @@ with Schemathesis (from /api/v1/openapi.json), every Socket.IO command with Hypo
 generated from its schema in /api/v1/asyncapi.json, valid and invalid ones).
 
 No input may give a 5xx, `internal_error` or no answer. Both runs are bounded (examples per
-operation, a request timeout, a total budget); they run in a worker thread while the server
-serves on the test's event loop. Inputs the fuzzers found are kept as plain tests at the end.
+operation, a request or ack timeout); they run in a worker thread while the server serves on the
+test's event loop. No wall-clock budget: how long they take depends on the machine, not on the
+code. Inputs the fuzzers found are kept as plain tests at the end.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import time
 import uuid
 from typing import Any, Callable
 
@@ -31,7 +31,8 @@ from tests.test_apidocs import with_apidocs
 
 REQUEST_TIMEOUT = 5.0   # seconds; longer counts as a hang (long polls are capped at 1 s below)
 ACK_TIMEOUT = 5.0
-TOTAL_BUDGET = 90.0     # seconds per fuzz run (about 130 operations); examples are sized to finish well inside it
+# About 1,300 requests or acks per run: 60-150 s depending on the machine, past the suite's default timeout.
+FUZZ_TIMEOUT = 600
 REST_EXAMPLES = 5       # per operation and generation mode
 SOCKET_EXAMPLES = 12    # per command and generation mode
 FUZZ = settings(deadline=None, database=None, derandomize=True, phases=[Phase.explicit, Phase.generate],
@@ -88,17 +89,12 @@ def fuzz_rest(document: dict, base_url: str, token: str) -> tuple[list[str], int
     headers = {"Authorization": f"Bearer {token}"}
     failures: list[str] = []
     sent = 0
-    deadline = time.monotonic() + TOTAL_BUDGET
     for result in schema.get_all_operations():
         operation = result.ok()
         method, path = operation.method.upper(), operation.path
         if (method, path) in REST_SKIPPED:
             continue
         for mode in MODES:
-            if time.monotonic() > deadline:
-                failures.append(f"budget of {TOTAL_BUDGET} s spent before {method} {path} ({mode.value})")
-                return failures, sent
-
             @settings(FUZZ, max_examples=REST_EXAMPLES)
             @given(case=operation.as_strategy(generation_mode=mode))
             def run(case) -> None:
@@ -122,14 +118,13 @@ def fuzz_rest(document: dict, base_url: str, token: str) -> tuple[list[str], int
     return failures, sent
 
 
+@pytest.mark.timeout(FUZZ_TIMEOUT)
 async def test_rest_fuzzed_from_the_openapi_document(fuzz_client):
     admin = await admin_account(fuzz_client)
     document = await (await fuzz_client.get("/api/v1/openapi.json")).json()
-    started = time.monotonic()
     failures, sent = await asyncio.to_thread(fuzz_rest, document, server_url(fuzz_client), admin["token"])
     assert failures == [], distinct(failures)
     assert sent > 500, sent  # every operation was exercised, not skipped
-    assert time.monotonic() - started < TOTAL_BUDGET + 10
 
 
 # --- Socket.IO ----------------------------------------------------------------------------------
@@ -222,7 +217,6 @@ def fuzz_sockets(asyncapi: dict, clients: dict[str, RawSocketIO], loop: asyncio.
     by_path = {operation.path: operation for operation in (r.ok() for r in schema.get_all_operations())}
     failures: list[str] = []
     sent = 0
-    deadline = time.monotonic() + TOTAL_BUDGET
 
     def send(namespace: str, command: str, payload: Any) -> None:
         nonlocal sent
@@ -244,10 +238,6 @@ def fuzz_sockets(asyncapi: dict, clients: dict[str, RawSocketIO], loop: asyncio.
         for payload in ODD_PAYLOADS:
             send(namespace, command, payload)
         for mode in MODES:
-            if time.monotonic() > deadline:
-                failures.append(f"budget of {TOTAL_BUDGET} s spent before {namespace} {command}")
-                return failures, sent
-
             @settings(FUZZ, max_examples=SOCKET_EXAMPLES)
             @given(case=operation.as_strategy(generation_mode=mode))
             def run(case) -> None:
@@ -269,6 +259,7 @@ def distinct(failures: list[str]) -> str:
     return f"{len(failures)} failures, {len(seen)} distinct:\n" + "\n".join(list(seen.values())[:40])
 
 
+@pytest.mark.timeout(FUZZ_TIMEOUT)
 async def test_every_socket_command_fuzzed_from_its_schema(fuzz_client):
     account = await register(fuzz_client)
     asyncapi = await (await fuzz_client.get("/api/v1/asyncapi.json")).json()
@@ -279,12 +270,10 @@ async def test_every_socket_command_fuzzed_from_its_schema(fuzz_client):
         try:
             for sock in clients.values():
                 await sock.connect()
-            started = time.monotonic()
             failures, sent = await asyncio.to_thread(fuzz_sockets, asyncapi, clients, asyncio.get_running_loop(),
                                                      fuzz_client.app[SIO].eio.max_http_buffer_size)
             assert failures == [], distinct(failures)
             assert sent > 30 * len(ODD_PAYLOADS), sent
-            assert time.monotonic() - started < TOTAL_BUDGET + 10
         finally:
             for sock in clients.values():
                 await sock.close()
