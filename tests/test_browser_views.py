@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import re
+import time
 from pathlib import Path
 
 import pytest
@@ -24,6 +27,36 @@ RUN_AXE = """async () => {
     nodes: v.nodes.slice(0, 3).map((n) => n.target.join(" ")) }));
 }"""
 DESKTOP, PHONE = (1440, 900), (390, 844)
+LOADING = re.compile(r"^Loading")
+
+
+class ApiRequests:
+    """The page's REST requests still in flight (the socket's transport is not one of them)."""
+
+    def __init__(self, page) -> None:
+        self.pending: set = set()
+        page.on("request", lambda request: self.pending.add(request) if "/api/" in request.url else None)
+        page.on("requestfinished", lambda request: self.pending.discard(request))
+        page.on("requestfailed", lambda request: self.pending.discard(request))
+
+    async def settle(self, quiet: float = 0.3, timeout: float = 15.0) -> None:
+        """Return once no REST request has been in flight for `quiet` seconds (a view's loads
+        may start one another), failing after `timeout`."""
+        give_up = time.monotonic() + timeout
+        idle_since = time.monotonic()
+        while time.monotonic() - idle_since < quiet:
+            assert time.monotonic() < give_up, f"still loading: {[r.url for r in self.pending]}"
+            await asyncio.sleep(0.05)
+            if self.pending:
+                idle_since = time.monotonic()
+
+
+async def view_loaded(panel, requests: ApiRequests) -> None:
+    """Wait until a view has fetched what it shows: its requests answered, no "Loading…" hint left.
+    (`wait_for_load_state("networkidle")` returns at once after a tab click: it only follows
+    navigations, so a scan would see the view before its data.)"""
+    await requests.settle()
+    await expect(panel.get_by_text(LOADING)).to_have_count(0)
 
 
 async def axe_violations(page) -> list[dict]:
@@ -40,6 +73,7 @@ async def test_every_view_passes_an_axe_scan(client, db, settings, browser, size
     # axe is injected as an inline script, which the page's CSP refuses: only this scan's context bypasses it.
     context = await browser.new_context(bypass_csp=True, viewport={"width": size[0], "height": size[1]})
     page = await context.new_page()
+    requests = ApiRequests(page)
     try:
         base_url = server_url(client)
         await page.goto(base_url)  # signed out: the marketplace and the sign-in form
@@ -54,7 +88,7 @@ async def test_every_view_passes_an_axe_scan(client, db, settings, browser, size
             await page.get_by_role("tab", name=view).click()
             panel = page.get_by_role("tabpanel", name=view)
             await expect(panel).to_be_visible()
-            await page.wait_for_load_state("networkidle")
+            await view_loaded(panel, requests)
             found[view] = await axe_violations(page)
         assert {view: violations for view, violations in found.items() if violations} == {}
     finally:
