@@ -653,8 +653,9 @@ async def test_one_save_serves_every_running_answer_and_stops_only_those_asked(
     save_partials = assistant_db.save_partials
 
     async def counting(conn, saves):
-        saved_together.append(len(saves))
-        return await save_partials(conn, saves)
+        stops = await save_partials(conn, saves)
+        saved_together.append(len(saves))  # once written: the test reads the rows after it
+        return stops
 
     monkeypatch.setattr(assistant_db, "save_partials", counting)
     _, server = await scripted([{"text": [f"w{i} " for i in range(60)], "delay": 0.05}] * 3)
