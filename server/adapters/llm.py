@@ -140,11 +140,14 @@ def _error_message(body: bytes) -> str:
     return body.decode("utf-8", "replace")
 
 
-def _transport_error(exc: BaseException) -> ModelError:
-    """The ModelError for a failure of aiohttp talking to the endpoint (connecting or reading)."""
+def _chat_error(exc: BaseException) -> ModelError:
+    """The ModelError for a failure of a chat request: aiohttp's own (connecting or reading), else
+    as `classify` maps it."""
     if isinstance(exc, TimeoutError):  # aiohttp's timeouts are also OSErrors: first
         return ModelError("upstream_timeout", "the model did not answer in time", True)
-    return ModelError("upstream_unreachable", "the model endpoint cannot be reached", True)
+    if isinstance(exc, _TRANSPORT_ERRORS):
+        return ModelError("upstream_unreachable", "the model endpoint cannot be reached", True)
+    return classify(exc)
 
 
 _TRANSPORT_ERRORS = (aiohttp.ClientError, OSError, TimeoutError)
@@ -211,10 +214,10 @@ class ChatModel:
             async with response:
                 answer = orjson.loads(await response.read())
             text = answer["choices"][0]["message"]["content"] or ""
-        except _TRANSPORT_ERRORS as exc:
-            raise _transport_error(exc) from exc
+        except ModelError:
+            raise
         except Exception as exc:  # noqa: BLE001 - a malformed answer (no choices, not JSON) included
-            raise classify(exc) from exc
+            raise _chat_error(exc) from exc
         usage = answer.get("usage")
         if not isinstance(usage, dict):
             return text, None, None
@@ -229,7 +232,7 @@ class ChatModel:
             response = await self._session.post(self._chat_url, data=orjson.dumps(body), headers=self._headers,
                                                 timeout=self._timeout)
         except _TRANSPORT_ERRORS as exc:
-            raise _transport_error(exc) from exc
+            raise _chat_error(exc) from exc
         if response.status >= 400:
             async with response:
                 raise status_error(response.status, response.headers, _error_message(await response.read()))
@@ -276,10 +279,8 @@ class ChatModel:
             read_to_done = True
         except ModelError:
             raise
-        except _TRANSPORT_ERRORS as exc:
-            raise _transport_error(exc) from exc
         except Exception as exc:  # noqa: BLE001 - one error type for the caller
-            raise classify(exc) from exc
+            raise _chat_error(exc) from exc
         finally:
             if read_to_done:
                 response.release()  # back to the pool if the body has ended, else closed
