@@ -472,6 +472,10 @@ class Assistant:
         if not text:
             return
         gen.unsent.append(text)
+        self._queue_deltas(gen)
+
+    def _queue_deltas(self, gen: Generation) -> None:
+        """Have the answer's waiting text published, starting the publisher if none runs."""
         self._unsent[gen.message_id] = gen
         if self._delta_publisher is None:
             self._delta_publisher = asyncio.create_task(self._publish_deltas(), name="assistant-deltas")
@@ -519,8 +523,7 @@ class Assistant:
         """Wait until every emitted text of the answer is in a published delta."""
         while gen.unsent or gen.publishing:
             if self._delta_publisher is None:  # cancelled with text left
-                self._unsent[gen.message_id] = gen
-                self._delta_publisher = asyncio.create_task(self._publish_deltas(), name="assistant-deltas")
+                self._queue_deltas(gen)
             await asyncio.wait([self._delta_publisher])  # not cancelled if we are: the text still goes out
 
     def _drop_deltas(self, gen: Generation) -> None:
