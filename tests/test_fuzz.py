@@ -170,6 +170,8 @@ class RawSocketIO:
         self.ws: aiohttp.ClientWebSocketResponse | None = None
         self.prefix = "" if namespace == "/" else namespace + ","
         self.next_id = 0
+        self.received: asyncio.Queue[str | None] = asyncio.Queue()  # None: the websocket ended
+        self.reader: asyncio.Task | None = None
 
     async def connect(self) -> None:
         """Open the websocket and join the namespace signed in."""
@@ -178,21 +180,36 @@ class RawSocketIO:
             self.url.replace("http", "ws", 1) + "/socket.io/?EIO=4&transport=websocket")
         opened = await self.ws.receive_str(timeout=5)
         assert opened.startswith("0{"), opened
+        self.received = asyncio.Queue()
+        self.reader = asyncio.create_task(self._read(self.ws))
         await self.ws.send_str("40" + self.prefix + json.dumps({"token": self.token}))
         joined = await self._next(lambda text: text.startswith("40" + self.prefix) or text.startswith("44"), 5)
         assert joined.startswith("40"), joined
 
+    async def _read(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        # Pings are answered while the connection waits for its namespace's turn, as a real client
+        # does: the other namespaces' commands can take longer than the server's ping interval
+        # and timeout (45 s), after which it closes a connection that did not answer.
+        try:
+            async for message in ws:
+                if message.type is not aiohttp.WSMsgType.TEXT:
+                    break
+                if message.data == "2":
+                    await ws.send_str("3")  # Engine.IO ping
+                else:
+                    self.received.put_nowait(message.data)
+        finally:
+            self.received.put_nowait(None)
+
     async def _next(self, wanted: Callable[[str], bool], timeout: float) -> str:
-        assert self.ws is not None
         async with asyncio.timeout(timeout):
             while True:
-                message = await self.ws.receive()
-                if message.type is not aiohttp.WSMsgType.TEXT:
-                    raise ConnectionError(f"websocket {message.type.name}")
-                if message.data == "2":
-                    await self.ws.send_str("3")  # Engine.IO ping
-                elif wanted(message.data):
-                    return message.data
+                text = await self.received.get()
+                if text is None:
+                    self.received.put_nowait(None)  # every later call fails the same way
+                    raise ConnectionError("websocket closed")
+                if wanted(text):
+                    return text
 
     async def call(self, event: str, payload: Any) -> Any:
         """Emit `event` with one payload and an ack id; the ack's data."""
@@ -207,6 +224,8 @@ class RawSocketIO:
         """Close the websocket if open."""
         if self.ws is not None and not self.ws.closed:
             await self.ws.close()
+        if self.reader is not None:
+            await asyncio.gather(self.reader, return_exceptions=True)
 
 
 def fuzz_sockets(asyncapi: dict, clients: dict[str, RawSocketIO], loop: asyncio.AbstractEventLoop,
