@@ -2,12 +2,16 @@
 
     DATABASE_URL=postgresql://postgres@127.0.0.1:5432/postgres .venv/bin/python bench/rewards.py
     .venv/bin/python bench/rewards.py --sessions 500 --duration 20 --game-servers 10
+    .venv/bin/python bench/rewards.py --batch   # game servers send many reports per call
 
 Workload: one real server process (`python -m server serve`, its own fresh database on the
 DATABASE_URL server, Redis when REDIS_URL is set) and one game with `--sessions` active sessions,
 one per player. `--game-servers` Socket.IO connections authenticated with the game's token share
 the sessions; every session reports `report_reward` in a closed loop (the next report as soon as
 the previous one is acked, like a game server that streams each session's rewards in order).
+With `--batch` each game server sends the reports its sessions made in one turn of its loop as
+one `report_rewards` call (at most 200), without waiting for earlier calls' acks; each session
+still has one report in flight and its latency is still measured per report.
 After `--warmup` seconds, the run counts for `--duration` seconds:
 
 - accepted rewards/s: acks of new rewards in the window / its length;
@@ -173,13 +177,56 @@ class Stats:
         self.driver_cpu = 0.0
 
 
-async def session_loop(server: LeanSocket, session_id: int, stats: Stats, stop: asyncio.Event) -> None:
+class GameServer:
+    """One game-server connection. Alone, each report is its own `report_reward` call; batching, the
+    reports its sessions made in one turn of the loop go together in one `report_rewards` call (at
+    most `MAX_BATCH`) without waiting for earlier calls' acks, as a game server streaming many
+    sessions' rewards would send them."""
+
+    MAX_BATCH = 200
+
+    def __init__(self, socket: LeanSocket, batching: bool) -> None:
+        self.socket = socket
+        self.batching = batching
+        self._waiting: list[tuple[dict, asyncio.Future]] = []
+        self._calls: set[asyncio.Task] = set()
+
+    async def report(self, report: dict) -> dict:
+        """Report one reward; its ack envelope."""
+        if not self.batching:
+            return await self.socket.call("report_reward", report, timeout=60)
+        loop = asyncio.get_running_loop()
+        if not self._waiting:
+            loop.call_soon(self._send_waiting)
+        future = loop.create_future()
+        self._waiting.append((report, future))
+        return await future
+
+    def _send_waiting(self) -> None:
+        waiting, self._waiting = self._waiting, []
+        for start in range(0, len(waiting), self.MAX_BATCH):
+            call = asyncio.create_task(self._call(waiting[start:start + self.MAX_BATCH]))
+            self._calls.add(call)
+            call.add_done_callback(self._calls.discard)
+
+    async def _call(self, batch: list[tuple[dict, asyncio.Future]]) -> None:
+        ack = await self.socket.call("report_rewards", {"rewards": [r for r, _ in batch]}, timeout=60)
+        results = ack["data"]["results"] if ack.get("ok") else [ack] * len(batch)
+        for (_, future), result in zip(batch, results):
+            future.set_result(result)
+
+    async def close(self) -> None:
+        for call in list(self._calls):
+            call.cancel()
+        await self.socket.close()
+
+
+async def session_loop(server: GameServer, session_id: int, stats: Stats, stop: asyncio.Event) -> None:
     seq = 0
     while not stop.is_set():
         seq += 1
         sent = time.perf_counter()
-        ack = await server.call("report_reward", {"session_id": session_id, "seq": seq, "reward_type": "coin",
-                                                  "value": "1.25"}, timeout=60)
+        ack = await server.report({"session_id": session_id, "seq": seq, "reward_type": "coin", "value": "1.25"})
         done = time.perf_counter()
         if ack.get("ok"):
             stats.acked_total += 1
@@ -195,12 +242,14 @@ async def session_loop(server: LeanSocket, session_id: int, stats: Stats, stop: 
 
 
 async def drive(url: str, token: str, session_ids: list[int], servers: int, warmup: float, duration: float,
-                hub_pids: Callable[[], list[int]]) -> Stats:
+                hub_pids: Callable[[], list[int]], batching: bool) -> Stats:
     """Run the session loops; the window's figures, with the hubs' and this driver's CPU in it."""
     async with aiohttp.ClientSession() as http:
-        connections = [LeanSocket("/games") for _ in range(servers)]
-        for connection in connections:
-            await connection.open(http, url, {"game_token": token})
+        connections = []
+        for _ in range(servers):
+            socket = LeanSocket("/games")
+            await socket.open(http, url, {"game_token": token})
+            connections.append(GameServer(socket, batching))
         stats, stop = Stats(), asyncio.Event()
         loops = [asyncio.create_task(session_loop(connections[i % servers], sid, stats, stop))
                  for i, sid in enumerate(session_ids)]
@@ -280,6 +329,8 @@ async def main() -> None:
     parser.add_argument("--game-servers", type=int, default=10, help="game-server connections sharing the sessions")
     parser.add_argument("--duration", type=float, default=5.0, help="measured seconds")
     parser.add_argument("--warmup", type=float, default=1.0)
+    parser.add_argument("--batch", action="store_true",
+                        help="each game server sends its sessions' waiting reports in one report_rewards call")
     parser.add_argument("--processes", type=int, default=0,
                         help="hub processes behind HAProxy (0: one process, no balancer)")
     parser.add_argument("--profile", metavar="PATH", help="run the server under cProfile, stats to PATH")
@@ -294,11 +345,13 @@ async def main() -> None:
         async with fresh_database(admin_dsn, "bench_rewards") as dsn, \
                 hubs(dsn, args.processes, Path(tmp), args.profile) as (url, hub_pids):
             game_id, token, session_ids = await setup(dsn, args.sessions)
-            stats = await drive(url, token, session_ids, args.game_servers, args.warmup, args.duration, hub_pids)
+            stats = await drive(url, token, session_ids, args.game_servers, args.warmup, args.duration, hub_pids,
+                                args.batch)
             result = await check(dsn, stats.acked_total)
     ms = [v * 1000 for v in stats.latencies]
     rate = stats.accepted / args.duration
     where = f"{args.processes} processes behind HAProxy" if args.processes else "one process"
+    where += ", report_rewards (batched)" if args.batch else ", report_reward (one per call)"
     print(f"sessions: {args.sessions}, game-server connections: {args.game_servers}, {where}, "
           f"window: {args.duration:.1f} s after {args.warmup:.1f} s warm-up, "
           f"redis: {'yes' if os.environ.get('REDIS_URL') else 'no'}")
@@ -316,7 +369,8 @@ async def main() -> None:
     if args.json:
         Path(args.json).write_text(json.dumps({
             "bench": "rewards", "sessions": args.sessions, "game_servers": args.game_servers,
-            "processes": max(args.processes, 1), "balancer": bool(args.processes), "accepted_per_s": rate,
+            "processes": max(args.processes, 1), "balancer": bool(args.processes), "batch": args.batch,
+            "accepted_per_s": rate,
             "ack_p50_ms": statistics.median(ms) if ms else None, "ack_p99_ms": percentile(ms, 0.99) if ms else None,
             "hub_cpu_per_s": stats.hub_cpu / args.duration, "outbox_backlog": result["backlog"],
             "errors": stats.errors, "consistent": result["consistent"], "load_average": os.getloadavg()[0]}, indent=1))

@@ -17,12 +17,26 @@ import structlog
 from aiohttp import web
 
 from db.pool import POOL
-from server.core.errors import Forbidden, HubError, InvalidPayload, Unauthorized
+from server.core.errors import (
+    Forbidden,
+    HubError,
+    InvalidPayload,
+    RateLimited,
+    Unauthorized,
+)
 from server.core.identity import Identity
 from server.core.money import AMOUNT_QUANTUM
+from server.core.protocol import error_envelope, ok
 from server.core.settings import SETTINGS
 from server.edge.namespace import Ctx, HubNamespace, command, refusal
-from server.edge.rest import current_identity, endpoint, int_query, ok_response, path_int, read_json
+from server.edge.rest import (
+    current_identity,
+    endpoint,
+    int_query,
+    ok_response,
+    path_int,
+    read_json,
+)
 from server.edge.schemas import (
     COUNT,
     DEFAULT_PAGE,
@@ -64,6 +78,10 @@ REWARD_FIELDS = {"seq": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1},
                  "value": AMOUNT}
 REPORT_SCHEMA = obj({"session_id": INTEGER_ID, **REWARD_FIELDS},
                     required=("session_id", "seq", "reward_type", "value"))
+MAX_REPORTS_PER_CALL = 200
+REPORTS_SCHEMA = obj({"rewards": {"type": "array", "minItems": 1, "maxItems": MAX_REPORTS_PER_CALL,
+                                  "items": REPORT_SCHEMA}}, required=("rewards",))
+REPORTS_VALIDATOR = compile_schema(REPORTS_SCHEMA)
 REST_REPORT_SCHEMA = obj(REWARD_FIELDS, required=("seq", "reward_type", "value"))
 REST_REPORT_VALIDATOR = compile_schema(REST_REPORT_SCHEMA)
 GAME_PATH = {"game_id": INTEGER_ID}
@@ -136,6 +154,20 @@ class GamesNamespace(HubNamespace):
         """A game server reports a reward; acked with the session's running total (replays: same ack)."""
         caller = await self._game_server(ctx)
         return await service.report_reward(self.app, caller, payload["session_id"], payload)
+
+    @command(REPORTS_SCHEMA, user=False)
+    async def on_report_rewards(self, ctx: Ctx, payload: dict) -> dict:
+        """A game server reports many rewards in one call; acked with each report's own result, in order."""
+        reports = payload["rewards"]
+        caller = await self._game_server(ctx)
+        bucket: TokenBucket = (await self.get_session(ctx.sid))["bucket"]
+        # The dispatcher took one event from the bucket; a batch spends one per report.
+        if len(reports) > bucket.burst:
+            raise InvalidPayload(f"at most {bucket.burst} reports per call on this server", field="rewards")
+        retry_after = bucket.try_take(len(reports) - 1) if len(reports) > 1 else 0.0
+        if retry_after:
+            raise RateLimited("too many reports, slow down", retry_after=retry_after)
+        return await _each_result(self.app, caller, reports)
 
     @command(SESSION_SCHEMA, user=False)
     async def on_heartbeat_session(self, ctx: Ctx, payload: dict) -> dict:
@@ -290,13 +322,33 @@ async def handle_my_sessions(request: web.Request, identity: Identity) -> web.Re
 @endpoint(path=SESSION_PATH, json_body=REST_REPORT_SCHEMA)
 async def handle_report_reward(request: web.Request) -> web.Response:
     """A game server reports a reward (the REST twin of `report_reward`)."""
-    caller = await rest_caller(request)
-    if not isinstance(caller, service.GameCaller):
-        raise Forbidden("only the game's server reports rewards (Authorization: Game <token>)")
+    caller = await _rest_game_server(request)
     # Validated after the caller is known, so a stranger learns nothing from validation errors.
     body = validate(REST_REPORT_VALIDATOR, await read_json(request))
     session_id = _path_id(request, "session_id", "session")
     return ok_response(await service.report_reward(request.app, caller, session_id, body))
+
+
+@routes.post("/api/v1/game-rewards")
+@endpoint(json_body=REPORTS_SCHEMA)
+async def handle_report_rewards(request: web.Request) -> web.Response:
+    """A game server reports many rewards in one request (the REST twin of `report_rewards`)."""
+    caller = await _rest_game_server(request)
+    body = validate(REPORTS_VALIDATOR, await read_json(request))
+    return ok_response(await _each_result(request.app, caller, body["rewards"]))
+
+
+async def _rest_game_server(request: web.Request) -> service.GameCaller:
+    caller = await rest_caller(request)
+    if not isinstance(caller, service.GameCaller):
+        raise Forbidden("only the game's server reports rewards (Authorization: Game <token>)")
+    return caller
+
+
+async def _each_result(app: web.Application, caller: service.GameCaller, reports: list[dict]) -> dict[str, Any]:
+    """A batch's outcomes as one envelope per report, in order: each succeeds or fails on its own."""
+    results = await service.report_rewards(app, caller, reports)
+    return {"results": [error_envelope(r) if isinstance(r, HubError) else ok(r) for r in results]}
 
 
 @routes.post("/api/v1/game-sessions/{session_id}/heartbeat")

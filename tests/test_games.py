@@ -158,6 +158,79 @@ async def test_replayed_seq_is_idempotent(client, db, sockets):
     assert [e.type for e in history.events] == ["reward_earned"]
 
 
+def coin(session_id: int, seq: int, value: str) -> dict:
+    return {"session_id": session_id, "seq": seq, "reward_type": "coin", "value": value}
+
+
+async def test_a_batch_of_reports_is_decided_report_by_report_and_replays_whole(client, db, sockets):
+    admin = await make_admin(client, db)
+    game, token = await create_game(client, admin)
+    other_game, _ = await create_game(client, admin, name="Other")
+    alice = await start((await player(client, sockets))[1], game["game_id"])
+    bob = await start((await player(client, sockets))[1], game["game_id"])
+    foreign = await start((await player(client, sockets))[1], other_game["game_id"])
+    server = await game_server(client, sockets, token)
+    first = await reward(server, alice, 1, "10")
+    reports = [coin(alice, 2, "2.5"), coin(bob, 1, "4"),
+               coin(alice, 1, "10"),  # a replay of the report above
+               coin(bob, 2, "0"), coin(bob, 3, "60"),  # not a reward; over the game's 50 per event
+               coin(foreign, 1, "1"), coin(987_654, 1, "1"),  # another game's session; no session
+               coin(alice, 2, "3"),  # the same seq as the first of this batch, another value
+               coin(bob, 4, "1")]
+    ack = await server.call("/games", "report_rewards", {"rewards": reports})
+    assert ack["ok"], ack
+    results = ack["data"]["results"]
+    assert [r["ok"] for r in results] == [True, True, True, False, False, False, False, False, True]
+    assert [r["data"]["session_total"] for r in results if r["ok"]] == [
+        "12.50000000", "4.00000000", first["data"]["session_total"], "5.00000000"]
+    assert results[2] == first
+    assert [(r["error"]["code"], r["error"]["field"]) for r in results if not r["ok"]] == [
+        ("invalid_payload", "value"), ("invalid_payload", "value"), ("forbidden", "session_id"),
+        ("not_found", "session_id"), ("conflict", "seq")]
+    assert results[4]["error"]["policy"] == "max_reward_per_event"
+    booked = [(r["session_id"], r["seq"], r["reward_value"]) for r in await db.fetch(
+        "SELECT session_id, seq, reward_value FROM game_rewards ORDER BY reward_id")]
+    assert booked == [(alice, 1, Decimal(10)), (alice, 2, Decimal("2.5")), (bob, 1, Decimal(4)), (bob, 4, Decimal(1))]
+    before = (await written(db, alice), await written(db, bob))
+    # The same batch again, over REST: every report answers as it did, and nothing more is written.
+    rest = await client.post("/api/v1/game-rewards", json={"rewards": reports},
+                             headers={"Authorization": f"Game {token}"})
+    assert rest.status == 200
+    assert (await rest.json())["data"]["results"] == results
+    assert (await written(db, alice), await written(db, bob)) == before
+    await asyncio.sleep(0.3)
+    history = await client.app[REALTIME].replay(f"game:{game['game_id']}", "0-0")
+    assert [e.data["seq"] for e in history.events if e.type == "reward_earned"] == [1, 2, 1, 4]
+
+
+async def test_a_batch_is_for_game_servers_within_their_budget_and_its_size(settings, aiohttp_client, db, sockets):
+    client = await aiohttp_client(create_app(settings.replace(game_server_event_rate=1.0,
+                                                              game_server_event_burst=10)))
+    admin = await make_admin(client, db)
+    game, token = await create_game(client, admin)
+    alice, sock = await player(client, sockets)
+    session_id = await start(sock, game["game_id"])
+    own = await sock.call("/games", "report_rewards", {"rewards": [coin(session_id, 1, "1")]})
+    assert own["error"]["code"] == "forbidden"
+    as_player = await client.post("/api/v1/game-rewards", json={"rewards": [coin(session_id, 1, "1")]},
+                                  headers=bearer(alice["token"]))
+    assert as_player.status == 403
+    server = await game_server(client, sockets, token)
+    for payload, field in (({"rewards": []}, "rewards"), ({"rewards": [coin(session_id, 1, "1")] * 201}, "rewards"),
+                           ({"rewards": [{**coin(session_id, 1, "1"), "extra": 1}]}, "rewards.0.extra")):
+        refused = await server.call("/games", "report_rewards", payload)
+        assert refused["error"]["code"] == "invalid_payload" and refused["error"]["field"] == field, refused
+    # The connection's budget (10 events, 1 a second) counts reports, not calls; the refused calls
+    # above spent one each.
+    over_burst = await server.call("/games", "report_rewards", {"rewards": [coin(session_id, seq, "1")
+                                                                           for seq in range(11)]})
+    assert over_burst["error"]["code"] == "invalid_payload" and "at most 10" in over_burst["error"]["message"]
+    limited = await server.call("/games", "report_rewards", {"rewards": [coin(session_id, seq, "1")
+                                                                        for seq in range(8)]})
+    assert limited["error"]["code"] == "rate_limited" and limited["error"]["retry_after"] > 0
+    assert await db.fetchval("SELECT count(*) FROM game_rewards") == 0
+
+
 async def test_over_policy_reward_is_refused_and_nothing_is_written(client, db, sockets):
     admin = await make_admin(client, db)
     game, token = await create_game(client, admin, reward_types=["coin", "gem"])

@@ -562,6 +562,32 @@ async def report_reward(app: web.Application, caller: GameCaller, session_id: in
         value=parse_value(payload["value"])))
 
 
+async def report_rewards(app: web.Application, caller: GameCaller,
+                         payloads: list[dict[str, Any]]) -> list[dict[str, Any] | HubError]:
+    """Queue a game server's batch of reward reports together; each one's ack or error, in order.
+
+    Each report is decided exactly as `report_reward` decides it alone (a refused one does not hold
+    back the others); they share one trip through the queue, so a game server reporting for many
+    sessions pays the per-call costs once."""
+    reports: list[RewardReport | HubError] = []
+    for payload in payloads:
+        try:
+            value = parse_value(payload["value"])
+        except HubError as exc:
+            reports.append(exc)
+            continue
+        reports.append(RewardReport(game_id=caller.game_id, session_id=payload["session_id"], seq=payload["seq"],
+                                    reward_type=payload["reward_type"], value=value))
+    return await app[GAMES].ingest.submit_many(reports)
+
+
+async def _result_or_error(future: asyncio.Future) -> dict[str, Any] | HubError:
+    try:
+        return await future
+    except HubError as exc:
+        return exc
+
+
 @dataclasses.dataclass(slots=True)
 class _Pending:
     report: RewardReport
@@ -589,6 +615,29 @@ class RewardIngest:
         future = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(_Pending(report, future))
         return await future
+
+    async def submit_many(self, reports: list[RewardReport | HubError]) -> list[dict[str, Any] | HubError]:
+        """Queue reports together (errors pass through in place); each one's ack or HubError, in order."""
+        if self._queue.qsize() + len(reports) > self.queue_max:
+            busy = RateLimited("the server is busy booking rewards; retry shortly", retry_after=0.5)
+            return [busy if isinstance(r, RewardReport) else r for r in reports]
+        loop = asyncio.get_running_loop()
+        waits: list[asyncio.Future | HubError] = []
+        for report in reports:
+            if isinstance(report, HubError):
+                waits.append(report)
+                continue
+            future = loop.create_future()
+            self._queue.put_nowait(_Pending(report, future))
+            waits.append(future)
+        try:
+            return [wait if isinstance(wait, HubError) else await _result_or_error(wait) for wait in waits]
+        except asyncio.CancelledError:
+            # The caller went away: its reports are still booked, but nobody reads their outcomes.
+            for wait in waits:
+                if isinstance(wait, asyncio.Future):
+                    wait.cancel()
+            raise
 
     async def run_worker(self) -> None:
         """Book batches until cancelled."""
