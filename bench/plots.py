@@ -10,8 +10,9 @@
 - `bench/fanout.py --servers S --json ...` once per server (ours, bare python-socketio, Node socket.io):
   rising broadcast rates to 1,000 clients in one room (each step's delivered msgs/s, p50/p99 latency,
   server CPU), then idle connections at rising counts on one server (its RSS at each count);
-- `bench/rewards.py --sessions N --json ...` once per session count: one hub process, no balancer
-  (`--processes N` passes its option through); needs DATABASE_URL, uses REDIS_URL when set.
+- `bench/rewards.py --sessions N --json ...` once per session count, with one `report_reward` per
+  report and again with `--batch` (`report_rewards`): one hub process, no balancer (`--processes N`
+  passes its option through); needs DATABASE_URL, uses REDIS_URL when set.
 
 A bench that fails is recorded with its error and the output's tail; the run goes on. Every run
 record carries the load average before it, its start time and the git commit, since the machine
@@ -23,7 +24,7 @@ script; the figures for the docs come from a full run on a quiet machine.
 - latency.png: p50 and p99 broadcast latency against delivered msgs/s, per server;
 - cpu.png: server CPU (% of one core) against delivered msgs/s, per server;
 - memory.png: server RSS against idle connections, per server, with the fitted KiB per connection;
-- rewards.png: accepted rewards/s and ack latency against live sessions;
+- rewards.png: accepted rewards/s and ack latency against live sessions, per way of calling;
 - capacity.md: what one process holds on this machine (also printed), each row naming its runs.
 """
 
@@ -76,6 +77,7 @@ class Sweep:
             self.sessions = [50, 100, 250, 500, 1000]
             self.rewards_seconds = 15.0
         self.processes: int | None = None  # bench/rewards.py's default: one hub process, no balancer
+        self.batch_calls = [False, True]  # bench/rewards.py alone (report_reward) and with --batch
         self.timeout = 1800.0  # seconds for one bench subprocess: a hung one must not stop the sweep
 
 
@@ -203,15 +205,18 @@ def run_fanout(sweep: Sweep, workdir: Path) -> list[dict[str, Any]]:
 
 
 def run_rewards(sweep: Sweep, workdir: Path) -> list[dict[str, Any]]:
-    """bench/rewards.py once per session count, one hub process."""
+    """bench/rewards.py once per session count and way of calling (one report per call, batched)."""
     records = []
-    for sessions in sweep.sessions:
-        out = workdir / f"rewards-{sessions}.json"
+    for batch, sessions in ((batch, sessions) for batch in sweep.batch_calls for sessions in sweep.sessions):
+        name = f"rewards-{'batch-' if batch else ''}{sessions}"
+        out = workdir / f"{name}.json"
         argv = [sys.executable, "bench/rewards.py", "--sessions", str(sessions),
                 "--duration", str(sweep.rewards_seconds), "--json", str(out)]
         if sweep.processes is not None:
             argv[4:4] = ["--processes", str(sweep.processes)]
-        record = run_bench(f"rewards-{sessions}", argv, sweep.timeout)
+        if batch:
+            argv.append("--batch")
+        record = run_bench(name, argv, sweep.timeout)
         record.update(bench="rewards", sessions=sessions, redis=bool(os.environ.get("REDIS_URL")), quick=sweep.quick,
                       rows=read_rows(record, out))
         records.append(record)
@@ -229,7 +234,10 @@ def run(args: argparse.Namespace) -> None:
     benches = [args.only] if args.only else ["fanout", "rewards"]
     kept: list[dict[str, Any]] = []
     if args.only and args.data.exists():
-        kept = [r for r in json.loads(args.data.read_text())["runs"] if r.get("bench") != args.only]
+        earlier = json.loads(args.data.read_text())
+        kept = [r for r in earlier["runs"] if r.get("bench") != args.only]
+        for record in kept:  # the machine may have changed since: each run keeps its own
+            record.setdefault("machine", earlier["machine"])
     started, t0 = now_iso(), time.monotonic()
     if load_averages()[0] > 1.0:
         print(f"warning: load average {load_averages()[0]:.2f}: other work is running, the figures will be "
@@ -240,13 +248,16 @@ def run(args: argparse.Namespace) -> None:
             records += run_fanout(sweep, Path(tmp))
         if "rewards" in benches:
             records += run_rewards(sweep, Path(tmp))
+    this_machine = machine()
+    for record in records:
+        record["machine"] = this_machine
     runs = kept + records
     data = {
         "schema": 1,
         "quick": any(r.get("quick") for r in runs),  # any run quick: the figures are for checking only
         "started": started,
         "seconds": round(time.monotonic() - t0, 1),
-        "machine": machine(),
+        "machine": this_machine,
         "git": git_state(),
         "sweep": vars(sweep),  # of this run; with --only, the kept runs' own argv say how they ran
         "runs": runs,
@@ -299,7 +310,8 @@ def setup_label(row: dict[str, Any]) -> str:
     """How many hub processes served a rewards run, and whether a balancer stood in front."""
     processes = row.get("processes", 1)
     label = f"{processes} hub process{'es' if processes > 1 else ''}"
-    return label + (" behind HAProxy" if row.get("balancer") else "")
+    label += " behind HAProxy" if row.get("balancer") else ""
+    return label + (", report_rewards (batched)" if row.get("batch") else ", report_reward")
 
 
 def one_process(row: dict[str, Any]) -> bool:
@@ -320,15 +332,25 @@ def memory_fit(row: dict[str, Any]) -> tuple[float, float] | None:
     return float(slope), float(base)
 
 
+def machine_of(data: dict[str, Any], record: dict[str, Any]) -> dict[str, Any]:
+    """The machine a run was measured on (runs kept from an earlier `run --only` carry their own)."""
+    return record.get("machine") or data["machine"]
+
+
+def machine_label(m: dict[str, Any]) -> str:
+    """'2 cores (CPU model)'."""
+    return f"{m['cores']} cores ({m['cpu_model']})"
+
+
 def footnote(fig: Any, data: dict[str, Any], records: list[dict[str, Any]]) -> None:
     """Where the figures come from: date, commit, load, machine; a warning on quick runs."""
     loads = [r["load_average_before"][0] for r in records]
     commits = sorted({(r.get("git") or {}).get("commit") or "?" for r in records})
     dirty = any((r.get("git") or {}).get("dirty") for r in records)
-    m = data["machine"]
+    machines = sorted({machine_label(machine_of(data, r)) for r in records})
     dates = sorted(r["started"][:10] for r in records)
     text = (f"{dates[0] if dates else '?'}, commit {', '.join(c[:8] for c in commits)}{' + changes' if dirty else ''}, "
-            f"{m['cores']} cores ({m['cpu_model']}), load average {min(loads):.2f}-{max(loads):.2f} before the runs")
+            f"{', '.join(machines)}, load average {min(loads):.2f}-{max(loads):.2f} before the runs")
     if data.get("quick"):
         text = "QUICK RUN (short steps, few points): checks the script, not figures to quote\n" + text
     fig.text(0.01, 0.005, text, fontsize=7, color="#555555", ha="left", va="bottom")
@@ -554,16 +576,17 @@ def capacity_table(data: dict[str, Any]) -> str:
                      + " | ".join(cells) + " | " + ", ".join(f"`{rows[s][1]['id']}`" for s in columns) + " |")
     pairs = ([(r, rec) for r, rec in reward_rows(data) if one_process(r)]
              or [(r, rec) for r, rec in reward_rows(data) if r.get("processes", 1) == 1])
-    consistent = [(r, rec) for r, rec in pairs if r.get("consistent", True)]
     blanks = " | ".join("n/a" for _ in columns[1:])
-    if consistent or pairs:
-        row, record = max(consistent or pairs, key=lambda pair: pair[0]["accepted_per_s"])
+    for batch in sorted({bool(r.get("batch")) for r, _ in pairs}):
+        same_calls = [(r, rec) for r, rec in pairs if bool(r.get("batch")) == batch]
+        consistent = [(r, rec) for r, rec in same_calls if r.get("consistent", True)]
+        row, record = max(consistent or same_calls, key=lambda pair: pair[0]["accepted_per_s"])
         flag = "" if row.get("consistent", True) else " (database check FAILED)"
-        tried = ", ".join(f"{r['sessions']:,}" for r, _ in pairs)
+        tried = ", ".join(f"{r['sessions']:,}" for r, _ in same_calls)
         lines.append(f"| reward ingest, accepted rewards/s (best of {tried} sessions; {setup_label(row)}) | "
                      f"{row['accepted_per_s']:,.0f} at {row['sessions']:,} sessions, ack p99 "
                      f"{row['ack_p99_ms']:,.0f} ms{flag} | {blanks} | `{record['id']}` |")
-    else:
+    if not pairs:
         errors = [rec for rec in data["runs"] if rec.get("bench") == "rewards" and rec.get("error")]
         reason = f"not measured: {errors[0]['error']}" if errors else "not measured"
         lines.append(f"| reward ingest, accepted rewards/s | {reason} | {blanks} | "
@@ -576,9 +599,14 @@ def capacity_table(data: dict[str, Any]) -> str:
         status = f", **failed: {record['error']}**" if record.get("error") else ""
         lines.append(f"- `{record['id']}`: {record['started']}, commit {commit}{dirty}, load average "
                      f"{record['load_average_before'][0]:.2f} before, {record.get('seconds', 0):.0f} s{status}")
-    m = data["machine"]
-    lines.append(f"\nMachine: {m['cores']} cores ({m['cpu_model']}), {m['memory_bytes'] / 2**30:.0f} GiB; "
-                 "each server pinned to one core, its load generator to the other.")
+    machines: dict[str, list[str]] = {}
+    for record in data["runs"]:
+        m = machine_of(data, record)
+        machines.setdefault(f"{machine_label(m)}, {m['memory_bytes'] / 2**30:.0f} GiB", []).append(record["id"])
+    for label, ids in machines.items():
+        which = f" (`{'`, `'.join(ids)}`)" if len(machines) > 1 else ""
+        lines.append(f"\nMachine{which}: {label}.")
+    lines.append("Each fan-out server is pinned to one core, its load generator to the other.")
     return "\n".join(lines) + "\n"
 
 
