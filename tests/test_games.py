@@ -231,6 +231,22 @@ async def test_a_batch_is_for_game_servers_within_their_budget_and_its_size(sett
     assert await db.fetchval("SELECT count(*) FROM game_rewards") == 0
 
 
+async def test_a_batch_the_booking_queue_cannot_hold_is_refused_whole(settings, aiohttp_client, db, sockets):
+    client = await aiohttp_client(create_app(settings.replace(game_reward_queue_max=5)))
+    admin = await make_admin(client, db)
+    game, token = await create_game(client, admin)
+    session_id = await start((await player(client, sockets))[1], game["game_id"])
+    server = await game_server(client, sockets, token)
+    too_many = [coin(session_id, seq, "1") for seq in range(1, 7)] + [coin(session_id, 7, "0")]
+    results = (await server.call("/games", "report_rewards", {"rewards": too_many}))["data"]["results"]
+    assert [r["error"]["code"] for r in results] == ["rate_limited"] * 6 + ["invalid_payload"]
+    assert all(r["error"]["retry_after"] > 0 for r in results[:6])
+    assert await db.fetchval("SELECT count(*) FROM game_rewards") == 0
+    fits = (await server.call("/games", "report_rewards", {"rewards": too_many[:5]}))["data"]["results"]
+    assert [r["data"]["seq"] for r in fits] == [1, 2, 3, 4, 5]
+    assert await db.fetchval("SELECT count(*) FROM game_rewards") == 5
+
+
 async def test_over_policy_reward_is_refused_and_nothing_is_written(client, db, sockets):
     admin = await make_admin(client, db)
     game, token = await create_game(client, admin, reward_types=["coin", "gem"])
