@@ -17,26 +17,13 @@ import structlog
 from aiohttp import web
 
 from db.pool import POOL
-from server.core.errors import (
-    Forbidden,
-    HubError,
-    InvalidPayload,
-    RateLimited,
-    Unauthorized,
-)
+from server.core.errors import Forbidden, HubError, InvalidPayload, RateLimited, Unauthorized
 from server.core.identity import Identity
 from server.core.money import AMOUNT_QUANTUM
 from server.core.protocol import error_envelope, ok
 from server.core.settings import SETTINGS
 from server.edge.namespace import Ctx, HubNamespace, command, refusal
-from server.edge.rest import (
-    current_identity,
-    endpoint,
-    int_query,
-    ok_response,
-    path_int,
-    read_json,
-)
+from server.edge.rest import current_identity, endpoint, int_query, ok_response, path_int, read_json
 from server.edge.schemas import (
     COUNT,
     DEFAULT_PAGE,

@@ -557,9 +557,12 @@ async def _book(conn: asyncpg.Connection, batch: list[RewardReport], pool_name: 
 async def report_reward(app: web.Application, caller: GameCaller, session_id: int,
                         payload: dict[str, Any]) -> dict[str, Any]:
     """Queue a game server's reward report for booking and wait for its ack."""
-    return await app[GAMES].ingest.submit(RewardReport(
-        game_id=caller.game_id, session_id=session_id, seq=payload["seq"], reward_type=payload["reward_type"],
-        value=parse_value(payload["value"])))
+    return await app[GAMES].ingest.submit(_report(caller, session_id, payload))
+
+
+def _report(caller: GameCaller, session_id: int, payload: dict[str, Any]) -> RewardReport:
+    return RewardReport(game_id=caller.game_id, session_id=session_id, seq=payload["seq"],
+                        reward_type=payload["reward_type"], value=parse_value(payload["value"]))
 
 
 async def report_rewards(app: web.Application, caller: GameCaller,
@@ -572,12 +575,9 @@ async def report_rewards(app: web.Application, caller: GameCaller,
     reports: list[RewardReport | HubError] = []
     for payload in payloads:
         try:
-            value = parse_value(payload["value"])
+            reports.append(_report(caller, payload["session_id"], payload))
         except HubError as exc:
             reports.append(exc)
-            continue
-        reports.append(RewardReport(game_id=caller.game_id, session_id=payload["session_id"], seq=payload["seq"],
-                                    reward_type=payload["reward_type"], value=value))
     return await app[GAMES].ingest.submit_many(reports)
 
 
@@ -610,11 +610,10 @@ class RewardIngest:
 
     async def submit(self, report: RewardReport) -> dict[str, Any]:
         """Queue a report and wait for its ack; raises its HubError when refused."""
-        if self._queue.qsize() >= self.queue_max:
-            raise RateLimited("the server is busy booking rewards; retry shortly", retry_after=0.5)
-        future = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Pending(report, future))
-        return await future
+        result = (await self.submit_many([report]))[0]
+        if isinstance(result, HubError):
+            raise result
+        return result
 
     async def submit_many(self, reports: list[RewardReport | HubError]) -> list[dict[str, Any] | HubError]:
         """Queue reports together (errors pass through in place); each one's ack or HubError, in order."""
