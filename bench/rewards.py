@@ -19,8 +19,9 @@ After `--warmup` seconds, the run counts for `--duration` seconds:
 - afterwards, the database is checked: rewards booked = acks, and the players' balances and the
   ledger both sum to the rewards; the outbox backlog when the load stops shows whether event
   publishing (two lossless `reward_earned` per reward, on the game's and the session's channels,
-  through the outbox relay) kept up, and
-  the relay's rate while it drains the backlog is printed (up to 30 s).
+  through the outbox relay) kept up (target: under one second of ingest), and the relay's rate
+  while it drains the backlog is printed (up to 30 s); the run fails (exit 1) if the sums differ
+  or the relay left events behind.
 
 The setup (players, game, sessions) is written straight into the database: the figure is the
 ingest path, not sign-up. The client runs in this process; on a small machine it competes with
@@ -60,6 +61,8 @@ from db.outbox import pending_count  # noqa: E402
 from server.services.games import new_token  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+TARGET_REWARDS_PER_S = 6_500  # issue 21, at the default 500 sessions and 10 game servers
+TARGET_ACK_P99_MS = 100.0
 
 
 def free_port() -> int:
@@ -364,8 +367,14 @@ async def main() -> None:
     print(f"errors: {stats.errors or 'none'}")
     print(f"database: {result['rewards']} rewards for {stats.acked_total} acks, sums "
           f"{'consistent' if result['consistent'] else 'INCONSISTENT'} (rewards = balances = ledger = sessions)")
-    print(f"outbox: {result['backlog']} events waiting when the load stopped; the relay then published "
-          f"{result['drain_rate']:,.0f} events/s ({result['left']} left after the wait)")
+    # One outbox row per reward (published to the game's and the session's channel).
+    lag = result["backlog"] / max(rate, 1e-9)
+    print(f"outbox: {result['backlog']} events waiting when the load stopped ({lag:.2f} s of ingest; target "
+          f"< 1 s: {'met' if lag < 1 else 'MISSED'}); the relay then published {result['drain_rate']:,.0f} "
+          f"events/s ({result['left']} left after the wait{': the relay is STUCK' if result['left'] else ''})")
+    p99 = percentile(ms, 0.99) if ms else float("inf")
+    met = rate >= TARGET_REWARDS_PER_S and p99 < TARGET_ACK_P99_MS
+    print(f"target >= {TARGET_REWARDS_PER_S:,}/s with ack p99 < {TARGET_ACK_P99_MS:g} ms: {'met' if met else 'MISSED'}")
     if args.json:
         Path(args.json).write_text(json.dumps({
             "bench": "rewards", "sessions": args.sessions, "game_servers": args.game_servers,
@@ -374,7 +383,7 @@ async def main() -> None:
             "ack_p50_ms": statistics.median(ms) if ms else None, "ack_p99_ms": percentile(ms, 0.99) if ms else None,
             "hub_cpu_per_s": stats.hub_cpu / args.duration, "outbox_backlog": result["backlog"],
             "errors": stats.errors, "consistent": result["consistent"], "load_average": os.getloadavg()[0]}, indent=1))
-    if not result["consistent"]:
+    if not result["consistent"] or result["left"]:
         sys.exit(1)
 
 
