@@ -213,7 +213,12 @@ class GameServer:
             call.add_done_callback(self._calls.discard)
 
     async def _call(self, batch: list[tuple[dict, asyncio.Future]]) -> None:
-        ack = await self.socket.call("report_rewards", {"rewards": [r for r, _ in batch]}, timeout=60)
+        try:
+            ack = await self.socket.call("report_rewards", {"rewards": [r for r, _ in batch]}, timeout=60)
+        except Exception as exc:  # noqa: BLE001 - each waiting session fails as a single call would
+            for _, future in batch:
+                future.set_exception(exc)
+            return
         results = ack["data"]["results"] if ack.get("ok") else [ack] * len(batch)
         for (_, future), result in zip(batch, results):
             future.set_result(result)
