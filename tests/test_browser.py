@@ -426,7 +426,12 @@ async def test_datapod_page_shows_the_dataset_and_counts_viewers_live(client, pa
     seller, pod = await published_pod(client)
     base_url = server_url(client)
     await sign_up(page, base_url)
-    await page.locator(f'#datapods [data-key="{pod["id"]}"]').get_by_role("link", name="City weather").click()
+    card = page.locator(f'#datapods [data-key="{pod["id"]}"]')
+    # Signing in reloads the list (subscribed first, so nothing published meanwhile is missed): a
+    # click on the signed-out card can land as it is replaced and be lost (seen once in CI). The
+    # Buy button comes with the signed-in list.
+    await expect(card.get_by_role("button", name="Buy City weather")).to_be_visible()
+    await card.get_by_role("link", name="City weather").click()
 
     view = page.locator("#datapod-view")
     await expect(view.get_by_role("heading", name="City weather", level=2)).to_be_visible()
