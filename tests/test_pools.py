@@ -282,6 +282,58 @@ async def test_an_owner_gone_between_the_read_and_the_booking_writes_nothing_the
         (games.game_channel(game_id), [games.session_channel(session_id)], games.REWARD_EARNED)]
 
 
+@pytest.mark.parametrize("meanwhile", ["booked", "ended"])
+async def test_a_session_that_moved_between_the_read_and_the_booking_is_decided_again_locked(
+        db, db_dsn, monkeypatch, meanwhile):
+    pool_id = await gaming_pool(db, 100)
+    game_id, _ = await _game(db, "0")
+    first, second = await _players(db, game_id, 2)
+    real_read_batch, real_lock_batch = game_queries.read_batch, game_queries.lock_batch
+    reads = []
+
+    async def read_then_move_the_second_session(conn, keys, pool_name):
+        read = await real_read_batch(conn, keys, pool_name)
+        if conn is db:  # the move's own booking
+            return read
+        reads.append("read")
+        if meanwhile == "booked":  # another process books a reward for it (its total moves)
+            [ack], _ = await games.book_rewards(db, [games.RewardReport(
+                game_id=game_id, session_id=second, seq=1, reward_type="coin", value=Decimal(7))])
+            assert ack["session_total"] == "7.00000000"
+        else:
+            await db.execute("UPDATE game_sessions SET status = 'Ended' WHERE session_id = $1", second)
+        return read
+
+    async def lock_batch(conn, keys, pool_name):
+        reads.append("sessions locked")
+        return await real_lock_batch(conn, keys, pool_name)
+
+    monkeypatch.setattr(game_queries, "read_batch", read_then_move_the_second_session)
+    monkeypatch.setattr(game_queries, "lock_batch", lock_batch)
+    booker = await asyncpg.connect(db_dsn)
+    try:
+        await init_connection(booker)
+        results, new = await games.book_rewards(booker, [
+            games.RewardReport(game_id=game_id, session_id=first, seq=1, reward_type="coin", value=Decimal(3)),
+            games.RewardReport(game_id=game_id, session_id=second, seq=2, reward_type="coin", value=Decimal(5))])
+    finally:
+        await booker.close()
+    # Refused whole by the one statement (the other session's reward is not written either), then
+    # decided again with both sessions locked, on what the move left.
+    assert reads == ["read", "sessions locked"]
+    assert results[0]["session_total"] == "3.00000000"
+    rewards = {tuple(r) for r in await db.fetch("SELECT session_id, seq, session_total FROM game_rewards")}
+    if meanwhile == "booked":
+        assert new == 2 and results[1]["session_total"] == "12.00000000"
+        assert rewards == {(first, 1, Decimal(3)), (second, 1, Decimal(7)), (second, 2, Decimal(12))}
+        assert await pool_state(db, pool_id) == (Decimal(100), Decimal(15))
+    else:
+        assert new == 1 and isinstance(results[1], games.Conflict) and results[1].field == "session_id"
+        assert rewards == {(first, 1, Decimal(3))}
+        assert await pool_state(db, pool_id) == (Decimal(100), Decimal(3))
+    assert await db.fetchval("SELECT sum(delta) FROM balance_ledger") == (15 if meanwhile == "booked" else 3)
+
+
 async def test_allocations_are_listed_for_their_user_and_for_admins(client, db):
     admin = await make_admin(client, db)
     alice, bob = await register(client), await register(client)
