@@ -262,6 +262,19 @@ async def test_redis_position_lost_without_its_stream_starts_a_clean_epoch(redis
     assert replay.events == [after] and replay.gap is True
 
 
+async def test_redis_position_keeps_the_last_id_and_one_written_without_it_still_chains(redis, prefix):
+    history = RedisHistory(redis, prefix, 5, 60, approximate=False)
+    events = await _append(history, 3)
+    assert await redis.hget(history.meta_key(CHANNEL), "l") == events[-1].id.encode()
+    await redis.hdel(history.meta_key(CHANNEL), "l")  # a position from before the last id was kept
+    events += await _append(history, 5)  # events[0..2] trimmed, [3..7] retained
+    assert await redis.hget(history.meta_key(CHANNEL), "l") == events[-1].id.encode()
+    # The oldest retained entry still names the newest trimmed one, read from the stream that once.
+    assert (await history.read_after(CHANNEL, events[1].id, 1000)).gap is True
+    boundary = await history.read_after(CHANNEL, events[2].id, 1000)
+    assert boundary.gap is False and boundary.events == events[3:]
+
+
 async def test_memory_channel_expired_by_ttl_comes_back_in_a_new_epoch():
     clock = [0.0]
     history = MemoryHistory(10, 5, monotonic=lambda: clock[0])

@@ -343,7 +343,9 @@ class MemoryHistory:
 
 # Each entry records the id before it ("p"), so after trimming the oldest retained entry still
 # tells which event was the newest one dropped: that makes the gap check exact. A meta hash beside
-# the stream holds the channel's position: the last offset ("o") and the epoch ("e"). Atomic, so
+# the stream holds the channel's position: the last offset ("o"), the epoch ("e") and the last id
+# ("l"; reading it from the stream with XREVRANGE was the costliest command of an append, and a
+# channel with one event per batch, such as a game session's, paid it for every event). Atomic, so
 # two nodes appending at once cannot interleave between reading the position and the XADD, and
 # offsets follow stream order exactly.
 _APPEND_LUA = """
@@ -358,15 +360,18 @@ for i = 1, #KEYS / 2 do
   local state = channels[stream]
   if not state then
     local position = KEYS[2 * i]
-    local meta = redis.call('HMGET', position, 'o', 'e')
-    local offset, epoch = tonumber(meta[1]) or 0, meta[2]
+    local meta = redis.call('HMGET', position, 'o', 'e', 'l')
+    local offset, epoch, prev = tonumber(meta[1]) or 0, meta[2], meta[3]
     if offset == 0 or not epoch then
       -- A new sequence of offsets: whatever the stream still holds belongs to a lost epoch.
       redis.call('DEL', stream)
-      epoch = new_epoch
+      epoch, prev = new_epoch, ''
+    elseif not prev then
+      -- A position written before it kept the last id ("l"): the stream's newest entry has it.
+      local last = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)
+      prev = last[1] and last[1][1] or ''
     end
-    local last = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)
-    state = {position = position, offset = offset, epoch = epoch, prev = last[1] and last[1][1] or ''}
+    state = {position = position, offset = offset, epoch = epoch, prev = prev}
     channels[stream] = state
     order[#order + 1] = stream
   end
@@ -383,7 +388,7 @@ for i = 1, #KEYS / 2 do
 end
 for _, stream in ipairs(order) do
   local state = channels[stream]
-  redis.call('HSET', state.position, 'o', state.offset, 'e', state.epoch)
+  redis.call('HSET', state.position, 'o', state.offset, 'e', state.epoch, 'l', state.prev)
   redis.call('PEXPIRE', stream, ttl)
   redis.call('PEXPIRE', state.position, ttl)
 end
