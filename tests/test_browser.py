@@ -105,9 +105,10 @@ async def second_page(request, browser):
     await context.close()
 
 
-async def sign_up(page, base_url: str) -> str:
+async def sign_up(page, base_url: str, *, open_page: bool = True) -> str:
     username = f"u{uuid.uuid4().hex[:10]}"
-    await page.goto(base_url)
+    if open_page:
+        await page.goto(base_url)
     await page.click("text=New here? Register")
     form = page.locator("#register-form")
     await form.locator("[name=username]").fill(username)
@@ -427,9 +428,7 @@ async def test_datapod_page_shows_the_dataset_and_counts_viewers_live(client, pa
     base_url = server_url(client)
     await sign_up(page, base_url)
     card = page.locator(f'#datapods [data-key="{pod["id"]}"]')
-    # Signing in reloads the list (subscribed first, so nothing published meanwhile is missed): a
-    # click on the signed-out card can land as it is replaced and be lost (seen once in CI). The
-    # Buy button comes with the signed-in list.
+    # The Buy button comes with the signed-in list.
     await expect(card.get_by_role("button", name="Buy City weather")).to_be_visible()
     await card.get_by_role("link", name="City weather").click()
 
@@ -474,6 +473,32 @@ async def test_datapod_page_shows_the_dataset_and_counts_viewers_live(client, pa
     await expect(second_page.locator("#datapod-sample tbody tr")).to_have_count(10)
     await expect(second_page.locator("#datapod-viewers")).to_have_text("1 viewing")
     await until_live(second_page, "/marketplace", f"datapod:{pod['id']}")
+
+
+async def test_signing_in_keeps_the_cards_on_screen_so_a_click_in_flight_lands(client, page):
+    _, pod = await published_pod(client)
+    base_url = server_url(client)
+    await page.goto(base_url)
+    card = page.locator(f'#datapods [data-key="{pod["id"]}"]')
+    await expect(card.get_by_role("link", name="City weather")).to_be_visible()
+    await expect(card.get_by_role("button")).to_have_count(0)  # a visitor gets no Buy
+    await page.evaluate("(key) => { window.signedOutCard = document.querySelector(`#datapods [data-key='${key}']`); }",
+                        pod["id"])
+    await sign_up(page, base_url, open_page=False)
+    # The signed-in list is the same card with a Buy box: a press on its link before the list came
+    # back and the release after it still make a click.
+    await expect(card.get_by_role("button", name="Buy City weather")).to_be_visible()
+    assert await page.evaluate(
+        "(key) => document.querySelector(`#datapods [data-key='${key}']`) === window.signedOutCard", pod["id"])
+    # The list reloads (here, the search submitted again) between the press and the release.
+    await card.get_by_role("link", name="City weather").hover()
+    await page.mouse.down()
+    async with page.expect_response(lambda response: "/api/v1/datapods?" in response.url):
+        await page.evaluate("() => document.querySelector('#market-search').requestSubmit()")
+    await page.evaluate("() => new Promise((resolve) => setTimeout(resolve, 200))")
+    await page.mouse.up()
+    await expect(page.locator("#datapod-view").get_by_role("heading", name="City weather", level=2)).to_be_visible()
+    assert page.url.endswith(f"#/datapods/{pod['id']}")
 
 
 async def test_datapod_page_suggests_more_like_this(client, page):

@@ -109,6 +109,33 @@ function showMarketCount() {
   $("#market-more").hidden = !market.cursor;
 }
 
+function marketCard(pod) {
+  const card = datapodCard(pod);
+  card.dataset.key = pod.id;
+  card.pod = pod; // live updates (a sale, an edit) merge into what the list showed
+  return card;
+}
+
+/** The card the list already shows for `pod` when nothing on it changed, with its Buy box redrawn for who is signed in. */
+function shownCard(list, pod) {
+  const card = list.querySelector(`[data-key="${CSS.escape(pod.id)}"]`);
+  if (!card?.pod || JSON.stringify(card.pod) !== JSON.stringify(pod)) return null;
+  for (const box of card.querySelectorAll(".buy-area")) fillBuyControls(box);
+  return card;
+}
+
+/**
+ * Make the list hold exactly `cards`, in order, moving only what moved. Signing in reloads the list
+ * (subscribed first, so nothing published meanwhile is missed): replacing every card then could
+ * swallow a click on one between the press and the release.
+ */
+function reconcileCards(list, cards) {
+  cards.forEach((card, index) => {
+    if (list.children[index] !== card) list.insertBefore(card, list.children[index] ?? null);
+  });
+  while (list.children.length > cards.length) list.lastElementChild.remove();
+}
+
 /** The first page of the search (or the next one, `more`), with the result count and the categories. */
 async function loadDatapods({ more = false } = {}) {
   const form = $("#market-search");
@@ -131,15 +158,10 @@ async function loadDatapods({ more = false } = {}) {
     ]);
     if (request !== market.request) return;
     $("#market-error").textContent = "";
-    const cards = (page.items ?? []).filter((pod) => !more || !list.querySelector(`[data-key="${CSS.escape(pod.id)}"]`))
-      .map((pod) => {
-        const card = datapodCard(pod);
-        card.dataset.key = pod.id;
-        card.pod = pod; // live updates (a sale, an edit) merge into what the list showed
-        return card;
-      });
-    if (more) list.append(...cards);
-    else list.replaceChildren(...cards);
+    if (more) {
+      list.append(...(page.items ?? []).filter((pod) => !list.querySelector(`[data-key="${CSS.escape(pod.id)}"]`))
+        .map(marketCard));
+    } else reconcileCards(list, (page.items ?? []).map((pod) => shownCard(list, pod) ?? marketCard(pod)));
     market.cursor = page.next_cursor ?? null;
     if (counted) {
       market.total = counted.total;
