@@ -493,7 +493,8 @@ async def test_signing_in_keeps_the_cards_on_screen_so_a_click_in_flight_lands(c
     # The list reloads (here, the search submitted again) between the press and the release.
     await card.get_by_role("link", name="City weather").hover()
     await page.mouse.down()
-    async with page.expect_response(lambda response: "/api/v1/datapods?" in response.url):
+    async with (page.expect_response(lambda response: "/api/v1/datapods?" in response.url),
+                page.expect_response(lambda response: "/api/v1/datapods/facets?" in response.url)):
         await page.evaluate("() => document.querySelector('#market-search').requestSubmit()")
     await page.evaluate("() => new Promise((resolve) => setTimeout(resolve, 200))")
     await page.mouse.up()
