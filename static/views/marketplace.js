@@ -109,6 +109,11 @@ function showMarketCount() {
   $("#market-more").hidden = !market.cursor;
 }
 
+/** The item of `list` shown for `key` (a DataPod's or a review's id), if any. */
+function listed(list, key) {
+  return list.querySelector(`[data-key="${CSS.escape(key)}"]`);
+}
+
 function marketCard(pod) {
   const card = datapodCard(pod);
   card.dataset.key = pod.id;
@@ -118,7 +123,7 @@ function marketCard(pod) {
 
 /** The card the list already shows for `pod` when nothing on it changed, with its Buy box redrawn for who is signed in. */
 function shownCard(list, pod) {
-  const card = list.querySelector(`[data-key="${CSS.escape(pod.id)}"]`);
+  const card = listed(list, pod.id);
   if (!card?.pod || JSON.stringify(card.pod) !== JSON.stringify(pod)) return null;
   for (const box of card.querySelectorAll(".buy-area")) fillBuyControls(box);
   return card;
@@ -159,8 +164,7 @@ async function loadDatapods({ more = false } = {}) {
     if (request !== market.request) return;
     $("#market-error").textContent = "";
     if (more) {
-      list.append(...(page.items ?? []).filter((pod) => !list.querySelector(`[data-key="${CSS.escape(pod.id)}"]`))
-        .map(marketCard));
+      list.append(...(page.items ?? []).filter((pod) => !listed(list, pod.id)).map(marketCard));
     } else reconcileCards(list, (page.items ?? []).map((pod) => shownCard(list, pod) ?? marketCard(pod)));
     market.cursor = page.next_cursor ?? null;
     if (counted) {
@@ -194,7 +198,7 @@ $("#market-more").addEventListener("click", async () => {
 function applyMarketEvent(event) {
   const data = event.data.datapod ?? event.data;
   const id = data.id ?? data.datapod_id;
-  const existing = $("#datapods").querySelector(`[data-key="${CSS.escape(id)}"]`);
+  const existing = listed($("#datapods"), id);
   if (event.type === "datapod_unpublished") {
     if (existing) {
       existing.remove();
@@ -308,7 +312,7 @@ async function fetchReviews(id, cursor) {
 function appendReviews(page) {
   const list = $("#reviews");
   for (const review of page.items) {
-    if (!list.querySelector(`[data-key="${CSS.escape(review.id)}"]`)) {
+    if (!listed(list, review.id)) {
       const item = reviewItem(review);
       item.dataset.key = review.id;
       list.append(item);
@@ -324,7 +328,7 @@ async function showNewReviews(id) {
   if (detail.id !== id) return;
   const list = $("#reviews");
   for (const review of [...page.items].reverse()) {
-    if (!list.querySelector(`[data-key="${CSS.escape(review.id)}"]`)) upsert(list, review.id, reviewItem(review));
+    if (!listed(list, review.id)) upsert(list, review.id, reviewItem(review));
   }
 }
 
