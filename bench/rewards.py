@@ -3,6 +3,7 @@
     DATABASE_URL=postgresql://postgres@127.0.0.1:5432/postgres .venv/bin/python bench/rewards.py
     .venv/bin/python bench/rewards.py --sessions 500 --duration 20 --game-servers 10
     .venv/bin/python bench/rewards.py --batch   # game servers send many reports per call
+    .venv/bin/python bench/rewards.py --batch --rate 6500   # an open loop: 6,500 reports/s whatever the acks
 
 Workload: one real server process (`python -m server serve`, its own fresh database on the
 DATABASE_URL server, Redis when REDIS_URL is set) and one game with `--sessions` active sessions,
@@ -12,9 +13,15 @@ the previous one is acked, like a game server that streams each session's reward
 With `--batch` each game server sends the reports its sessions made in one turn of its loop as
 one `report_rewards` call (at most 200), without waiting for earlier calls' acks; each session
 still has one report in flight and its latency is still measured per report.
+A closed loop runs the hub at its capacity, where the mean latency is the sessions over the rate.
+With `--rate R` the loop is open instead, as game events happen: the sessions report R rewards/s in
+all, in turn, whatever the acks (so a session may have several reports in flight); each game
+server sends the reports due every `--tick-ms` (one call with `--batch`), and a report's latency
+counts from its tick, so a driver or hub that falls behind shows in it.
 After `--warmup` seconds, the run counts for `--duration` seconds:
 
-- accepted rewards/s: acks of new rewards in the window / its length;
+- accepted rewards/s: acks of new rewards in the window / its length (open loop: of the reports
+  sent in it, however late the ack);
 - p50/p99/max ack latency: from emit to ack, client side (includes the socket and the batch wait);
 - afterwards, the database is checked: rewards booked = acks, and the players' balances and the
   ledger both sum to the rewards; the outbox backlog when the load stops shows whether event
@@ -181,6 +188,21 @@ class Stats:
         self.errors: dict[str, int] = {}
         self.hub_cpu = 0.0  # seconds of CPU in the window, all hub processes
         self.driver_cpu = 0.0
+        # Open loop: every report sent in the window counts, however late its ack. Closed loop: only
+        # those acked in it (the loops' last reports are acked after the load stops).
+        self.paced = False
+
+    def record(self, ack: dict, sent: float, done: float) -> float:
+        """Count one report's ack; the seconds to wait before reporting again (rate_limited), or 0."""
+        if not ack.get("ok"):
+            code = ack["error"]["code"]
+            self.errors[code] = self.errors.get(code, 0) + 1
+            return ack["error"].get("retry_after", 0.1) if code == "rate_limited" else 0.0
+        self.acked_total += 1
+        if self.window_start <= sent < self.window_end and (self.paced or done <= self.window_end):
+            self.accepted += 1
+            self.latencies.append(done - sent)
+        return 0.0
 
 
 class GameServer:
@@ -217,14 +239,20 @@ class GameServer:
 
     async def _call(self, batch: list[tuple[dict, asyncio.Future]]) -> None:
         try:
-            ack = await self.socket.call("report_rewards", {"rewards": [r for r, _ in batch]}, timeout=60)
+            results = await self.send([report for report, _ in batch])
         except Exception as exc:  # noqa: BLE001 - each waiting session fails as a single call would
             for _, future in batch:
                 future.set_exception(exc)
             return
-        results = ack["data"]["results"] if ack.get("ok") else [ack] * len(batch)
         for (_, future), result in zip(batch, results):
             future.set_result(result)
+
+    async def send(self, reports: list[dict]) -> list[dict]:
+        """Send reports now, batching in one `report_rewards` call; each one's ack envelope."""
+        if not self.batching:
+            return [await self.socket.call("report_reward", report, timeout=60) for report in reports]
+        ack = await self.socket.call("report_rewards", {"rewards": reports}, timeout=60)
+        return ack["data"]["results"] if ack.get("ok") else [ack] * len(reports)
 
     async def close(self) -> None:
         for call in list(self._calls):
@@ -233,28 +261,56 @@ class GameServer:
 
 
 async def session_loop(server: GameServer, session_id: int, stats: Stats, stop: asyncio.Event) -> None:
+    """Closed loop: the session's next report as soon as the last one is acked."""
     seq = 0
     while not stop.is_set():
         seq += 1
         sent = time.perf_counter()
         ack = await server.report({"session_id": session_id, "seq": seq, "reward_type": "coin", "value": "1.25"})
-        done = time.perf_counter()
-        if ack.get("ok"):
-            stats.acked_total += 1
-        else:
-            code = ack["error"]["code"]
-            stats.errors[code] = stats.errors.get(code, 0) + 1
-            if code == "rate_limited":
-                await asyncio.sleep(ack["error"].get("retry_after", 0.1))
-            continue
-        if stats.window_start <= sent and done <= stats.window_end:
-            stats.accepted += 1
-            stats.latencies.append(done - sent)
+        retry_after = stats.record(ack, sent, time.perf_counter())
+        if retry_after:
+            await asyncio.sleep(retry_after)
+
+
+async def paced_loop(server: GameServer, session_ids: list[int], rate: float, tick: float, stats: Stats,
+                     stop: asyncio.Event) -> None:
+    """Open loop: this connection's sessions report `rate` rewards/s in turn whatever the acks, as game
+    events happen; the reports due by each tick go out at that tick (together with `--batch`), and a
+    report's latency counts from that tick, not from when the driver got round to sending it (no
+    coordinated omission)."""
+    seqs = dict.fromkeys(session_ids, 0)
+    in_flight: set[asyncio.Task] = set()
+    start = time.perf_counter()
+    tick_at, sent = start, 0
+    while not stop.is_set():
+        due = int((tick_at - start) * rate)
+        reports = []
+        for n in range(sent, due):
+            session_id = session_ids[n % len(session_ids)]
+            seqs[session_id] += 1
+            reports.append({"session_id": session_id, "seq": seqs[session_id], "reward_type": "coin",
+                            "value": "1.25"})
+        sent = due
+        step = GameServer.MAX_BATCH if server.batching else 1
+        for first in range(0, len(reports), step):
+            call = asyncio.create_task(paced_call(server, reports[first:first + step], tick_at, stats))
+            in_flight.add(call)
+            call.add_done_callback(in_flight.discard)
+        tick_at += tick
+        await asyncio.sleep(max(0.0, tick_at - time.perf_counter()))
+    await asyncio.gather(*in_flight)
+
+
+async def paced_call(server: GameServer, reports: list[dict], due: float, stats: Stats) -> None:
+    """One call of the open loop (one report, or many with `--batch`), each report timed from its tick."""
+    for ack in await server.send(reports):
+        stats.record(ack, due, time.perf_counter())
 
 
 async def drive(url: str, token: str, session_ids: list[int], servers: int, warmup: float, duration: float,
-                hub_pids: Callable[[], list[int]], batching: bool) -> Stats:
-    """Run the session loops; the window's figures, with the hubs' and this driver's CPU in it."""
+                hub_pids: Callable[[], list[int]], batching: bool, rate: float | None, tick: float) -> Stats:
+    """Run the session loops (closed, or paced at `rate` rewards/s); the window's figures, with the
+    hubs' and this driver's CPU in it."""
     async with aiohttp.ClientSession() as http:
         connections = []
         for _ in range(servers):
@@ -262,8 +318,14 @@ async def drive(url: str, token: str, session_ids: list[int], servers: int, warm
             await socket.open(http, url, {"game_token": token})
             connections.append(GameServer(socket, batching))
         stats, stop = Stats(), asyncio.Event()
-        loops = [asyncio.create_task(session_loop(connections[i % servers], sid, stats, stop))
-                 for i, sid in enumerate(session_ids)]
+        if rate:
+            stats.paced = True
+            loops = [asyncio.create_task(paced_loop(connection, session_ids[i::servers], rate / servers, tick,
+                                                    stats, stop))
+                     for i, connection in enumerate(connections)]
+        else:
+            loops = [asyncio.create_task(session_loop(connections[i % servers], sid, stats, stop))
+                     for i, sid in enumerate(session_ids)]
         await asyncio.sleep(warmup)
         hub_cpu, driver_cpu = sum(map(cpu_seconds, hub_pids())), time.process_time()
         stats.window_start = time.perf_counter()
@@ -342,6 +404,11 @@ async def main() -> None:
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--batch", action="store_true",
                         help="each game server sends its sessions' waiting reports in one report_rewards call")
+    parser.add_argument("--rate", type=float, metavar="R",
+                        help="open loop: the sessions report R rewards/s in all, whatever the acks (default: each "
+                             "session reports again once acked)")
+    parser.add_argument("--tick-ms", type=float, default=10.0,
+                        help="open loop: each game server sends the reports due every this many ms")
     parser.add_argument("--processes", type=int, default=0,
                         help="hub processes behind HAProxy (0: one process, no balancer)")
     parser.add_argument("--profile", metavar="PATH", help="run the server under cProfile, stats to PATH")
@@ -357,13 +424,14 @@ async def main() -> None:
                 hubs(dsn, args.processes, Path(tmp), args.profile) as (url, hub_pids):
             game_id, token, session_ids = await setup(dsn, args.sessions)
             stats = await drive(url, token, session_ids, args.game_servers, args.warmup, args.duration, hub_pids,
-                                args.batch)
+                                args.batch, args.rate, args.tick_ms / 1000)
             result = await check(dsn, stats.acked_total)
     ms = [v * 1000 for v in stats.latencies]
     p50, p99 = (statistics.median(ms), percentile(ms, 0.99)) if ms else (None, None)
     rate = stats.accepted / args.duration
     where = f"{args.processes} processes behind HAProxy" if args.processes else "one process"
     where += ", report_rewards (batched)" if args.batch else ", report_reward (one per call)"
+    where += f", open loop at {args.rate:,.0f} rewards/s, a {args.tick_ms:g} ms tick" if args.rate else ", closed loop"
     print(f"sessions: {args.sessions}, game-server connections: {args.game_servers}, {where}, "
           f"window: {args.duration:.1f} s after {args.warmup:.1f} s warm-up, "
           f"redis: {'yes' if os.environ.get('REDIS_URL') else 'no'}")
@@ -387,6 +455,7 @@ async def main() -> None:
         Path(args.json).write_text(json.dumps({
             "bench": "rewards", "sessions": args.sessions, "game_servers": args.game_servers,
             "processes": max(args.processes, 1), "balancer": bool(args.processes), "batch": args.batch,
+            "open_loop_rate": args.rate,
             "accepted_per_s": rate,
             "ack_p50_ms": p50, "ack_p99_ms": p99,
             "hub_cpu_per_s": stats.hub_cpu / args.duration, "outbox_backlog": result["backlog"],
