@@ -52,7 +52,7 @@ def test_the_faucet_is_on_only_for_the_local_chain_unless_set():
     ({"PURCHASE_JOB_LEASE": "soon"}, "PURCHASE_JOB_LEASE"),
     ({"PURCHASE_JOB_LEASE": "3", "PURCHASE_JOB_HEARTBEAT": "3"}, "PURCHASE_JOB_HEARTBEAT"),
     ({"PURCHASE_JOB_HEARTBEAT": "0"}, "PURCHASE_JOB_HEARTBEAT"),
-    ({"EVENT_LOOP": "trio"}, "EVENT_LOOP"),
+    ({"EVENT_LOOP": "trio"}, "EVENT_LOOP"), ({"GAME_REWARD_WORKERS": "0"}, "GAME_REWARD_WORKERS"),
     ({"PURCHASE_POLL_INTERVAL": "0"}, "PURCHASE_POLL_INTERVAL"),
     ({"PURCHASE_POLL_INTERVAL": "soon"}, "PURCHASE_POLL_INTERVAL"),
 ])

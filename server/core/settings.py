@@ -238,6 +238,8 @@ class Settings:
             raise ValueError(f"REDIS_POOL_SIZE must be at least 1, got {self.redis_pool_size}")
         if self.redis_pool_timeout <= 0:
             raise ValueError(f"REDIS_POOL_TIMEOUT must be greater than 0, got {self.redis_pool_timeout}")
+        if self.game_reward_workers < 1:
+            raise ValueError(f"GAME_REWARD_WORKERS must be at least 1, got {self.game_reward_workers}")
         if self.download_link_ttl < 1:
             raise ValueError(f"DOWNLOAD_LINK_TTL must be at least 1 second, got {self.download_link_ttl}")
         if self.smtp_url is not None and urllib.parse.urlsplit(self.smtp_url).scheme not in ("smtp", "smtps"):

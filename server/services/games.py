@@ -24,6 +24,7 @@ with the pool locked from the start, so it never overdraws.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import datetime as dt
 import hashlib
@@ -595,7 +596,8 @@ class _Pending:
 
 
 class RewardIngest:
-    """A queue of reward reports booked by a few workers, each taking whatever has piled up."""
+    """Reward reports queued by session and booked by a few workers, each taking whatever has piled up
+    for the sessions no other worker is booking."""
 
     def __init__(self, pool: asyncpg.Pool, *, batch_max: int, queue_max: int, activity_step: float = 0.0,
                  on_booked: Callable[[set[int]], None] | None = None) -> None:
@@ -604,7 +606,16 @@ class RewardIngest:
         self.batch_max = batch_max
         self.queue_max = queue_max
         self.on_booked = on_booked
-        self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        # A batch never takes a report of a session that a batch being booked holds. When two batches
+        # booking at once shared a session (a game server with several of its reports in flight), the
+        # later one found the session moved since its read, was refused whole and booked again with
+        # its sessions locked; under load those retries slowed every batch, so more sessions had
+        # reports in flight together, until acks took seconds (bench/rewards.py --rate 6500).
+        self._queued: dict[int, collections.deque[_Pending]] = {}  # each session's reports, in order
+        self._ready: collections.deque[int] = collections.deque()  # queued sessions not being booked
+        self._booking: set[int] = set()
+        self._size = 0
+        self._changed = asyncio.Event()  # a session became ready
         self.batches = 0
         self.booked = 0  # new rewards, not replays
 
@@ -617,7 +628,7 @@ class RewardIngest:
 
     async def submit_many(self, reports: list[RewardReport | HubError]) -> list[dict[str, Any] | HubError]:
         """Queue reports together (errors pass through in place); each one's ack or HubError, in order."""
-        if self._queue.qsize() + len(reports) > self.queue_max:
+        if self._size + len(reports) > self.queue_max:
             busy = RateLimited("the server is busy booking rewards; retry shortly", retry_after=0.5)
             return [busy if isinstance(r, RewardReport) else r for r in reports]
         loop = asyncio.get_running_loop()
@@ -627,7 +638,7 @@ class RewardIngest:
                 waits.append(report)
                 continue
             future = loop.create_future()
-            self._queue.put_nowait(_Pending(report, future))
+            self._enqueue(_Pending(report, future))
             waits.append(future)
         try:
             return [wait if isinstance(wait, HubError) else await _result_or_error(wait) for wait in waits]
@@ -641,10 +652,10 @@ class RewardIngest:
     async def run_worker(self) -> None:
         """Book batches until cancelled."""
         while True:
-            batch = [await self._queue.get()]
             # No waiting for company: whatever queued while the last batch was written goes now.
-            while len(batch) < self.batch_max and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
+            while not (batch := self._take()):
+                self._changed.clear()
+                await self._changed.wait()
             try:
                 await self._process(batch)
             except asyncio.CancelledError:
@@ -652,6 +663,41 @@ class RewardIngest:
                     if not pending.future.done():
                         pending.future.set_exception(Unavailable("the server is stopping; retry"))
                 raise
+            finally:
+                self._release({pending.report.session_id for pending in batch})
+
+    def _enqueue(self, pending: _Pending) -> None:
+        session_id = pending.report.session_id
+        queued = self._queued.get(session_id)
+        if queued is None:
+            queued = self._queued[session_id] = collections.deque()
+            if session_id not in self._booking:
+                self._ready.append(session_id)
+                self._changed.set()
+        queued.append(pending)
+        self._size += 1
+
+    def _take(self) -> list[_Pending]:
+        """The next batch: the reports of the sessions ready longest, at most `batch_max`; a session
+        whose reports do not all fit keeps the rest for after this batch."""
+        batch: list[_Pending] = []
+        while self._ready and len(batch) < self.batch_max:
+            session_id = self._ready.popleft()
+            queued = self._queued[session_id]
+            batch.extend(queued.popleft() for _ in range(min(len(queued), self.batch_max - len(batch))))
+            if not queued:
+                del self._queued[session_id]
+            self._booking.add(session_id)
+        self._size -= len(batch)
+        return batch
+
+    def _release(self, sessions: set[int]) -> None:
+        """A batch of `sessions` is over: those with reports queued meanwhile are ready again."""
+        self._booking -= sessions
+        for session_id in sessions:
+            if session_id in self._queued:
+                self._ready.append(session_id)
+                self._changed.set()
 
     async def _process(self, batch: list[_Pending]) -> None:
         try:
@@ -687,10 +733,13 @@ class RewardIngest:
 
     def fail_pending(self) -> None:
         """Refuse what is still queued (shutdown)."""
-        while not self._queue.empty():
-            pending = self._queue.get_nowait()
-            if not pending.future.done():
-                pending.future.set_exception(Unavailable("the server is stopping; retry"))
+        for queued in self._queued.values():
+            for pending in queued:
+                if not pending.future.done():
+                    pending.future.set_exception(Unavailable("the server is stopping; retry"))
+        self._queued.clear()
+        self._ready.clear()
+        self._size = 0
 
 
 # --- pool allocations --------------------------------------------------------------------------
