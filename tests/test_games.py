@@ -479,7 +479,7 @@ async def test_batches_booking_at_once_never_share_a_session(client, db, sockets
             alongside.append(mine)
         booking.append(mine)
         try:
-            await asyncio.sleep(0.1)  # the first batch is still booking when the second wave comes
+            await asyncio.sleep(0.25)  # the first batch is still booking when the second wave comes
             return await book_rewards(conn, batch, *args, **kwargs)
         finally:
             booking.remove(mine)
