@@ -33,6 +33,7 @@ from bench.rewards import setup  # noqa: E402
 from db import games as queries  # noqa: E402
 from db import migrate, outbox  # noqa: E402
 from db.pool import init_connection  # noqa: E402
+from server.core.settings import Settings  # noqa: E402
 from server.services import games  # noqa: E402
 
 
@@ -56,6 +57,8 @@ async def measure(dsn: str, args: argparse.Namespace) -> None:
     for ddl in args.ddl:
         await booker.execute(ddl)
     seqs = dict.fromkeys(sessions, 0)
+    # As the hub books: a session's activity time is written once per step, so most updates are HOT.
+    step = games.activity_step(Settings().game_session_idle_seconds)
     span = len(sessions) - len(sessions) % args.batch
 
     def next_batch(number: int) -> list[games.RewardReport]:
@@ -70,7 +73,7 @@ async def measure(dsn: str, args: argparse.Namespace) -> None:
     async def book(batches: int) -> int:
         booked = 0
         for number in range(batches):
-            booked += (await games.book_rewards(booker, next_batch(number)))[1]
+            booked += (await games.book_rewards(booker, next_batch(number), activity_step=step))[1]
             async with relay.transaction():
                 await outbox.take_batch(relay, 1000)
         return booked
