@@ -179,7 +179,7 @@ async def wait_ready(url: str, process: subprocess.Popen, timeout: float = 60.0)
 class Stats:
     """What the session loops measure inside the window."""
 
-    def __init__(self) -> None:
+    def __init__(self, paced: bool = False) -> None:
         self.window_start = float("inf")
         self.window_end = float("inf")
         self.latencies: list[float] = []
@@ -190,7 +190,7 @@ class Stats:
         self.driver_cpu = 0.0
         # Open loop: every report sent in the window counts, however late its ack. Closed loop: only
         # those acked in it (the loops' last reports are acked after the load stops).
-        self.paced = False
+        self.paced = paced
 
     def record(self, ack: dict, sent: float, done: float) -> float:
         """Count one report's ack; the seconds to wait before reporting again (rate_limited), or 0."""
@@ -282,6 +282,7 @@ async def paced_loop(server: GameServer, session_ids: list[int], rate: float, ti
     in_flight: set[asyncio.Task] = set()
     start = time.perf_counter()
     tick_at, sent = start, 0
+    step = GameServer.MAX_BATCH if server.batching else 1
     while not stop.is_set():
         due = int((tick_at - start) * rate)
         reports = []
@@ -291,7 +292,6 @@ async def paced_loop(server: GameServer, session_ids: list[int], rate: float, ti
             reports.append({"session_id": session_id, "seq": seqs[session_id], "reward_type": "coin",
                             "value": "1.25"})
         sent = due
-        step = GameServer.MAX_BATCH if server.batching else 1
         for first in range(0, len(reports), step):
             call = asyncio.create_task(paced_call(server, reports[first:first + step], tick_at, stats))
             in_flight.add(call)
@@ -317,9 +317,8 @@ async def drive(url: str, token: str, session_ids: list[int], servers: int, warm
             socket = LeanSocket("/games")
             await socket.open(http, url, {"game_token": token})
             connections.append(GameServer(socket, batching))
-        stats, stop = Stats(), asyncio.Event()
+        stats, stop = Stats(paced=bool(rate)), asyncio.Event()
         if rate:
-            stats.paced = True
             loops = [asyncio.create_task(paced_loop(connection, session_ids[i::servers], rate / servers, tick,
                                                     stats, stop))
                      for i, connection in enumerate(connections)]
