@@ -234,6 +234,43 @@ async def test_assistant_answers_in_the_page_and_the_answer_survives_a_reload(cl
     assert await page.locator("#messages .message.assistant .text").last.inner_text() == text
 
 
+async def test_a_first_buy_while_the_wallet_still_loads_keeps_the_key_it_made(client, db, page):
+    from tests.test_chain import account
+    from tests.test_purchases import make_pod
+
+    seller = await account(client)
+    pod_id = await make_pod(db, client.app[BLOBS], client.app[MASTER_KEY], seller.id, title="Race weather")
+    signed_up: dict[str, str] = {}
+    held = asyncio.Event()
+
+    # The page's first read of the account's wallet is held until the Buy below has registered one
+    # (the race a fast click hits at sign-in), or 3 s when the page rightly waits for that read first.
+    async def hold_first_wallet_read(route):
+        if route.request.method != "GET" or held.is_set():
+            await route.continue_()
+            return
+        held.set()
+        for _ in range(60):
+            if signed_up and await db.fetchval(
+                    "SELECT wallet_address IS NOT NULL FROM users WHERE username = $1", signed_up["username"]):
+                break
+            await asyncio.sleep(0.05)
+        await route.continue_()
+
+    await page.route("**/api/v1/me/wallet", hold_first_wallet_read)
+    signed_up["username"] = await sign_up(page, server_url(client))
+    await asyncio.wait_for(held.wait(), 10)
+    card = page.locator(f'#datapods [data-key="{pod_id}"]')
+    await card.get_by_role("button", name="Buy Race weather").click()
+    await expect(card.locator(".error")).to_contain_text("Insufficient funds", timeout=10_000)
+
+    # The key made for that Buy is still this browser's: it can take demo funds and pay.
+    await page.click("nav >> text=Purchases")
+    await expect(page.locator("#wallet-key-state")).to_have_text("This browser holds your wallet key: it can pay.")
+    await page.get_by_role("button", name="Get demo funds").click()
+    await expect(page.locator("#wallet-message")).to_have_text("Received 10.00000000 demo KVP.")
+
+
 async def test_buy_a_datapod_follow_its_progress_and_download_the_dataset(aiohttp_client, settings, db, page):
     from tests.test_chain import account
     from tests.test_purchases import DATASET, make_pod

@@ -58,17 +58,27 @@ async function showWallet() {
   $("#wallet-balance").textContent = summary.available;
 }
 
-async function loadWallet() {
+// Loading, creating and restoring each read `wallet` then write it, across awaits: they run one at a
+// time, or a load begun at sign-in that read "no key" before a first Buy made one would then overwrite
+// that key with null, and the account's new wallet could no longer pay from this browser.
+let walletTurn = Promise.resolve();
+const oneAtATime = (action) => (...args) => {
+  const turn = walletTurn.then(() => action(...args));
+  walletTurn = turn.catch(() => {});
+  return turn;
+};
+
+const loadWallet = oneAtATime(async () => {
   const stored = (await keyStore("readonly", (store) => store.get(me.id))) ?? null;
   wallet.address = (await api("GET", "/api/v1/me/wallet")).address;
   // A key kept for another wallet than the account's (an older one, a mix-up) cannot pay for it.
   wallet.key = stored && (!wallet.address || (await addressOf(stored.publicKey)) === wallet.address) ? stored : null;
   wallet.demo = wallet.key ? null : await demoBackup().catch(() => null);
   await showWallet();
-}
+});
 
 /** The signed-in user's wallet, made and registered on first use; throws when its key is elsewhere. */
-async function ensureWallet() {
+const ensureWallet = oneAtATime(async () => {
   if (wallet.address && wallet.key) return wallet;
   if (wallet.address && !wallet.key) {
     throw new Error(wallet.demo
@@ -83,13 +93,13 @@ async function ensureWallet() {
   wallet.address = (await api("PUT", "/api/v1/me/wallet", { public_key: wallet.key.publicKey })).address;
   await showWallet();
   return wallet;
-}
+});
 
 /**
  * Take a key from a backup: it must be this account's registered wallet (or, for an account with
  * none yet, it becomes it). Kept in this browser only once it is known to fit.
  */
-async function restoreWallet(backup, passphrase) {
+const restoreWallet = oneAtATime(async (backup, passphrase) => {
   const current = (await api("GET", "/api/v1/me/wallet")).address;
   if (current && backup.address !== current) {
     throw new BackupError(`This backup is for the wallet ${backup.address}, not for this account's wallet ${current}.`);
@@ -103,7 +113,7 @@ async function restoreWallet(backup, passphrase) {
   if (!current) wallet.address = (await api("PUT", "/api/v1/me/wallet", { public_key: key.publicKey })).address;
   else wallet.address = current;
   await showWallet();
-}
+});
 
 function saveFile(name, text) {
   const url = URL.createObjectURL(new Blob([text], { type: "application/json" }));
