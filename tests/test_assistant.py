@@ -711,6 +711,39 @@ async def test_deltas_whose_batch_cannot_be_stored_still_reach_the_watchers_in_o
         await server.close()
 
 
+async def test_text_emitted_within_the_delta_interval_goes_out_in_one_history_call(
+        aiohttp_client, settings, sockets, monkeypatch):
+    # Three answers stream a token every 5 ms; with a 50 ms interval each history call carries a
+    # delta of every running answer, and a delta carries the tokens of its interval.
+    tokens = [f"w{i} " for i in range(40)]
+    _, server = await scripted([{"text": tokens, "delay": 0.005}] * 3)
+    try:
+        client = await start_app(aiohttp_client, settings, openai_base_url=str(server.make_url("/v1")),
+                                 ai_delta_interval=0.05)
+        history = client.app[REALTIME].bus.history
+        batches: list[list[str]] = []
+        append_many = history.append_many
+
+        async def recording(events):
+            batches.append([channel for channel, type, _ in events if type == "message_delta"])
+            return await append_many(events)
+
+        monkeypatch.setattr(history, "append_many", recording)
+        users = [await sign_in(client, sockets) for _ in range(3)]
+        conversations = [await user.conversation() for user in users]
+        ids = [(await user.send(conversation))["assistant_message"]["id"]
+               for user, conversation in zip(users, conversations)]
+        for user, message_id in zip(users, ids):
+            done = await wait_finished(user.sock, message_id)
+            seqs, text = delta_text(user.sock, message_id)
+            assert done["status"] == "complete" and text == "".join(tokens)
+            assert seqs == list(range(1, done["seq"] + 1)) and len(seqs) <= 12, seqs
+        assert all(len(channels) == len(set(channels)) for channels in batches)  # a delta per answer
+        assert max(len(channels) for channels in batches) == 3, batches
+    finally:
+        await server.close()
+
+
 async def test_context_is_trimmed_to_the_budget_oldest_first(aiohttp_client, settings, sockets):
     model, server = await scripted([{"text": ["x" * 200]}])  # each answer ~50 estimated tokens
     try:

@@ -92,7 +92,10 @@ async def test_every_new_route_answers_as_its_socket_command(client, sockets):
     assert (await rest(client, "GET", f"/api/v1/conversations/{conversation_id}", alice))[0] == 404
 
 
-async def test_stream_of_a_finished_answer_replays_from_a_position(client, sockets):
+async def test_stream_of_a_finished_answer_replays_from_a_position(aiohttp_client, settings, sockets):
+    # The retrieval-only answer is emitted word by word at once: with no delta interval it is
+    # published in several deltas, a position to replay from.
+    client = await start_app(aiohttp_client, settings, ai_delta_interval=0)
     alice = await sign_in(client, sockets)
     answer = (await alice.send(await alice.conversation(), "weather"))["assistant_message"]["id"]
     done = await wait_finished(alice.sock, answer)

@@ -108,6 +108,8 @@ class Settings:
     ai_tool_timeout: float = 5.0
     ai_generation_timeout: float = 300.0
     ai_save_interval: float = 0.5
+    # Seconds a delta's text waits for other answers' text, so one history call carries them all.
+    ai_delta_interval: float = 0.002
     ai_stale_after: float = 30.0
     # The models a conversation may choose (besides AI_MODEL, always allowed); empty: AI_MODEL only.
     ai_model_allowlist: tuple[str, ...] = ()
@@ -234,6 +236,8 @@ class Settings:
         """Refuse values that cannot work, or not together; the message names the variable."""
         if self.ai_system_prompt_max_chars < 0:
             raise ValueError(f"AI_SYSTEM_PROMPT_MAX_CHARS must be 0 or more, got {self.ai_system_prompt_max_chars}")
+        if not 0 <= self.ai_delta_interval <= 0.1:
+            raise ValueError(f"AI_DELTA_INTERVAL_MS must be between 0 and 100, got {self.ai_delta_interval * 1000:g}")
         if self.redis_pool_size < 1:
             raise ValueError(f"REDIS_POOL_SIZE must be at least 1, got {self.redis_pool_size}")
         if self.redis_pool_timeout <= 0:
@@ -288,6 +292,7 @@ class Settings:
             ai_tool_choice=env.get("AI_TOOL_CHOICE") or defaults.ai_tool_choice,
             ai_model_allowlist=tuple(m.strip() for m in env.get("AI_MODEL_ALLOWLIST", "").split(",") if m.strip()),
             ai_system_prompt_max_chars=_int(env, "AI_SYSTEM_PROMPT_MAX_CHARS", defaults.ai_system_prompt_max_chars),
+            ai_delta_interval=_float(env, "AI_DELTA_INTERVAL_MS", defaults.ai_delta_interval * 1000) / 1000,
             dataset_query_timeout=_float(env, "DATASET_QUERY_TIMEOUT", defaults.dataset_query_timeout),
             dataset_query_max_rows=_int(env, "DATASET_QUERY_MAX_ROWS", defaults.dataset_query_max_rows),
             dataset_query_max_bytes=_int(env, "DATASET_QUERY_MAX_BYTES", defaults.dataset_query_max_bytes),
