@@ -488,7 +488,8 @@ class Assistant:
         on Redis a batch costs about 230 us of CPU however few deltas it holds (the script call, the
         copy for the other nodes and this node's listener reading that copy), against 13 us a delta
         in batches of 100. Sent as soon as the previous batch was stored, 200 streams made batches
-        of 5 on average; 2 ms makes them 17 and cuts the hub's CPU per token by 15-25%.
+        of 5.7 on average; 2 ms makes them 17 and cut the hub's CPU per token by 12-38%
+        (docs/performance.md, stop 38).
         """
         try:
             while self._unsent:
