@@ -595,6 +595,13 @@ class _Pending:
     future: asyncio.Future
 
 
+def _refuse_stopping(pendings: Iterable[_Pending]) -> None:
+    """Answer reports that will not be booked because the server is stopping."""
+    for pending in pendings:
+        if not pending.future.done():
+            pending.future.set_exception(Unavailable("the server is stopping; retry"))
+
+
 class RewardIngest:
     """Reward reports queued by session and booked by a few workers, each taking whatever has piled up
     for the sessions no other worker is booking."""
@@ -659,9 +666,7 @@ class RewardIngest:
             try:
                 await self._process(batch)
             except asyncio.CancelledError:
-                for pending in batch:
-                    if not pending.future.done():
-                        pending.future.set_exception(Unavailable("the server is stopping; retry"))
+                _refuse_stopping(batch)
                 raise
             finally:
                 self._release({pending.report.session_id for pending in batch})
@@ -734,9 +739,7 @@ class RewardIngest:
     def fail_pending(self) -> None:
         """Refuse what is still queued (shutdown)."""
         for queued in self._queued.values():
-            for pending in queued:
-                if not pending.future.done():
-                    pending.future.set_exception(Unavailable("the server is stopping; retry"))
+            _refuse_stopping(queued)
         self._queued.clear()
         self._ready.clear()
         self._size = 0
