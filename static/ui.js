@@ -19,10 +19,15 @@ export function element(tag, attributes = {}, ...children) {
 // day would otherwise hold every block and reward since it opened.
 export const FEED_LENGTH = 100;
 
+/** The entry of `list` shown under `key` (its `data-key`), if any. */
+export function listed(list, key) {
+  return list.querySelector(`[data-key="${CSS.escape(key)}"]`);
+}
+
 /** Put `node` in `list` under `key`, replacing the entry of that key; at most `keep` entries stay. */
 export function upsert(list, key, node, { prepend = true, keep = Infinity } = {}) {
   node.dataset.key = key;
-  const existing = list.querySelector(`[data-key="${CSS.escape(key)}"]`);
+  const existing = listed(list, key);
   if (existing) existing.replaceWith(node);
   else if (prepend) list.prepend(node);
   else list.append(node);

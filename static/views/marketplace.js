@@ -1,7 +1,7 @@
 // The Marketplace view (#/marketplace, #/datapods/<id>): live DataPods with search and filters, and
 // each DataPod's page with its dataset, reviews and similar pods. Open to visitors, over REST.
 import { api } from "../hub.js";
-import { $, datapodHref, element, formatAmount, formatDate, formatSize, upsert } from "../ui.js";
+import { $, datapodHref, element, formatAmount, formatDate, formatSize, listed, upsert } from "../ui.js";
 import { buyDatapod, download, ownPurchaseOf } from "./purchases.js";
 
 let hub = null;
@@ -107,11 +107,6 @@ function showMarketCount() {
     : `${count} DataPod${total === 1 ? "" : "s"}${shown < total ? ` · showing ${shown}` : ""}`;
   $("#market-empty").hidden = shown > 0;
   $("#market-more").hidden = !market.cursor;
-}
-
-/** The item of `list` shown for `key` (a DataPod's or a review's id), if any. */
-function listed(list, key) {
-  return list.querySelector(`[data-key="${CSS.escape(key)}"]`);
 }
 
 function marketCard(pod) {
