@@ -10,6 +10,7 @@ HTTP 429 with Retry-After, HTTP 500, and a tool call followed by an answer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import uuid
@@ -351,6 +352,37 @@ async def test_limits_refuse_clearly(aiohttp_client, settings, sockets):
         bob = await sign_in(client, sockets)
         other = (await bob.send(await bob.conversation(), "hi"))["assistant_message"]["id"]
         await bob.ok("stop_generation", {"message_id": other})
+    finally:
+        await server.close()
+
+
+async def test_a_process_writing_its_most_answers_refuses_more_and_writes_nothing(aiohttp_client, settings,
+                                                                                  sockets):
+    model, server = await scripted([SLOW])
+    try:
+        client = await start_app(aiohttp_client, settings, openai_base_url=str(server.make_url("/v1")),
+                                 ai_max_streams=2)
+        users = [await sign_in(client, sockets) for _ in range(4)]
+        conversations = [await user.conversation() for user in users]
+        # Sent at once: the admissions wait on the database together, and still only two pass.
+        replies = await asyncio.gather(*(user.call("send_message", {
+            "conversation_id": conversation, "content": "hello", "client_msg_id": uuid.uuid4().hex})
+            for user, conversation in zip(users[:3], conversations)))
+        started = [(user, reply["data"]["assistant_message"]["id"])
+                   for user, reply in zip(users, replies) if reply["ok"]]
+        [(refused_user, refused)] = [(user, reply) for user, reply in zip(users, replies) if not reply["ok"]]
+        assert len(started) == 2
+        assert refused["error"]["code"] == "rate_limited" and refused["error"]["retry_after"] == 1.0
+        refused_conversation = conversations[users.index(refused_user)]
+        assert (await refused_user.ok("get_conversation", {"conversation_id": refused_conversation}))["messages"] == []
+        assert (await users[3].call("send_message", {"conversation_id": conversations[3], "content": "hi",
+                                                     "client_msg_id": "d"}))["error"]["code"] == "rate_limited"
+        # A finished answer frees its place.
+        first_user, first = started[0]
+        await first_user.ok("stop_generation", {"message_id": first})
+        again = (await refused_user.send(refused_conversation, "hello again"))["assistant_message"]["id"]
+        for user, message_id in (started[1], (refused_user, again)):
+            await user.ok("stop_generation", {"message_id": message_id})
     finally:
         await server.close()
 
@@ -884,6 +916,43 @@ async def test_a_stream_is_read_whatever_its_line_ends_and_wherever_its_packets_
     assert authorization == "Bearer sk-test"
     assert request["model"] == "m1" and request["stream"] is True and request["messages"][0]["content"] == "hi"
     assert request["stream_options"] == {"include_usage": True}
+
+
+async def test_more_than_a_hundred_streams_reach_the_model_at_once():
+    # aiohttp's default connector holds 100 connections: the 101st answer waited, unseen by the
+    # user and with no timeout, for another one to end.
+    streams = 130
+    open_now, peak, everyone = 0, 0, asyncio.Event()
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        nonlocal open_now, peak
+        open_now += 1
+        peak = max(peak, open_now)
+        if open_now == streams:
+            everyone.set()
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        with contextlib.suppress(asyncio.TimeoutError):  # held open until every stream has come
+            await asyncio.wait_for(everyone.wait(), 3)
+        await response.write(b'data: {"choices": [{"delta": {"content": "ok"}}]}\n\ndata: [DONE]\n\n')
+        open_now -= 1
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", answer)
+    server = TestServer(app)
+    await server.start_server()
+    model = ChatModel(Settings().replace(openai_base_url=str(server.make_url("/v1")), ai_max_retries=0))
+
+    async def read() -> list[dict]:
+        return [chunk async for chunk in model.stream([{"role": "user", "content": "hi"}])]
+    try:
+        answers = await asyncio.gather(*(read() for _ in range(streams)))
+    finally:
+        await model.close()
+        await server.close()
+    assert peak == streams, f"only {peak} of {streams} streams reached the model together"
+    assert all(chunks[0]["choices"][0]["delta"]["content"] == "ok" for chunks in answers)
 
 
 @pytest.mark.parametrize("call", ["stream", "complete"])

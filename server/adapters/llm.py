@@ -227,7 +227,10 @@ class ChatModel:
         """POST /chat/completions; the response with its body unread (the reader maps its failures),
         or ModelError for an HTTP error or a failure to get the answer's headers."""
         if self._session is None:
-            self._session = aiohttp.ClientSession()
+            # No cap on connections here: aiohttp's default of 100 queued the 101st concurrent answer,
+            # with no timeout, until another one ended. The assistant bounds its answers at admission
+            # (AI_MAX_STREAMS), and with a clear error.
+            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
         try:
             response = await self._session.post(self._chat_url, data=orjson.dumps(body), headers=self._headers,
                                                 timeout=self._timeout)

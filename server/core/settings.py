@@ -107,6 +107,8 @@ class Settings:
     ai_tool_choice: str = "auto"
     ai_tool_timeout: float = 5.0
     ai_generation_timeout: float = 300.0
+    # Answers one process streams at once; more are refused (rate_limited) rather than slowed for all.
+    ai_max_streams: int = 500
     ai_save_interval: float = 0.5
     # Seconds a delta's text waits for other answers' text, so one history call carries them all.
     ai_delta_interval: float = 0.002
@@ -236,6 +238,8 @@ class Settings:
         """Refuse values that cannot work, or not together; the message names the variable."""
         if self.ai_system_prompt_max_chars < 0:
             raise ValueError(f"AI_SYSTEM_PROMPT_MAX_CHARS must be 0 or more, got {self.ai_system_prompt_max_chars}")
+        if self.ai_max_streams < 1:
+            raise ValueError(f"AI_MAX_STREAMS must be at least 1, got {self.ai_max_streams}")
         if not 0 <= self.ai_delta_interval <= 0.1:
             raise ValueError(f"AI_DELTA_INTERVAL_MS must be between 0 and 100, got {self.ai_delta_interval * 1000:g}")
         if self.redis_pool_size < 1:
@@ -289,6 +293,7 @@ class Settings:
             ai_timeout=_int(env, "AI_TIMEOUT", int(defaults.ai_timeout)),
             ai_max_retries=_int(env, "AI_MAX_RETRIES", defaults.ai_max_retries),
             ai_max_tool_rounds=_int(env, "AI_MAX_TOOL_ROUNDS", defaults.ai_max_tool_rounds),
+            ai_max_streams=_int(env, "AI_MAX_STREAMS", defaults.ai_max_streams),
             ai_tool_choice=env.get("AI_TOOL_CHOICE") or defaults.ai_tool_choice,
             ai_model_allowlist=tuple(m.strip() for m in env.get("AI_MODEL_ALLOWLIST", "").split(",") if m.strip()),
             ai_system_prompt_max_chars=_int(env, "AI_SYSTEM_PROMPT_MAX_CHARS", defaults.ai_system_prompt_max_chars),

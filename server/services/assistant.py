@@ -33,7 +33,7 @@ import json
 import re
 import time
 import uuid
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterator
 
 import asyncpg
 import jsonschema
@@ -321,6 +321,7 @@ class Assistant:
         self.model = ChatModel(self.settings) if self.settings.openai_base_url else None
         self.first_tool_choice = first_tool_choice(self.settings.ai_tool_choice)
         self.jobs: dict[uuid.UUID, Generation] = {}
+        self._admitting = 0  # answers between stream_slot and start
         self.title_jobs: set[asyncio.Task] = set()
         # Answers with emitted text waiting for its delta, and the one task publishing them.
         self._unsent: dict[uuid.UUID, Generation] = {}
@@ -413,6 +414,19 @@ class Assistant:
             await self.model.close()
 
     # --- control ----------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def stream_slot(self) -> Iterator[None]:
+        """Hold one of this process's AI_MAX_STREAMS places while an answer is admitted; RateLimited if none is left."""
+        if len(self.jobs) + self._admitting >= self.settings.ai_max_streams:
+            raise RateLimited(f"this server is writing {self.settings.ai_max_streams} answers, as many as it "
+                              "takes at once; retry shortly", retry_after=1.0)
+        # Counted until the job is registered: admissions awaiting the database would otherwise all pass.
+        self._admitting += 1
+        try:
+            yield
+        finally:
+            self._admitting -= 1
 
     def start(self, gen: Generation) -> None:
         """Run a generation whose streaming row has been committed."""
@@ -1160,27 +1174,28 @@ async def _admit_and_start(app: web.Application, user_id: uuid.UUID, locate: Loc
     After the commit: `watch`, then the job.
     """
     assistant = app[ASSISTANT]
-    async with app[POOL].acquire() as conn:
-        async with conn.transaction():
-            conversation, parent_id = await locate(conn)
-            if client_msg_id:
-                existing = await db.by_client_msg_id(conn, conversation.id, client_msg_id)
-                if existing is not None:
-                    reply = await db.first_reply(conn, existing.id)
-                    return {"user_message": existing.to_public(),
-                            "assistant_message": reply.to_public() if reply else None, "duplicate": True}
-            await admit(app[SETTINGS], conn, user_id)
-            model = assistant.answering_model(conversation.model)
-            started = await db.start_answer(conn, conversation_id=conversation.id, parent_id=parent_id,
-                                            content=content, client_msg_id=client_msg_id, model=model)
-    user_message, answer = started.user_message, started.answer
-    if user_message is not None:
-        parent_id = user_message.id
-    gen = Generation(message_id=answer.id, conversation_id=conversation.id, user_id=user_id,
-                     parent_id=parent_id, user_message=user_message.to_public() if user_message else None,
-                     model=model, system_prompt=conversation.system_prompt)
-    await watch(gen)
-    assistant.start(gen)
+    with assistant.stream_slot():
+        async with app[POOL].acquire() as conn:
+            async with conn.transaction():
+                conversation, parent_id = await locate(conn)
+                if client_msg_id:
+                    existing = await db.by_client_msg_id(conn, conversation.id, client_msg_id)
+                    if existing is not None:
+                        reply = await db.first_reply(conn, existing.id)
+                        return {"user_message": existing.to_public(),
+                                "assistant_message": reply.to_public() if reply else None, "duplicate": True}
+                await admit(app[SETTINGS], conn, user_id)
+                model = assistant.answering_model(conversation.model)
+                started = await db.start_answer(conn, conversation_id=conversation.id, parent_id=parent_id,
+                                                content=content, client_msg_id=client_msg_id, model=model)
+        user_message, answer = started.user_message, started.answer
+        if user_message is not None:
+            parent_id = user_message.id
+        gen = Generation(message_id=answer.id, conversation_id=conversation.id, user_id=user_id,
+                         parent_id=parent_id, user_message=user_message.to_public() if user_message else None,
+                         model=model, system_prompt=conversation.system_prompt)
+        await watch(gen)
+        assistant.start(gen)
     if user_message is None:
         return {"assistant_message": answer.to_public()}
     return {"user_message": user_message.to_public(), "assistant_message": answer.to_public(),
