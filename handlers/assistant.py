@@ -101,13 +101,10 @@ class AssistantNamespace(HubNamespace):
               service.MESSAGE_STARTED, service.CONTEXT_TRIMMED, service.MESSAGE_DELTA, service.TOOL_CALLED,
               service.TOOL_RETURNED, service.MESSAGE_COMPLETED, service.MESSAGE_FAILED, service.USAGE_CHANGED)
 
-    async def _join(self, ctx: Ctx, channel: str) -> None:
-        """Subscribe the caller's connection to a channel (room first, like `subscribe`)."""
-        await self.on_subscribe(ctx, {"channel": channel})
-
     def _watch(self, ctx: Ctx) -> service.Watch:
-        """What a start calls before the job runs: the caller joins the answer's conversation."""
-        return lambda gen: self._join(ctx, gen.channel)
+        """What a start calls before the job runs: the caller joins the answer's conversation (the
+        start found it the caller's)."""
+        return lambda gen: self.join_owned(ctx.sid, gen.channel)
 
     # --- conversations ----------------------------------------------------------------------------
 
@@ -189,7 +186,7 @@ class AssistantNamespace(HubNamespace):
         the channel; drop those with `seq` <= the last one applied.
         """
         return await service.resume_stream(self.app, ctx.user_id, payload["message_id"], payload["after_seq"],
-                                           functools.partial(self._join, ctx))
+                                           functools.partial(self.join_owned, ctx.sid))
 
     # --- settings and usage: a conversation's model and system prompt, the day's tokens --------------
 

@@ -257,22 +257,33 @@ class HubNamespace(socketio.AsyncNamespace):
         if since_height is not None and rule.catch_up is None:
             raise InvalidPayload(f"'{channel}' has no catch-up by height", field="since_height")
         session = await self.get_session(ctx.sid)
-        subscribed: set[str] = session["channels"]
-        if channel in subscribed:
+        if not await self._enter_channel(ctx.sid, session, channel):
             return await self._subscribe_ack(ctx, rule, access, payload, session)
-        if len(subscribed) >= realtime.limits.max_channels_per_connection:
-            raise Conflict(f"at most {realtime.limits.max_channels_per_connection} channels per "
-                           "connection; unsubscribe from one first", field="channel")
-        subscribed.add(channel)
-        await self.enter_room(ctx.sid, room_name(channel))
         try:
             return await self._subscribe_ack(ctx, rule, access, payload, session)
         except BaseException:
             # A subscribe that failed (Redis unavailable...) leaves no membership behind: the
             # client was told it is not subscribed and must not get live events with holes.
-            subscribed.discard(channel)
+            session["channels"].discard(channel)
             await self.leave_room(ctx.sid, room_name(channel))
             raise
+
+    async def join_owned(self, sid: str, channel: str) -> None:
+        """Join a channel the caller was just found to own (by the service, in the same call): the
+        room only, with no second check and no history, which nothing has been published to yet."""
+        await self._enter_channel(sid, await self.get_session(sid), channel)
+
+    async def _enter_channel(self, sid: str, session: dict, channel: str) -> bool:
+        """Add the channel to the connection's set and join its room; False if it was already in."""
+        subscribed: set[str] = session["channels"]
+        if channel in subscribed:
+            return False
+        limit = self.app[REALTIME].limits.max_channels_per_connection
+        if len(subscribed) >= limit:
+            raise Conflict(f"at most {limit} channels per connection; unsubscribe from one first", field="channel")
+        subscribed.add(channel)
+        await self.enter_room(sid, room_name(channel))
+        return True
 
     async def _subscribe_ack(self, ctx: Ctx, rule: ChannelRule, access: Any, payload: dict, session: dict) -> dict:
         channel = payload["channel"]

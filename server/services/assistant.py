@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime
+import functools
 import json
 import re
 import time
@@ -295,9 +296,15 @@ class Generation:
     system_prompt: str | None = None  # the conversation's own, after the platform's
     generating: bool = True  # saved periodically until its final state is being written
 
-    @property
+    # Cached: read for every delta, and formatting a UUID costs a few microseconds.
+    @functools.cached_property
     def channel(self) -> str:
         return conversation_channel(self.conversation_id)
+
+    @functools.cached_property
+    def public_id(self) -> str:
+        """The message id as the events carry it."""
+        return str(self.message_id)
 
     @property
     def seq(self) -> int:
@@ -517,7 +524,7 @@ class Assistant:
                     gen.unsent.clear()
                     gen.deltas.append(text)  # buffered for resume_stream before it is published
                     gen.publishing = True
-                    data = {"message_id": str(gen.message_id), "seq": gen.seq, "text": text}
+                    data = {"message_id": gen.public_id, "seq": gen.seq, "text": text}
                     for queue in gen.listeners:
                         queue.put_nowait((MESSAGE_DELTA, data))
                     events.append((gen.channel, MESSAGE_DELTA, data))
@@ -763,14 +770,16 @@ class Assistant:
 
     async def _generate(self, gen: Generation) -> None:
         assert self.model is not None
-        messages, dropped = await self.context(gen)
+        rounds = self.settings.ai_max_tool_rounds
+        # The prompt's turns and whether to offer query_dataset: two reads the first token waits for, together.
+        (messages, dropped), holds_data = await asyncio.gather(
+            self.context(gen), dataset_query.holds_data(self.app, gen.user_id) if rounds else asyncio.sleep(0, False))
         if dropped:
             await self._gen_event(gen, CONTEXT_TRIMMED, {
                 "message_id": str(gen.message_id), "dropped_messages": dropped,
                 "budget_tokens": self.settings.ai_context_tokens})
-        rounds = self.settings.ai_max_tool_rounds
         specs = TOOL_SPECS
-        if rounds and not await dataset_query.holds_data(self.app, gen.user_id):
+        if rounds and not holds_data:
             # Offered only to users with a dataset to query: the others' prompts stay as they were.
             specs = [spec for spec in TOOL_SPECS if spec["function"]["name"] != "query_dataset"]
         for round_no in range(rounds + 1):
