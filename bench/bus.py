@@ -7,7 +7,7 @@ Without --redis-url, REDIS_URL is used; when neither is set only the memory mode
 On Redis each published event costs what it costs in the server: the history append (a Lua
 script) and the copy for the other nodes (a pub/sub PUBLISH through the real client manager).
 Three ways to publish are measured: one task publishing in a loop, `--concurrency` tasks at once,
-and `publish_many` in batches of 200 (what the outbox relay does). Each runs batched (the
+and `publish_many` in the outbox relay's batches (`RELAY_BATCH`, 1,000). Each runs batched (the
 server's form) and unbatched (one round trip per event, the form before batching) in the same run.
 """
 
@@ -35,11 +35,11 @@ from server.realtime.history import (  # noqa: E402
     _normalise,
     new_epoch,
 )
+from server.realtime.outbox import RELAY_BATCH  # noqa: E402
 from server.realtime.redis import connect_redis  # noqa: E402
 
 PAYLOAD = {"datapod_id": "3f1c2a9e-0000-4000-8000-000000000000", "price": "12.500000000",
            "status": "listed", "tags": ["csv", "weather"]}
-RELAY_BATCH = 200  # the outbox relay's batch (server/realtime/outbox.py)
 
 Deliver = Callable[[Event], Awaitable[None]]
 
