@@ -377,6 +377,7 @@ async def test_a_process_writing_its_most_answers_refuses_more_and_writes_nothin
         assert (await refused_user.ok("get_conversation", {"conversation_id": refused_conversation}))["messages"] == []
         assert (await users[3].call("send_message", {"conversation_id": conversations[3], "content": "hi",
                                                      "client_msg_id": "d"}))["error"]["code"] == "rate_limited"
+        assert "\nhub_assistant_streams 2.0\n" in await (await client.get("/metrics")).text()
         # A finished answer frees its place.
         first_user, first = started[0]
         await first_user.ok("stop_generation", {"message_id": first})

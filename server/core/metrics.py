@@ -55,6 +55,9 @@ class Metrics:
                                       registry=self.registry)
         self.dependency_up = Gauge("hub_dependency_up", "Whether a backing service answers (1/0)",
                                    ["service"], registry=self.registry)
+        self.assistant_streams = Gauge("hub_assistant_streams",
+                                       "Answers this process is writing (at most AI_MAX_STREAMS)",
+                                       registry=self.registry)
 
         # Per event: prometheus_client's labels() checks and converts the values and takes a lock
         # on every call, 3-4% of the hub's CPU under reward ingest. Each metric's label sets are

@@ -47,6 +47,7 @@ from db.pool import POOL
 from server.adapters.llm import ChatModel, ModelError, classify, estimate_messages, estimate_tokens
 from server.core.aio import wait_event
 from server.core.errors import Conflict, Forbidden, InvalidPayload, NotFound, PayloadTooLarge, RateLimited, Unavailable
+from server.core.metrics import METRICS
 from server.core.settings import SETTINGS, Settings
 from server.realtime.hub import FIRST_ID, REALTIME, ChannelAccess, publish, publish_many, user_channel
 from server.realtime.redis import BusUnavailable
@@ -1442,6 +1443,7 @@ async def _history_deltas(app: web.Application, message: db.Message) -> dict[int
 async def assistant_ctx(app: web.Application) -> AsyncIterator[None]:
     """The generation registry: sweep leftovers at start, cancel and mark interrupted at exit."""
     assistant = app[ASSISTANT] = Assistant(app)
+    app[METRICS].assistant_streams.set_function(lambda: len(assistant.jobs))
     settings = app[SETTINGS]
     # One process without Redis: every streaming row is a leftover of this process's earlier life.
     await assistant.sweep(everything=settings.redis_url is None)
