@@ -388,6 +388,40 @@ async def test_a_process_writing_its_most_answers_refuses_more_and_writes_nothin
         await server.close()
 
 
+async def test_starts_sent_at_once_start_one_answer_per_user_and_one_per_client_msg_id(aiohttp_client, settings,
+                                                                                        sockets):
+    model, server = await scripted([SLOW])
+    try:
+        client = await start_app(aiohttp_client, settings, openai_base_url=str(server.make_url("/v1")))
+        alice = await sign_in(client, sockets)
+        conversations = [await alice.conversation() for _ in range(4)]
+        # One answer at a time per user, even when the starts race in different conversations.
+        replies = await asyncio.gather(*(alice.call("send_message", {
+            "conversation_id": conversation, "content": "hello", "client_msg_id": uuid.uuid4().hex})
+            for conversation in conversations))
+        [started] = [reply["data"] for reply in replies if reply["ok"]]
+        running = started["assistant_message"]["id"]
+        refused = [reply["error"] for reply in replies if not reply["ok"]]
+        assert len(refused) == 3
+        assert all(error["code"] == "conflict" and error["message_id"] == running for error in refused)
+        await alice.ok("stop_generation", {"message_id": running})
+        # The same send twice at once: one start, and the other one is told it is the same.
+        refused_conversation = next(c for c, reply in zip(conversations, replies) if not reply["ok"])
+        twice = await asyncio.gather(*(alice.send(refused_conversation, "once", client_msg_id="same")
+                                       for _ in range(2)))
+        assert sorted(reply["duplicate"] for reply in twice) == [False, True]
+        assert twice[0]["assistant_message"]["id"] == twice[1]["assistant_message"]["id"]
+        assert twice[0]["user_message"]["id"] == twice[1]["user_message"]["id"]
+        await alice.ok("stop_generation", {"message_id": twice[0]["assistant_message"]["id"]})
+        async with client.app[POOL].acquire() as conn:
+            counts = await conn.fetch(
+                "SELECT conversation_id, count(*) AS n FROM ai_messages WHERE conversation_id = ANY($1::uuid[])"
+                " GROUP BY conversation_id", [uuid.UUID(c) for c in conversations])
+        assert sorted(row["n"] for row in counts) == [2, 2]  # nothing written for the refused starts
+    finally:
+        await server.close()
+
+
 async def test_daily_token_quota(aiohttp_client, settings, sockets):
     model, server = await scripted([{"text": ["a"], "usage": {"prompt_tokens": 60, "completion_tokens": 1,
                                                               "total_tokens": 61}}])
