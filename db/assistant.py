@@ -195,13 +195,6 @@ async def get_message(conn: asyncpg.Connection, message_id: uuid.UUID) -> Messag
              WHERE m.id = $1""", message_id))
 
 
-async def by_client_msg_id(conn: asyncpg.Connection, conversation_id: uuid.UUID,
-                           client_msg_id: str) -> Message | None:
-    return _message(await conn.fetchrow(
-        f"SELECT {MESSAGE_COLUMNS} FROM ai_messages WHERE conversation_id = $1 AND client_msg_id = $2",
-        conversation_id, client_msg_id))
-
-
 async def first_reply(conn: asyncpg.Connection, message_id: uuid.UUID) -> Message | None:
     """The first assistant answer to a user message (what a resent send_message returns)."""
     return _message(await conn.fetchrow(
@@ -311,9 +304,20 @@ async def interrupt_abandoned(conn: asyncpg.Connection, stale_after: float,
     return [InterruptedAnswer(**row) for row in rows]
 
 
-async def lock_user_starts(conn: asyncpg.Connection, user_id: uuid.UUID) -> None:
-    """Serialise one user's answer starts across processes until the transaction ends."""
-    await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 7341))", str(user_id))
+async def lock_user_starts(conn: asyncpg.Connection, user_id: uuid.UUID, conversation_id: uuid.UUID,
+                           client_msg_id: str | None) -> Message | None:
+    """Serialise one user's answer starts across processes until the transaction ends, and return the
+    conversation's message sent with `client_msg_id` before (a resend), if any: one round trip.
+
+    Call with the conversation's row locked: a send of the same message waiting for that lock then
+    finds the first one, committed before this statement's snapshot.
+    """
+    columns = ", ".join(f"m.{column.strip()}" for column in MESSAGE_COLUMNS.split(","))
+    row = await conn.fetchrow(
+        f"""SELECT {columns} FROM (SELECT pg_advisory_xact_lock(hashtextextended($1, 7341))) AS locked
+              LEFT JOIN ai_messages m ON m.conversation_id = $2 AND m.client_msg_id = $3""",
+        str(user_id), conversation_id, client_msg_id)
+    return _message(row) if row["id"] is not None else None
 
 
 # The quota's day: since midnight UTC (started_at is timestamptz, compared as an instant).

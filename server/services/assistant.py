@@ -595,14 +595,15 @@ class Assistant:
         error: ModelError | None = None
         status = "complete"
         try:
-            await self._gen_event(gen, MESSAGE_STARTED, {
+            started = {
                 "message_id": str(gen.message_id), "conversation_id": str(gen.conversation_id),
                 "parent_id": str(gen.parent_id), "model": gen.model or self.model_name,
-                "mode": "model" if self.model else "retrieval_only", "user_message": gen.user_message})
+                "mode": "model" if self.model else "retrieval_only", "user_message": gen.user_message}
             async with asyncio.timeout(settings.ai_generation_timeout):
                 if self.model is not None:
-                    await self._generate(gen)
+                    await self._generate(gen, started)
                 else:
+                    await self._gen_event(gen, MESSAGE_STARTED, started)
                     await self._retrieve(gen)
         except asyncio.CancelledError:
             current = asyncio.current_task()
@@ -769,12 +770,21 @@ class Assistant:
 
     # --- model generation -------------------------------------------------------------------
 
-    async def _generate(self, gen: Generation) -> None:
+    async def _generate(self, gen: Generation, started: dict[str, Any]) -> None:
+        """Publish `message_started`, then stream the model's answer, with up to AI_MAX_TOOL_ROUNDS tool rounds."""
         assert self.model is not None
         rounds = self.settings.ai_max_tool_rounds
-        # The prompt's turns and whether to offer query_dataset: two reads the first token waits for, together.
-        (messages, dropped), holds_data = await asyncio.gather(
-            self.context(gen), dataset_query.holds_data(self.app, gen.user_id) if rounds else asyncio.sleep(0, False))
+        # The start event, the prompt's turns and whether to offer query_dataset: three round trips the
+        # first token waits for, made together. Every one ends before the model is asked or a failure
+        # is raised, so the start event comes first.
+        results = await asyncio.gather(
+            self._gen_event(gen, MESSAGE_STARTED, started), self.context(gen),
+            dataset_query.holds_data(self.app, gen.user_id) if rounds else asyncio.sleep(0, False),
+            return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        _, (messages, dropped), holds_data = results
         if dropped:
             await self._gen_event(gen, CONTEXT_TRIMMED, {
                 "message_id": str(gen.message_id), "dropped_messages": dropped,
@@ -1158,9 +1168,8 @@ def check_content(settings: Settings, content: str) -> None:
 
 
 async def admit(settings: Settings, conn: asyncpg.Connection, user_id: uuid.UUID) -> None:
-    """The per-user limits of starting an answer; call inside the transaction that starts it."""
-    # Two starts of one user, even on two processes, must not both pass the checks.
-    await db.lock_user_starts(conn, user_id)
+    """The per-user limits of starting an answer; call inside the transaction that starts it, after
+    `db.lock_user_starts` (two starts of one user, even on two processes, must not both pass)."""
     # Read after the lock, in a statement of its own: its snapshot then sees every start before it.
     usage = await db.user_usage(conn, user_id, settings.ai_stale_after)
     if usage.streaming_id is not None:
@@ -1188,12 +1197,11 @@ async def _admit_and_start(app: web.Application, user_id: uuid.UUID, locate: Loc
         async with app[POOL].acquire() as conn:
             async with conn.transaction():
                 conversation, parent_id = await locate(conn)
-                if client_msg_id:
-                    existing = await db.by_client_msg_id(conn, conversation.id, client_msg_id)
-                    if existing is not None:
-                        reply = await db.first_reply(conn, existing.id)
-                        return {"user_message": existing.to_public(),
-                                "assistant_message": reply.to_public() if reply else None, "duplicate": True}
+                existing = await db.lock_user_starts(conn, user_id, conversation.id, client_msg_id)
+                if existing is not None:
+                    reply = await db.first_reply(conn, existing.id)
+                    return {"user_message": existing.to_public(),
+                            "assistant_message": reply.to_public() if reply else None, "duplicate": True}
                 await admit(app[SETTINGS], conn, user_id)
                 model = assistant.answering_model(conversation.model)
                 started = await db.start_answer(conn, conversation_id=conversation.id, parent_id=parent_id,
