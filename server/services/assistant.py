@@ -297,14 +297,14 @@ class Generation:
     system_prompt: str | None = None  # the conversation's own, after the platform's
     generating: bool = True  # saved periodically until its final state is being written
 
-    # Cached: read for every delta, and formatting a UUID costs a few microseconds.
+    # Both cached: read for every delta, and formatting a UUID costs a few microseconds.
     @functools.cached_property
     def channel(self) -> str:
         return conversation_channel(self.conversation_id)
 
     @functools.cached_property
     def public_id(self) -> str:
-        """The message id as the events carry it."""
+        """The message id as events and logs carry it."""
         return str(self.message_id)
 
     @property
@@ -596,7 +596,7 @@ class Assistant:
         status = "complete"
         try:
             started = {
-                "message_id": str(gen.message_id), "conversation_id": str(gen.conversation_id),
+                "message_id": gen.public_id, "conversation_id": str(gen.conversation_id),
                 "parent_id": str(gen.parent_id), "model": gen.model or self.model_name,
                 "mode": "model" if self.model else "retrieval_only", "user_message": gen.user_message}
             async with asyncio.timeout(settings.ai_generation_timeout):
@@ -615,7 +615,7 @@ class Assistant:
         except Exception as exc:  # noqa: BLE001 - every failure is reported to the client
             error = classify(exc)
             if error.code == "internal_error":
-                log.exception("assistant_generation_failed", message_id=str(gen.message_id))
+                log.exception("assistant_generation_failed", message_id=gen.public_id)
             elif (gen.deltas or gen.unsent) and error.code in ("upstream_unreachable", "upstream_timeout"):
                 error = ModelError("upstream_interrupted", "the model's stream broke off midway", True)
             status = "failed"
@@ -627,7 +627,7 @@ class Assistant:
             else:
                 await self._finish(gen, status, error)
         except Exception:  # noqa: BLE001 - the sweep marks the row interrupted later
-            log.exception("assistant_finish_failed", message_id=str(gen.message_id))
+            log.exception("assistant_finish_failed", message_id=gen.public_id)
         finally:
             self.jobs.pop(gen.message_id, None)
             gen.done.set()
@@ -665,7 +665,7 @@ class Assistant:
         titled = claim if title_set else None
         if row is None:
             return  # deleted meanwhile, or already finalised
-        base = {"message_id": str(gen.message_id), "status": status, "seq": gen.seq}
+        base = {"message_id": gen.public_id, "status": status, "seq": gen.seq}
         if status in ("complete", "stopped"):
             await self._gen_event(gen, MESSAGE_COMPLETED, {
                 **base, "finish_reason": gen.finish_reason, "usage": gen.usage() if has_usage else None})
@@ -682,7 +682,7 @@ class Assistant:
                 self.title_jobs.add(job)
                 job.add_done_callback(self.title_jobs.discard)
         await self._publish_usage(gen.user_id, gen.conversation_id)
-        log.info("assistant_generation_finished", message_id=str(gen.message_id), status=status,
+        log.info("assistant_generation_finished", message_id=gen.public_id, status=status,
                  seq=gen.seq, code=error.code if error else None)
 
     async def _title_job(self, gen: Generation, heuristic: str, question: str, answer: str) -> None:
@@ -787,7 +787,7 @@ class Assistant:
         _, (messages, dropped), holds_data = results
         if dropped:
             await self._gen_event(gen, CONTEXT_TRIMMED, {
-                "message_id": str(gen.message_id), "dropped_messages": dropped,
+                "message_id": gen.public_id, "dropped_messages": dropped,
                 "budget_tokens": self.settings.ai_context_tokens})
         specs = TOOL_SPECS
         if rounds and not holds_data:
@@ -875,7 +875,7 @@ class Assistant:
         except ValueError:
             args = None
         await self._gen_event(gen, TOOL_CALLED, {
-            "message_id": str(gen.message_id), "call_id": call_id, "name": name,
+            "message_id": gen.public_id, "call_id": call_id, "name": name,
             "arguments": args if args is not None else arguments})
         started = time.perf_counter()
         try:
@@ -894,7 +894,7 @@ class Assistant:
         except ValueError as exc:
             result, ok = {"error": str(exc)}, False
         await self._gen_event(gen, TOOL_RETURNED, {
-            "message_id": str(gen.message_id), "call_id": call_id, "name": name, "ok": ok,
+            "message_id": gen.public_id, "call_id": call_id, "name": name, "ok": ok,
             "datapod_ids": datapod_ids(result), "result": result,
             "duration_ms": round((time.perf_counter() - started) * 1000, 1)})
         return result, ok
@@ -919,7 +919,7 @@ class Assistant:
         async def tool(name: str, arguments: dict[str, Any], run: intents.Run) -> Any:
             call_id = f"call_{gen.message_id.hex[:8]}_{len(gen.tool_calls)}"
             await self._gen_event(gen, TOOL_CALLED, {
-                "message_id": str(gen.message_id), "call_id": call_id, "name": name, "arguments": arguments})
+                "message_id": gen.public_id, "call_id": call_id, "name": name, "arguments": arguments})
             started = time.perf_counter()
             try:
                 async with self.pool.acquire() as conn, asyncio.timeout(self.settings.ai_tool_timeout):
@@ -932,7 +932,7 @@ class Assistant:
                 raw, result, ok = None, {"error": type(exc).__name__}, False
             ids = datapod_ids(result)
             await self._gen_event(gen, TOOL_RETURNED, {
-                "message_id": str(gen.message_id), "call_id": call_id, "name": name, "ok": ok,
+                "message_id": gen.public_id, "call_id": call_id, "name": name, "ok": ok,
                 "datapod_ids": ids, "result": result,
                 "duration_ms": round((time.perf_counter() - started) * 1000, 1)})
             content = json.dumps(result, default=str)
@@ -950,7 +950,7 @@ class Assistant:
 
         ask = intents.Ask(question, gen.user_id, tool, previous, self.app, read)
         intent, answer = await intents.route(ask)
-        log.info("assistant_intent", message_id=str(gen.message_id), intent=intent)
+        log.info("assistant_intent", message_id=gen.public_id, intent=intent)
         first = not any(m.model == RETRIEVAL_MODEL and m.content for m in earlier)
         for piece in _chunks(_compose(answer, first)):
             await self.emit(gen, piece)
