@@ -26,7 +26,8 @@ conversation. In the measured window every client sends `--messages` messages on
   its request to the model, printed apart (the send to the upstream's receipt): counted from the
   upstream's send of token 0 only, it hid a wait of seconds for a connection to the model;
 - added inter-token delay: for consecutive tokens, client inter-arrival minus upstream inter-send
-  (p99), target < 5 ms; the added latency of every token (receive - send) is printed beside it;
+  (p99), target < 5 ms; the added latency of every token (receive - send) is printed beside it,
+  and how long `message_completed` came after an answer's last delta;
 - server CPU per token: the hub process's user+system CPU over the window (/proc/<pid>/stat) over
   the tokens delivered, target < 50 us; the window includes each answer's start, saves, final
   state and title job, so it is the whole cost of streaming, per token;
@@ -149,6 +150,7 @@ class Answer:
         self.frames: list[tuple[float, str]] = []
         self.deltas: list[tuple[float, int, str]] = []  # (receive time, seq, text), from `decode`
         self.completed: dict[str, Any] | None = None
+        self.completed_at = 0.0  # when the final event arrived
         self.done = asyncio.Event()
 
     def decode(self) -> None:
@@ -159,6 +161,7 @@ class Answer:
                 self.deltas.append((at, wire["data"]["seq"], wire["data"]["text"]))
             elif type in ("message_completed", "message_failed"):
                 self.completed = {"type": type, **wire["data"]}
+                self.completed_at = at
 
 
 class Conversation(LeanSocket):
@@ -368,6 +371,9 @@ async def run(args: argparse.Namespace, admin_dsn: str) -> None:
     print(f"  of which before the model was asked (the send to the upstream's receipt of the request) ms: "
           f"p50 {percentile(result['before_model'], 0.5):.2f}, p99 {percentile(result['before_model'], 0.99):.2f}, "
           f"max {max(result['before_model'], default=float('nan')):.2f}")
+    lags = [(a.completed_at - a.deltas[-1][0]) * 1000 for a in answers if a.deltas and a.completed]
+    print(f"message_completed after the last delta ms: p50 {percentile(lags, 0.5):.2f}, "
+          f"p99 {percentile(lags, 0.99):.2f}, max {max(lags, default=float('nan')):.2f}")
     print(f"added inter-token delay ms: p50 {percentile(result['inter'], 0.5):.2f}, p99 {inter_p99:.2f}  "
           f"(target p99 < {TARGET_INTER_TOKEN_P99_MS:g}: {judge(inter_p99, TARGET_INTER_TOKEN_P99_MS)})")
     print(f"added latency per token ms (receive - send): p50 {percentile(result['per_token'], 0.5):.2f}, "

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import socket
+import time
 import uuid
 
 import jsonschema
@@ -807,6 +808,21 @@ async def test_text_emitted_within_the_delta_interval_goes_out_in_one_history_ca
             assert seqs == list(range(1, done["seq"] + 1)) and len(seqs) <= 12, seqs
         assert all(len(channels) == len(set(channels)) for channels in batches)  # a delta per answer
         assert max(len(channels) for channels in batches) == 3, batches
+    finally:
+        await server.close()
+
+
+async def test_an_answers_first_text_does_not_wait_for_the_interval(aiohttp_client, settings, sockets):
+    # A long interval (100 ms, the most allowed) so that waiting for it would show.
+    model, server = await scripted([{"text": ["first ", "second"], "delay": 1.0}])
+    try:
+        client = await start_app(aiohttp_client, settings, openai_base_url=str(server.make_url("/v1")),
+                                 ai_delta_interval=0.1)
+        alice = await sign_in(client, sockets)
+        message_id = (await alice.send(await alice.conversation()))["assistant_message"]["id"]
+        await wait_until(lambda: events(alice.sock, "message_delta", message_id), interval=0.002)
+        assert time.monotonic() - model.times[0] < 0.06  # the model was asked at times[0]
+        await alice.ok("stop_generation", {"message_id": message_id})
     finally:
         await server.close()
 

@@ -334,6 +334,7 @@ class Assistant:
         # Answers with emitted text waiting for its delta, and the one task publishing them.
         self._unsent: dict[uuid.UUID, Generation] = {}
         self._delta_publisher: asyncio.Task | None = None
+        self._deltas_due = asyncio.Event()  # set: publish the waiting text now, not after the interval
         self._models: tuple[float, list[str]] | None = None  # (when read, the endpoint's model ids)
 
     @property
@@ -499,6 +500,9 @@ class Assistant:
     def _queue_deltas(self, gen: Generation) -> None:
         """Have the answer's waiting text published, starting the publisher if none runs."""
         self._unsent[gen.message_id] = gen
+        if not gen.deltas:
+            # An answer's first text does not wait for others': the interval would add to its first token.
+            self._deltas_due.set()
         if self._delta_publisher is None:
             self._delta_publisher = asyncio.create_task(self._publish_deltas(), name="assistant-deltas")
 
@@ -511,12 +515,14 @@ class Assistant:
         copy for the other nodes and this node's listener reading that copy), against 13 us a delta
         in batches of 100. Sent as soon as the previous batch was stored, 200 streams made batches
         of 5.7 on average; 2 ms makes them 17 and cut the hub's CPU per token by 12-38%
-        (docs/performance.md, stop 38).
+        (docs/performance.md, stop 38). An answer's first text does not wait: it goes in the next
+        batch at once, with whatever else is waiting.
         """
         try:
             while self._unsent:
-                if self.settings.ai_delta_interval:
-                    await asyncio.sleep(self.settings.ai_delta_interval)
+                if self.settings.ai_delta_interval and not self._deltas_due.is_set():
+                    await wait_event(self._deltas_due, self.settings.ai_delta_interval)
+                self._deltas_due.clear()
                 batch = list(self._unsent.values())
                 self._unsent.clear()
                 events: list[tuple[str, str, dict[str, Any]]] = []
