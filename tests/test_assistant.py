@@ -821,7 +821,7 @@ async def test_an_answers_first_text_does_not_wait_for_the_interval(aiohttp_clie
         alice = await sign_in(client, sockets)
         message_id = (await alice.send(await alice.conversation()))["assistant_message"]["id"]
         await wait_until(lambda: events(alice.sock, "message_delta", message_id), interval=0.002)
-        assert time.monotonic() - model.times[0] < 0.06  # the model was asked at times[0]
+        assert time.monotonic() - model.times[0] < 0.08  # asked at times[0]; the interval alone is 0.1
         await alice.ok("stop_generation", {"message_id": message_id})
     finally:
         await server.close()
