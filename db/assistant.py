@@ -23,6 +23,14 @@ MESSAGE_COLUMNS = ("id, conversation_id, parent_id, role, content, status, model
                    "client_msg_id, seq, created_at, updated_at")
 
 
+def _aliased(alias: str) -> str:
+    """MESSAGE_COLUMNS, each qualified by a table alias (for queries that join ai_messages)."""
+    return ", ".join(f"{alias}.{column}" for column in MESSAGE_COLUMNS.split(", "))
+
+
+M_MESSAGE_COLUMNS, P_MESSAGE_COLUMNS = _aliased("m"), _aliased("p")
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Conversation:
     """One user's conversation; its current branch ends at `current_leaf_id`."""
@@ -178,7 +186,7 @@ async def branch(conn: asyncpg.Connection, leaf_id: uuid.UUID | None) -> list[Me
                 UNION ALL
                 SELECT m.*, p.depth + 1 FROM ai_messages m JOIN path p ON m.id = p.parent_id
             )
-            SELECT {', '.join('p.' + c for c in MESSAGE_COLUMNS.split(', '))},
+            SELECT {P_MESSAGE_COLUMNS},
                    ARRAY(SELECT s.id FROM ai_messages s
                           WHERE s.conversation_id = p.conversation_id
                             AND s.parent_id IS NOT DISTINCT FROM p.parent_id
@@ -190,7 +198,7 @@ async def branch(conn: asyncpg.Connection, leaf_id: uuid.UUID | None) -> list[Me
 async def get_message(conn: asyncpg.Connection, message_id: uuid.UUID) -> Message | None:
     """A message with its conversation's owner (`user_id`)."""
     return _message(await conn.fetchrow(
-        f"""SELECT {', '.join('m.' + c for c in MESSAGE_COLUMNS.split(', '))}, c.user_id
+        f"""SELECT {M_MESSAGE_COLUMNS}, c.user_id
               FROM ai_messages m JOIN ai_conversations c ON c.id = m.conversation_id
              WHERE m.id = $1""", message_id))
 
@@ -312,9 +320,8 @@ async def lock_user_starts(conn: asyncpg.Connection, user_id: uuid.UUID, convers
     Call with the conversation's row locked: a send of the same message waiting for that lock then
     finds the first one, committed before this statement's snapshot.
     """
-    columns = ", ".join(f"m.{column.strip()}" for column in MESSAGE_COLUMNS.split(","))
     row = await conn.fetchrow(
-        f"""SELECT {columns} FROM (SELECT pg_advisory_xact_lock(hashtextextended($1, 7341))) AS locked
+        f"""SELECT {M_MESSAGE_COLUMNS} FROM (SELECT pg_advisory_xact_lock(hashtextextended($1, 7341))) AS locked
               LEFT JOIN ai_messages m ON m.conversation_id = $2 AND m.client_msg_id = $3""",
         str(user_id), conversation_id, client_msg_id)
     return _message(row) if row["id"] is not None else None
