@@ -3,7 +3,7 @@
     DATABASE_URL=postgresql://postgres@127.0.0.1:5432/postgres REDIS_URL=redis://127.0.0.1:6379/0 \\
         .venv/bin/python bench/assistant.py
     .venv/bin/python bench/assistant.py --conversations 200 --tokens 100 --interval-ms 20 --messages 1
-    .venv/bin/python bench/assistant.py --conversations 50 --profile /tmp/hub.prof   # cProfile the hub
+    .venv/bin/python bench/assistant.py --conversations 50 --profile /tmp/hub.prof   # cProfile the window
 
 Workload: a scripted OpenAI-compatible upstream (`bench/assistant.py upstream`, its own process on
 loopback) answers `POST /v1/chat/completions` with `stream: true` as Server-Sent Events in OpenAI's
@@ -46,6 +46,7 @@ import asyncio
 import json
 import os
 import re
+import signal
 import sys
 import tempfile
 import time
@@ -292,7 +293,8 @@ async def run(args: argparse.Namespace, admin_dsn: str) -> None:
         "MAX_CONNECTIONS_PER_USER": "100000", "REDIS_PREFIX": f"bench-assistant-{uuid.uuid4().hex[:8]}:"})
     conversations: list[Conversation] = []
     with tempfile.TemporaryDirectory(prefix="hub-bench-assistant-") as tmp:
-        process = start_server(dsn, port, Path(tmp), Path(tmp) / "server.log", args.profile)
+        process = start_server(dsn, port, Path(tmp), Path(tmp) / "server.log", args.profile,
+                               profile_window=True)
         try:
             await upstream.line(30)
             await wait_ready(url, process)
@@ -312,6 +314,8 @@ async def run(args: argparse.Namespace, admin_dsn: str) -> None:
                 await asyncio.gather(*(opened(c) for c in conversations))
                 await asyncio.sleep(1.0)  # the connects' own work settles before the window
                 before = await db_counters(dsn, name)
+                if args.profile:
+                    process.send_signal(signal.SIGUSR1)
                 cpu0, t0 = cpu_seconds(process.pid), time.monotonic()
                 others0 = cpu_seconds(upstream.pid), time.process_time()
 
@@ -335,6 +339,8 @@ async def run(args: argparse.Namespace, admin_dsn: str) -> None:
                     await asyncio.sleep(0.2)
                 await asyncio.sleep(0.5)
                 elapsed, cpu = time.monotonic() - t0, cpu_seconds(process.pid) - cpu0
+                if args.profile:
+                    process.send_signal(signal.SIGUSR2)
                 upstream_cpu, driver_cpu = cpu_seconds(upstream.pid) - others0[0], time.process_time() - others0[1]
                 await asyncio.sleep(1.5)  # PostgreSQL flushes its per-table statistics about once a second
                 after = await db_counters(dsn, name)
@@ -410,7 +416,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--first-token-ms", type=float, default=20.0, help="the upstream's time to the first token")
     parser.add_argument("--ramp", type=float, default=2.0, help="seconds over which the first sends are spread")
     parser.add_argument("--signup-concurrency", type=int, default=8)
-    parser.add_argument("--profile", metavar="PATH", help="run the hub under cProfile (CPU time), stats to PATH")
+    parser.add_argument("--profile", metavar="PATH",
+                        help="cProfile (CPU time) the hub over the measured window, stats to PATH")
     return parser.parse_args(argv)
 
 

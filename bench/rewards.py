@@ -122,18 +122,25 @@ async def setup(dsn: str, sessions: int) -> tuple[int, str, list[int]]:
 
 # Loaded into the hub by `profile` (a sitecustomize module): cProfile on CPU time, saved at exit. Not
 # wall time (python -m cProfile's default): on a busy machine the wall clock charges other processes'
-# time slices, and the hub's own waits in epoll, to whatever call was running.
-PROFILER = """import atexit, cProfile, time
+# time slices, and the hub's own waits in epoll, to whatever call was running. With a window, the
+# profile starts at SIGUSR1 and is saved at SIGUSR2 (`profile_window`), so start-up and the driver's
+# set-up stay out of it.
+PROFILER = """import atexit, cProfile, signal, time
 _profile = cProfile.Profile(time.process_time)
-_profile.enable()
-atexit.register(lambda: (_profile.disable(), _profile.dump_stats({path!r})))
+if {window!r}:
+    signal.signal(signal.SIGUSR1, lambda *_: _profile.enable())
+    signal.signal(signal.SIGUSR2, lambda *_: (_profile.disable(), _profile.dump_stats({path!r})))
+else:
+    _profile.enable()
+    atexit.register(lambda: (_profile.disable(), _profile.dump_stats({path!r})))
 """
 
 
 def start_server(dsn: str, port: int, data_dir: Path, log_path: Path, profile: str | None,
-                 env: dict[str, str] | None = None) -> subprocess.Popen:
-    """The hub on `port`, under a CPU-time profiler writing to `profile` if given; `env` overrides the
-    environment built here (e.g. BLOCK_PRODUCER, PURCHASE_WORKERS)."""
+                 env: dict[str, str] | None = None, *, profile_window: bool = False) -> subprocess.Popen:
+    """The hub on `port`, under a CPU-time profiler writing to `profile` if given (from SIGUSR1 to
+    SIGUSR2 with `profile_window`, else start to exit); `env` overrides the environment built here
+    (e.g. BLOCK_PRODUCER, PURCHASE_WORKERS)."""
     secret = lambda: base64.urlsafe_b64encode(secrets.token_bytes(32)).decode()  # noqa: E731
     env = {**os.environ, "DATABASE_URL": dsn, "PORT": str(port), "HOST": "127.0.0.1", "DATA_DIR": str(data_dir),
            "JWT_SECRET": os.environ.get("JWT_SECRET") or secret(),
@@ -143,7 +150,8 @@ def start_server(dsn: str, port: int, data_dir: Path, log_path: Path, profile: s
     if profile:
         hook = data_dir / "profiler"
         hook.mkdir(exist_ok=True)
-        (hook / "sitecustomize.py").write_text(PROFILER.format(path=str(Path(profile).resolve())))
+        hook_code = PROFILER.format(path=str(Path(profile).resolve()), window=profile_window)
+        (hook / "sitecustomize.py").write_text(hook_code)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(hook), env.get("PYTHONPATH")) if p)
     return subprocess.Popen([sys.executable, "-m", "server", "serve", "--host", "127.0.0.1", "--port", str(port),
                              "--no-demo-data"], cwd=ROOT, env=env, stdout=log_path.open("w"),
