@@ -150,7 +150,8 @@ class UnbatchedRedisHistory(RedisHistory):
         async with self.redis.pipeline(transaction=False) as pipe:
             for channel, type, raw, _ in prepared:
                 await self._append(keys=[self.key(channel), self.meta_key(channel)],
-                                   args=[self._trim, self.cap, int(self.ttl * 1000), new_epoch(), type, raw],
+                                   args=[self._trim, self.cap, int(self.ttl * 1000), new_epoch(),
+                                         *self.peer_channels, type, raw],
                                    client=pipe)
             replies = await pipe.execute()
         return [self._stored(channel, type, payload, reply[0])

@@ -109,12 +109,14 @@ async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
 async def realtime_ctx(app: web.Application) -> AsyncIterator[None]:
     """The delivery engine, its presence heartbeat and the outbox relay."""
     settings, redis, health = app[SETTINGS], app[REDIS], app[REDIS_HEALTH]
+    manager = app[SIO].manager
     node_id = uuid.uuid4().hex
     if redis is None:
         history: HistoryStore = MemoryHistory(settings.history_cap, settings.history_ttl)
         presence: PresenceTracker = MemoryPresence()
     else:
-        history = RedisHistory(redis, settings.redis_prefix, settings.history_cap, settings.history_ttl, health=health)
+        history = RedisHistory(redis, settings.redis_prefix, settings.history_cap, settings.history_ttl, health=health,
+                               peer_channels=manager.peer_channels if isinstance(manager, RedisFanoutManager) else None)
         presence = RedisPresence(redis, settings.redis_prefix, settings.presence_ttl, health=health)
     metrics = app[METRICS]
     realtime = app[REALTIME] = Realtime(
@@ -127,7 +129,6 @@ async def realtime_ctx(app: web.Application) -> AsyncIterator[None]:
     tasks = [asyncio.create_task(health.run_with_backoff(
         lambda: run_relay(app[POOL], realtime.publish_many, poll_interval=settings.outbox_poll_interval,
                           on_relayed=metrics.outbox_relayed.inc), "outbox_relay"))]
-    manager = app[SIO].manager
     if redis is not None:
         tasks.append(asyncio.create_task(heartbeat_loop(presence, node_id, settings.presence_ttl / 3)))
         tasks.append(asyncio.create_task(realtime.watch_unstored()))

@@ -355,6 +355,29 @@ async def test_two_redis_nodes_share_one_monotonic_sequence(redis_url, prefix):
     assert reads[0].gap is True  # "0-0" predates the channel's first event: read as "reload"
 
 
+async def test_each_append_tells_whether_another_node_listens(redis, redis_url, prefix):
+    shared, own = prefix + "socketio", prefix + "socketio:node:a"
+    history = RedisHistory(redis, prefix, 100, 60, peer_channels=(shared, own))
+    listeners = [aioredis.Redis.from_url(redis_url).pubsub() for _ in range(2)]
+    this_node, other_node = listeners
+    try:
+        assert (await history.append(CHANNEL, "thing_happened", {})).peers_listen is False
+        await this_node.subscribe(shared, own)
+        assert (await history.append(CHANNEL, "thing_happened", {})).peers_listen is False  # only itself
+        await other_node.subscribe(shared)
+        stored = await history.append_many([(CHANNEL, "thing_happened", {}), ("other", "thing_happened", {})])
+        assert [event.peers_listen for event in stored] == [True, True]
+        await this_node.unsubscribe()
+        assert (await history.append(CHANNEL, "thing_happened", {})).peers_listen is True
+        await other_node.unsubscribe()
+        assert (await history.append(CHANNEL, "thing_happened", {})).peers_listen is False
+    finally:
+        for listener in listeners:
+            await listener.aclose()
+    # Without the channels every append counts another node as listening.
+    assert (await RedisHistory(redis, prefix, 100, 60).append(CHANNEL, "thing_happened", {})).peers_listen is True
+
+
 async def test_redis_history_expires_idle_channels(redis, prefix):
     history = RedisHistory(redis, prefix, 100, 30)
     await history.append(CHANNEL, "thing_happened", {})

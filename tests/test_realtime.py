@@ -13,6 +13,7 @@ import pytest
 from db import outbox
 from db.pool import POOL, init_connection
 from server.app import create_app
+from server.realtime.engine import SIO
 from server.realtime.hub import REALTIME, publish
 from tests.helpers import SocketClient, register, server_url, wait_until
 
@@ -173,6 +174,26 @@ async def test_event_published_on_one_node_reaches_clients_of_another(two_nodes,
     sock_b = await connect(node_b, sockets, "/chain")
     ack = await sock_b.call("/chain", "subscribe", {"channel": "chain:blocks", "since": event.id})
     assert [e["id"] for e in ack["data"]["events"]] == [later.id]
+
+
+async def test_a_lone_node_sends_no_copy_for_other_nodes_and_a_node_that_joins_gets_the_next_event(
+        aiohttp_client, settings, redis_url, sockets):
+    shared = settings.replace(redis_url=redis_url, redis_prefix=f"t{uuid.uuid4().hex[:12]}:")
+    node_a = await aiohttp_client(create_app(shared))
+    sock_a = await connect(node_a, sockets, "/chain")
+    await sock_a.call("/chain", "subscribe", {"channel": "chain:blocks"})
+    copies = node_a.app[SIO].manager._outgoing  # the batches of copies for other nodes
+    alone = await publish(node_a.app, "chain:blocks", "block_added", {"height": 1})
+    await wait_until(lambda: received(sock_a, "block_added"))
+    assert alone.peers_listen is False and copies.batches == 0
+    node_b = await aiohttp_client(create_app(shared))
+    sock_b = await connect(node_b, sockets, "/chain")
+    await sock_b.call("/chain", "subscribe", {"channel": "chain:blocks"})
+    joined = await publish(node_a.app, "chain:blocks", "block_added", {"height": 2})
+    await wait_until(lambda: received(sock_b, "block_added"))
+    assert joined.peers_listen is True and copies.batches >= 1
+    assert received(sock_b, "block_added") == [joined.to_wire()]
+    assert received(sock_a, "block_added") == [alone.to_wire(), joined.to_wire()]
 
 
 async def test_presence_counts_watchers_across_nodes(two_nodes, sockets):

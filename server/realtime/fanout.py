@@ -335,6 +335,9 @@ class RedisFanoutManager(socketio.AsyncRedisManager, FanoutMixin):
                  **publisher_options: Any) -> None:
         super().__init__(url, channel=channel)
         self._setup_fanout(max_queued_packets, max_queued_bytes, on_overflow, close_grace)
+        # Subscribed with `channel` and never published to: the number of its subscribers (0 or 1)
+        # tells a history append how many of `channel`'s subscribers are other nodes.
+        self.node_channel = f"{channel}:node:{self.host_id}"
         self._listening = asyncio.Event()
         self.on_resubscribed: Callable[[], Awaitable[None]] | None = None
         self.publish_health = RedisHealth("redis_pubsub")
@@ -347,6 +350,11 @@ class RedisFanoutManager(socketio.AsyncRedisManager, FanoutMixin):
         # and never retries: redis-py would reconnect and resubscribe silently, hiding the hole.
         self._listener = aioredis.Redis.from_url(url, socket_connect_timeout=2.0, socket_keepalive=True,
                                                  retry=Retry(NoBackoff(), 0))
+
+    @property
+    def peer_channels(self) -> tuple[str, str]:
+        """The channel every node listens on and this node's own (see `RedisHistory`)."""
+        return self.channel, self.node_channel
 
     @property
     def listening(self) -> bool:
@@ -420,7 +428,7 @@ class RedisFanoutManager(socketio.AsyncRedisManager, FanoutMixin):
         while True:
             pubsub = self._listener.pubsub(ignore_subscribe_messages=True)
             try:
-                await pubsub.subscribe(self.channel)
+                await pubsub.subscribe(self.channel, self.node_channel)  # one command: both or neither
                 self._listening.set()
                 if reconnecting:
                     log.info("pubsub_listener_resubscribed")

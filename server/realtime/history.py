@@ -164,6 +164,9 @@ class Event:
     ts: float
     offset: int | None = None
     epoch: str | None = None
+    # Whether another node listened for events when this one was stored: if none did, its copy for
+    # other nodes is not sent. Not part of the event, so not compared.
+    peers_listen: bool = dataclasses.field(default=True, compare=False)
 
     def to_wire(self) -> JsonWire:
         """The protocol's server event object."""
@@ -349,11 +352,19 @@ class MemoryHistory:
 # two nodes appending at once cannot interleave between reading the position and the XADD, and
 # offsets follow stream order exactly.
 _APPEND_LUA = """
--- A batch: KEYS holds (stream, position) per event; ARGV the trim mode, cap, ttl and an epoch for
--- channels that start a new one, then (type, data) per event. One script call per batch, and each
--- channel's position is read and written once per batch: Redis spends more on every call than on
--- the appends themselves.
-local trim, cap, ttl, new_epoch = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+-- A batch: KEYS holds (stream, position) per event; ARGV the trim mode, cap, ttl, an epoch for
+-- channels that start a new one, the pub/sub channel every node listens on and this node's own
+-- ('' for both: count every node as listening), then (type, data) per event. One script call per
+-- batch, and each channel's position is read and written once per batch: Redis spends more on every
+-- call than on the appends themselves.
+local trim, cap, ttl, new_epoch, shared, own = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+-- How many other nodes listen, counted here, atomically with the appends: a node that subscribes
+-- later reads these events from history, so their copy for other nodes is needed only if it is > 0.
+-- A node subscribes to both channels in one command and loses both with its connection.
+local peers = 1
+if shared ~= '' then
+  peers = redis.call('PUBSUB', 'NUMSUB', shared)[2] - redis.call('PUBSUB', 'NUMSUB', own)[2]
+end
 local channels, order, out = {}, {}, {}
 for i = 1, #KEYS / 2 do
   local stream = KEYS[2 * i - 1]
@@ -376,7 +387,7 @@ for i = 1, #KEYS / 2 do
     order[#order + 1] = stream
   end
   state.offset = state.offset + 1
-  local type, data = ARGV[2 * i + 3], ARGV[2 * i + 4]
+  local type, data = ARGV[2 * i + 5], ARGV[2 * i + 6]
   local id
   if trim == '~' then
     id = redis.call('XADD', stream, 'MAXLEN', '~', cap, '*', 't', type, 'd', data, 'p', state.prev, 'o', state.offset)
@@ -384,7 +395,7 @@ for i = 1, #KEYS / 2 do
     id = redis.call('XADD', stream, 'MAXLEN', cap, '*', 't', type, 'd', data, 'p', state.prev, 'o', state.offset)
   end
   state.prev = id
-  out[i] = {id, state.offset, state.epoch}
+  out[i] = {id, state.offset, state.epoch, peers}
 end
 for _, stream in ipairs(order) do
   local state = channels[stream]
@@ -433,10 +444,14 @@ class RedisHistory:
     """History in one Redis Stream per channel: ids from Redis, monotonic across all nodes."""
 
     def __init__(self, redis: aioredis.Redis, prefix: str, cap: int, ttl_seconds: float, *,
-                 health: RedisHealth | None = None, approximate: bool = True) -> None:
+                 health: RedisHealth | None = None, approximate: bool = True,
+                 peer_channels: tuple[str, str] | None = None) -> None:
+        """`peer_channels`: the pub/sub channel every node listens on and this node's own
+        (`RedisFanoutManager.peer_channels`), so each stored event tells whether another node listens."""
         if cap < 1 or ttl_seconds <= 0:
             raise ValueError("cap must be >= 1 and ttl_seconds > 0")
         self.redis = redis
+        self.peer_channels = peer_channels or ("", "")
         self.prefix = prefix
         self.cap = cap
         self.ttl = ttl_seconds
@@ -463,7 +478,7 @@ class RedisHistory:
     async def _append_batch(self, events: list[tuple[str, str, bytes]]) -> list[Any]:
         """Store a batch of (channel, type, raw data) with one script call; one reply per event."""
         keys: list[str] = []
-        args: list[Any] = [self._trim, self.cap, max(1, int(self.ttl * 1000)), new_epoch()]
+        args: list[Any] = [self._trim, self.cap, max(1, int(self.ttl * 1000)), new_epoch(), *self.peer_channels]
         for channel, type, raw in events:
             keys += (self.key(channel), self.meta_key(channel))
             args += (type, raw)
@@ -511,7 +526,7 @@ class RedisHistory:
     def _stored(channel: str, type: str, payload: dict[str, Any], reply: list[Any]) -> Event:
         entry_id = redis_text(reply[0])
         return Event(entry_id, channel, type, payload, parse_id(entry_id, field="id")[0] / 1000,
-                     int(reply[1]), redis_text(reply[2]))
+                     int(reply[1]), redis_text(reply[2]), reply[3] > 0)
 
     async def _snapshot(self, channel: str, start: IdKey | None, limit: int) -> list[Any]:
         args = ["" if start is None else format_id(start), limit]

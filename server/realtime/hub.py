@@ -243,8 +243,10 @@ class Realtime:
         return await self.bus.publish_many(events)
 
     async def _deliver(self, event: Event) -> None:
-        # An unstored event (Redis down) stays on this node: other nodes learn of it as a gap.
-        await self._emit(event.channel, event.type, event.to_wire(), local_only=event.id is None)
+        # An unstored event (Redis down) stays on this node: other nodes learn of it as a gap. A
+        # stored one stays here too when no other node listened as it was stored.
+        await self._emit(event.channel, event.type, event.to_wire(),
+                         local_only=event.id is None or not event.peers_listen)
         waiter = self._waiters.pop(event.channel, None)
         if waiter is not None:
             waiter.set()
