@@ -194,7 +194,11 @@ class FanoutMixin(socketio.AsyncManager):
             # Every recipient needs its own ack id, so every packet differs: the library's path.
             return await super().emit(event, data, namespace, room=room, skip_sid=skip_sid,
                                       callback=callback, to=to, **kwargs)
-        room = to or room
+        self.emit_here(event, data, namespace, to or room, skip_sid)
+
+    def emit_here(self, event: str, data: Any, namespace: str, room: Any, skip_sid: Any = None) -> None:
+        """Emit to this node's clients only, at once: `emit` with `ignore_queue` and no callback,
+        without the coroutines python-socketio's server and managers stack on every emit."""
         if namespace not in self.rooms:
             return
         if isinstance(data, tuple):
@@ -372,11 +376,10 @@ class RedisFanoutManager(socketio.AsyncRedisManager, FanoutMixin):
             return await super().emit(event, data, namespace=namespace, room=room, skip_sid=skip_sid,
                                       callback=callback, to=to, **kwargs)
         # AsyncPubSubManager.emit for data known to hold no bytes (it walks every emit's data).
-        message = {"method": "emit", "event": event, "data": [data], "binary": False,
-                   "namespace": namespace or "/", "room": to or room, "skip_sid": skip_sid, "callback": None,
-                   "host_id": self.host_id}
-        await self._handle_emit(message)  # this node's clients
-        await self._publish(message)  # the other nodes
+        namespace, room = namespace or "/", to or room
+        self.emit_here(event, data, namespace, room, skip_sid)
+        await self._publish({"method": "emit", "event": event, "data": [data], "binary": False, "namespace": namespace,
+                             "room": room, "skip_sid": skip_sid, "callback": None, "host_id": self.host_id})
 
     async def _publish(self, data: Any) -> None:
         # Encoded now, not when the batch leaves: the caller may reuse `data` after the emit.

@@ -254,8 +254,13 @@ class Realtime:
             self._on_published(event)
 
     async def _emit(self, channel: str, type: str, wire: dict[str, Any], *, local_only: bool = False) -> None:
+        manager = self.sio.manager  # a FanoutMixin (server/realtime/fanout.py)
+        room = room_name(channel)
         for namespace in self.namespaces_for(channel):
-            await self.sio.emit(type, wire, room=room_name(channel), namespace=namespace, ignore_queue=local_only)
+            if local_only:
+                manager.emit_here(type, wire, namespace, room)
+            else:
+                await manager.emit(type, wire, namespace=namespace, room=room)
 
     async def _notice(self, channel: str, type: str, data: dict[str, Any], *, local_only: bool = False) -> None:
         # A live view, not history: not stored, so it has no id and no position.
