@@ -445,6 +445,8 @@ class FakeWalrus:
         self.epochs: list[str] = []
         self.fail_with: int | None = None
         self.garbage = False
+        self.reading = 0  # reads that have arrived and not been answered
+        self.hold: asyncio.Event | None = None  # set: reads wait for it before answering
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_put("/v1/blobs", self.store)
         app.router.add_get("/v1/blobs/{blob_id}", self.read)
@@ -473,6 +475,12 @@ class FakeWalrus:
             "cost": 132300}})
 
     async def read(self, request: web.Request) -> web.Response:
+        self.reading += 1
+        try:
+            if self.hold is not None:
+                await self.hold.wait()
+        finally:
+            self.reading -= 1
         blob = self.blobs.get(request.match_info["blob_id"])
         if blob is None:
             return web.Response(status=404, text="blob not found")
@@ -524,6 +532,32 @@ async def test_walrus_store_speaks_both_publisher_answers_and_reports_errors(wal
     for body in ({}, {"newlyCreated": {}}, {"alreadyCertified": {"blobId": "short"}}, []):
         with pytest.raises(Unavailable):
             WalrusBlobStore.blob_id_from_response(body)
+
+
+async def test_walrus_transfers_beyond_aiohttps_pool_run_at_once_and_past_the_limit_fail_clearly(walrus):
+    store = WalrusBlobStore(walrus.url, walrus.url, max_transfers=130, transfer_wait=0.3)
+    busy = WalrusBlobStore(walrus.url, walrus.url, max_transfers=2, transfer_wait=0.3)
+    try:
+        blob_id = await store.put(b"ciphertext")
+        walrus.hold = asyncio.Event()
+        reads = [asyncio.create_task(store.get(blob_id)) for _ in range(130)]
+        # aiohttp's default pool held the 101st read back until another ended (and failed it after 10 s).
+        await wait_until(lambda: walrus.reading == 130, timeout=10)
+        walrus.hold.set()
+        assert await asyncio.gather(*reads) == [b"ciphertext"] * 130
+        walrus.hold.clear()
+        held = [asyncio.create_task(busy.get(blob_id)) for _ in range(2)]
+        await wait_until(lambda: walrus.reading == 2)
+        with pytest.raises(Unavailable, match="all 2 transfers to Walrus are in use"):
+            await busy.get(blob_id)
+        assert walrus.reading == 2  # the refused read never reached Walrus
+        walrus.hold.set()
+        assert await asyncio.gather(*held) == [b"ciphertext"] * 2
+        assert await busy.get(blob_id) == b"ciphertext"
+    finally:
+        walrus.hold = None
+        await store.close()
+        await busy.close()
 
 
 async def test_upload_goes_to_walrus_when_configured(aiohttp_client, settings, walrus, db):

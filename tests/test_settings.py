@@ -55,6 +55,7 @@ def test_the_faucet_is_on_only_for_the_local_chain_unless_set():
     ({"EVENT_LOOP": "trio"}, "EVENT_LOOP"), ({"GAME_REWARD_WORKERS": "0"}, "GAME_REWARD_WORKERS"),
     ({"PURCHASE_POLL_INTERVAL": "0"}, "PURCHASE_POLL_INTERVAL"),
     ({"AI_MAX_STREAMS": "0"}, "AI_MAX_STREAMS"),
+    ({"WALRUS_MAX_TRANSFERS": "0"}, "WALRUS_MAX_TRANSFERS"),
     ({"AI_DELTA_INTERVAL_MS": "-1"}, "AI_DELTA_INTERVAL_MS"), ({"AI_DELTA_INTERVAL_MS": "500"}, "AI_DELTA_INTERVAL_MS"),
     ({"PURCHASE_POLL_INTERVAL": "soon"}, "PURCHASE_POLL_INTERVAL"),
 ])

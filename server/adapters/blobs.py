@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import os
 import re
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 CHUNK_BYTES = 256 * 1024
+TRANSFER_WAIT_SECONDS = 30.0  # how long a Walrus transfer waits for one in flight to end
 
 BLOB_ID = re.compile(r"^[A-Za-z0-9_-]{43}$")
 
@@ -131,19 +133,40 @@ class WalrusBlobStore:
     """The Walrus HTTP API: a publisher stores blobs (PUT /v1/blobs), an aggregator serves them."""
 
     def __init__(self, publisher_url: str, aggregator_url: str, *, epochs: int = 5,
-                 timeout: float = 300.0, session: aiohttp.ClientSession | None = None) -> None:
+                 timeout: float = 300.0, session: aiohttp.ClientSession | None = None,
+                 max_transfers: int = 100, transfer_wait: float = TRANSFER_WAIT_SECONDS) -> None:
         self.publisher_url = publisher_url.rstrip("/")
         self.aggregator_url = aggregator_url.rstrip("/")
         self.epochs = epochs
-        self._timeout = aiohttp.ClientTimeout(total=None, connect=10, sock_read=timeout)
+        # `connect` would also bound the wait for a free pooled connection, and a transfer queued
+        # behind `max_transfers` long downloads then failed after 10 s as "unreachable": that wait
+        # is `transfer_wait`, with an error of its own, and the pool itself has no cap.
+        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=timeout)
         self._session = session
         self._owns_session = session is None
+        self.max_transfers = max_transfers
+        self._transfer_wait = transfer_wait
+        self._transfers = asyncio.Semaphore(max_transfers)
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(timeout=self._timeout)
+            self._session = aiohttp.ClientSession(timeout=self._timeout, connector=aiohttp.TCPConnector(limit=0))
             self._owns_session = True
         return self._session
+
+    @contextlib.asynccontextmanager
+    async def _transfer(self) -> AsyncIterator[None]:
+        """Hold one of the WALRUS_MAX_TRANSFERS places; Unavailable if none frees up in time."""
+        try:
+            async with asyncio.timeout(self._transfer_wait):
+                await self._transfers.acquire()
+        except TimeoutError:
+            log.warning("walrus_transfers_busy", max_transfers=self.max_transfers)
+            raise Unavailable(f"all {self.max_transfers} transfers to Walrus are in use; retry shortly") from None
+        try:
+            yield
+        finally:
+            self._transfers.release()
 
     @staticmethod
     def blob_id_from_response(body: object) -> str:
@@ -162,7 +185,8 @@ class WalrusBlobStore:
     async def _store(self, data: object) -> str:
         url = f"{self.publisher_url}/v1/blobs"
         try:
-            async with self._client().put(url, params={"epochs": str(self.epochs)}, data=data) as response:
+            async with self._transfer(), self._client().put(url, params={"epochs": str(self.epochs)},
+                                                            data=data) as response:
                 if response.status != 200:
                     detail = (await response.text())[:200]
                     log.warning("walrus_store_failed", status=response.status, detail=detail)
@@ -193,7 +217,7 @@ class WalrusBlobStore:
         if not BLOB_ID.match(blob_id):
             raise KeyError(blob_id)
         try:
-            async with self._client().get(f"{self.aggregator_url}/v1/blobs/{blob_id}") as response:
+            async with self._transfer(), self._client().get(f"{self.aggregator_url}/v1/blobs/{blob_id}") as response:
                 if response.status == 404:
                     raise KeyError(blob_id)
                 if response.status != 200:
@@ -213,7 +237,7 @@ def create_blob_store(settings: "Settings") -> BlobStore:
     """Walrus when both of its URLs are set, else local files under DATA_DIR/blobs."""
     if settings.walrus_publisher_url and settings.walrus_aggregator_url:
         return WalrusBlobStore(settings.walrus_publisher_url, settings.walrus_aggregator_url,
-                               epochs=settings.walrus_epochs)
+                               epochs=settings.walrus_epochs, max_transfers=settings.walrus_max_transfers)
     if settings.walrus_publisher_url or settings.walrus_aggregator_url:
         log.warning("walrus_half_configured", hint="set both WALRUS_PUBLISHER_URL and WALRUS_AGGREGATOR_URL")
     return LocalBlobStore(settings.data_dir / "blobs")

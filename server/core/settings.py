@@ -141,6 +141,7 @@ class Settings:
     walrus_publisher_url: str | None = None
     walrus_aggregator_url: str | None = None
     walrus_epochs: int = 5
+    walrus_max_transfers: int = 100  # blob reads and stores in flight at once, per process
     max_upload_bytes: int = 100 * 1024 * 1024
     kyc_max_bytes: int = 5 * 1024 * 1024
     jwt_secret: str | None = None
@@ -242,6 +243,8 @@ class Settings:
             raise ValueError(f"AI_MAX_STREAMS must be at least 1, got {self.ai_max_streams}")
         if not 0 <= self.ai_delta_interval <= 0.1:
             raise ValueError(f"AI_DELTA_INTERVAL_MS must be between 0 and 100, got {self.ai_delta_interval * 1000:g}")
+        if self.walrus_max_transfers < 1:
+            raise ValueError(f"WALRUS_MAX_TRANSFERS must be at least 1, got {self.walrus_max_transfers}")
         if self.redis_pool_size < 1:
             raise ValueError(f"REDIS_POOL_SIZE must be at least 1, got {self.redis_pool_size}")
         if self.redis_pool_timeout <= 0:
@@ -317,6 +320,7 @@ class Settings:
             walrus_publisher_url=_optional(env, "WALRUS_PUBLISHER_URL"),
             walrus_aggregator_url=_optional(env, "WALRUS_AGGREGATOR_URL"),
             walrus_epochs=_int(env, "WALRUS_EPOCHS", defaults.walrus_epochs),
+            walrus_max_transfers=_int(env, "WALRUS_MAX_TRANSFERS", defaults.walrus_max_transfers),
             max_upload_bytes=_int(env, "MAX_UPLOAD_BYTES", defaults.max_upload_bytes),
             kyc_max_bytes=_int(env, "KYC_MAX_BYTES", defaults.kyc_max_bytes),
             jwt_secret=_optional(env, "JWT_SECRET"),
