@@ -151,7 +151,7 @@ class UnbatchedRedisHistory(RedisHistory):
             for channel, type, raw, _ in prepared:
                 await self._append(keys=[self.key(channel), self.meta_key(channel)],
                                    args=[self._trim, self.cap, int(self.ttl * 1000), new_epoch(),
-                                         *self.peer_channels, type, raw],
+                                         *self.peer_channels, b"%s\n%s" % (type.encode(), raw)],
                                    client=pipe)
             replies = await pipe.execute()
         return [self._stored(channel, type, payload, reply[0])

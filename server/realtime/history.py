@@ -50,6 +50,7 @@ from server.realtime.redis import BusUnavailable, RedisHealth, redis_text
 log = structlog.get_logger(__name__)
 
 IdKey = tuple[int, int]
+ENCODED_KEYS_CACHE_SIZE = 10_000  # channels whose Redis keys a RedisHistory keeps encoded
 
 _MAX_PART = 2**64 - 1  # Redis stream id parts are unsigned 64-bit
 _ID_RE = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")  # [0-9], not \d: no other Unicode digits
@@ -354,9 +355,10 @@ class MemoryHistory:
 _APPEND_LUA = """
 -- A batch: KEYS holds (stream, position) per event; ARGV the trim mode, cap, ttl, an epoch for
 -- channels that start a new one, the pub/sub channel every node listens on and this node's own
--- ('' for both: count every node as listening), then (type, data) per event. One script call per
--- batch, and each channel's position is read and written once per batch: Redis spends more on every
--- call than on the appends themselves.
+-- ('' for both: count every node as listening), then per event its type, a newline and its data
+-- (one argument, not two: the client checks and encodes every argument in Python). One script call
+-- per batch, and each channel's position is read and written once per batch: Redis spends more on
+-- every call than on the appends themselves.
 local trim, cap, ttl, new_epoch, shared, own = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 -- How many other nodes listen, counted here, atomically with the appends: a node that subscribes
 -- later reads these events from history, so their copy for other nodes is needed only if it is > 0.
@@ -387,7 +389,9 @@ for i = 1, #KEYS / 2 do
     order[#order + 1] = stream
   end
   state.offset = state.offset + 1
-  local type, data = ARGV[2 * i + 5], ARGV[2 * i + 6]
+  local event = ARGV[i + 6]
+  local newline = string.find(event, '\\n', 1, true)  -- types have none: the first one ends it
+  local type, data = string.sub(event, 1, newline - 1), string.sub(event, newline + 1)
   local id
   if trim == '~' then
     id = redis.call('XADD', stream, 'MAXLEN', '~', cap, '*', 't', type, 'd', data, 'p', state.prev, 'o', state.offset)
@@ -459,6 +463,7 @@ class RedisHistory:
         # `MAXLEN ~` trims whole radix nodes (cheap) and may keep up to ~100 extra entries.
         self._trim = "~" if approximate else "="
         self._append = redis.register_script(_APPEND_LUA)
+        self._encoded_keys: dict[str, tuple[bytes, bytes]] = {}
         self._read = redis.register_script(_READ_LUA)
         # Concurrent publishes share round trips and script calls: one per batch, not one each.
         self._appends: Batcher[tuple[str, str, bytes]] = Batcher(self._append_batch, name="history.append",
@@ -471,17 +476,27 @@ class RedisHistory:
         """Redis key of a channel's stream."""
         return f"{self.prefix}stream:{channel}"
 
+    def _append_keys(self, channel: str) -> tuple[bytes, bytes]:
+        """The channel's stream and position keys, encoded (remembered: the client checks and
+        encodes every argument of a command in Python, and a str costs it more than bytes)."""
+        keys = self._encoded_keys.get(channel)
+        if keys is None:
+            if len(self._encoded_keys) >= ENCODED_KEYS_CACHE_SIZE:
+                self._encoded_keys.clear()  # channels come and go (one per conversation): stay bounded
+            keys = self._encoded_keys[channel] = (self.key(channel).encode(), self.meta_key(channel).encode())
+        return keys
+
     def meta_key(self, channel: str) -> str:
         """Redis key of a channel's position (last offset and epoch)."""
         return f"{self.prefix}position:{channel}"
 
     async def _append_batch(self, events: list[tuple[str, str, bytes]]) -> list[Any]:
         """Store a batch of (channel, type, raw data) with one script call; one reply per event."""
-        keys: list[str] = []
+        keys: list[bytes] = []
         args: list[Any] = [self._trim, self.cap, max(1, int(self.ttl * 1000)), new_epoch(), *self.peer_channels]
         for channel, type, raw in events:
-            keys += (self.key(channel), self.meta_key(channel))
-            args += (type, raw)
+            keys += self._append_keys(channel)
+            args.append(b"%s\n%s" % (type.encode(), raw))
         return await self.health.call("history.append", lambda: self._append(keys=keys, args=args))
 
     async def _appended(self, events: list[tuple[str, str, bytes]]) -> list[Any]:
