@@ -1006,6 +1006,48 @@ async def test_more_than_a_hundred_streams_reach_the_model_at_once():
     assert all(chunks[0]["choices"][0]["delta"]["content"] == "ok" for chunks in answers)
 
 
+async def test_a_stream_the_model_leaves_silent_fails_after_ai_timeout_and_keep_alives_count_as_heard():
+    def chunk(text: str) -> bytes:
+        return b"data: " + json.dumps({"choices": [{"index": 0, "delta": {"content": text}}]}).encode() + b"\n\n"
+
+    async def completions(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(chunk("first"))
+        if body["messages"][-1]["content"] == "stall":
+            await asyncio.sleep(0.2)
+            await response.write(chunk(" more"))
+            await asyncio.sleep(30)  # silent after its second token
+        else:
+            for _ in range(6):  # 1.8 s of comments only, longer than AI_TIMEOUT
+                await asyncio.sleep(0.3)
+                await response.write(b": still thinking\n\n")
+            await response.write(chunk(" second") + b"data: [DONE]\n\n")
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", completions)
+    server = TestServer(app)
+    await server.start_server()
+    model = ChatModel(Settings().replace(openai_base_url=str(server.make_url("/v1")), ai_timeout=1, ai_max_retries=0))
+    try:
+        texts: list[str] = []
+        started = time.monotonic()
+        with pytest.raises(ModelError) as failure:
+            async for chunk_ in model.stream([{"role": "user", "content": "stall"}]):
+                texts.append(chunk_["choices"][0]["delta"]["content"])
+        assert failure.value.code == "upstream_timeout" and texts == ["first", " more"]
+        assert 1.1 < time.monotonic() - started < 5
+        texts.clear()
+        async for chunk_ in model.stream([{"role": "user", "content": "keep alive"}]):
+            texts.append(chunk_["choices"][0]["delta"]["content"])
+        assert texts == ["first", " second"]
+    finally:
+        await model.close()
+        await server.close()
+
+
 @pytest.mark.parametrize("call", ["stream", "complete"])
 async def test_an_endpoint_that_refuses_or_never_answers_is_told_apart(call):
     # The SDK's aiohttp transport calls a refused connection a connect timeout; the client must be

@@ -176,6 +176,7 @@ class ChatModel:
         self.max_retries = settings.ai_max_retries
         self.retry_max_wait = settings.ai_retry_max_wait
         self.max_output_tokens = settings.ai_max_output_tokens
+        self.silence_timeout = settings.ai_timeout
         timeout = openai.Timeout(settings.ai_timeout, connect=5.0)
         api_key = settings.openai_api_key or PLACEHOLDER_API_KEY
         # The SDK lists the endpoint's models. Chat requests, two per answer, go straight through
@@ -275,9 +276,10 @@ class ChatModel:
         """The chunks of one streamed completion (`model`: else AI_MODEL), as decoded JSON objects;
         closing the generator closes the HTTP stream."""
         response = await self.open_stream(messages, tools, tool_choice, model)
+        silence = Silence(response, self.silence_timeout)
         read_to_done = False
         try:
-            async for chunk in read_chunks(response.content):
+            async for chunk in read_chunks(response.content, silence):
                 yield chunk
             read_to_done = True
         except ModelError:
@@ -285,13 +287,45 @@ class ChatModel:
         except Exception as exc:  # noqa: BLE001 - one error type for the caller
             raise _chat_error(exc) from exc
         finally:
+            silence.cancel()
             if read_to_done:
                 response.release()  # back to the pool if the body has ended, else closed
             else:
                 response.close()  # a stop (cancellation) or a failure: the server sees the disconnect
 
 
-async def read_chunks(body: aiohttp.StreamReader) -> AsyncIterator[dict[str, Any]]:
+class Silence:
+    """Fails a streamed answer once the model has sent nothing for `seconds` (AI_TIMEOUT).
+
+    aiohttp's `sock_read` does the same, but re-arms its timer on every read: 3 us of CPU a token
+    (bench/assistant.py). It still bounds the wait for the response's headers; for the body it is
+    switched off and this timer, re-armed only when it fires, takes its place. Comments (keep-alives)
+    count as heard, as any bytes did for `sock_read`.
+    """
+
+    def __init__(self, response: aiohttp.ClientResponse, seconds: float) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._content = response.content
+        self._seconds = seconds
+        self.heard = self._loop.time()  # set by the reader whenever bytes arrive
+        if response.connection is not None:
+            response.connection.protocol.read_timeout = None
+        self._timer = self._loop.call_at(self.heard + seconds, self._check)
+
+    def _check(self) -> None:
+        deadline = self.heard + self._seconds
+        if self._loop.time() < deadline:
+            self._timer = self._loop.call_at(deadline, self._check)
+            return
+        # The error aiohttp's own read timeout sets: the reader maps it to upstream_timeout.
+        self._content.set_exception(aiohttp.SocketTimeoutError(f"the model sent nothing for {self._seconds:g} s"))
+
+    def cancel(self) -> None:
+        """Stop watching (the stream ended)."""
+        self._timer.cancel()
+
+
+async def read_chunks(body: aiohttp.StreamReader, silence: Silence | None = None) -> AsyncIterator[dict[str, Any]]:
     """The chunks of a Chat Completions event stream, each a decoded JSON object, until `data: [DONE]`.
 
     Not the SDK's stream: it builds a typed model of every chunk, about 125 us of CPU each
@@ -302,7 +336,10 @@ async def read_chunks(body: aiohttp.StreamReader) -> AsyncIterator[dict[str, Any
     """
     data: list[bytes] = []
     pending = b""
+    clock = asyncio.get_running_loop().time
     async for received in body.iter_any():
+        if silence is not None:
+            silence.heard = clock()
         pending += received
         if b"\r" in pending:
             # A CR ending the buffer may be the first half of a CRLF: it waits for the next bytes.
