@@ -18,7 +18,7 @@ from server.realtime.history import Event, EventBus, InvalidArgument, MemoryHist
 from server.realtime.presence import Member, MemoryPresence, RedisPresence, heartbeat_loop
 from server.realtime.ratelimit import TokenBucket
 from server.realtime.redis import BusUnavailable, RedisHealth, connect_redis
-from tests.helpers import free_port
+from tests.helpers import free_port, wait_until
 
 CHANNEL = "market"
 
@@ -360,16 +360,27 @@ async def test_each_append_tells_whether_another_node_listens(redis, redis_url, 
     history = RedisHistory(redis, prefix, 100, 60, peer_channels=(shared, own))
     listeners = [aioredis.Redis.from_url(redis_url).pubsub() for _ in range(2)]
     this_node, other_node = listeners
+
+    async def listening(count: int) -> None:
+        # (Un)subscribing is not acknowledged before it returns: wait until Redis counts it.
+        async def counted() -> bool:
+            return dict(await redis.pubsub_numsub(shared))[shared.encode()] == count
+        await wait_until(counted)
+
     try:
         assert (await history.append(CHANNEL, "thing_happened", {})).peers_listen is False
         await this_node.subscribe(shared, own)
+        await listening(1)
         assert (await history.append(CHANNEL, "thing_happened", {})).peers_listen is False  # only itself
         await other_node.subscribe(shared)
+        await listening(2)
         stored = await history.append_many([(CHANNEL, "thing_happened", {}), ("other", "thing_happened", {})])
         assert [event.peers_listen for event in stored] == [True, True]
         await this_node.unsubscribe()
+        await listening(1)
         assert (await history.append(CHANNEL, "thing_happened", {})).peers_listen is True
         await other_node.unsubscribe()
+        await listening(0)
         assert (await history.append(CHANNEL, "thing_happened", {})).peers_listen is False
     finally:
         for listener in listeners:
