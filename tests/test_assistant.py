@@ -13,9 +13,11 @@ import asyncio
 import contextlib
 import json
 import socket
+import sys
 import time
 import uuid
 
+import asyncpg
 import jsonschema
 import pytest
 from aiohttp import web
@@ -823,6 +825,45 @@ async def test_an_answers_first_text_does_not_wait_for_the_interval(aiohttp_clie
         await wait_until(lambda: events(alice.sock, "message_delta", message_id), interval=0.002)
         assert time.monotonic() - model.times[0] < 0.08  # asked at times[0]; the interval alone is 0.1
         await alice.ok("stop_generation", {"message_id": message_id})
+    finally:
+        await server.close()
+
+
+async def test_an_answer_checks_out_a_pooled_connection_twice_to_start_and_to_finish(
+        aiohttp_client, settings, sockets, monkeypatch):
+    # Each checkout can queue behind every other answer's: with 200 answers of three messages the
+    # prompt's reads, on connections of their own after the start's, were most of the time to the
+    # first token. The prompt is read in the start's transaction, the usage with the final state.
+    model, server = await scripted([{"text": ["Hel", "lo"], "usage": {"prompt_tokens": 42, "completion_tokens": 2}}])
+    checkouts: list[str] = []
+    acquire = asyncpg.Pool.acquire
+
+    def counted(pool, *args, **kwargs):
+        caller = sys._getframe(1).f_code
+        if "/server/services/" in caller.co_filename:
+            checkouts.append(caller.co_qualname)
+        return acquire(pool, *args, **kwargs)
+
+    monkeypatch.setattr(asyncpg.Pool, "acquire", counted)
+    try:
+        # No save or sweep during the answer; titled, so no title job.
+        client = await start_app(aiohttp_client, settings, openai_base_url=str(server.make_url("/v1")),
+                                 ai_save_interval=60.0, ai_stale_after=600.0)
+        alice = await sign_in(client, sockets)
+        await alice.ok("subscribe", {"channel": f"user:{alice.id}"})
+        conversation_id = await alice.conversation(title="Mine")
+        checkouts.clear()
+        message_id = (await alice.send(conversation_id, "hi"))["assistant_message"]["id"]
+        assert (await wait_finished(alice.sock, message_id))["type"] == "message_completed"
+        await wait_until(lambda: events(alice.sock, "usage_changed"))
+        assert events(alice.sock, "usage_changed")[0]["today"]["total_tokens"] == 44
+        assert checkouts == ["_admit_and_start", "Assistant._finish"]
+        # What the start read went to the model: the user's turn, and no query_dataset for a user
+        # who holds no dataset.
+        request = model.requests[0]
+        assert [m["role"] for m in request["messages"]] == ["system", "user"]
+        assert request["messages"][-1]["content"] == "hi"
+        assert "query_dataset" not in [t["function"]["name"] for t in request["tools"]]
     finally:
         await server.close()
 

@@ -43,6 +43,7 @@ from aiohttp import web
 
 from db import assistant as db
 from db import assistant_history as history_db
+from db import dataset_query as dataset_query_db
 from db.pool import POOL
 from server.adapters.llm import ChatModel, ModelError, classify, estimate_messages, estimate_tokens
 from server.core.aio import wait_event
@@ -320,6 +321,14 @@ class Generation:
                 "total_tokens": self.prompt_tokens + self.completion_tokens, "estimated": self.estimated}
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Prompt:
+    """What an answer is asked from, read in the transaction that starts it."""
+
+    path: list[db.Message]  # the branch from the root to the new answer's parent, oldest first
+    holds_data: bool  # the user has a dataset to query: query_dataset is offered
+
+
 class Assistant:
     """The registry of running generations on this process, and the code that runs them."""
 
@@ -437,10 +446,18 @@ class Assistant:
         finally:
             self._admitting -= 1
 
-    def start(self, gen: Generation) -> None:
+    async def read_prompt(self, conn: asyncpg.Connection, user_id: uuid.UUID, parent_id: uuid.UUID | None) -> Prompt:
+        """The branch an answer under `parent_id` continues, and whether to offer query_dataset."""
+        path = await db.branch(conn, parent_id)
+        holds_data = False
+        if self.model is not None and self.settings.ai_max_tool_rounds:
+            holds_data = bool(await dataset_query_db.held_pods(conn, user_id, limit=1))
+        return Prompt(path, holds_data)
+
+    def start(self, gen: Generation, prompt: Prompt) -> None:
         """Run a generation whose streaming row has been committed."""
         self.jobs[gen.message_id] = gen
-        gen.task = asyncio.create_task(self._run(gen), name=f"assistant:{gen.message_id}")
+        gen.task = asyncio.create_task(self._run(gen, prompt), name=f"assistant:{gen.message_id}")
 
     def local(self, message_id: uuid.UUID) -> Generation | None:
         return self.jobs.get(message_id)
@@ -596,7 +613,7 @@ class Assistant:
                 gen.stop_reason = "stop" if stop else "gone"
                 gen.task.cancel()
 
-    async def _run(self, gen: Generation) -> None:
+    async def _run(self, gen: Generation, prompt: Prompt) -> None:
         settings = self.settings
         error: ModelError | None = None
         status = "complete"
@@ -606,11 +623,11 @@ class Assistant:
                 "parent_id": str(gen.parent_id), "model": gen.model or self.model_name,
                 "mode": "model" if self.model else "retrieval_only", "user_message": gen.user_message}
             async with asyncio.timeout(settings.ai_generation_timeout):
+                await self._gen_event(gen, MESSAGE_STARTED, started)
                 if self.model is not None:
-                    await self._generate(gen, started)
+                    await self._generate(gen, prompt)
                 else:
-                    await self._gen_event(gen, MESSAGE_STARTED, started)
-                    await self._retrieve(gen)
+                    await self._retrieve(gen, prompt.path)
         except asyncio.CancelledError:
             current = asyncio.current_task()
             if current is not None:
@@ -668,6 +685,8 @@ class Assistant:
                 completion_tokens=gen.completion_tokens if has_usage else None,
                 estimated=gen.estimated, tool_calls=gen.tool_calls or None,
                 error=error.to_event() if error else None, title=claim)
+            # On this connection: the usage event must not queue for the pool a second time.
+            usage = await self._read_usage(conn, gen.user_id) if row is not None else None
         titled = claim if title_set else None
         if row is None:
             return  # deleted meanwhile, or already finalised
@@ -687,7 +706,7 @@ class Assistant:
                                           name=f"assistant-title:{gen.conversation_id}")
                 self.title_jobs.add(job)
                 job.add_done_callback(self.title_jobs.discard)
-        await self._publish_usage(gen.user_id, gen.conversation_id)
+        await self._publish_usage(gen.user_id, gen.conversation_id, usage)
         log.info("assistant_generation_finished", message_id=gen.public_id, status=status,
                  seq=gen.seq, code=error.code if error else None)
 
@@ -712,6 +731,7 @@ class Assistant:
                     prompt_tokens if prompt_tokens is not None else estimate_messages(messages),
                     completion_tokens if completion_tokens is not None else estimate_tokens(text),
                     heuristic, title if title and title != heuristic else None)
+                usage = await self._read_usage(conn, gen.user_id)
         except Exception:  # noqa: BLE001 - a background job: nobody else would see it
             log.warning("assistant_title_save_failed", conversation_id=str(gen.conversation_id), exc_info=True)
             return
@@ -719,29 +739,31 @@ class Assistant:
             data = {"conversation_id": str(gen.conversation_id), "title": title, "auto": True}
             await self._publish(gen.channel, CONVERSATION_TITLED, data)
             await self._publish(user_channel(gen.user_id), CONVERSATION_TITLED, data)
-        await self._publish_usage(gen.user_id, gen.conversation_id)
+        await self._publish_usage(gen.user_id, gen.conversation_id, usage)
 
-    async def _publish_usage(self, user_id: uuid.UUID, conversation_id: uuid.UUID) -> None:
-        """`usage_changed` on the user's channel: the day's usage after an answer or title was counted."""
+    async def _read_usage(self, conn: asyncpg.Connection, user_id: uuid.UUID) -> dict[str, Any] | None:
+        """The user's usage summary for `usage_changed`; None when it cannot be read (logged)."""
         try:
-            async with self.pool.acquire() as conn:
-                summary = await usage_summary(self.settings, conn, user_id)
+            return await usage_summary(self.settings, conn, user_id)
         except Exception:  # noqa: BLE001 - get_usage still answers
             log.warning("assistant_usage_read_failed", user_id=str(user_id), exc_info=True)
-            return
-        await self._publish(user_channel(user_id), USAGE_CHANGED,
-                            {**summary, "conversation_id": str(conversation_id)})
+            return None
+
+    async def _publish_usage(self, user_id: uuid.UUID, conversation_id: uuid.UUID,
+                             summary: dict[str, Any] | None) -> None:
+        """`usage_changed` on the user's channel: the day's usage after an answer or title was counted."""
+        if summary is not None:
+            await self._publish(user_channel(user_id), USAGE_CHANGED,
+                                {**summary, "conversation_id": str(conversation_id)})
 
     # --- context ----------------------------------------------------------------------------
 
-    async def context(self, gen: Generation) -> tuple[list[dict[str, Any]], int]:
-        """System prompts (the platform's, then the conversation's) + the newest turns that fit the
-        budget (whole tool pairs, oldest dropped first); returns the messages and how many stored
-        messages were left out."""
-        async with self.pool.acquire() as conn:
-            rows = await db.branch(conn, gen.parent_id)
+    def context(self, gen: Generation, path: list[db.Message]) -> tuple[list[dict[str, Any]], int]:
+        """System prompts (the platform's, then the conversation's) + the newest turns of `path` that
+        fit the budget (whole tool pairs, oldest dropped first); returns the messages and how many
+        stored messages were left out."""
         units: list[list[dict[str, Any]]] = []
-        for row in rows:
+        for row in path:
             if row.role == "user":
                 units.append([{"role": "user", "content": row.content}])
             elif row.role == "assistant" and row.content and row.status != "streaming":
@@ -776,27 +798,17 @@ class Assistant:
 
     # --- model generation -------------------------------------------------------------------
 
-    async def _generate(self, gen: Generation, started: dict[str, Any]) -> None:
-        """Publish `message_started`, then stream the model's answer, with up to AI_MAX_TOOL_ROUNDS tool rounds."""
+    async def _generate(self, gen: Generation, prompt: Prompt) -> None:
+        """Stream the model's answer, with up to AI_MAX_TOOL_ROUNDS tool rounds."""
         assert self.model is not None
         rounds = self.settings.ai_max_tool_rounds
-        # The start event, the prompt's turns and whether to offer query_dataset: three round trips the
-        # first token waits for, made together. Every one ends before the model is asked or a failure
-        # is raised, so the start event comes first.
-        results = await asyncio.gather(
-            self._gen_event(gen, MESSAGE_STARTED, started), self.context(gen),
-            dataset_query.holds_data(self.app, gen.user_id) if rounds else asyncio.sleep(0, False),
-            return_exceptions=True)
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
-        _, (messages, dropped), holds_data = results
+        messages, dropped = self.context(gen, prompt.path)
         if dropped:
             await self._gen_event(gen, CONTEXT_TRIMMED, {
                 "message_id": gen.public_id, "dropped_messages": dropped,
                 "budget_tokens": self.settings.ai_context_tokens})
         specs = TOOL_SPECS
-        if rounds and not holds_data:
+        if rounds and not prompt.holds_data:
             # Offered only to users with a dataset to query: the others' prompts stay as they were.
             specs = [spec for spec in TOOL_SPECS if spec["function"]["name"] != "query_dataset"]
         for round_no in range(rounds + 1):
@@ -907,12 +919,10 @@ class Assistant:
 
     # --- retrieval-only ---------------------------------------------------------------------
 
-    async def _retrieve(self, gen: Generation) -> None:
+    async def _retrieve(self, gen: Generation, path: list[db.Message]) -> None:
         """Answer without a model: the intent router (assistant_intents) reads the marketplace by
         documented rules; each read is announced as a tool call. The disclaimer opens the branch's
         first retrieval-only answer only."""
-        async with self.pool.acquire() as conn:
-            path = await db.branch(conn, gen.parent_id)
         question = path[-1].content if path and path[-1].role == "user" else ""
         if not question and gen.user_message:
             question = gen.user_message["content"]
@@ -1195,7 +1205,8 @@ async def _admit_and_start(app: web.Application, user_id: uuid.UUID, locate: Loc
 
     In the transaction: `locate` the conversation; a resend of `client_msg_id` returns the first
     send's messages and starts nothing; `admit`; the user's message (`content`; none when
-    regenerating) under the located parent; the streaming answer under it, made the current leaf.
+    regenerating) under the located parent; the streaming answer under it, made the current leaf;
+    the answer's prompt.
     After the commit: `watch`, then the job.
     """
     assistant = app[ASSISTANT]
@@ -1212,14 +1223,17 @@ async def _admit_and_start(app: web.Application, user_id: uuid.UUID, locate: Loc
                 model = assistant.answering_model(conversation.model)
                 started = await db.start_answer(conn, conversation_id=conversation.id, parent_id=parent_id,
                                                 content=content, client_msg_id=client_msg_id, model=model)
-        user_message, answer = started.user_message, started.answer
-        if user_message is not None:
-            parent_id = user_message.id
+                user_message, answer = started.user_message, started.answer
+                if user_message is not None:
+                    parent_id = user_message.id
+                # Read here, not by the job: under load a second wait for a pooled connection was
+                # most of the time to the first token. A failed read writes nothing.
+                prompt = await assistant.read_prompt(conn, user_id, parent_id)
         gen = Generation(message_id=answer.id, conversation_id=conversation.id, user_id=user_id,
                          parent_id=parent_id, user_message=user_message.to_public() if user_message else None,
                          model=model, system_prompt=conversation.system_prompt)
         await watch(gen)
-        assistant.start(gen)
+        assistant.start(gen, prompt)
     if user_message is None:
         return {"assistant_message": answer.to_public()}
     return {"user_message": user_message.to_public(), "assistant_message": answer.to_public(),

@@ -451,12 +451,6 @@ async def run_query(app: web.Application, user_id: uuid.UUID, datapod_id: uuid.U
     return result
 
 
-async def holds_data(app: web.Application, user_id: uuid.UUID) -> bool:
-    """Whether the user has a dataset to query (a completed purchase, or a pod they sell)."""
-    async with app[POOL].acquire() as conn:
-        return bool(await queries.held_pods(conn, user_id, limit=1))
-
-
 async def tool_result(app: web.Application, user_id: uuid.UUID, args: dict[str, Any]) -> dict[str, Any]:
     """The assistant's query_dataset tool: the result's public form with the pod's id; ValueError on refusal."""
     try:
