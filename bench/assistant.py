@@ -35,6 +35,11 @@ conversation. In the measured window every client sends `--messages` messages on
   database) and commits (xact_commit, which also counts read-only statements) over the window,
   divided by answers, with the tables written most.
 
+`--warmup N`: each conversation first sends N messages, not measured. A hub that has run a while
+answers from warm connections: asyncpg prepares each statement once per pooled connection, so
+without a warm-up most answers of a small run pay a few extra round trips. The title jobs then run
+before the window too, so the window holds later messages of conversations, as a steady state does.
+
 The clients run in this process and timestamps include their own event-loop delays, so the
 latency figures are upper bounds; on a small shared machine read them with the load beside them.
 """
@@ -312,6 +317,10 @@ async def run(args: argparse.Namespace, admin_dsn: str) -> None:
                     async with gate:
                         await c.start(http, url)
                 await asyncio.gather(*(opened(c) for c in conversations))
+                for m in range(args.warmup):
+                    await asyncio.gather(*(c.ask(-1 - m, 60) for c in conversations))
+                for c in conversations:
+                    c.errors.clear()
                 await asyncio.sleep(1.0)  # the connects' own work settles before the window
                 before = await db_counters(dsn, name)
                 if args.profile:
@@ -363,7 +372,8 @@ async def run(args: argparse.Namespace, admin_dsn: str) -> None:
             errors[e] = errors.get(e, 0) + 1
     n_answers = len(answers)
     load = os.getloadavg()
-    print(f"conversations: {args.conversations}, messages each: {args.messages}, tokens per answer: {args.tokens} "
+    print(f"conversations: {args.conversations}, messages each: {args.messages} (after {args.warmup} unmeasured), "
+          f"tokens per answer: {args.tokens} "
           f"every {args.interval_ms:g} ms (first after {args.first_token_ms:g} ms), redis: "
           f"{'yes' if os.environ.get('REDIS_URL') else 'no'}, cpus: {os.cpu_count()}, "
           f"load: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
@@ -415,6 +425,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--interval-ms", type=float, default=20.0, help="the upstream's time between tokens")
     parser.add_argument("--first-token-ms", type=float, default=20.0, help="the upstream's time to the first token")
     parser.add_argument("--ramp", type=float, default=2.0, help="seconds over which the first sends are spread")
+    parser.add_argument("--warmup", type=int, default=0, metavar="N",
+                        help="messages each conversation sends before the window, not measured (see above)")
     parser.add_argument("--signup-concurrency", type=int, default=8)
     parser.add_argument("--profile", metavar="PATH",
                         help="cProfile (CPU time) the hub over the measured window, stats to PATH")
