@@ -5,12 +5,12 @@ broadcasts (bench/fanout.py's servers and load generator, briefly); the guard co
 user-mode CPU each server spends per delivered message in three runs. Below 5x (the issue's bar)
 the guard fails.
 
-User CPU, not user + system: the kernel's share of a delivery (its socket write) is the same work
-for both servers and grows with whatever else the machine does. A CI run read ours at 20.6 us per
-delivery and bare at 101.4 (4.9x) where a quiet machine reads 6.4-7.5 and 76-79: the system
-share had grown about threefold for both (quiet: ours 2.8-5.0 us, bare 6.9-7.2), and it is most of
-ours. The user share is the Python each server runs per delivery, which this guard is about:
-ours 2.5-3.6 us, bare 69-72 us here (stop 41).
+User CPU, not user + system: the system share is the kernel's socket writes, which grow with
+whatever else the machine does, and it is most of ours. A CI run read ours at 20.6 us per delivery
+and bare at 101.4 (4.9x) where a quiet machine reads 6.4-7.5 and 76-79; those figures fit a system
+share about three times the quiet one for both (quiet: ours 2.8-5.0 us, bare 6.9-7.2). The user
+share is the Python each server runs per delivery, which this guard is about: ours 2.5-3.6 us,
+bare 69-72 us here (stop 41).
 
 600 clients at 15 broadcasts/s, 4 s a run. At 300 clients for 3 s ours spent about 20 ticks of CPU
 (10 ms each) a run and the ratio read exactly 5.00x; a room twice as large costs bare
