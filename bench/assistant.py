@@ -65,6 +65,7 @@ import aiohttp  # noqa: E402
 import asyncpg  # noqa: E402
 from aiohttp import web  # noqa: E402
 
+from bench.cluster import delete_keys  # noqa: E402
 from bench.fanout import Proc, cpu_seconds, free_port  # noqa: E402
 from bench.lean_socket import LeanSocket  # noqa: E402
 from bench.rewards import admin, start_server, stop_server, wait_ready, with_database  # noqa: E402
@@ -290,12 +291,13 @@ async def run(args: argparse.Namespace, admin_dsn: str) -> None:
                      "--tokens", str(args.tokens), "--interval-ms", str(args.interval_ms),
                      "--first-token-ms", str(args.first_token_ms)])
     url = f"http://127.0.0.1:{port}"
+    prefix = f"bench-assistant-{uuid.uuid4().hex[:8]}:"
     # start_server (bench/rewards.py) builds the hub's environment from ours.
     os.environ.update({
         "OPENAI_BASE_URL": f"http://127.0.0.1:{upstream_port}/v1", "OPENAI_API_KEY": "sk-bench", "AI_MODEL": "bench",
         "AI_MESSAGES_PER_MINUTE": "100000", "AI_DAILY_TOKEN_QUOTA": "1000000000",
         "SIGNIN_ATTEMPTS_PER_ADDRESS": "1000000", "ACCESS_TOKEN_TTL": "86400", "EVENT_RATE": "100000",
-        "MAX_CONNECTIONS_PER_USER": "100000", "REDIS_PREFIX": f"bench-assistant-{uuid.uuid4().hex[:8]}:"})
+        "MAX_CONNECTIONS_PER_USER": "100000", "REDIS_PREFIX": prefix})
     conversations: list[Conversation] = []
     with tempfile.TemporaryDirectory(prefix="hub-bench-assistant-") as tmp:
         process = start_server(dsn, port, Path(tmp), Path(tmp) / "server.log", args.profile,
@@ -361,6 +363,8 @@ async def run(args: argparse.Namespace, admin_dsn: str) -> None:
             stop_server(process, timeout=30)
             upstream.stop()
             await admin(admin_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            if os.environ.get("REDIS_URL"):  # the histories would keep a day: 400 MB after an afternoon of runs
+                await delete_keys(os.environ["REDIS_URL"], prefix)
     for answer in answers:
         answer.decode()
     result = analyse(answers, report["sent"], report["asked"], args.tokens)
