@@ -43,7 +43,6 @@ from aiohttp import web
 
 from db import assistant as db
 from db import assistant_history as history_db
-from db import dataset_query as dataset_query_db
 from db.pool import POOL
 from server.adapters.llm import ChatModel, ModelError, classify, estimate_messages, estimate_tokens
 from server.core.aio import wait_event
@@ -451,7 +450,7 @@ class Assistant:
         path = await db.branch(conn, parent_id)
         holds_data = False
         if self.model is not None and self.settings.ai_max_tool_rounds:
-            holds_data = bool(await dataset_query_db.held_pods(conn, user_id, limit=1))
+            holds_data = await dataset_query.holds_data(conn, user_id)
         return Prompt(path, holds_data)
 
     def start(self, gen: Generation, prompt: Prompt) -> None:

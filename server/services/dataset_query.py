@@ -35,6 +35,7 @@ import time
 import uuid
 from typing import Any, AsyncIterator, Callable, Iterator, TypeVar
 
+import asyncpg
 import duckdb
 import structlog
 from aiohttp import web
@@ -449,6 +450,11 @@ async def run_query(app: web.Application, user_id: uuid.UUID, datapod_id: uuid.U
     log.info("dataset_queried", datapod_id=str(datapod_id), rows=len(result.rows), truncated=result.truncated,
              elapsed_ms=result.elapsed_ms)
     return result
+
+
+async def holds_data(conn: asyncpg.Connection, user_id: uuid.UUID) -> bool:
+    """Whether the user has a dataset to query (a completed purchase, or a pod they sell)."""
+    return bool(await queries.held_pods(conn, user_id, limit=1))
 
 
 async def tool_result(app: web.Application, user_id: uuid.UUID, args: dict[str, Any]) -> dict[str, Any]:
