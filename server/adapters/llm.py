@@ -325,7 +325,7 @@ class Silence:
         self._timer.cancel()
 
 
-async def read_chunks(body: aiohttp.StreamReader, silence: Silence | None = None) -> AsyncIterator[dict[str, Any]]:
+async def read_chunks(body: aiohttp.StreamReader, silence: Silence) -> AsyncIterator[dict[str, Any]]:
     """The chunks of a Chat Completions event stream, each a decoded JSON object, until `data: [DONE]`.
 
     Not the SDK's stream: it builds a typed model of every chunk, about 125 us of CPU each
@@ -338,8 +338,7 @@ async def read_chunks(body: aiohttp.StreamReader, silence: Silence | None = None
     pending = b""
     clock = asyncio.get_running_loop().time
     async for received in body.iter_any():
-        if silence is not None:
-            silence.heard = clock()
+        silence.heard = clock()
         pending += received
         if b"\r" in pending:
             # A CR ending the buffer may be the first half of a CRLF: it waits for the next bytes.
