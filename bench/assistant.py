@@ -321,8 +321,9 @@ async def run(args: argparse.Namespace, admin_dsn: str) -> None:
                 await asyncio.gather(*(opened(c) for c in conversations))
                 for m in range(args.warmup):
                     await asyncio.gather(*(c.ask(-1 - m, 60) for c in conversations))
+                warmup_errors = sum(len(c.errors) for c in conversations)
                 for c in conversations:
-                    c.errors.clear()
+                    c.errors.clear()  # the window's errors are printed apart
                 await asyncio.sleep(1.0)  # the connects' own work settles before the window
                 before = await db_counters(dsn, name)
                 if args.profile:
@@ -376,7 +377,8 @@ async def run(args: argparse.Namespace, admin_dsn: str) -> None:
             errors[e] = errors.get(e, 0) + 1
     n_answers = len(answers)
     load = os.getloadavg()
-    print(f"conversations: {args.conversations}, messages each: {args.messages} (after {args.warmup} unmeasured), "
+    print(f"conversations: {args.conversations}, messages each: {args.messages} (after {args.warmup} unmeasured, "
+          f"{warmup_errors} of them failed), "
           f"tokens per answer: {args.tokens} "
           f"every {args.interval_ms:g} ms (first after {args.first_token_ms:g} ms), redis: "
           f"{'yes' if os.environ.get('REDIS_URL') else 'no'}, cpus: {os.cpu_count()}, "
